@@ -1,0 +1,100 @@
+//! What every reconciler shares: clients, settings, metrics, backoff, Events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use sqlx::PgPool;
+
+use crate::backoff::Backoff;
+use crate::metrics::Metrics;
+use crate::platform::PlatformConfig;
+
+/// Operator settings that reconcilers read (the binary maps flags onto these).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace to watch; `None` watches all.
+    pub namespace: Option<String>,
+    /// Reconciles running at once, per kind.
+    pub concurrency: u16,
+    /// Every object is reconciled at least this often, even without changes.
+    pub resync_interval: Duration,
+    /// First retry delay after a failure; doubles per failure up to `backoff_cap`.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How long to wait before retrying a resource blocked on something else
+    /// (a conflicting holder, a missing Customer).
+    pub blocked_retry: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 8,
+            resync_interval: Duration::from_secs(300),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(120),
+            blocked_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    pub client: Client,
+    pub db: PgPool,
+    pub platform: PlatformConfig,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        db: PgPool,
+        platform: PlatformConfig,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "m3o-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
+            client,
+            db,
+            platform,
+            settings,
+            metrics,
+        }
+    }
+
+    /// Publishes a Kubernetes Event about `object`. Events are informational: a failure
+    /// to publish one is logged, never fails a reconcile.
+    pub async fn event(
+        &self,
+        object: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, object).await {
+            tracing::warn!(%err, reason, "could not publish Kubernetes Event");
+        }
+    }
+}

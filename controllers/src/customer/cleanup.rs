@@ -1,0 +1,71 @@
+//! Deleting a Customer: with `Delete`, mark the row deleted (and announce it in the
+//! same transaction), then remove its etcd key; with `Orphan`, leave both in place.
+//! Every step tolerates having run before, so a crash anywhere just repeats it.
+
+use std::sync::Arc;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType as K8sEventType;
+use kube::{Api, Resource, ResourceExt};
+use m3o_crds::{Customer, DeletionPolicy};
+use m3o_events::customers::EventType;
+use m3o_events::outbox::{self, OutboxMessage};
+
+use super::{plan, reconcile};
+use crate::context::Context;
+use crate::error::Error;
+use crate::platform::desired::customer_key;
+use crate::status::{self, Cond, reasons, types};
+use crate::store::customers;
+
+pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Error> {
+    let namespace = customer.namespace().unwrap_or_default();
+    let name = customer.name_any();
+    let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
+    let policy = customer.spec.deletion_policy;
+    let deleting = Cond::new(
+        types::READY,
+        false,
+        reasons::DELETING,
+        format!("cleaning up (deletionPolicy {policy:?})"),
+    );
+    status::apply_failure(&api, &customer, deleting, &[]).await?;
+
+    if policy == DeletionPolicy::Orphan {
+        let note =
+            "deletionPolicy Orphan: the customer record and its etcd config are kept".to_owned();
+        ctx.event(
+            &customer.object_ref(&()),
+            K8sEventType::Normal,
+            "Orphaned",
+            "Delete",
+            note,
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+
+    let mut tx = ctx.db.begin().await?;
+    let deleted = match customers::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
+        Some(row) => {
+            let row = customers::mark_deleted(&mut tx, row.id).await?;
+            let message = OutboxMessage::from_event(
+                row.id.to_string(),
+                &plan::event(&row, EventType::Deleted),
+            );
+            outbox::enqueue(&mut tx, &message).await?;
+            Some(row.id)
+        }
+        None => None,
+    };
+    tx.commit().await?;
+
+    // The key goes whether this pass or an earlier one (that crashed) marked the row.
+    if let Some(id) = deleted.or_else(|| reconcile::known_id(&customer)) {
+        ctx.platform
+            .remove(&ctx.platform.key(&customer_key(id)))
+            .await?;
+        tracing::info!(customer = %id, "customer deleted");
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,185 @@
+use std::collections::BTreeMap;
+
+use chrono::{TimeZone, Utc};
+use m3o_crds::{CustomerSpec, CustomerState};
+use sqlx::types::Json;
+
+use super::*;
+
+fn customer(state: CustomerState, email: &str) -> Customer {
+    let mut c = Customer::new(
+        "alice",
+        CustomerSpec {
+            email: email.into(),
+            name: Some("Alice".into()),
+            state,
+            meta: BTreeMap::new(),
+            id: None,
+            deletion_policy: Default::default(),
+        },
+    );
+    c.metadata.namespace = Some("team".into());
+    c.metadata.uid = Some("uid-1".into());
+    c.metadata.generation = Some(1);
+    c
+}
+
+fn record(state: CustomerState) -> CustomerRecord {
+    desired(&customer(state, "a@example.com"))
+        .map(|d| d.record)
+        .expect("desired")
+}
+
+fn plan(old: CustomerState, new: CustomerState) -> RowPlan {
+    let d = desired(&customer(new, "a@example.com")).expect("desired");
+    plan_row(Some(&record(old)), &d)
+}
+
+#[test]
+fn a_new_customer_is_inserted_with_one_created_event() {
+    let d = desired(&customer(CustomerState::Active, "a@example.com")).expect("desired");
+    let p = plan_row(None, &d);
+    assert!(matches!(p.write, RowWrite::Insert(_)));
+    assert_eq!(p.events, vec![EventType::Created]);
+}
+
+#[test]
+fn adopting_keeps_the_given_id() {
+    let mut c = customer(CustomerState::Active, "a@example.com");
+    let id = Uuid::new_v4();
+    c.spec.id = Some(id.to_string());
+    let p = plan_row(None, &desired(&c).expect("desired"));
+    assert_eq!(p.write, RowWrite::Insert(id));
+}
+
+#[test]
+fn a_bad_id_is_reported() {
+    let mut c = customer(CustomerState::Active, "a@example.com");
+    c.spec.id = Some("nope".into());
+    assert!(desired(&c).unwrap_err().contains("spec.id"));
+}
+
+#[test]
+fn a_repeat_writes_nothing_and_emits_nothing() {
+    assert_eq!(
+        plan(CustomerState::Active, CustomerState::Active),
+        RowPlan {
+            write: RowWrite::Keep,
+            events: vec![]
+        }
+    );
+}
+
+#[test]
+fn state_transitions_map_to_m3o_events() {
+    use CustomerState::*;
+    assert_eq!(plan(Active, Verified).events, vec![EventType::Verified]);
+    assert_eq!(plan(Unverified, Verified).events, vec![EventType::Verified]);
+    assert_eq!(plan(Active, Banned).events, vec![EventType::Banned]);
+    assert_eq!(plan(Banned, Active).events, vec![EventType::Unbanned]);
+    assert_eq!(plan(Banned, Verified).events, vec![EventType::Unbanned]);
+    assert_eq!(plan(Verified, Active).events, vec![EventType::Updated]);
+}
+
+#[test]
+fn field_changes_are_one_updated_event() {
+    let d = desired(&customer(CustomerState::Active, "b@example.com")).expect("desired");
+    let p = plan_row(Some(&record(CustomerState::Active)), &d);
+    assert_eq!(
+        p,
+        RowPlan {
+            write: RowWrite::Update,
+            events: vec![EventType::Updated]
+        }
+    );
+    // A state change and a field change are two transitions, two events.
+    let d = desired(&customer(CustomerState::Banned, "b@example.com")).expect("desired");
+    assert_eq!(
+        plan_row(Some(&record(CustomerState::Active)), &d).events,
+        vec![EventType::Banned, EventType::Updated]
+    );
+}
+
+#[test]
+fn bookkeeping_changes_update_without_events() {
+    let mut c = customer(CustomerState::Active, "a@example.com");
+    c.metadata.generation = Some(7);
+    let p = plan_row(
+        Some(&record(CustomerState::Active)),
+        &desired(&c).expect("desired"),
+    );
+    assert_eq!(
+        p,
+        RowPlan {
+            write: RowWrite::Update,
+            events: vec![]
+        }
+    );
+}
+
+fn row() -> CustomerRow {
+    let rec = record(CustomerState::Banned);
+    CustomerRow {
+        id: Uuid::nil(),
+        email: rec.email,
+        name: rec.name,
+        status: rec.status,
+        meta: Json(BTreeMap::from([("plan".into(), "pro".into())])),
+        k8s_namespace: rec.k8s.namespace,
+        k8s_name: rec.k8s.name,
+        k8s_uid: rec.k8s.uid,
+        generation: 1,
+        created_at: Utc.timestamp_opt(1_700_000_000, 0).single().expect("time"),
+        updated_at: Utc.timestamp_opt(1_700_000_100, 0).single().expect("time"),
+        deleted_at: None,
+    }
+}
+
+#[test]
+fn events_carry_the_m3o_customer_payload() {
+    let e = event(&row(), EventType::Banned);
+    assert_eq!(e.r#type(), EventType::Banned);
+    assert!(e.banned.is_some());
+    let c = e.customer.expect("customer");
+    assert_eq!(
+        (c.id.as_str(), c.status.as_str(), c.email.as_str()),
+        (
+            "00000000-0000-0000-0000-000000000000",
+            "banned",
+            "a@example.com"
+        )
+    );
+    assert_eq!((c.created, c.updated), (1_700_000_000, 1_700_000_100));
+    assert_eq!(c.meta.get("plan").map(String::as_str), Some("pro"));
+}
+
+#[test]
+fn status_is_ready_with_id_and_lowercase_state() {
+    let c = customer(CustomerState::Banned, "a@example.com");
+    let s = provisioned_status(&c, &row(), "/m3o/customers/x");
+    assert_eq!(s.state, Some(CustomerStatusState::Banned));
+    assert_eq!(s.observed_generation, Some(1));
+    let ready = crate::status::ready(&s.conditions).expect("ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Provisioned")
+    );
+}
+
+#[test]
+fn conflict_message_names_the_holder() {
+    let c = customer(CustomerState::Active, "a@example.com");
+    let holder = K8sRef {
+        namespace: "team".into(),
+        name: "bob".into(),
+        uid: "u2".into(),
+    };
+    let m = email_conflict_message("a@example.com", &holder, &c);
+    assert!(m.contains("Customer bob"), "{m}");
+    let s = blocked_status(&c, reasons::CONFLICT, m);
+    let ready = crate::status::ready(&s.conditions).expect("ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Conflict")
+    );
+}

@@ -1,0 +1,42 @@
+//! The finalizer flow shared by every kind: `m3o.com/cleanup` is added before any
+//! external record is created, and removed only once cleanup has finished.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kube::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{self, Event};
+
+use crate::error::Error;
+use crate::status::HasStatus;
+
+/// The finalizer of every m3o resource.
+pub const FINALIZER: &str = "m3o.com/cleanup";
+
+/// Runs `apply` for a live object or `cleanup` for one being deleted.
+pub async fn reconcile_with_finalizer<K, A, AF, C, CF>(
+    api: &Api<K>,
+    obj: Arc<K>,
+    apply: A,
+    cleanup: C,
+) -> Result<Action, Error>
+where
+    K: HasStatus,
+    A: FnOnce(Arc<K>) -> AF,
+    AF: Future<Output = Result<Action, Error>>,
+    C: FnOnce(Arc<K>) -> CF,
+    CF: Future<Output = Result<Action, Error>>,
+{
+    finalizer::finalizer(api, FINALIZER, obj, |event| async move {
+        match event {
+            Event::Apply(obj) => apply(obj).await,
+            Event::Cleanup(obj) => cleanup(obj).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}

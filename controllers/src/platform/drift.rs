@@ -1,0 +1,170 @@
+//! Drift correction: the operator owns its etcd prefix. A full resync at start and
+//! every resync interval, and a watch in between, restore hand edits and deletions
+//! and remove keys no record owns. Our own writes are recognised by revision.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use kube::runtime::events::EventType as K8sEventType;
+use tokio_util::sync::CancellationToken;
+
+use super::desired::{self, DesiredEntry};
+use crate::context::Context;
+use crate::error::Error;
+
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Keeps the prefix equal to what Postgres says until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let pass = async {
+            let revision = resync(&ctx).await?;
+            watch(&ctx, revision).await
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = pass => {
+                if let Err(err) = result {
+                    tracing::warn!(%err, "etcd drift watcher interrupted; resyncing");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Compares every key under the prefix with Postgres and fixes differences.
+/// Returns the etcd revision the comparison was made at.
+pub async fn resync(ctx: &Context) -> Result<i64, Error> {
+    let (actual, revision) = ctx.platform.list().await?;
+    let wanted = desired::desired_all(&ctx.db).await?;
+    let prefix = format!("{}/", ctx.platform.prefix());
+    let actual: BTreeMap<String, Vec<u8>> = actual
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
+        .collect();
+    for (relative, entry) in &wanted {
+        if actual
+            .get(relative)
+            .is_none_or(|v| !same_value(v, &entry.value))
+        {
+            restore(ctx, relative, entry).await?;
+        }
+    }
+    for relative in actual.keys().filter(|k| !wanted.contains_key(*k)) {
+        prune(ctx, relative).await?;
+    }
+    Ok(revision)
+}
+
+/// Watches the prefix from `after + 1` until the stream ends, the interval for a full
+/// resync elapses, or an error occurs.
+async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
+    let prefix = format!("{}/", ctx.platform.prefix());
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(after + 1);
+    let mut stream = ctx
+        .platform
+        .client()
+        .watch(prefix.clone(), Some(options))
+        .await?;
+    let deadline = tokio::time::sleep(ctx.settings.resync_interval);
+    tokio::pin!(deadline);
+    loop {
+        let message = tokio::select! {
+            _ = &mut deadline => return Ok(()),
+            message = stream.message() => message?,
+        };
+        let Some(response) = message else {
+            return Ok(());
+        };
+        if response.canceled() {
+            return Err(Error::Invalid(format!(
+                "etcd watch canceled: {}",
+                response.cancel_reason()
+            )));
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            if ctx.platform.is_own_write(kv.mod_revision()) {
+                continue;
+            }
+            let Some(relative) = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let current = (event.event_type() == EventType::Put).then(|| kv.value().to_vec());
+            correct(ctx, &relative, current.as_deref()).await?;
+        }
+    }
+}
+
+/// Brings one key back to what Postgres says after a change we did not make.
+async fn correct(ctx: &Context, relative: &str, current: Option<&[u8]>) -> Result<(), Error> {
+    match (desired::desired_for(&ctx.db, relative).await?, current) {
+        (Some(entry), Some(v)) if same_value(v, &entry.value) => Ok(()),
+        (Some(entry), _) => restore(ctx, relative, &entry).await,
+        (None, Some(_)) => prune(ctx, relative).await,
+        (None, None) => Ok(()),
+    }
+}
+
+async fn restore(ctx: &Context, relative: &str, entry: &DesiredEntry) -> Result<(), Error> {
+    let key = ctx.platform.key(relative);
+    if ctx.platform.ensure(&key, &entry.value).await? {
+        ctx.metrics.drift_corrected(key_kind(relative));
+        tracing::info!(%key, "restored etcd key changed outside the operator");
+        let note = format!("{key} was changed or deleted outside the operator; restored it");
+        ctx.event(
+            &entry.owner,
+            K8sEventType::Warning,
+            "DriftCorrected",
+            "SyncConfig",
+            note,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn prune(ctx: &Context, relative: &str) -> Result<(), Error> {
+    let key = ctx.platform.key(relative);
+    if ctx.platform.remove(&key).await? {
+        ctx.metrics.drift_corrected("unowned");
+        tracing::info!(%key, "removed etcd key that no resource owns");
+    }
+    Ok(())
+}
+
+/// Values are compared as JSON, so formatting differences are not drift.
+fn same_value(bytes: &[u8], value: &serde_json::Value) -> bool {
+    serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| &v == value)
+}
+
+fn key_kind(relative: &str) -> &str {
+    relative.split('/').next().unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_compare_as_json() {
+        let v = serde_json::json!({"id": "1", "email": "a@b.c"});
+        assert!(same_value(br#"{ "email":"a@b.c","id":"1" }"#, &v));
+        assert!(!same_value(br#"{"id":"1","email":"x@b.c"}"#, &v));
+        assert!(!same_value(b"not json", &v));
+        assert_eq!(key_kind("customers/abc"), "customers");
+    }
+}

@@ -1,0 +1,117 @@
+//! Running a controller for any kind: watch scope, concurrency, metrics, the failure
+//! status, and per-object backoff, in one place.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Config};
+use kube::runtime::events::EventType as K8sEventType;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Resource, ResourceExt};
+
+use crate::context::Context;
+use crate::error::Error;
+use crate::status::{self, Cond, HasStatus, types};
+
+/// Changes to one object within this window collapse into one reconcile.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The API of `K` in the watched namespace, or in all namespaces.
+pub fn scoped_api<K>(ctx: &Context) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    }
+}
+
+fn object_key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Runs the controller of `K` with `reconcile` until `shutdown` resolves.
+pub async fn run<K, F, Fut>(
+    ctx: Arc<Context>,
+    kind: &'static str,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+) where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let api: Api<K> = scoped_api(&ctx);
+    let config = Config::default()
+        .concurrency(ctx.settings.concurrency)
+        .debounce(DEBOUNCE);
+    Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(config)
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |obj, ctx| {
+                let reconcile = reconcile.clone();
+                async move { observed(obj, ctx, kind, reconcile).await }
+            },
+            move |obj: Arc<K>, _err: &Error, ctx: Arc<Context>| {
+                Action::requeue(ctx.backoff.next_delay(&object_key(obj.as_ref())))
+            },
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, kind, "reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+/// Times and counts a reconcile; on failure records the error in status (Ready=False
+/// with a specific reason) so admins see an outage without reading logs.
+async fn observed<K, F, Fut>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    kind: &'static str,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let _timer = ctx.metrics.reconcile_started(kind);
+    let key = object_key(obj.as_ref());
+    let result = reconcile(obj.clone(), ctx.clone()).await;
+    match &result {
+        Ok(_) => ctx.backoff.reset(&key),
+        Err(err) => {
+            ctx.metrics.reconcile_failed(kind, err.metric_label());
+            tracing::warn!(kind, object = %key, error = %err, "reconcile failed");
+            let api: Api<K> =
+                Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+            let message = format!("{err}; retrying with backoff");
+            let ready = Cond::new(types::READY, false, err.condition_reason(), message.clone());
+            match status::apply_failure(&api, obj.as_ref(), ready, &[]).await {
+                Ok(true) => {
+                    let reference = obj.object_ref(&());
+                    ctx.event(
+                        &reference,
+                        K8sEventType::Warning,
+                        err.condition_reason(),
+                        "Reconcile",
+                        message,
+                    )
+                    .await;
+                }
+                Ok(false) => {}
+                Err(status_err) => {
+                    tracing::debug!(%status_err, "could not record the failure in status")
+                }
+            }
+        }
+    }
+    result
+}

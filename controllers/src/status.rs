@@ -1,0 +1,222 @@
+//! Status writing shared by every kind: conditions with stable transition times, and
+//! one server-side apply per change under the `m3o-operator` field manager.
+
+use std::fmt::Debug;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "m3o-operator";
+
+/// Condition types.
+pub mod types {
+    /// True only when Postgres, etcd (and the Secret) match the current generation.
+    pub const READY: &str = "Ready";
+    /// The Postgres record matches the spec.
+    pub const DATABASE_SYNCED: &str = "DatabaseSynced";
+    /// The etcd platform config matches the record.
+    pub const CONFIG_SYNCED: &str = "ConfigSynced";
+}
+
+/// Condition reasons (CamelCase, specific).
+pub mod reasons {
+    pub const PROVISIONED: &str = "Provisioned";
+    pub const PROVISIONING: &str = "Provisioning";
+    pub const SYNCED: &str = "Synced";
+    pub const CUSTOMER_NOT_FOUND: &str = "CustomerNotFound";
+    pub const CUSTOMER_NOT_READY: &str = "CustomerNotReady";
+    pub const CONFLICT: &str = "Conflict";
+    pub const UNKNOWN_PLAN: &str = "UnknownPlan";
+    pub const DATABASE_UNAVAILABLE: &str = "DatabaseUnavailable";
+    pub const CONFIG_STORE_UNAVAILABLE: &str = "ConfigStoreUnavailable";
+    pub const EXPIRED: &str = "Expired";
+    pub const BLOCKED: &str = "Blocked";
+    pub const DELETING: &str = "Deleting";
+    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    pub const INVALID: &str = "Invalid";
+}
+
+/// A condition as a reconciler decides it; times and generation are filled in by [`merge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(
+        type_: &'static str,
+        ok: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            ok,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Applies `updates` to `existing`: a condition whose status did not change keeps its
+/// lastTransitionTime, so re-deciding the same thing yields an identical status and no write.
+pub fn merge(existing: &[Condition], updates: &[Cond], generation: Option<i64>) -> Vec<Condition> {
+    let now = Time(Timestamp::now());
+    let mut out: Vec<Condition> = existing.to_vec();
+    for update in updates {
+        let status = if update.ok { "True" } else { "False" };
+        let previous = out.iter().position(|c| c.type_ == update.type_);
+        let last_transition_time = previous
+            .map(|i| &out[i])
+            .filter(|c| c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        let condition = Condition {
+            type_: update.type_.to_owned(),
+            status: status.to_owned(),
+            reason: update.reason.to_owned(),
+            message: update.message.clone(),
+            observed_generation: generation,
+            last_transition_time,
+        };
+        match previous {
+            Some(i) => out[i] = condition,
+            None => out.push(condition),
+        }
+    }
+    out
+}
+
+/// The `Ready` condition of a list, if present.
+pub fn ready(conditions: &[Condition]) -> Option<&Condition> {
+    conditions.iter().find(|c| c.type_ == types::READY)
+}
+
+/// A kind whose status carries conditions.
+pub trait HasStatus:
+    Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Serialize
+{
+    type Status: Serialize + Clone + Default + PartialEq + Debug + Send + Sync;
+    fn status(&self) -> Option<&Self::Status>;
+    fn conditions(status: &Self::Status) -> &[Condition];
+    fn set_conditions(status: &mut Self::Status, conditions: Vec<Condition>);
+}
+
+/// Writes `status` with server-side apply unless the object already has exactly it.
+/// Returns true when a write happened.
+pub async fn apply<K: HasStatus>(
+    api: &Api<K>,
+    obj: &K,
+    status: &K::Status,
+) -> Result<bool, kube::Error> {
+    if obj.status() == Some(status) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Records a failed reconcile in `Ready` (and `extra`), keeping every other field.
+pub async fn apply_failure<K: HasStatus>(
+    api: &Api<K>,
+    obj: &K,
+    ready: Cond,
+    extra: &[Cond],
+) -> Result<bool, kube::Error> {
+    let mut status = obj.status().cloned().unwrap_or_default();
+    let mut updates = vec![ready];
+    updates.extend_from_slice(extra);
+    let conditions = merge(K::conditions(&status), &updates, obj.meta().generation);
+    K::set_conditions(&mut status, conditions);
+    apply(api, obj, &status).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_condition_keeps_its_transition_time() {
+        let first = merge(
+            &[],
+            &[Cond::new(
+                types::READY,
+                false,
+                reasons::PROVISIONING,
+                "wait",
+            )],
+            Some(1),
+        );
+        let mut old = first.clone();
+        old[0].last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        let again = merge(
+            &old,
+            &[Cond::new(types::READY, false, reasons::CONFLICT, "dup")],
+            Some(2),
+        );
+        assert_eq!(again[0].last_transition_time, Time(Timestamp::UNIX_EPOCH));
+        assert_eq!(again[0].reason, reasons::CONFLICT);
+        assert_eq!(again[0].observed_generation, Some(2));
+        let flipped = merge(
+            &old,
+            &[Cond::new(types::READY, true, reasons::PROVISIONED, "ok")],
+            Some(2),
+        );
+        assert_ne!(flipped[0].last_transition_time, Time(Timestamp::UNIX_EPOCH));
+    }
+
+    #[test]
+    fn re_deciding_the_same_conditions_is_identical() {
+        let decide = || {
+            vec![
+                Cond::new(types::READY, true, reasons::PROVISIONED, "ok"),
+                Cond::new(types::CONFIG_SYNCED, true, reasons::SYNCED, "ok"),
+            ]
+        };
+        let first = merge(&[], &decide(), Some(3));
+        assert_eq!(merge(&first, &decide(), Some(3)), first);
+    }
+
+    #[test]
+    fn other_conditions_are_kept() {
+        let first = merge(
+            &[],
+            &[Cond::new(
+                types::DATABASE_SYNCED,
+                true,
+                reasons::SYNCED,
+                "ok",
+            )],
+            Some(1),
+        );
+        let next = merge(
+            &first,
+            &[Cond::new(
+                types::READY,
+                false,
+                reasons::DATABASE_UNAVAILABLE,
+                "down",
+            )],
+            Some(1),
+        );
+        assert_eq!(next.len(), 2);
+        assert!(ready(&next).is_some_and(|c| c.status == "False"));
+    }
+}

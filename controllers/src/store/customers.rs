@@ -1,0 +1,202 @@
+//! The `customers` table: where a Customer resource becomes a row.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The Kubernetes object a row belongs to; a live row is found again by namespace/name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct K8sRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// A row of `customers`.
+#[derive(sqlx::FromRow, Clone, Debug, PartialEq)]
+pub struct CustomerRow {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub status: String,
+    pub meta: Json<BTreeMap<String, String>>,
+    pub k8s_namespace: String,
+    pub k8s_name: String,
+    pub k8s_uid: String,
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// The values the operator writes; everything else is bookkeeping.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CustomerRecord {
+    pub email: String,
+    pub name: String,
+    pub status: String,
+    pub meta: BTreeMap<String, String>,
+    pub k8s: K8sRef,
+    pub generation: i64,
+}
+
+impl CustomerRow {
+    /// The record as the operator last wrote it.
+    pub fn record(&self) -> CustomerRecord {
+        CustomerRecord {
+            email: self.email.clone(),
+            name: self.name.clone(),
+            status: self.status.clone(),
+            meta: self.meta.0.clone(),
+            k8s: K8sRef {
+                namespace: self.k8s_namespace.clone(),
+                name: self.k8s_name.clone(),
+                uid: self.k8s_uid.clone(),
+            },
+            generation: self.generation,
+        }
+    }
+}
+
+const COLUMNS: &str = "id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, \
+                       generation, created_at, updated_at, deleted_at";
+
+/// The live row of a resource, locked for the rest of the transaction.
+pub async fn lock_live_by_k8s_ref(
+    tx: &mut PgConnection,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers \
+         WHERE k8s_namespace = $1 AND k8s_name = $2 AND deleted_at IS NULL FOR UPDATE"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(tx)
+    .await
+}
+
+/// A row by id (live or deleted), locked for the rest of the transaction.
+pub async fn lock_by_id(
+    tx: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(tx)
+    .await
+}
+
+/// A live row by id, unlocked (for readers such as the etcd sync).
+pub async fn live_by_id(db: &PgPool, id: Uuid) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE id = $1 AND deleted_at IS NULL"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Every live row.
+pub async fn all_live(db: &PgPool) -> Result<Vec<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE deleted_at IS NULL"
+    ))
+    .fetch_all(db)
+    .await
+}
+
+/// The live row of a resource, unlocked.
+pub async fn live_by_k8s_ref(
+    db: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE k8s_namespace = $1 AND k8s_name = $2 AND deleted_at IS NULL"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}
+
+/// The resource holding an email among live customers, for a Conflict message.
+pub async fn live_email_holder(db: &PgPool, email: &str) -> Result<Option<K8sRef>, sqlx::Error> {
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT k8s_namespace, k8s_name, k8s_uid FROM customers \
+         WHERE lower(email) = lower($1) AND deleted_at IS NULL",
+    )
+    .bind(email)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(namespace, name, uid)| K8sRef {
+        namespace,
+        name,
+        uid,
+    }))
+}
+
+/// Inserts a new live row.
+pub async fn insert(
+    tx: &mut PgConnection,
+    id: Uuid,
+    rec: &CustomerRecord,
+) -> Result<CustomerRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "INSERT INTO customers (id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, generation) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&rec.email)
+    .bind(&rec.name)
+    .bind(&rec.status)
+    .bind(Json(&rec.meta))
+    .bind(&rec.k8s.namespace)
+    .bind(&rec.k8s.name)
+    .bind(&rec.k8s.uid)
+    .bind(rec.generation)
+    .fetch_one(tx)
+    .await
+}
+
+/// Overwrites a row with the record (also revives and re-points an adopted row).
+pub async fn update(
+    tx: &mut PgConnection,
+    id: Uuid,
+    rec: &CustomerRecord,
+) -> Result<CustomerRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE customers SET email = $2, name = $3, status = $4, meta = $5, k8s_namespace = $6, \
+         k8s_name = $7, k8s_uid = $8, generation = $9, updated_at = now() \
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&rec.email)
+    .bind(&rec.name)
+    .bind(&rec.status)
+    .bind(Json(&rec.meta))
+    .bind(&rec.k8s.namespace)
+    .bind(&rec.k8s.name)
+    .bind(&rec.k8s.uid)
+    .bind(rec.generation)
+    .fetch_one(tx)
+    .await
+}
+
+/// Marks a row deleted; the row is kept for history.
+pub async fn mark_deleted(tx: &mut PgConnection, id: Uuid) -> Result<CustomerRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE customers SET status = 'deleted', deleted_at = now(), updated_at = now() \
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_one(tx)
+    .await
+}

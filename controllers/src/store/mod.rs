@@ -1,0 +1,102 @@
+//! PostgreSQL, the system of record: connection, migrations, and one module per table.
+
+pub mod customers;
+
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+/// The migrations under `migrations/` at the repository root, embedded at build time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Errors of connecting to and preparing the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreSetupError {
+    #[error("invalid database URL: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error("invalid schema name {0:?}: use lowercase letters, digits and _ (at most 63)")]
+    Schema(String),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot create schema: {0}")]
+    CreateSchema(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[source] MigrateError),
+}
+
+/// A schema name is spliced into SQL as an identifier, so it is checked strictly.
+pub fn valid_schema_name(schema: &str) -> bool {
+    let mut chars = schema.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && schema.len() <= 63
+}
+
+/// Opens a pool whose connections resolve unqualified table names in `schema`.
+pub async fn connect(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+) -> Result<PgPool, StoreSetupError> {
+    if !valid_schema_name(schema) {
+        return Err(StoreSetupError::Schema(schema.to_owned()));
+    }
+    let options: PgConnectOptions = url.parse().map_err(StoreSetupError::Url)?;
+    let options = options
+        .options([("search_path", schema)])
+        .application_name("m3o-operator");
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(StoreSetupError::Connect)?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(&pool)
+        .await
+        .map_err(StoreSetupError::CreateSchema)?;
+    Ok(pool)
+}
+
+/// Applies pending migrations; safe to run concurrently (sqlx takes an advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreSetupError> {
+    MIGRATOR.run(pool).await.map_err(StoreSetupError::Migrate)
+}
+
+/// True when the error means the database could not be reached (as opposed to a
+/// statement the database refused), so status says `DatabaseUnavailable`.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    ) || err
+        .as_database_error()
+        .and_then(|e| e.code())
+        // class 08: connection exception; 57P: operator intervention (shutdown, restart)
+        .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
+}
+
+/// Name of the violated unique index, if the error is a unique violation.
+pub fn unique_violation(err: &sqlx::Error) -> Option<String> {
+    let db = err.as_database_error()?;
+    (db.code().as_deref() == Some("23505")).then(|| db.constraint().unwrap_or_default().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_checked() {
+        for ok in ["m3o", "_t1", "test_abc_123"] {
+            assert!(valid_schema_name(ok), "{ok}");
+        }
+        for bad in ["", "1abc", "M3O", "a-b", "a\"b", "a;drop", &"x".repeat(64)] {
+            assert!(!valid_schema_name(bad), "{bad}");
+        }
+    }
+}

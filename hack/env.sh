@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# The local environment of DESIGN.md section 9, on loopback, in a fresh temporary dir:
+# kube-apiserver + etcd (control plane, no kubelet/controller-manager), PostgreSQL,
+# Redis and a second etcd for platform config. Every server listens on a free port.
+#
+#   hack/env.sh run -- CMD...   bring up, run CMD with the exports below, tear down;
+#                               exits with CMD's status
+#   hack/env.sh up              bring up and stay in the foreground until Ctrl-C
+#
+# Exports (also written to $M3O_ENV_DIR/env): KUBECONFIG DATABASE_URL REDIS_URL
+# ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV=1, PATH prefixed with the kubectl/helm dir.
+# Server logs: $M3O_ENV_DIR/logs/<name>.log. M3O_KEEP_ENV=1 keeps the dir afterwards.
+# M3O_TOOLS_BIN=<dir with kube-apiserver, etcd, kubectl> skips hack/build-tools.sh.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR
+source "$here/lib.sh"
+
+log() { echo "env: $*" >&2; }
+usage() {
+  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+mode="${1:-}"
+case "$mode" in
+  run)
+    shift
+    [[ "${1:-}" == "--" ]] && shift
+    (($# > 0)) || usage
+    ;;
+  up) shift; (($# == 0)) || usage ;;
+  -h | --help | help | *) usage ;;
+esac
+
+# ---------------------------------------------------------------------------------------
+# Process bookkeeping and teardown.
+names=() pids=() stop_sigs=()
+declare -A pid_of=()
+dir="" pg_init_pid=""
+start_ms="$(now_ms)"
+
+# track NAME PID SIGNAL: remember a server to stop (with SIGNAL) on exit.
+track() { names+=("$1"); pids+=("$2"); stop_sigs+=("$3"); pid_of[$1]="$2"; }
+
+# stop_all PID...: signal each (with its stop signal), wait up to 15s, then SIGKILL.
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+stop_all() {
+  local i pid deadline alive
+  for pid in "$@"; do
+    for i in "${!pids[@]}"; do [[ "${pids[i]}" == "$pid" ]] && kill "-${stop_sigs[i]}" "$pid" 2>/dev/null; done
+  done
+  deadline=$((SECONDS + 15))
+  while :; do
+    alive=()
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+    ((${#alive[@]} == 0)) && break
+    if ((SECONDS >= deadline)); then
+      log "killing unresponsive processes: ${alive[*]}"
+      kill -KILL "${alive[@]}" 2>/dev/null
+      break
+    fi
+    sleep 0.05
+  done
+  for pid in "$@"; do wait "$pid" 2>/dev/null; done
+}
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+teardown() {
+  local rc=$? rest=() i
+  trap '' INT TERM HUP
+  trap - EXIT
+  set +e
+  # The apiserver first, while its etcd still answers; then all the rest together.
+  [[ -n "${pid_of[kube-apiserver]:-}" ]] && stop_all "${pid_of[kube-apiserver]}"
+  for i in "${!pids[@]}"; do [[ "${names[i]}" != kube-apiserver ]] && rest+=("${pids[i]}"); done
+  ((${#rest[@]} > 0)) && stop_all "${rest[@]}"
+  # initdb is short-lived and must not write into a removed dir: let it finish.
+  [[ -n "$pg_init_pid" ]] && wait "$pg_init_pid" 2>/dev/null
+  if [[ -n "$dir" && -d "$dir" ]]; then
+    if [[ "${M3O_KEEP_ENV:-}" == 1 ]]; then
+      log "kept $dir (M3O_KEEP_ENV=1)"
+    else
+      rm -rf "$dir"
+    fi
+  fi
+  exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# fail COMPONENT [LOG]: report a start-up failure with the tail of the log, then exit
+# (the EXIT trap tears everything down).
+fail() {
+  log "$1 failed to start"
+  if [[ -n "${2:-}" && -s "$2" ]]; then
+    log "last lines of $2:"
+    tail -n 40 "$2" | sed 's/^/    /' >&2
+  fi
+  exit 1
+}
+
+# wait_for NAME PID LOG TIMEOUT_S CHECK...: poll CHECK until it succeeds; fail when the
+# process exits or the timeout passes.
+wait_for() {
+  local name="$1" pid="$2" logf="$3" timeout="$4"
+  shift 4
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || fail "$name (process exited)" "$logf"
+    ((SECONDS < deadline)) || fail "$name (not ready after ${timeout}s)" "$logf"
+    sleep 0.05
+  done
+}
+
+# ---------------------------------------------------------------------------------------
+# Binaries.
+if [[ -n "${M3O_TOOLS_BIN:-}" ]]; then
+  bin="$M3O_TOOLS_BIN"
+else
+  bin="$("$here/build-tools.sh")" || { log "hack/build-tools.sh failed"; exit 1; }
+fi
+for b in kube-apiserver etcd kubectl; do
+  [[ -x "$bin/$b" ]] || { log "$bin/$b missing (run hack/build-tools.sh)"; exit 1; }
+done
+pg_bin="${PG_BIN:-}"
+if [[ -z "$pg_bin" ]]; then
+  pg_bin="$(find /usr/lib/postgresql -mindepth 3 -maxdepth 3 -name postgres -path '*/bin/*' 2>/dev/null | sort -V | tail -n 1)"
+  pg_bin="${pg_bin%/postgres}"
+  [[ -n "$pg_bin" ]] || { pg_bin="$(command -v postgres || true)"; pg_bin="${pg_bin%/postgres}"; }
+fi
+[[ -x "$pg_bin/postgres" && -x "$pg_bin/initdb" ]] || { log "PostgreSQL server not found (run hack/install-deps.sh, or set PG_BIN)"; exit 1; }
+command -v redis-server >/dev/null || { log "redis-server not found (run hack/install-deps.sh)"; exit 1; }
+command -v openssl >/dev/null || { log "openssl not found (run hack/install-deps.sh)"; exit 1; }
+kubectl="$bin/kubectl"
+
+# ---------------------------------------------------------------------------------------
+# Layout and ports. Servers run under setsid (their own session): a Ctrl-C in the terminal
+# reaches this script and CMD only, and the teardown stops the servers in order (the
+# apiserver before its etcd). Each setsid execs in place, so $! is the server's pid.
+dir="$(mktemp -d "${TMPDIR:-/tmp}/m3o-env.XXXXXX")"
+chmod 0711 "$dir" # the postgres user (when we are root) must reach its own subdirs
+mkdir -p "$dir/logs" "$dir/pki"
+chmod 0700 "$dir/pki"
+mapfile -t ports < <(free_ports 7)
+((${#ports[@]} == 7)) || { log "could not find free ports"; exit 1; }
+etcd_cp_client="${ports[0]}" etcd_cp_peer="${ports[1]}"
+etcd_cfg_client="${ports[2]}" etcd_cfg_peer="${ports[3]}"
+apiserver_port="${ports[4]}" pg_port="${ports[5]}" redis_port="${ports[6]}"
+
+# start_etcd NAME CLIENT_PORT PEER_PORT
+start_etcd() {
+  local name="$1" client="http://127.0.0.1:$2" peer="http://127.0.0.1:$3"
+  setsid "$bin/etcd" --name "$name" --data-dir "$dir/$name" \
+    --listen-client-urls "$client" --advertise-client-urls "$client" \
+    --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+    --initial-cluster "$name=$peer" --initial-cluster-state new \
+    --unsafe-no-fsync --log-level warn \
+    </dev/null >"$dir/logs/$name.log" 2>&1 &
+  track "$name" $! TERM
+}
+
+# as_pg CMD...: PostgreSQL refuses to run as root; use the postgres system user then.
+as_pg() {
+  if ((EUID == 0)); then
+    exec setpriv --reuid=postgres --regid=postgres --init-groups --reset-env -- "$@"
+  else
+    exec "$@"
+  fi
+}
+
+# --- control-plane etcd, platform-config etcd, redis: start right away.
+start_etcd etcd-cp "$etcd_cp_client" "$etcd_cp_peer"
+start_etcd etcd-config "$etcd_cfg_client" "$etcd_cfg_peer"
+setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+  --dir "$dir" --daemonize no --protected-mode no \
+  </dev/null >"$dir/logs/redis.log" 2>&1 &
+track redis $! TERM
+
+# --- postgres: initdb (a second or so) in the background while the PKI is made.
+mkdir -p "$dir/pg" "$dir/pg-run"
+((EUID == 0)) && chown postgres: "$dir/pg" "$dir/pg-run"
+# shellcheck disable=SC2016 # expanded by the inner shell
+(
+  as_pg bash -c '
+    set -e
+    "$1/initdb" -D "$2" -U m3o --auth=trust --no-sync --no-locale -E UTF8 -N
+    echo "CREATE DATABASE m3o;" | "$1/postgres" --single -D "$2" -c fsync=off postgres
+  ' _ "$pg_bin" "$dir/pg/data"
+) </dev/null >"$dir/logs/postgres-init.log" 2>&1 &
+pg_init_pid=$!
+
+# --- PKI: CA, apiserver serving cert, admin client cert, service-account key.
+pki="$dir/pki"
+(
+  set -e
+  cd "$pki"
+  key() { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null; }
+  key ca.key & key apiserver.key & key admin.key & key sa.key & wait
+  openssl req -x509 -new -key ca.key -subj "/CN=m3o-test-ca" -days 30 -out ca.crt \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
+  openssl req -new -key apiserver.key -subj "/CN=kube-apiserver" -out apiserver.csr
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=serverAuth" \
+    "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local" \
+    >apiserver.ext
+  openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+    -extfile apiserver.ext -out apiserver.crt 2>/dev/null
+  openssl req -new -key admin.key -subj "/O=system:masters/CN=admin" -out admin.csr
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=clientAuth" >admin.ext
+  openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+    -extfile admin.ext -out admin.crt 2>/dev/null
+  openssl pkey -in sa.key -pubout -out sa.pub
+) >"$dir/logs/pki.log" 2>&1 || fail "PKI generation (openssl)" "$dir/logs/pki.log"
+
+b64() { base64 -w0 <"$1"; }
+kubeconfig="$dir/kubeconfig"
+cat >"$kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: m3o-test
+  cluster:
+    server: https://127.0.0.1:$apiserver_port
+    certificate-authority-data: $(b64 "$pki/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(b64 "$pki/admin.crt")
+    client-key-data: $(b64 "$pki/admin.key")
+contexts:
+- name: m3o-test
+  context:
+    cluster: m3o-test
+    user: admin
+current-context: m3o-test
+EOF
+chmod 0600 "$kubeconfig"
+
+# --- kube-apiserver, once its etcd answers.
+wait_for etcd-cp "${pid_of[etcd-cp]}" "$dir/logs/etcd-cp.log" 30 http_ok 127.0.0.1 "$etcd_cp_client" /health
+setsid "$bin/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$etcd_cp_client" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$apiserver_port" \
+  --cert-dir "$dir/apiserver" \
+  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+  --client-ca-file "$pki/ca.crt" \
+  --authorization-mode RBAC \
+  --service-account-issuer https://kubernetes.default.svc.cluster.local \
+  --service-account-key-file "$pki/sa.pub" \
+  --service-account-signing-key-file "$pki/sa.key" \
+  --service-cluster-ip-range 10.0.0.0/24 \
+  --disable-admission-plugins ServiceAccount \
+  --allow-privileged=true \
+  --enable-priority-and-fairness=false \
+  --v 1 \
+  </dev/null >"$dir/logs/kube-apiserver.log" 2>&1 &
+track kube-apiserver $! TERM
+
+# --- postgres server, once initdb is done.
+if ! wait "$pg_init_pid"; then pg_init_pid=""; fail "postgres (initdb)" "$dir/logs/postgres-init.log"; fi
+pg_init_pid=""
+(
+  as_pg setsid "$pg_bin/postgres" -D "$dir/pg/data" -p "$pg_port" -k "$dir/pg-run" \
+    -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+    -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB
+) </dev/null >"$dir/logs/postgres.log" 2>&1 &
+track postgres $! INT # SIGINT: fast shutdown (SIGTERM would wait for clients)
+
+# shellcheck disable=SC2317 # invoked through wait_for
+pg_ready() {
+  if [[ -x "$pg_bin/pg_isready" ]]; then
+    "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" -d m3o -U m3o
+  else
+    grep -q 'ready to accept connections' "$dir/logs/postgres.log"
+  fi
+}
+wait_for etcd-config "${pid_of[etcd-config]}" "$dir/logs/etcd-config.log" 30 http_ok 127.0.0.1 "$etcd_cfg_client" /health
+wait_for redis "${pid_of[redis]}" "$dir/logs/redis.log" 30 redis_ping 127.0.0.1 "$redis_port"
+wait_for postgres "${pid_of[postgres]}" "$dir/logs/postgres.log" 30 pg_ready
+wait_for kube-apiserver "${pid_of[kube-apiserver]}" "$dir/logs/kube-apiserver.log" 90 \
+  "$kubectl" --kubeconfig "$kubeconfig" --request-timeout 5s get --raw /readyz
+wait_for "kube-apiserver (namespace default)" "${pid_of[kube-apiserver]}" "$dir/logs/kube-apiserver.log" 30 \
+  "$kubectl" --kubeconfig "$kubeconfig" --request-timeout 5s get namespace default
+
+# ---------------------------------------------------------------------------------------
+# Exports.
+export KUBECONFIG="$kubeconfig"
+export DATABASE_URL="postgres://m3o:m3o@127.0.0.1:$pg_port/m3o"
+export REDIS_URL="redis://127.0.0.1:$redis_port"
+export ETCD_ENDPOINTS="http://127.0.0.1:$etcd_cfg_client"
+export M3O_ENV_DIR="$dir"
+export M3O_TEST_ENV=1
+export PATH="$bin:$PATH"
+{
+  for v in KUBECONFIG DATABASE_URL REDIS_URL ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV; do
+    printf 'export %s=%q\n' "$v" "${!v}"
+  done
+  # shellcheck disable=SC2016 # $PATH is expanded when the file is sourced
+  printf 'export PATH=%q:"$PATH"\n' "$bin"
+} >"$dir/env"
+
+# --- CRDs from the chart, when there are any.
+crd_dir="$root/charts/m3o-operator/crds"
+if grep -qsE '^kind:' "$crd_dir"/*.yaml "$crd_dir"/*.yml; then
+  kubectl apply --server-side -f "$crd_dir" >"$dir/logs/crds.log" 2>&1 || fail "CRD install" "$dir/logs/crds.log"
+  kubectl wait --for condition=established crd --all --timeout=60s >>"$dir/logs/crds.log" 2>&1 ||
+    fail "CRD install (not Established)" "$dir/logs/crds.log"
+fi
+
+log "ready in $(($(now_ms) - start_ms)) ms: $dir"
+
+# ---------------------------------------------------------------------------------------
+if [[ "$mode" == up ]]; then
+  cat >&2 <<EOF
+env: up. In another shell:
+    source $dir/env
+  apiserver https://127.0.0.1:$apiserver_port  postgres $DATABASE_URL
+  redis $REDIS_URL  platform etcd $ETCD_ENDPOINTS  logs $dir/logs/
+  Ctrl-C stops everything.
+EOF
+  set +e
+  # Returns when any server exits (or on a signal, through the traps).
+  wait -n "${pids[@]}"
+  for i in "${!pids[@]}"; do
+    kill -0 "${pids[i]}" 2>/dev/null || fail "${names[i]} (exited unexpectedly)" "$dir/logs/${names[i]}.log"
+  done
+  exit 1
+fi
+
+set +e
+"$@"
+exit $?

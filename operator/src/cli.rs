@@ -1,0 +1,119 @@
+//! Command line: `m3o-operator run | migrate | crds`. Every flag has an environment
+//! fallback so the Helm chart can pass configuration through a Secret.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "m3o-operator",
+    version,
+    about = "Kubernetes operator for the M3O platform's customer backend"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controllers, the outbox relay and the HTTP server.
+    Run(RunArgs),
+    /// Apply the database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Print the YAML of every CRD.
+    Crds,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Schema holding the operator's tables.
+    #[arg(long, env = "M3O_DATABASE_SCHEMA", default_value = "m3o")]
+    pub database_schema: String,
+
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "M3O_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Path of a kubeconfig. Unset: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Redis URL of the event streams, e.g. redis://host:6379.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of the Redis stream keys (`<prefix><topic>`).
+    #[arg(long, env = "M3O_STREAM_PREFIX", default_value = m3o_events::DEFAULT_STREAM_PREFIX)]
+    pub stream_prefix: String,
+
+    /// Approximate bound of each stream's length (XADD MAXLEN ~).
+    #[arg(long, env = "M3O_STREAM_MAXLEN", default_value_t = 100_000)]
+    pub stream_maxlen: usize,
+
+    /// etcd endpoints of the platform config, comma separated.
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Prefix of the operator's keys in etcd; the operator owns everything under it.
+    #[arg(long, env = "M3O_ETCD_PREFIX", default_value = "/m3o")]
+    pub etcd_prefix: String,
+
+    /// Namespace to watch; empty watches all namespaces.
+    #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
+    pub namespace: String,
+
+    /// YAML plan catalog (plan name to default quota); built-in free/pro/business when unset.
+    #[arg(long, env = "M3O_PLANS_FILE")]
+    pub plans_file: Option<PathBuf>,
+
+    /// Reconciles running at once, per kind.
+    #[arg(long, env = "M3O_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+
+    /// Reconcile every object at least this often (Go duration).
+    #[arg(long, env = "M3O_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Elect a leader on a Lease so only one replica reconciles.
+    #[arg(long, env = "M3O_LEADER_ELECTION", default_value_t = false)]
+    pub leader_election: bool,
+
+    /// Address of the HTTP server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = m3o_controllers::duration::parse(s)?;
+    if d.is_zero() {
+        Err("must be greater than zero".into())
+    } else {
+        Ok(d)
+    }
+}

@@ -1,0 +1,54 @@
+//! The m3o-operator binary.
+
+mod cli;
+mod http;
+mod run;
+mod startup;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crds => match m3o_crds::crds_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                Ok(())
+            }
+            Err(err) => Err(startup::StartupError(format!("cannot render CRDs: {err}"))),
+        },
+        Command::Migrate(args) => {
+            init_logging(args.logging.log_format);
+            run::migrate(args).await
+        }
+        Command::Run(args) => {
+            init_logging(args.database.logging.log_format);
+            run::run(args).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line naming the flag, not a backtrace: this is what an admin reads.
+            eprintln!("m3o-operator: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

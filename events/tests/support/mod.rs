@@ -157,32 +157,50 @@ impl RunningRelay {
     }
 }
 
-/// All decoded entries of `key` (a fresh connection each call; empty if Redis is down).
-pub async fn read_stream(redis_url: &str, key: &str) -> Vec<DecodedEvent> {
-    let Ok(client) = redis::Client::open(redis_url) else {
-        return Vec::new();
-    };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        return Vec::new();
-    };
-    consumer::read_all(&mut conn, key)
+/// All decoded entries of `key`, on a fresh connection (so it works across restarts).
+pub async fn try_read_stream(redis_url: &str, key: &str) -> Result<Vec<DecodedEvent>, String> {
+    let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
         .await
-        .expect("stream entries decode")
+        .map_err(|e| format!("connecting to {redis_url}: {e}"))?;
+    match consumer::read_all(&mut conn, key).await {
+        Err(e @ consumer::ConsumerError::Redis { .. }) => Err(e.to_string()),
+        other => Ok(other.expect("stream entries decode")),
+    }
 }
 
-/// Polls `read_stream` until it has at least `n` entries or `timeout` passes.
+/// All decoded entries of `key`; panics if Redis cannot be read.
+pub async fn read_stream(redis_url: &str, key: &str) -> Vec<DecodedEvent> {
+    try_read_stream(redis_url, key)
+        .await
+        .unwrap_or_else(|e| panic!("reading stream {key}: {e}"))
+}
+
+/// Polls the stream until it has at least `n` entries or `timeout` passes.
 pub async fn wait_for_entries(
     redis_url: &str,
     key: &str,
     n: usize,
     timeout: Duration,
 ) -> Vec<DecodedEvent> {
-    let found = poll_until(timeout, || async {
-        let entries = read_stream(redis_url, key).await;
-        (entries.len() >= n).then_some(entries)
-    })
-    .await;
-    found.unwrap_or_else(|| panic!("stream {key} did not reach {n} entries within {timeout:?}"))
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = try_read_stream(redis_url, key).await;
+        match last {
+            Ok(entries) if entries.len() >= n => return entries,
+            _ if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(entries) => panic!(
+                "stream {key} did not reach {n} entries within {timeout:?} (has {})",
+                entries.len()
+            ),
+            Err(e) => panic!(
+                "stream {key} did not reach {n} entries within {timeout:?} (last read failed: {e})"
+            ),
+        }
+    }
 }
 
 /// Calls `f` every 20 ms until it returns `Some` or `timeout` passes.

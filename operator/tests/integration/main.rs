@@ -1,0 +1,8 @@
+//! Integration tests against a real kube-apiserver, PostgreSQL, Redis and etcd.
+//! Run with `make test` (which starts them); see `support.rs`.
+
+mod customer;
+mod customer_faults;
+mod manifests;
+mod proxy;
+mod support;

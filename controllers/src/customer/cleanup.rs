@@ -14,7 +14,7 @@ use m3o_events::outbox::{self, OutboxMessage};
 use super::{plan, reconcile};
 use crate::context::Context;
 use crate::error::Error;
-use crate::platform::desired::customer_key;
+use crate::platform::desired;
 use crate::status::{self, Cond, reasons, types};
 use crate::store::customers;
 
@@ -62,8 +62,9 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
 
     // The key goes whether this pass or an earlier one (that crashed) marked the row.
     if let Some(id) = deleted.or_else(|| reconcile::known_id(&customer)) {
+        // The row is no longer live, so its key and its dependents' resolve to "absent".
         ctx.platform
-            .remove(&ctx.platform.key(&customer_key(id)))
+            .converge(&desired::customer_keys(&ctx.db, id).await?)
             .await?;
         tracing::info!(customer = %id, "customer deleted");
     }

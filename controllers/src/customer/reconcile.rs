@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::plan::{self, Desired, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
-use crate::platform::desired::{customer_key, customer_value};
+use crate::platform::desired::{self, customer_key};
 use crate::status::{self, reasons};
 use crate::store::{self, customers, customers::CustomerRow};
 
@@ -43,7 +43,9 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
     };
 
     let key = ctx.platform.key(&customer_key(row.id));
-    ctx.platform.ensure(&key, &customer_value(&row)).await?;
+    ctx.platform
+        .converge(&desired::customer_keys(&ctx.db, row.id).await?)
+        .await?;
 
     let status = plan::provisioned_status(&customer, &row, &key);
     let was_ready = customer

@@ -66,6 +66,19 @@ pub fn classify(relative: &str) -> KeyOwner {
     }
 }
 
+/// Every key derived from customer `id` (its own config and its dependents'), each with
+/// the entry it should have, or `None` when it should not exist. A reconcile that
+/// changes a customer calls [`super::PlatformConfig::converge`] on these, so a ban
+/// reaches the gateway at once.
+pub async fn customer_keys(
+    db: &PgPool,
+    id: Uuid,
+) -> Result<Vec<(String, Option<DesiredEntry>)>, sqlx::Error> {
+    let key = customer_key(id);
+    let entry = desired_for(db, &key).await?;
+    Ok(vec![(key, entry)])
+}
+
 /// The desired entry for one key, or `None` when the key should not exist.
 pub async fn desired_for(db: &PgPool, relative: &str) -> Result<Option<DesiredEntry>, sqlx::Error> {
     match classify(relative) {

@@ -82,6 +82,22 @@ impl PlatformConfig {
         Ok(deleted)
     }
 
+    /// Makes each relative key hold its desired entry, or removes it; true if anything changed.
+    pub async fn converge(
+        &self,
+        entries: &[(String, Option<desired::DesiredEntry>)],
+    ) -> Result<bool, etcd_client::Error> {
+        let mut changed = false;
+        for (relative, entry) in entries {
+            let key = self.key(relative);
+            changed |= match entry {
+                Some(entry) => self.ensure(&key, &entry.value).await?,
+                None => self.remove(&key).await?,
+            };
+        }
+        Ok(changed)
+    }
+
     /// The current value of `key`, if any.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, etcd_client::Error> {
         let resp = self.client.kv_client().get(key, None).await?;

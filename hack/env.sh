@@ -8,9 +8,11 @@
 #   hack/env.sh up              bring up and stay in the foreground until Ctrl-C
 #
 # Exports (also written to $M3O_ENV_DIR/env): KUBECONFIG DATABASE_URL REDIS_URL
-# ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV=1, PATH prefixed with the kubectl/helm dir.
+# ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV=1 KUBECACHEDIR, PATH prefixed with the
+# kubectl/helm dir.
 # Server logs: $M3O_ENV_DIR/logs/<name>.log. M3O_KEEP_ENV=1 keeps the dir afterwards.
 # M3O_TOOLS_BIN=<dir with kube-apiserver, etcd, kubectl> skips hack/build-tools.sh.
+# M3O_CRD_DIR overrides charts/m3o-operator/crds (CRDs applied after bring-up).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -19,7 +21,7 @@ source "$here/lib.sh"
 
 log() { echo "env: $*" >&2; }
 usage() {
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -296,8 +298,10 @@ export ETCD_ENDPOINTS="http://127.0.0.1:$etcd_cfg_client"
 export M3O_ENV_DIR="$dir"
 export M3O_TEST_ENV=1
 export PATH="$bin:$PATH"
+# kubectl's discovery cache, per environment (not ~/.kube/cache, one dir per random port).
+export KUBECACHEDIR="$dir/kube-cache"
 {
-  for v in KUBECONFIG DATABASE_URL REDIS_URL ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV; do
+  for v in KUBECONFIG DATABASE_URL REDIS_URL ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV KUBECACHEDIR; do
     printf 'export %s=%q\n' "$v" "${!v}"
   done
   # shellcheck disable=SC2016 # $PATH is expanded when the file is sourced
@@ -305,11 +309,12 @@ export PATH="$bin:$PATH"
 } >"$dir/env"
 
 # --- CRDs from the chart, when there are any.
-crd_dir="$root/charts/m3o-operator/crds"
+crd_dir="${M3O_CRD_DIR:-$root/charts/m3o-operator/crds}"
 if grep -qsE '^kind:' "$crd_dir"/*.yaml "$crd_dir"/*.yml; then
   kubectl apply --server-side -f "$crd_dir" >"$dir/logs/crds.log" 2>&1 || fail "CRD install" "$dir/logs/crds.log"
   kubectl wait --for condition=established crd --all --timeout=60s >>"$dir/logs/crds.log" 2>&1 ||
     fail "CRD install (not Established)" "$dir/logs/crds.log"
+  rm -rf "$KUBECACHEDIR" # discovery cached before the CRDs existed
 fi
 
 log "ready in $(($(now_ms) - start_ms)) ms: $dir"

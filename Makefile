@@ -1,0 +1,58 @@
+# m3o-operator developer entry points. See DESIGN.md section 9 and hack/env.sh.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+# Arguments of `cargo test` under `make test`; override e.g.
+#   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
+TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
+
+.PHONY: help deps tools toolchain build test demo env lint fmt crds
+
+help:
+	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
+	@echo 'make tools   build kube-apiserver/etcd/kubectl/helm once (prints their dir)'
+	@echo 'make build   cargo build (debug, all targets)'
+	@echo 'make test    deps + tools + build, then the whole suite inside hack/env.sh'
+	@echo 'make demo    run the operator in the local environment and apply examples/'
+	@echo 'make env     bring the local environment up in the foreground (Ctrl-C stops)'
+	@echo 'make lint    cargo fmt --check and clippy -D warnings'
+	@echo 'make crds    regenerate charts/m3o-operator/crds/crds.yaml'
+
+deps:
+	hack/install-deps.sh
+
+toolchain:
+	@command -v $(CARGO) >/dev/null || { echo 'cargo not found: install Rust with rustup (https://rustup.rs)' >&2; exit 1; }
+	@command -v go >/dev/null || [[ -n "$${KUBEBUILDER_ASSETS:-}" ]] || { echo 'go not found: it builds kube-apiserver/etcd (or set KUBEBUILDER_ASSETS)' >&2; exit 1; }
+
+tools: toolchain
+	hack/build-tools.sh
+
+build: toolchain
+	$(CARGO) build --workspace --all-targets
+
+# Build before any server starts, so the environment only lives while tests run.
+test: deps tools
+	$(CARGO) build --workspace --tests --bins
+	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
+
+demo: deps tools
+	$(CARGO) build -p m3o-operator
+	hack/env.sh run -- hack/demo.sh
+
+env: deps tools
+	hack/env.sh up
+
+lint: toolchain
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: toolchain
+	$(CARGO) fmt --all
+
+crds: toolchain
+	mkdir -p charts/m3o-operator/crds
+	$(CARGO) run -q -p m3o-operator -- crds > charts/m3o-operator/crds/crds.yaml.tmp
+	mv charts/m3o-operator/crds/crds.yaml.tmp charts/m3o-operator/crds/crds.yaml

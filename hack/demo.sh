@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The demo, run inside the local environment: `hack/env.sh run -- hack/demo.sh`
+# (`make demo`). Starts target/debug/m3o-operator, waits for /readyz, applies examples/,
+# waits for the Customers to be Ready and prints what the operator made.
+# M3O_DEMO_HOLD=1 keeps the operator running until Ctrl-C.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR
+source "$here/lib.sh"
+log() { echo "demo: $*" >&2; }
+
+[[ "${M3O_TEST_ENV:-}" == 1 && -n "${M3O_ENV_DIR:-}" ]] || {
+  log "run me inside the environment: hack/env.sh run -- hack/demo.sh"
+  exit 1
+}
+operator="${M3O_OPERATOR_BIN:-$root/target/debug/m3o-operator}"
+[[ -x "$operator" ]] || { log "$operator not built (cargo build -p m3o-operator)"; exit 1; }
+
+port="$(free_ports 1)"
+oplog="$M3O_ENV_DIR/logs/m3o-operator.log"
+op_pid=""
+stop_operator() {
+  [[ -n "$op_pid" ]] || return 0
+  kill -TERM "$op_pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 15))
+  while kill -0 "$op_pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  kill -KILL "$op_pid" 2>/dev/null || true
+  wait "$op_pid" 2>/dev/null || true
+  op_pid=""
+}
+trap stop_operator EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+fail() {
+  log "$1"
+  log "last lines of $oplog:"
+  tail -n 40 "$oplog" | sed 's/^/    /' >&2
+  exit 1
+}
+
+log "starting $operator (log: $oplog)"
+"$operator" run --metrics-addr "127.0.0.1:$port" >"$oplog" 2>&1 &
+op_pid=$!
+
+deadline=$((SECONDS + 60))
+until http_ok 127.0.0.1 "$port" /readyz; do
+  kill -0 "$op_pid" 2>/dev/null || fail "the operator exited during start-up"
+  ((SECONDS < deadline)) || fail "the operator is not ready after 60s (GET /readyz on 127.0.0.1:$port)"
+  sleep 0.2
+done
+log "operator ready: http://127.0.0.1:$port/readyz"
+
+echo "== CRDs"
+kubectl get crd
+
+examples="$root/examples"
+if grep -qsE '^kind:' "$examples"/*.yaml "$examples"/*.yml; then
+  echo "== applying examples/"
+  if [[ -f "$examples/kustomization.yaml" ]]; then
+    kubectl apply -k "$examples"
+  else
+    kubectl apply -f "$examples"
+  fi
+  if [[ -n "$(kubectl get customers.m3o.com -A -o name 2>/dev/null)" ]]; then
+    echo "== waiting for Customers to be Ready"
+    kubectl wait --for=condition=Ready --all customers.m3o.com -A --timeout=120s ||
+      fail "Customers did not become Ready"
+  fi
+  echo "== kubectl get m3o -A"
+  kubectl get m3o -A -o wide || true
+else
+  log "examples/ has no manifests; nothing to apply"
+fi
+
+if [[ "${M3O_DEMO_HOLD:-}" == 1 ]]; then
+  log "holding (M3O_DEMO_HOLD=1); in another shell: source $M3O_ENV_DIR/env. Ctrl-C stops."
+  while kill -0 "$op_pid" 2>/dev/null; do
+    wait "$op_pid" || true
+  done
+  fail "the operator exited"
+fi
+stop_operator
+log "done"

@@ -45,7 +45,7 @@ demo: deps tools
 env: deps tools
 	hack/env.sh up
 
-lint: toolchain
+lint: deps toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

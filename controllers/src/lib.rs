@@ -4,21 +4,27 @@
 //! - `customer/`: the Customer kind (`plan.rs` decides, `reconcile.rs` applies,
 //!   `cleanup.rs` deletes). A Customer becomes a Postgres row in
 //!   [`customer::reconcile`] via [`store::customers`].
+//! - `subscription/`: the Subscription kind, same layout; `plans.rs` is its plan catalog.
+//! - `apikey/`: the ApiKey kind (`secret.rs` issues keys, `config.rs` is the gateway entry).
 //! - `store/`: Postgres (system of record) and migrations.
 //! - `platform/`: etcd platform config and drift correction.
 //! - `status.rs`, `finalizer.rs`, `backoff.rs`, `metrics.rs`: mechanics every kind shares.
 
+pub mod apikey;
 pub mod backoff;
 pub mod context;
 pub mod customer;
 pub mod duration;
 pub mod error;
+pub mod failpoint;
 pub mod finalizer;
 pub mod metrics;
+pub mod plans;
 pub mod platform;
 pub mod runner;
 pub mod status;
 pub mod store;
+pub mod subscription;
 
 pub use context::{Context, Settings};
 pub use error::Error;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use m3o_controllers::metrics::Metrics;
-use m3o_controllers::{Context, Settings, customer, platform, store};
+use m3o_controllers::{Context, Settings, apikey, customer, plans, platform, store, subscription};
 use m3o_events::relay::{Relay, RelayConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,12 +32,13 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             "--leader-election: not supported by this version yet; run a single replica".into(),
         ));
     }
-    if let Some(path) = &args.plans_file {
-        return Err(StartupError(format!(
-            "--plans-file {}: plan catalogs arrive with Subscriptions and are not supported by this version yet",
-            path.display()
-        )));
-    }
+    let catalog = plans::load(args.plans_file.as_deref()).map_err(|e| {
+        let path = args
+            .plans_file
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
+        StartupError(format!("--plans-file {}: {e}", path.display()))
+    })?;
     let namespace = Some(args.namespace.trim().to_owned()).filter(|ns| !ns.is_empty());
     let schema = args.database.database_schema.clone();
 
@@ -71,13 +72,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         ..Settings::default()
     };
     let metrics = Arc::new(Metrics::new());
-    let ctx = Arc::new(Context::new(
-        client,
-        db.clone(),
-        platform,
-        settings,
-        metrics.clone(),
-    ));
+    let plans = plans::Plans::new(catalog);
+    let ctx = Arc::new(
+        Context::new(client, db.clone(), platform, settings, metrics.clone())
+            .with_plans(plans.clone()),
+    );
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = HttpState {
         ready: ready.clone(),
@@ -88,14 +87,23 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(relay.run(shutdown.clone())),
         tokio::spawn(platform::drift::run(ctx.clone(), shutdown.clone())),
         tokio::spawn(customer::run(
             ctx.clone(),
             shutdown.clone().cancelled_owned(),
         )),
+        tokio::spawn(subscription::run(
+            ctx.clone(),
+            shutdown.clone().cancelled_owned(),
+        )),
+        tokio::spawn(apikey::run(ctx.clone(), shutdown.clone().cancelled_owned())),
     ];
+    if let Some(path) = args.plans_file.clone() {
+        let watcher = plans::watch_file(plans, path, ctx.metrics.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(watcher));
+    }
     let server = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
     ready.store(true, Ordering::Relaxed);
     tracing::info!(

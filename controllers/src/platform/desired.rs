@@ -1,7 +1,9 @@
 //! What etcd should hold, derived from Postgres: the single definition shared by the
 //! reconcilers (fast path after a change) and the drift watcher (restore and prune).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::Utc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
@@ -10,7 +12,11 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::apikey::config as apikey_config;
+use crate::store::api_keys;
 use crate::store::customers::{self, CustomerRow};
+use crate::store::subscriptions;
+use crate::subscription::config as subscription_config;
 
 /// `<prefix>/customers/<id>`: what the gateway knows of a customer (contract).
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -28,15 +34,14 @@ pub fn customer_key(id: Uuid) -> String {
     format!("customers/{id}")
 }
 
-/// The value of a live customer row.
-pub fn customer_value(row: &CustomerRow) -> serde_json::Value {
-    // Subscriptions (and so plans) are not provisioned by this operator version yet.
+/// The value of a live customer row whose subscription in force has `plan` ("" if none).
+pub fn customer_value(row: &CustomerRow, plan: String) -> serde_json::Value {
     let config = CustomerConfig {
         id: row.id.to_string(),
         email: row.email.clone(),
         name: row.name.clone(),
         status: row.status.clone(),
-        plan: String::new(),
+        plan,
     };
     serde_json::to_value(config).unwrap_or_default()
 }
@@ -52,6 +57,10 @@ pub struct DesiredEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyOwner {
     Customer(Uuid),
+    /// `quotas/<customerId>`: the customer's subscription in force.
+    Quota(Uuid),
+    /// `apikeys/<sha256 hex>`.
+    ApiKey(String),
     /// Not a key this operator writes: it is removed.
     Unowned,
 }
@@ -61,6 +70,10 @@ pub fn classify(relative: &str) -> KeyOwner {
     match relative.split_once('/') {
         Some(("customers", id)) => {
             Uuid::parse_str(id).map_or(KeyOwner::Unowned, KeyOwner::Customer)
+        }
+        Some(("quotas", id)) => Uuid::parse_str(id).map_or(KeyOwner::Unowned, KeyOwner::Quota),
+        Some(("apikeys", hash)) if apikey_config::is_hash(hash) => {
+            KeyOwner::ApiKey(hash.to_owned())
         }
         _ => KeyOwner::Unowned,
     }
@@ -76,15 +89,42 @@ pub async fn customer_keys(
 ) -> Result<Vec<(String, Option<DesiredEntry>)>, sqlx::Error> {
     let key = customer_key(id);
     let entry = desired_for(db, &key).await?;
-    Ok(vec![(key, entry)])
+    let quota = subscription_config::quota_key(id);
+    let quota_entry = desired_for(db, &quota).await?;
+    let mut keys = vec![(key, entry), (quota, quota_entry)];
+    let customer = customers::live_by_id(db, id).await?;
+    for row in api_keys::all_for_customer(db, id).await? {
+        let entry = apikey_config::entry(&row, customer.as_ref(), Utc::now());
+        keys.push((apikey_config::apikey_key(&row.key_hash), entry));
+    }
+    Ok(keys)
 }
 
 /// The desired entry for one key, or `None` when the key should not exist.
 pub async fn desired_for(db: &PgPool, relative: &str) -> Result<Option<DesiredEntry>, sqlx::Error> {
     match classify(relative) {
-        KeyOwner::Customer(id) => Ok(customers::live_by_id(db, id)
-            .await?
-            .map(|row| customer_entry(&row))),
+        KeyOwner::Customer(id) => {
+            let Some(row) = customers::live_by_id(db, id).await? else {
+                return Ok(None);
+            };
+            let subscription = subscriptions::live_by_customer(db, id).await?;
+            let plan = subscription_config::customer_plan(subscription.as_ref());
+            Ok(Some(customer_entry(&row, plan)))
+        }
+        KeyOwner::ApiKey(hash) => {
+            let Some(row) = api_keys::live_by_hash(db, &hash).await? else {
+                return Ok(None);
+            };
+            let customer = customers::live_by_id(db, row.customer_id).await?;
+            Ok(apikey_config::entry(&row, customer.as_ref(), Utc::now()))
+        }
+        KeyOwner::Quota(id) => {
+            if customers::live_by_id(db, id).await?.is_none() {
+                return Ok(None);
+            }
+            let subscription = subscriptions::live_by_customer(db, id).await?;
+            Ok(subscription.as_ref().map(subscription_config::quota_entry))
+        }
         KeyOwner::Unowned => Ok(None),
     }
 }
@@ -92,15 +132,36 @@ pub async fn desired_for(db: &PgPool, relative: &str) -> Result<Option<DesiredEn
 /// Every desired key (relative) and entry.
 pub async fn desired_all(db: &PgPool) -> Result<BTreeMap<String, DesiredEntry>, sqlx::Error> {
     let mut out = BTreeMap::new();
-    for row in customers::all_live(db).await? {
-        out.insert(customer_key(row.id), customer_entry(&row));
+    // Subscriptions in force of live customers: their quota keys, and each customer's plan.
+    let mut plans = BTreeMap::new();
+    for sub in subscriptions::all_live_of_live_customers(db).await? {
+        let key = subscription_config::quota_key(sub.customer_id);
+        out.insert(key, subscription_config::quota_entry(&sub));
+        plans.insert(sub.customer_id, sub.plan);
+    }
+    let live_customers: HashMap<Uuid, CustomerRow> = customers::all_live(db)
+        .await?
+        .into_iter()
+        .map(|row| (row.id, row))
+        .collect();
+    for row in live_customers.values() {
+        out.insert(
+            customer_key(row.id),
+            customer_entry(row, plans.remove(&row.id).unwrap_or_default()),
+        );
+    }
+    let now = Utc::now();
+    for row in api_keys::all_live(db).await? {
+        if let Some(entry) = apikey_config::entry(&row, live_customers.get(&row.customer_id), now) {
+            out.insert(apikey_config::apikey_key(&row.key_hash), entry);
+        }
     }
     Ok(out)
 }
 
-fn customer_entry(row: &CustomerRow) -> DesiredEntry {
+fn customer_entry(row: &CustomerRow, plan: String) -> DesiredEntry {
     DesiredEntry {
-        value: customer_value(row),
+        value: customer_value(row, plan),
         owner: owner_ref::<Customer>(&row.k8s_namespace, &row.k8s_name, &row.k8s_uid),
     }
 }
@@ -130,6 +191,9 @@ mod tests {
         let id = Uuid::new_v4();
         assert_eq!(classify(&customer_key(id)), KeyOwner::Customer(id));
         assert_eq!(classify("customers/not-a-uuid"), KeyOwner::Unowned);
+        let quota = subscription_config::quota_key(id);
+        assert_eq!(classify(&quota), KeyOwner::Quota(id));
+        assert_eq!(classify("quotas/x"), KeyOwner::Unowned);
         assert_eq!(classify("stray"), KeyOwner::Unowned);
         assert_eq!(classify("other/x"), KeyOwner::Unowned);
     }

@@ -200,3 +200,11 @@ pub async fn mark_deleted(tx: &mut PgConnection, id: Uuid) -> Result<CustomerRow
     .fetch_one(tx)
     .await
 }
+
+/// A row by id, live or deleted (for events about a deleted customer's keys).
+pub async fn by_id(db: &PgPool, id: Uuid) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM customers WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}

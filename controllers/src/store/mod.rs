@@ -1,6 +1,8 @@
 //! PostgreSQL, the system of record: connection, migrations, and one module per table.
 
+pub mod api_keys;
 pub mod customers;
+pub mod subscriptions;
 
 use std::time::Duration;
 

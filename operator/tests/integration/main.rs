@@ -1,8 +1,11 @@
 //! Integration tests against a real kube-apiserver, PostgreSQL, Redis and etcd.
 //! Run with `make test` (which starts them); see `support.rs`.
 
+mod apikey;
 mod customer;
 mod customer_faults;
 mod manifests;
 mod proxy;
+mod subscription;
+mod subscription_order;
 mod support;

@@ -62,6 +62,10 @@ pub struct Backends {
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
     pub etcd_endpoints: Option<String>,
+    /// More `run` flags (e.g. `--plans-file`).
+    pub extra_args: Vec<String>,
+    /// More environment variables (e.g. `M3O_FAILPOINTS`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// One test's slice of the environment.
@@ -160,6 +164,8 @@ impl TestEnv {
                 "--resync-interval",
                 "30s",
             ])
+            .args(&backends.extra_args)
+            .envs(backends.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "DATABASE_URL",
                 backends.database_url.as_ref().unwrap_or(&self.database_url),
@@ -356,6 +362,11 @@ impl Operator {
             .await
             .map(|(_, body)| body)
             .unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().await.expect("wait operator")
     }
 
     /// SIGKILL: no chance to clean up, as in a node failure.

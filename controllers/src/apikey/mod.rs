@@ -1,0 +1,77 @@
+//! The ApiKey controller: keys issued into Secrets, known elsewhere only by hash.
+
+pub mod cleanup;
+pub mod config;
+pub mod plan;
+pub mod reconcile;
+pub mod secret;
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use m3o_crds::{ApiKey, ApiKeyStatus, Condition, Customer};
+
+use crate::context::Context;
+use crate::error::Error;
+use crate::finalizer::reconcile_with_finalizer;
+use crate::runner;
+use crate::status::HasStatus;
+
+pub const KIND: &str = "ApiKey";
+
+impl HasStatus for ApiKey {
+    type Status = ApiKeyStatus;
+    fn status(&self) -> Option<&ApiKeyStatus> {
+        self.status.as_ref()
+    }
+    fn conditions(status: &ApiKeyStatus) -> &[Condition] {
+        &status.conditions
+    }
+    fn set_conditions(status: &mut ApiKeyStatus, conditions: Vec<Condition>) {
+        status.conditions = conditions;
+    }
+}
+
+async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<ApiKey> =
+        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    reconcile_with_finalizer(
+        &api,
+        key,
+        |k| reconcile::apply(k, &ctx),
+        |k| cleanup::cleanup(k, &ctx),
+    )
+    .await
+}
+
+/// Runs the ApiKey controller until `shutdown` resolves. Besides ApiKeys it watches
+/// the Secrets it wrote (a deleted or edited Secret is repaired) and Customers (a
+/// ban, unban or deletion reaches the keys at once).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let secrets: Api<Secret> = runner::scoped_api(&ctx);
+    let customers: Api<Customer> = runner::scoped_api(&ctx);
+    let managed = format!("{}={}", secret::MANAGED_BY.0, secret::MANAGED_BY.1);
+    runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, move |controller| {
+        let keys = controller.store();
+        controller
+            .owns(secrets, watcher::Config::default().labels(&managed))
+            .watches(
+                customers,
+                watcher::Config::default(),
+                move |customer: Customer| {
+                    let ns = customer.namespace();
+                    let name = customer.name_any();
+                    keys.state()
+                        .into_iter()
+                        .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
+                        .map(|k| ObjectRef::from_obj(k.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            )
+    })
+    .await;
+}

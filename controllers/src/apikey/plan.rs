@@ -1,0 +1,350 @@
+//! Pure planning for ApiKeys: from the resource, its customer, the key in its Secret
+//! and its rows to the row writes, the events they announce, the status and when to
+//! look again (expiry, end of a rotation's grace period). No I/O.
+
+use chrono::{DateTime, Utc};
+use m3o_crds::{ApiKey, ApiKeyState, ApiKeyStatus};
+use m3o_events::customers::{self, EventType};
+use uuid::Uuid;
+
+use super::secret::IssuedKey;
+use crate::status::{Cond, merge, reasons, types};
+use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
+use crate::store::customers::{CustomerRow, K8sRef};
+
+/// The state of a key as the gateway must see it. Precedence: revoked, expired, blocked.
+pub fn effective_state(
+    blocked: bool,
+    customer_status: &str,
+    expires_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> ApiKeyState {
+    if expires_at.is_some_and(|t| t <= now) {
+        ApiKeyState::Expired
+    } else if blocked || customer_status == "banned" {
+        ApiKeyState::Blocked
+    } else {
+        ApiKeyState::Active
+    }
+}
+
+pub fn state_str(state: ApiKeyState) -> &'static str {
+    match state {
+        ApiKeyState::Active => "active",
+        ApiKeyState::Blocked => "blocked",
+        ApiKeyState::Expired => "expired",
+        ApiKeyState::Revoked => "revoked",
+    }
+}
+
+pub fn parse_state(s: &str) -> Option<ApiKeyState> {
+    [
+        ApiKeyState::Active,
+        ApiKeyState::Blocked,
+        ApiKeyState::Expired,
+        ApiKeyState::Revoked,
+    ]
+    .into_iter()
+    .find(|v| state_str(*v) == s)
+}
+
+/// The event announcing a key's move from one state to another, if any. Becoming
+/// usable again (from blocked or expired) is announced as UnblockKey.
+pub fn transition_event(from: &str, to: &str) -> Option<EventType> {
+    match (from, to) {
+        (a, b) if a == b => None,
+        (_, "revoked") => Some(EventType::DeleteKey),
+        (_, "expired") => Some(EventType::KeyExpired),
+        (_, "blocked") => Some(EventType::BlockKey),
+        (_, "active") => Some(EventType::UnblockKey),
+        _ => None,
+    }
+}
+
+/// An event about one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyEvent {
+    pub kind: EventType,
+    pub key_id: Uuid,
+    pub scopes: Vec<String>,
+    pub previous_id: Option<Uuid>,
+}
+
+/// Row writes and events of one reconcile, committed together.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeyPlan {
+    pub insert: Option<NewApiKey>,
+    pub updates: Vec<(Uuid, ApiKeyFields)>,
+    pub events: Vec<KeyEvent>,
+    /// When something changes by the clock alone (expiry, end of grace).
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// What the reconcile observed.
+pub struct Observed<'a> {
+    pub now: DateTime<Utc>,
+    pub key: &'a ApiKey,
+    pub customer: &'a CustomerRow,
+    pub issued: &'a IssuedKey,
+    /// Unrevoked rows of this resource.
+    pub rows: &'a [ApiKeyRow],
+    pub grace: chrono::Duration,
+}
+
+fn event(kind: EventType, row_id: Uuid, scopes: &[String]) -> KeyEvent {
+    KeyEvent {
+        kind,
+        key_id: row_id,
+        scopes: scopes.to_vec(),
+        previous_id: None,
+    }
+}
+
+/// Plans the current key (the one in the Secret) and the previous ones.
+pub fn plan(o: &Observed) -> KeyPlan {
+    let spec = &o.key.spec;
+    let expires_at = spec.expires_at.as_ref().and_then(|t| {
+        DateTime::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond().max(0) as u32)
+    });
+    let status = state_str(effective_state(
+        spec.blocked,
+        &o.customer.status,
+        expires_at,
+        o.now,
+    ));
+    let fields = ApiKeyFields {
+        scopes: spec.scopes.clone(),
+        status: status.to_owned(),
+        description: spec.description.clone(),
+        expires_at,
+        grace_until: None,
+        generation: o.key.metadata.generation.unwrap_or_default(),
+    };
+    let mut plan = KeyPlan::default();
+    match o.rows.iter().find(|r| r.id == o.issued.key_id) {
+        None => {
+            plan.insert = Some(NewApiKey {
+                id: o.issued.key_id,
+                customer_id: o.customer.id,
+                key_hash: o.issued.hash.clone(),
+                key_prefix: o.issued.prefix.clone(),
+                rotation_generation: o.issued.rotation_generation,
+                fields: fields.clone(),
+                k8s: K8sRef {
+                    namespace: o.key.metadata.namespace.clone().unwrap_or_default(),
+                    name: o.key.metadata.name.clone().unwrap_or_default(),
+                    uid: o.key.metadata.uid.clone().unwrap_or_default(),
+                },
+            });
+            plan.events.push(event(
+                EventType::GenerateKey,
+                o.issued.key_id,
+                &fields.scopes,
+            ));
+            plan.events.extend(
+                transition_event("active", status)
+                    .map(|t| event(t, o.issued.key_id, &fields.scopes)),
+            );
+        }
+        Some(row) => {
+            if row.fields() != fields {
+                plan.events.extend(
+                    transition_event(&row.status, status).map(|t| event(t, row.id, &fields.scopes)),
+                );
+                plan.updates.push((row.id, fields.clone()));
+            }
+        }
+    }
+    if let Some(t) = expires_at.filter(|t| *t > o.now) {
+        plan.wake_at = Some(t);
+    }
+    for previous in o.rows.iter().filter(|r| r.id != o.issued.key_id) {
+        plan_previous(o, previous, &mut plan);
+    }
+    plan
+}
+
+/// A key replaced by a rotation: valid for the grace period (following spec.blocked and
+/// the customer like the current key), then revoked.
+fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
+    let mut fields = row.fields();
+    let grace_until = match row.grace_until {
+        Some(until) if until <= o.now => {
+            fields.status = "revoked".into();
+            plan.events
+                .push(event(EventType::DeleteKey, row.id, &row.scopes));
+            plan.updates.push((row.id, fields));
+            return;
+        }
+        Some(until) => until,
+        None => {
+            let until = o.now + o.grace;
+            fields.grace_until = Some(until);
+            plan.events.push(KeyEvent {
+                kind: EventType::KeyRotated,
+                key_id: o.issued.key_id,
+                scopes: o.key.spec.scopes.clone(),
+                previous_id: Some(row.id),
+            });
+            until
+        }
+    };
+    plan.wake_at = Some(plan.wake_at.map_or(grace_until, |w| w.min(grace_until)));
+    let status = state_str(effective_state(
+        o.key.spec.blocked,
+        &o.customer.status,
+        row.expires_at,
+        o.now,
+    ));
+    if status != row.status {
+        plan.events
+            .extend(transition_event(&row.status, status).map(|t| event(t, row.id, &row.scopes)));
+        fields.status = status.to_owned();
+    }
+    if fields != row.fields() {
+        plan.updates.push((row.id, fields));
+    }
+}
+
+/// Revokes every row (deletion, or the customer is gone).
+pub fn revoke_all(rows: &[ApiKeyRow], generation: i64) -> KeyPlan {
+    let mut plan = KeyPlan::default();
+    for row in rows.iter().filter(|r| r.status != "revoked") {
+        let fields = ApiKeyFields {
+            status: "revoked".into(),
+            generation,
+            ..row.fields()
+        };
+        plan.events
+            .push(event(EventType::DeleteKey, row.id, &row.scopes));
+        plan.updates.push((row.id, fields));
+    }
+    plan
+}
+
+/// The M3O event for a key event, with the customer filled in.
+pub fn to_event(e: &KeyEvent, customer: customers::Customer) -> customers::Event {
+    let id = e.key_id.to_string();
+    let mut event = customers::Event {
+        customer: Some(customer),
+        ..Default::default()
+    };
+    event.set_type(e.kind);
+    match e.kind {
+        EventType::GenerateKey => {
+            event.generate_key = Some(customers::GenerateKey {
+                scopes: e.scopes.clone(),
+                id,
+            })
+        }
+        EventType::DeleteKey => event.delete_key = Some(customers::DeleteKey { id }),
+        EventType::BlockKey => event.block_key = Some(customers::BlockKey { id }),
+        EventType::UnblockKey => event.unblock_key = Some(customers::UnblockKey { id }),
+        EventType::KeyExpired => event.key_expired = Some(customers::KeyExpired { id }),
+        EventType::KeyRotated => {
+            let previous_id = e.previous_id.map(|p| p.to_string()).unwrap_or_default();
+            event.key_rotated = Some(customers::KeyRotated { id, previous_id });
+        }
+        _ => {}
+    }
+    event
+}
+
+/// Status once the Secret, Postgres and etcd match: Ready is True for a key in the
+/// state its spec asks for (active or deliberately blocked), False once expired.
+pub fn synced_status(key: &ApiKey, current: &ApiKeyRow, secret_name: &str) -> ApiKeyStatus {
+    let state = parse_state(&current.status).unwrap_or(ApiKeyState::Active);
+    let (ok, reason, message) = match state {
+        ApiKeyState::Active => (
+            true,
+            reasons::PROVISIONED,
+            format!("key {} ({}) is active", current.id, current.key_prefix),
+        ),
+        ApiKeyState::Blocked if key.spec.blocked => (
+            true,
+            reasons::BLOCKED,
+            format!("key {} is blocked by spec.blocked", current.id),
+        ),
+        ApiKeyState::Blocked => (
+            true,
+            reasons::BLOCKED,
+            format!(
+                "key {} is blocked because its customer is banned",
+                current.id
+            ),
+        ),
+        ApiKeyState::Expired => (
+            false,
+            reasons::EXPIRED,
+            format!(
+                "key {} expired; extend spec.expiresAt or bump spec.rotationGeneration",
+                current.id
+            ),
+        ),
+        ApiKeyState::Revoked => (
+            false,
+            reasons::CUSTOMER_NOT_FOUND,
+            format!("key {} is revoked", current.id),
+        ),
+    };
+    let conditions = merge(
+        key.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default(),
+        &[
+            Cond::new(
+                types::DATABASE_SYNCED,
+                true,
+                reasons::SYNCED,
+                format!("key {} is recorded (hash only)", current.id),
+            ),
+            Cond::new(
+                types::CONFIG_SYNCED,
+                true,
+                reasons::SYNCED,
+                "gateway entry is up to date",
+            ),
+            Cond::new(types::READY, ok, reason, message),
+        ],
+        key.metadata.generation,
+    );
+    ApiKeyStatus {
+        observed_generation: key.metadata.generation,
+        conditions,
+        key_id: Some(current.id.to_string()),
+        customer_id: Some(current.customer_id.to_string()),
+        secret_name: Some(secret_name.to_owned()),
+        key_prefix: Some(current.key_prefix.clone()),
+        state: Some(state),
+        expires_at: key.spec.expires_at.clone(),
+        last_rotated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(current.created_at.timestamp())
+                .unwrap_or_default(),
+        )),
+    }
+}
+
+/// Status of a key that cannot be issued or used yet (Ready=False, `reason`).
+pub fn waiting_status(
+    key: &ApiKey,
+    reason: &'static str,
+    message: String,
+    state: Option<ApiKeyState>,
+) -> ApiKeyStatus {
+    let previous = key.status.clone().unwrap_or_default();
+    let conditions = merge(
+        &previous.conditions,
+        &[Cond::new(types::READY, false, reason, message)],
+        key.metadata.generation,
+    );
+    ApiKeyStatus {
+        observed_generation: key.metadata.generation,
+        conditions,
+        state: state.or(previous.state),
+        ..previous
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+use std::collections::BTreeMap;
+
+use chrono::Duration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use m3o_crds::{ApiKeySpec, CustomerRef};
+use sqlx::types::Json;
+
+use super::*;
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).expect("time")
+}
+
+fn key(blocked: bool, expires_at: Option<DateTime<Utc>>) -> ApiKey {
+    let mut k = ApiKey::new(
+        "ci",
+        ApiKeySpec {
+            customer_ref: CustomerRef {
+                name: "alice".into(),
+            },
+            description: "CI".into(),
+            scopes: vec!["helloworld".into()],
+            secret_name: None,
+            blocked,
+            blocked_message: None,
+            expires_at: expires_at.map(|t| {
+                Time(k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).expect("ts"))
+            }),
+            rotation_generation: 0,
+            rotation_grace_period: "1h".into(),
+            deletion_policy: Default::default(),
+        },
+    );
+    k.metadata.namespace = Some("team".into());
+    k.metadata.uid = Some("uid-k".into());
+    k.metadata.generation = Some(1);
+    k
+}
+
+fn customer(status: &str) -> CustomerRow {
+    CustomerRow {
+        id: Uuid::from_u128(7),
+        email: "alice@example.com".into(),
+        name: "Alice".into(),
+        status: status.into(),
+        meta: Json(BTreeMap::new()),
+        k8s_namespace: "team".into(),
+        k8s_name: "alice".into(),
+        k8s_uid: "uid-c".into(),
+        generation: 1,
+        created_at: now(),
+        updated_at: now(),
+        deleted_at: None,
+    }
+}
+
+fn issued(id: u128, generation: i64) -> IssuedKey {
+    IssuedKey {
+        key_id: Uuid::from_u128(id),
+        hash: format!("{id:064x}"),
+        prefix: "m3o_abcd".into(),
+        rotation_generation: generation,
+    }
+}
+
+fn row_of(new: &NewApiKey) -> ApiKeyRow {
+    ApiKeyRow {
+        id: new.id,
+        customer_id: new.customer_id,
+        key_hash: new.key_hash.clone(),
+        key_prefix: new.key_prefix.clone(),
+        scopes: new.fields.scopes.clone(),
+        status: new.fields.status.clone(),
+        description: new.fields.description.clone(),
+        expires_at: new.fields.expires_at,
+        k8s_namespace: new.k8s.namespace.clone(),
+        k8s_name: new.k8s.name.clone(),
+        k8s_uid: new.k8s.uid.clone(),
+        generation: new.fields.generation,
+        rotation_generation: new.rotation_generation,
+        grace_until: new.fields.grace_until,
+        created_at: now(),
+        updated_at: now(),
+        revoked_at: None,
+    }
+}
+
+fn plan_for(
+    k: &ApiKey,
+    c: &CustomerRow,
+    i: &IssuedKey,
+    rows: &[ApiKeyRow],
+    at: DateTime<Utc>,
+) -> KeyPlan {
+    plan(&Observed {
+        now: at,
+        key: k,
+        customer: c,
+        issued: i,
+        rows,
+        grace: Duration::hours(1),
+    })
+}
+
+fn kinds(p: &KeyPlan) -> Vec<EventType> {
+    p.events.iter().map(|e| e.kind).collect()
+}
+
+#[test]
+fn a_new_key_is_recorded_by_hash_with_generate_key() {
+    let p = plan_for(
+        &key(false, None),
+        &customer("active"),
+        &issued(1, 0),
+        &[],
+        now(),
+    );
+    let new = p.insert.clone().expect("insert");
+    assert_eq!(
+        (new.id, new.key_hash.as_str(), new.fields.status.as_str()),
+        (Uuid::from_u128(1), format!("{:064x}", 1).as_str(), "active")
+    );
+    assert_eq!(kinds(&p), vec![EventType::GenerateKey]);
+    assert_eq!(p.events[0].scopes, vec!["helloworld".to_owned()]);
+}
+
+#[test]
+fn repeating_a_plan_changes_nothing() {
+    let (k, c, i) = (key(false, None), customer("active"), issued(1, 0));
+    let first = plan_for(&k, &c, &i, &[], now());
+    let rows = vec![row_of(&first.insert.expect("insert"))];
+    assert_eq!(plan_for(&k, &c, &i, &rows, now()), KeyPlan::default());
+}
+
+#[test]
+fn block_and_unblock_are_announced_once() {
+    let (c, i) = (customer("active"), issued(1, 0));
+    let rows = vec![row_of(
+        &plan_for(&key(false, None), &c, &i, &[], now())
+            .insert
+            .expect("insert"),
+    )];
+    let blocked = plan_for(&key(true, None), &c, &i, &rows, now());
+    assert_eq!(kinds(&blocked), vec![EventType::BlockKey]);
+    let mut rows = rows;
+    rows[0].status = "blocked".into();
+    assert_eq!(
+        kinds(&plan_for(&key(false, None), &c, &i, &rows, now())),
+        vec![EventType::UnblockKey]
+    );
+}
+
+#[test]
+fn a_banned_customer_blocks_and_unban_restores() {
+    let i = issued(1, 0);
+    let rows = vec![row_of(
+        &plan_for(&key(false, None), &customer("active"), &i, &[], now())
+            .insert
+            .expect("insert"),
+    )];
+    let p = plan_for(&key(false, None), &customer("banned"), &i, &rows, now());
+    assert_eq!(kinds(&p), vec![EventType::BlockKey]);
+    assert_eq!(p.updates[0].1.status, "blocked");
+}
+
+#[test]
+fn expiry_is_scheduled_then_applied() {
+    let (c, i) = (customer("active"), issued(1, 0));
+    let at = now() + Duration::minutes(5);
+    let first = plan_for(&key(false, Some(at)), &c, &i, &[], now());
+    assert_eq!(first.wake_at, Some(at), "requeued for the expiry");
+    let rows = vec![row_of(&first.insert.expect("insert"))];
+    let later = plan_for(
+        &key(false, Some(at)),
+        &c,
+        &i,
+        &rows,
+        at + Duration::seconds(1),
+    );
+    assert_eq!(kinds(&later), vec![EventType::KeyExpired]);
+    assert_eq!(later.updates[0].1.status, "expired");
+}
+
+#[test]
+fn rotation_keeps_the_previous_key_for_the_grace_period() {
+    let c = customer("active");
+    let old = issued(1, 0);
+    let rows = vec![row_of(
+        &plan_for(&key(false, None), &c, &old, &[], now())
+            .insert
+            .expect("insert"),
+    )];
+    let mut k = key(false, None);
+    k.spec.rotation_generation = 1;
+    let new = issued(2, 1);
+    let p = plan_for(&k, &c, &new, &rows, now());
+    assert_eq!(
+        kinds(&p),
+        vec![EventType::GenerateKey, EventType::KeyRotated]
+    );
+    assert_eq!(p.events[1].previous_id, Some(old.key_id));
+    let (id, fields) = &p.updates[0];
+    assert_eq!(
+        (*id, fields.status.as_str(), fields.grace_until),
+        (old.key_id, "active", Some(now() + Duration::hours(1)))
+    );
+    assert_eq!(p.wake_at, Some(now() + Duration::hours(1)));
+
+    let mut rows = vec![rows[0].clone(), row_of(p.insert.as_ref().expect("insert"))];
+    rows[0].grace_until = Some(now() + Duration::hours(1));
+    assert_eq!(
+        plan_for(&k, &c, &new, &rows, now() + Duration::minutes(30)).events,
+        vec![],
+        "still in grace"
+    );
+    let after = plan_for(&k, &c, &new, &rows, now() + Duration::hours(2));
+    assert_eq!(kinds(&after), vec![EventType::DeleteKey]);
+    assert_eq!(after.updates[0].1.status, "revoked");
+}
+
+#[test]
+fn revoking_all_announces_each_key() {
+    let c = customer("active");
+    let rows = vec![row_of(
+        &plan_for(&key(false, None), &c, &issued(1, 0), &[], now())
+            .insert
+            .expect("insert"),
+    )];
+    let p = revoke_all(&rows, 2);
+    assert_eq!(kinds(&p), vec![EventType::DeleteKey]);
+    assert_eq!(p.updates[0].1.status, "revoked");
+}
+
+#[test]
+fn events_carry_ids_never_keys() {
+    let e = KeyEvent {
+        kind: EventType::GenerateKey,
+        key_id: Uuid::from_u128(1),
+        scopes: vec!["*".into()],
+        previous_id: None,
+    };
+    let event = to_event(&e, crate::customer::plan::payload(&customer("active")));
+    assert_eq!(
+        event.generate_key.as_ref().map(|g| g.id.clone()),
+        Some(Uuid::from_u128(1).to_string())
+    );
+    assert_eq!(
+        event.customer.as_ref().map(|c| c.email.as_str()),
+        Some("alice@example.com")
+    );
+}
+
+#[test]
+fn status_reasons_follow_the_state() {
+    let c = customer("active");
+    let k = key(false, None);
+    let mut row = row_of(
+        &plan_for(&k, &c, &issued(1, 0), &[], now())
+            .insert
+            .expect("insert"),
+    );
+    let s = synced_status(&k, &row, "ci-api-key");
+    assert_eq!(s.key_prefix.as_deref(), Some("m3o_abcd"));
+    let ready = crate::status::ready(&s.conditions).expect("ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Provisioned")
+    );
+    row.status = "expired".into();
+    let s = synced_status(&k, &row, "ci-api-key");
+    let ready = crate::status::ready(&s.conditions).expect("ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str(), s.state),
+        ("False", "Expired", Some(ApiKeyState::Expired))
+    );
+}

@@ -1,0 +1,314 @@
+//! Applying an ApiKey: Secret first (the key exists before anything can accept it),
+//! then one Postgres transaction (rows + outbox), then etcd, then status. A crash
+//! between any two steps is repaired by the next pass: the Secret's key is reused,
+//! never re-issued for the same rotation generation, and only its hash is recorded.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType as K8sEventType;
+use kube::{Api, Resource, ResourceExt};
+use m3o_crds::{ApiKey, ApiKeyState, Customer};
+use m3o_events::outbox::{self, OutboxMessage};
+
+use super::plan::{self, KeyPlan, Observed};
+use super::secret::{self, IssuedKey, SecretState};
+use crate::context::Context;
+use crate::customer::plan::payload;
+use crate::error::Error;
+use crate::status::{self, reasons};
+use crate::store::api_keys::{self, ApiKeyRow};
+use crate::store::customers::{self, CustomerRow};
+use crate::{duration, failpoint};
+
+pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
+    let ns = key.namespace().unwrap_or_default();
+    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let customer_name = &key.spec.customer_ref.name;
+    let customer_obj = Api::<Customer>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(customer_name)
+        .await?;
+    let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name).await?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
+
+    // Keys of a customer that is gone are revoked for good.
+    let orphaned = rows
+        .iter()
+        .any(|r| r.revoked_at.is_none() && customer.as_ref().is_none_or(|c| c.id != r.customer_id));
+    if orphaned {
+        return revoke_orphaned(&api, &key, ctx, &rows).await;
+    }
+    let Some(customer) = customer else {
+        let (reason, message) = match customer_obj {
+            None => (
+                reasons::CUSTOMER_NOT_FOUND,
+                format!("Customer {customer_name} does not exist in namespace {ns}; create it"),
+            ),
+            Some(_) => (
+                reasons::CUSTOMER_NOT_READY,
+                format!("Customer {customer_name} has no record yet; waiting for it to be Ready"),
+            ),
+        };
+        return wait(&api, &key, ctx, reason, message).await;
+    };
+
+    let issued = match current_key(ctx, &key, customer_obj.as_ref(), &rows).await? {
+        Ok(issued) => issued,
+        Err((reason, message)) => return wait(&api, &key, ctx, reason, message).await,
+    };
+
+    let grace = duration::parse(&key.spec.rotation_grace_period).map_err(Error::Invalid)?;
+    let grace = chrono::Duration::from_std(grace)
+        .map_err(|e| Error::Invalid(format!("rotationGracePeriod: {e}")))?;
+    let key_plan = record(ctx, &key, &customer, &issued, grace).await?;
+
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
+    converge_config(ctx, &rows, Some(&customer)).await?;
+
+    let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
+        Error::Invalid(format!(
+            "key {} vanished after it was recorded",
+            issued.key_id
+        ))
+    })?;
+    let status = plan::synced_status(&key, current, &secret::secret_name(&key));
+    let was = key.status.as_ref().and_then(|s| s.state);
+    status::apply(&api, &key, &status).await?;
+    announce(ctx, &key, was, status.state, current).await;
+    Ok(requeue_at(ctx, key_plan.wake_at))
+}
+
+/// The key in the Secret for the current rotation generation, issuing one if there is
+/// none yet (`Err` with a reason when it must not be issued now).
+async fn current_key(
+    ctx: &Context,
+    key: &ApiKey,
+    customer_obj: Option<&Customer>,
+    rows: &[ApiKeyRow],
+) -> Result<Result<IssuedKey, (&'static str, String)>, Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    let name = secret::secret_name(key);
+    let revoked = |id| rows.iter().any(|r| r.id == id && r.revoked_at.is_some());
+    match secret::inspect(secrets.get_opt(&name).await?.as_ref(), key) {
+        SecretState::Foreign => {
+            return Ok(Err((
+                reasons::CONFLICT,
+                format!(
+                    "Secret {name} exists and is not owned by this ApiKey; delete it or set spec.secretName"
+                ),
+            )));
+        }
+        SecretState::Ours(Some(issued))
+            if issued.rotation_generation >= key.spec.rotation_generation
+                && !revoked(issued.key_id) =>
+        {
+            return Ok(Ok(issued));
+        }
+        _ => {}
+    }
+    // A new key is issued only for a Customer that is Ready now.
+    let ready = customer_obj
+        .and_then(|c| c.status.as_ref())
+        .and_then(|s| status::ready(&s.conditions))
+        .is_some_and(|c| c.status == "True");
+    if !ready {
+        let message = format!(
+            "Customer {} is not Ready; the key is issued once it is",
+            key.spec.customer_ref.name
+        );
+        return Ok(Err((reasons::CUSTOMER_NOT_READY, message)));
+    }
+    let issued = secret::issue(&secrets, key, key.spec.rotation_generation).await?;
+    tracing::info!(apikey = %key.name_any(), key_id = %issued.key_id, prefix = %issued.prefix, "key issued into Secret {name}");
+    failpoint::hit("apikey-secret-written");
+    Ok(Ok(issued))
+}
+
+/// The database step: rows and their events in one transaction.
+async fn record(
+    ctx: &Context,
+    key: &ApiKey,
+    customer: &CustomerRow,
+    issued: &IssuedKey,
+    grace: chrono::Duration,
+) -> Result<KeyPlan, Error> {
+    let mut tx = ctx.db.begin().await?;
+    let rows = api_keys::lock_live_for_resource(
+        &mut tx,
+        &key.namespace().unwrap_or_default(),
+        &key.name_any(),
+    )
+    .await?;
+    let observed = Observed {
+        now: Utc::now(),
+        key,
+        customer,
+        issued,
+        rows: &rows,
+        grace,
+    };
+    let key_plan = plan::plan(&observed);
+    write(&mut tx, &key_plan, customer).await?;
+    tx.commit().await?;
+    Ok(key_plan)
+}
+
+/// Writes a plan's rows and outbox events into `tx`.
+async fn write(
+    tx: &mut sqlx::PgConnection,
+    key_plan: &KeyPlan,
+    customer: &CustomerRow,
+) -> Result<(), Error> {
+    if let Some(new) = &key_plan.insert {
+        api_keys::insert(tx, new).await?;
+    }
+    for (id, fields) in &key_plan.updates {
+        api_keys::update(tx, *id, fields).await?;
+    }
+    for event in &key_plan.events {
+        let message = OutboxMessage::from_event(
+            event.key_id.to_string(),
+            &plan::to_event(event, payload(customer)),
+        );
+        outbox::enqueue(tx, &message).await?;
+    }
+    if !key_plan.events.is_empty() {
+        tracing::info!(events = ?key_plan.events.iter().map(|e| e.kind).collect::<Vec<_>>(), "api key records written");
+    }
+    Ok(())
+}
+
+/// Makes the gateway entries of `rows` match Postgres (removing revoked ones).
+pub async fn converge_config(
+    ctx: &Context,
+    rows: &[ApiKeyRow],
+    customer: Option<&CustomerRow>,
+) -> Result<(), Error> {
+    let now = Utc::now();
+    let entries: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                super::config::apikey_key(&r.key_hash),
+                super::config::entry(r, customer.filter(|c| c.id == r.customer_id), now),
+            )
+        })
+        .collect();
+    ctx.platform.converge(&entries).await?;
+    Ok(())
+}
+
+/// Revokes the keys of a resource whose customer was deleted.
+async fn revoke_orphaned(
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    ctx: &Context,
+    rows: &[ApiKeyRow],
+) -> Result<Action, Error> {
+    revoke_all(ctx, key).await?;
+    let message = format!(
+        "Customer {} was deleted; its keys are revoked",
+        key.spec.customer_ref.name
+    );
+    let _ = rows;
+    wait_with_state(
+        api,
+        key,
+        ctx,
+        reasons::CUSTOMER_NOT_FOUND,
+        message,
+        Some(ApiKeyState::Revoked),
+    )
+    .await
+}
+
+/// Revokes every unrevoked key of the resource (events included) and removes their entries.
+pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
+    let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
+    let mut tx = ctx.db.begin().await?;
+    let rows = api_keys::lock_live_for_resource(&mut tx, &ns, &name).await?;
+    let generation = key.metadata.generation.unwrap_or_default();
+    for row in &rows {
+        let Some(customer) = customers::by_id(&ctx.db, row.customer_id).await? else {
+            continue;
+        };
+        let single = plan::revoke_all(std::slice::from_ref(row), generation);
+        write(&mut tx, &single, &customer).await?;
+    }
+    tx.commit().await?;
+    converge_config(
+        ctx,
+        &api_keys::all_for_resource(&ctx.db, &ns, &name).await?,
+        None,
+    )
+    .await
+}
+
+async fn wait(
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    ctx: &Context,
+    reason: &'static str,
+    message: String,
+) -> Result<Action, Error> {
+    wait_with_state(api, key, ctx, reason, message, None).await
+}
+
+async fn wait_with_state(
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    ctx: &Context,
+    reason: &'static str,
+    message: String,
+    state: Option<ApiKeyState>,
+) -> Result<Action, Error> {
+    let status = plan::waiting_status(key, reason, message.clone(), state);
+    if status::apply(api, key, &status).await? {
+        ctx.event(
+            &key.object_ref(&()),
+            K8sEventType::Warning,
+            reason,
+            "Provision",
+            message,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.settings.blocked_retry))
+}
+
+/// Kubernetes Events for state changes an admin cares about.
+async fn announce(
+    ctx: &Context,
+    key: &ApiKey,
+    was: Option<ApiKeyState>,
+    now: Option<ApiKeyState>,
+    current: &ApiKeyRow,
+) {
+    if was == now {
+        return;
+    }
+    let (type_, reason) = match now {
+        Some(ApiKeyState::Active) => (K8sEventType::Normal, reasons::PROVISIONED),
+        Some(ApiKeyState::Blocked) => (K8sEventType::Normal, reasons::BLOCKED),
+        Some(ApiKeyState::Expired) => (K8sEventType::Warning, reasons::EXPIRED),
+        _ => return,
+    };
+    let note = format!(
+        "key {} ({}) is {}",
+        current.id, current.key_prefix, current.status
+    );
+    ctx.event(&key.object_ref(&()), type_, reason, "Reconcile", note)
+        .await;
+}
+
+/// Requeue at the next clock-driven change, or the resync interval, whichever is first.
+fn requeue_at(ctx: &Context, wake_at: Option<chrono::DateTime<Utc>>) -> Action {
+    let resync = ctx.settings.resync_interval;
+    let until = wake_at
+        .and_then(|t| (t - Utc::now()).to_std().ok())
+        .map(|d| d + std::time::Duration::from_millis(50));
+    Action::requeue(until.map_or(resync, |d| d.min(resync)))
+}

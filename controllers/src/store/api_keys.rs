@@ -1,0 +1,180 @@
+//! The `api_keys` table: one row per key ever issued to an ApiKey resource, by hash.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::customers::K8sRef;
+
+/// A row of `api_keys`.
+#[derive(sqlx::FromRow, Clone, Debug, PartialEq)]
+pub struct ApiKeyRow {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub key_hash: String,
+    pub key_prefix: String,
+    pub scopes: Vec<String>,
+    pub status: String,
+    pub description: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub k8s_namespace: String,
+    pub k8s_name: String,
+    pub k8s_uid: String,
+    pub generation: i64,
+    pub rotation_generation: i64,
+    pub grace_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A key to record: everything but the plaintext.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewApiKey {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub key_hash: String,
+    pub key_prefix: String,
+    pub rotation_generation: i64,
+    pub fields: ApiKeyFields,
+    pub k8s: K8sRef,
+}
+
+/// The mutable fields of a key row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiKeyFields {
+    pub scopes: Vec<String>,
+    pub status: String,
+    pub description: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub grace_until: Option<DateTime<Utc>>,
+    pub generation: i64,
+}
+
+impl ApiKeyRow {
+    pub fn fields(&self) -> ApiKeyFields {
+        ApiKeyFields {
+            scopes: self.scopes.clone(),
+            status: self.status.clone(),
+            description: self.description.clone(),
+            expires_at: self.expires_at,
+            grace_until: self.grace_until,
+            generation: self.generation,
+        }
+    }
+}
+
+const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
+                       k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, \
+                       created_at, updated_at, revoked_at";
+
+/// The unrevoked keys of a resource, locked for the rest of the transaction.
+pub async fn lock_live_for_resource(
+    tx: &mut PgConnection,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL \
+         ORDER BY created_at FOR UPDATE"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_all(tx)
+    .await
+}
+
+/// Every key (revoked too) of a resource, unlocked, newest last.
+pub async fn all_for_resource(
+    db: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_all(db)
+    .await
+}
+
+/// An unrevoked key by hash.
+pub async fn live_by_hash(db: &PgPool, hash: &str) -> Result<Option<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
+    ))
+    .bind(hash)
+    .fetch_optional(db)
+    .await
+}
+
+/// Every unrevoked key.
+pub async fn all_live(db: &PgPool) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE revoked_at IS NULL"
+    ))
+    .fetch_all(db)
+    .await
+}
+
+/// Every key (revoked too) of a customer.
+pub async fn all_for_customer(
+    db: &PgPool,
+    customer_id: Uuid,
+) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE customer_id = $1"
+    ))
+    .bind(customer_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow, sqlx::Error> {
+    let f = &key.fields;
+    sqlx::query_as(&format!(
+        "INSERT INTO api_keys (id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
+         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {COLUMNS}"
+    ))
+    .bind(key.id)
+    .bind(key.customer_id)
+    .bind(&key.key_hash)
+    .bind(&key.key_prefix)
+    .bind(&f.scopes)
+    .bind(&f.status)
+    .bind(&f.description)
+    .bind(f.expires_at)
+    .bind(&key.k8s.namespace)
+    .bind(&key.k8s.name)
+    .bind(&key.k8s.uid)
+    .bind(f.generation)
+    .bind(key.rotation_generation)
+    .bind(f.grace_until)
+    .fetch_one(tx)
+    .await
+}
+
+/// Overwrites the mutable fields; a `revoked` status also stamps `revoked_at`.
+pub async fn update(
+    tx: &mut PgConnection,
+    id: Uuid,
+    f: &ApiKeyFields,
+) -> Result<ApiKeyRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
+         generation = $7, updated_at = now(), \
+         revoked_at = CASE WHEN $3 = 'revoked' THEN coalesce(revoked_at, now()) ELSE NULL END \
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&f.scopes)
+    .bind(&f.status)
+    .bind(&f.description)
+    .bind(f.expires_at)
+    .bind(f.grace_until)
+    .bind(f.generation)
+    .fetch_one(tx)
+    .await
+}

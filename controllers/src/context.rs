@@ -10,6 +10,7 @@ use sqlx::PgPool;
 
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
+use crate::plans::Plans;
 use crate::platform::PlatformConfig;
 
 /// Operator settings that reconcilers read (the binary maps flags onto these).
@@ -50,6 +51,8 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
+    /// The plan catalog in force (built-in until [`Context::with_plans`]).
+    pub plans: Plans,
     recorder: Recorder,
 }
 
@@ -73,7 +76,14 @@ impl Context {
             platform,
             settings,
             metrics,
+            plans: Plans::default(),
         }
+    }
+
+    /// Uses `plans` (loaded from `--plans-file`, and replaced when the file changes).
+    pub fn with_plans(mut self, plans: Plans) -> Self {
+        self.plans = plans;
+        self
     }
 
     /// Publishes a Kubernetes Event about `object`. Events are informational: a failure

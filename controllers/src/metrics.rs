@@ -39,6 +39,7 @@ pub struct Metrics {
     pub outbox_oldest_age: Gauge<f64, AtomicU64>,
     pub events_published: Counter,
     pub leader: Gauge,
+    pub plan_catalog_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -61,6 +62,7 @@ impl Metrics {
         let outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
         let events_published = Counter::default();
         let leader = Gauge::default();
+        let plan_catalog_errors = Counter::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -104,6 +106,11 @@ impl Metrics {
             "1 while this replica is the leader",
             leader.clone(),
         );
+        registry.register(
+            "plan_catalog_errors",
+            "Edits of --plans-file rejected as invalid (the previous catalog stays in force)",
+            plan_catalog_errors.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -115,6 +122,7 @@ impl Metrics {
             outbox_oldest_age,
             events_published,
             leader,
+            plan_catalog_errors,
         }
     }
 

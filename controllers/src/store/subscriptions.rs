@@ -1,0 +1,200 @@
+//! The `subscriptions` table: where a Subscription in force becomes a row.
+//!
+//! A row is written only once a subscription is in force (`active`); a pending one
+//! (unknown plan, customer not ready, slot held by another) has none. Cancelling keeps
+//! the row (`cancelled`, `cancelled_at`) for history.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::customers::K8sRef;
+
+/// `status` of a subscription in force.
+pub const ACTIVE: &str = "active";
+/// `status` of a cancelled subscription.
+pub const CANCELLED: &str = "cancelled";
+/// The unique index that keeps one subscription in force per customer.
+pub const ACTIVE_CUSTOMER_INDEX: &str = "subscriptions_active_customer";
+
+/// A row of `subscriptions`.
+#[derive(sqlx::FromRow, Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionRow {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub plan: String,
+    pub monthly_requests: i64,
+    pub requests_per_second: i32,
+    pub status: String,
+    pub k8s_namespace: String,
+    pub k8s_name: String,
+    pub k8s_uid: String,
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+}
+
+/// The values the operator writes; everything else is bookkeeping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    pub customer_id: Uuid,
+    pub plan: String,
+    pub monthly_requests: i64,
+    pub requests_per_second: i32,
+    pub k8s: K8sRef,
+    pub generation: i64,
+}
+
+impl SubscriptionRow {
+    /// The record as the operator last wrote it.
+    pub fn record(&self) -> SubscriptionRecord {
+        SubscriptionRecord {
+            customer_id: self.customer_id,
+            plan: self.plan.clone(),
+            monthly_requests: self.monthly_requests,
+            requests_per_second: self.requests_per_second,
+            k8s: K8sRef {
+                namespace: self.k8s_namespace.clone(),
+                name: self.k8s_name.clone(),
+                uid: self.k8s_uid.clone(),
+            },
+            generation: self.generation,
+        }
+    }
+}
+
+const COLUMNS: &str = "id, customer_id, plan, monthly_requests, requests_per_second, status, \
+                       k8s_namespace, k8s_name, k8s_uid, generation, created_at, updated_at, \
+                       cancelled_at";
+
+/// The live row of a resource, locked for the rest of the transaction.
+pub async fn lock_live_by_k8s_ref(
+    tx: &mut PgConnection,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions \
+         WHERE k8s_namespace = $1 AND k8s_name = $2 AND cancelled_at IS NULL FOR UPDATE"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(tx)
+    .await
+}
+
+/// The subscription in force for a customer, locked for the rest of the transaction.
+pub async fn lock_live_by_customer(
+    tx: &mut PgConnection,
+    customer_id: Uuid,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions \
+         WHERE customer_id = $1 AND cancelled_at IS NULL FOR UPDATE"
+    ))
+    .bind(customer_id)
+    .fetch_optional(tx)
+    .await
+}
+
+/// The subscription in force for a customer, unlocked (for the etcd sync).
+pub async fn live_by_customer(
+    db: &PgPool,
+    customer_id: Uuid,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions WHERE customer_id = $1 AND cancelled_at IS NULL"
+    ))
+    .bind(customer_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Every subscription in force whose customer is live: what etcd publishes.
+pub async fn all_live_of_live_customers(db: &PgPool) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions s WHERE s.cancelled_at IS NULL AND EXISTS \
+         (SELECT 1 FROM customers c WHERE c.id = s.customer_id AND c.deleted_at IS NULL)"
+    ))
+    .fetch_all(db)
+    .await
+}
+
+/// The live row of a resource, unlocked.
+pub async fn live_by_k8s_ref(
+    db: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions \
+         WHERE k8s_namespace = $1 AND k8s_name = $2 AND cancelled_at IS NULL"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}
+
+/// Inserts a new row in force.
+pub async fn insert(
+    tx: &mut PgConnection,
+    id: Uuid,
+    rec: &SubscriptionRecord,
+) -> Result<SubscriptionRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "INSERT INTO subscriptions (id, customer_id, plan, monthly_requests, requests_per_second, \
+         status, k8s_namespace, k8s_name, k8s_uid, generation) \
+         VALUES ($1, $2, $3, $4, $5, '{ACTIVE}', $6, $7, $8, $9) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(rec.customer_id)
+    .bind(&rec.plan)
+    .bind(rec.monthly_requests)
+    .bind(rec.requests_per_second)
+    .bind(&rec.k8s.namespace)
+    .bind(&rec.k8s.name)
+    .bind(&rec.k8s.uid)
+    .bind(rec.generation)
+    .fetch_one(tx)
+    .await
+}
+
+/// Overwrites a live row with the record (also re-points an adopted row).
+pub async fn update(
+    tx: &mut PgConnection,
+    id: Uuid,
+    rec: &SubscriptionRecord,
+) -> Result<SubscriptionRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE subscriptions SET customer_id = $2, plan = $3, monthly_requests = $4, \
+         requests_per_second = $5, k8s_namespace = $6, k8s_name = $7, k8s_uid = $8, \
+         generation = $9, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(rec.customer_id)
+    .bind(&rec.plan)
+    .bind(rec.monthly_requests)
+    .bind(rec.requests_per_second)
+    .bind(&rec.k8s.namespace)
+    .bind(&rec.k8s.name)
+    .bind(&rec.k8s.uid)
+    .bind(rec.generation)
+    .fetch_one(tx)
+    .await
+}
+
+/// Cancels a row; it is kept for history.
+pub async fn mark_cancelled(
+    tx: &mut PgConnection,
+    id: Uuid,
+) -> Result<SubscriptionRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE subscriptions SET status = '{CANCELLED}', cancelled_at = now(), \
+         updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_one(tx)
+    .await
+}

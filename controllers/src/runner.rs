@@ -44,11 +44,28 @@ pub async fn run<K, F, Fut>(
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
+    run_with(ctx, kind, shutdown, reconcile, |controller| controller).await;
+}
+
+/// [`run`], with `customise` adding triggers to the controller before it starts (for
+/// kinds that depend on other objects: `Controller::watches`, `reconcile_all_on`).
+pub async fn run_with<K, F, Fut>(
+    ctx: Arc<Context>,
+    kind: &'static str,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+    customise: impl FnOnce(Controller<K>) -> Controller<K>,
+) where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
     let api: Api<K> = scoped_api(&ctx);
     let config = Config::default()
         .concurrency(ctx.settings.concurrency)
         .debounce(DEBOUNCE);
-    Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    customise(controller)
         .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(

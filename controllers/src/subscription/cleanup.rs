@@ -1,0 +1,83 @@
+//! Deleting a Subscription: with `Delete`, cancel the row (and announce it in the same
+//! transaction), then converge the customer's keys (the quota key goes, the plan empties);
+//! with `Orphan`, leave both in place. Neither needs the Customer object nor a live
+//! customer row, so Customer and Subscription can be deleted together in any order.
+//! Every step tolerates having run before, so a crash anywhere just repeats it.
+
+use std::sync::Arc;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType as K8sEventType;
+use kube::{Api, Resource, ResourceExt};
+use m3o_crds::{DeletionPolicy, Subscription};
+use m3o_events::customers::EventType;
+use m3o_events::outbox::{self, OutboxMessage};
+use uuid::Uuid;
+
+use super::plan;
+use crate::context::Context;
+use crate::error::Error;
+use crate::platform::desired;
+use crate::status::{self, Cond, reasons, types};
+use crate::store::{customers, subscriptions};
+
+pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
+    let namespace = sub.namespace().unwrap_or_default();
+    let name = sub.name_any();
+    let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
+    let policy = sub.spec.deletion_policy;
+    let deleting = Cond::new(
+        types::READY,
+        false,
+        reasons::DELETING,
+        format!("cleaning up (deletionPolicy {policy:?})"),
+    );
+    status::apply_failure(&api, &sub, deleting, &[]).await?;
+
+    if policy == DeletionPolicy::Orphan {
+        let note = "deletionPolicy Orphan: the subscription record and its quota in etcd are kept"
+            .to_owned();
+        ctx.event(
+            &sub.object_ref(&()),
+            K8sEventType::Normal,
+            "Orphaned",
+            "Delete",
+            note,
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+
+    let mut tx = ctx.db.begin().await?;
+    let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
+        Some(row) => {
+            let row = subscriptions::mark_cancelled(&mut tx, row.id).await?;
+            // The customer row may be deleted already: its last state still names it.
+            let customer = customers::lock_by_id(&mut tx, row.customer_id).await?;
+            let payload = plan::customer_payload(row.customer_id, customer.as_ref());
+            let event = plan::event(payload, EventType::SubscriptionCancelled, &row.plan);
+            let message = OutboxMessage::from_event(row.customer_id.to_string(), &event);
+            outbox::enqueue(&mut tx, &message).await?;
+            Some(row.customer_id)
+        }
+        None => None,
+    };
+    tx.commit().await?;
+
+    // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
+    if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
+        ctx.platform
+            .converge(&desired::customer_keys(&ctx.db, customer_id).await?)
+            .await?;
+        tracing::info!(subscription = %name, customer = %customer_id, "subscription cancelled");
+    }
+    Ok(Action::await_change())
+}
+
+/// The customer a resource was known to belong to, for cleanup when its row is gone.
+fn known_customer_id(sub: &Subscription) -> Option<Uuid> {
+    sub.status
+        .as_ref()
+        .and_then(|s| s.customer_id.as_deref())
+        .and_then(|id| Uuid::parse_str(id).ok())
+}

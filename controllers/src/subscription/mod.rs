@@ -1,0 +1,111 @@
+//! The Subscription controller: a customer's plan and quota.
+//!
+//! Pipeline (as for Customer): *load* the Subscription, its Customer and the customer's
+//! row -> *validate* (known plan, Customer Ready, this Subscription holds the slot) ->
+//! *plan* ([`plan`], pure: effective quota, row write, events, status) -> *apply*
+//! ([`reconcile`]: one transaction for row + outbox, then etcd, then status) ->
+//! *cleanup* ([`cleanup`]).
+//!
+//! Semantics chosen here:
+//! - Events: `SubscriptionChanged{tier}` when a subscription comes into force and when
+//!   its plan changes; never on a repeat, and not for quota-only changes (a quota
+//!   override or a catalog edit): the event carries only the tier, and consumers that
+//!   need quotas read etcd. `SubscriptionCancelled{tier}` on deletion with policy
+//!   `Delete`; `Orphan` leaves the row, the quota key and the customer's plan in place.
+//! - One per customer: the oldest live Subscription (creationTimestamp, then name) holds
+//!   the slot; the others report `Conflict` naming it. The database enforces the same
+//!   with a partial unique index. A subscription record left in force by a Subscription
+//!   that no longer exists (deleted with `Orphan`) is adopted by the next holder.
+//! - What keeps it converging without waiting for a resync: changes of a Customer
+//!   reconcile the Subscriptions referencing it, changes of a Subscription (notably its
+//!   deletion) reconcile its siblings, and a plan catalog change reconciles them all.
+
+pub mod cleanup;
+pub mod config;
+pub mod plan;
+pub mod reconcile;
+
+use std::sync::Arc;
+
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use m3o_crds::{Condition, Customer, Subscription, SubscriptionStatus};
+
+use crate::context::Context;
+use crate::error::Error;
+use crate::finalizer::reconcile_with_finalizer;
+use crate::runner;
+use crate::status::HasStatus;
+
+pub const KIND: &str = "Subscription";
+
+impl HasStatus for Subscription {
+    type Status = SubscriptionStatus;
+    fn status(&self) -> Option<&SubscriptionStatus> {
+        self.status.as_ref()
+    }
+    fn conditions(status: &SubscriptionStatus) -> &[Condition] {
+        &status.conditions
+    }
+    fn set_conditions(status: &mut SubscriptionStatus, conditions: Vec<Condition>) {
+        status.conditions = conditions;
+    }
+}
+
+async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<Subscription> =
+        Api::namespaced(ctx.client.clone(), &sub.namespace().unwrap_or_default());
+    reconcile_with_finalizer(
+        &api,
+        sub,
+        |s| reconcile::apply(s, &ctx),
+        |s| cleanup::cleanup(s, &ctx),
+    )
+    .await
+}
+
+/// Runs the Subscription controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let customers: Api<Customer> = runner::scoped_api(&ctx);
+    let subscriptions: Api<Subscription> = runner::scoped_api(&ctx);
+    let catalog_changes = ctx.plans.changes();
+    runner::run_with(ctx, KIND, shutdown, reconcile, move |controller| {
+        let store = controller.store();
+        let by_customer = store.clone();
+        controller
+            .watches(customers, watcher::Config::default(), move |c: Customer| {
+                let namespace = c.namespace().unwrap_or_default();
+                referencing(&by_customer, &namespace, &c.name_any(), None)
+            })
+            .watches(
+                subscriptions,
+                watcher::Config::default(),
+                move |s: Subscription| {
+                    let namespace = s.namespace().unwrap_or_default();
+                    let name = s.name_any();
+                    referencing(&store, &namespace, &s.spec.customer_ref.name, Some(&name))
+                },
+            )
+            .reconcile_all_on(catalog_changes)
+    })
+    .await;
+}
+
+/// The Subscriptions (but `except`) that reference Customer `namespace/customer`.
+fn referencing(
+    store: &Store<Subscription>,
+    namespace: &str,
+    customer: &str,
+    except: Option<&str>,
+) -> Vec<ObjectRef<Subscription>> {
+    store
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(namespace))
+        .filter(|s| s.spec.customer_ref.name == customer)
+        .filter(|s| except != Some(s.name_any().as_str()))
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}

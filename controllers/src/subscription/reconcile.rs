@@ -1,0 +1,199 @@
+//! Applying a Subscription: load and validate, one Postgres transaction (row + outbox),
+//! then etcd, then status.
+
+use std::sync::Arc;
+
+use kube::api::ListParams;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType as K8sEventType;
+use kube::{Api, Resource, ResourceExt};
+use m3o_crds::{Customer, Subscription};
+use m3o_events::outbox::{self, OutboxMessage};
+
+use super::config::quota_key;
+use super::plan::{self, Blocker, RowWrite};
+use crate::context::Context;
+use crate::error::Error;
+use crate::platform::desired;
+use crate::status::{self, reasons};
+use crate::store::customers::{self, CustomerRow};
+use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
+use crate::store::unique_violation;
+
+/// Converges Postgres, etcd and status on the Subscription's spec.
+pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
+    let namespace = sub.namespace().unwrap_or_default();
+    let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
+    let catalog = ctx.plans.current();
+    let quota = match plan::effective_quota(&catalog, &sub.spec) {
+        Ok(quota) => quota,
+        Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
+    };
+    let customer_row = match load_customer(ctx, &sub).await? {
+        Ok(row) => row,
+        Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
+    };
+    // A fresh list, not the controller's cache: right after a holder's deletion the
+    // cache may still show it, and this decision must not lag behind.
+    let siblings = api.list(&ListParams::default()).await?.items;
+    if let Some(holder) = plan::slot_holder(&sub, &siblings) {
+        let blocker = plan::conflict(&sub.spec.customer_ref.name, &holder.name_any(), false);
+        return blocked(&api, &sub, ctx, blocker).await;
+    }
+
+    let desired = plan::desired_record(&sub, customer_row.id, quota);
+    let (row, previous_customer) = match sync_record(ctx, &sub, &desired, &customer_row).await? {
+        Ok(synced) => synced,
+        Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
+    };
+
+    ctx.platform
+        .converge(&desired::customer_keys(&ctx.db, row.customer_id).await?)
+        .await?;
+    if let Some(previous) = previous_customer.filter(|p| *p != row.customer_id) {
+        // The record moved to a re-created customer: the old customer's keys follow.
+        ctx.platform
+            .converge(&desired::customer_keys(&ctx.db, previous).await?)
+            .await?;
+    }
+
+    let key = ctx.platform.key(&quota_key(row.customer_id));
+    let status = plan::provisioned_status(&sub, &row, &key);
+    let was_ready = sub
+        .status
+        .as_ref()
+        .and_then(|s| status::ready(&s.conditions))
+        .is_some_and(|c| c.status == "True");
+    status::apply(&api, &sub, &status).await?;
+    if !was_ready {
+        let note = format!(
+            "subscription {} on plan {} in force, quota at {key}",
+            row.id, row.plan
+        );
+        ctx.event(
+            &sub.object_ref(&()),
+            K8sEventType::Normal,
+            reasons::PROVISIONED,
+            "Provision",
+            note,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.settings.resync_interval))
+}
+
+/// The customer's live row, once its Customer is Ready.
+async fn load_customer(
+    ctx: &Context,
+    sub: &Subscription,
+) -> Result<Result<CustomerRow, Blocker>, Error> {
+    let namespace = sub.namespace().unwrap_or_default();
+    let name = &sub.spec.customer_ref.name;
+    let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
+    let customer = api.get_opt(name).await?;
+    let row = match &customer {
+        Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name).await?,
+        None => None,
+    };
+    Ok(plan::customer_gate(customer.as_ref(), row.as_ref(), name).cloned())
+}
+
+/// The database step: finds the row (by namespace/name, else a record of this customer
+/// left by a Subscription that no longer exists), writes what the plan says and its
+/// events in one transaction. Returns the row and the customer it pointed at before.
+async fn sync_record(
+    ctx: &Context,
+    sub: &Subscription,
+    desired: &SubscriptionRecord,
+    customer: &CustomerRow,
+) -> Result<Result<(SubscriptionRow, Option<uuid::Uuid>), Blocker>, Error> {
+    let mut tx = ctx.db.begin().await?;
+    let k8s = &desired.k8s;
+    let mut existing =
+        subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
+    if existing.is_none()
+        && let Some(other) = subscriptions::lock_live_by_customer(&mut tx, customer.id).await?
+    {
+        if let Some(deleting) = holder_state(ctx, &other).await? {
+            let holder = &other.k8s_name;
+            return Ok(Err(plan::conflict(
+                &sub.spec.customer_ref.name,
+                holder,
+                deleting,
+            )));
+        }
+        tracing::info!(subscription = %other.id, from = %other.k8s_name, "adopting an orphaned subscription record");
+        existing = Some(other);
+    }
+    let previous_customer = existing.as_ref().map(|r| r.customer_id);
+    let row_plan = plan::plan_row(
+        existing.as_ref().map(SubscriptionRow::record).as_ref(),
+        desired,
+    );
+    let written = match (&row_plan.write, &existing) {
+        (RowWrite::Keep, Some(row)) => return Ok(Ok((row.clone(), previous_customer))),
+        (RowWrite::Insert(id), _) => subscriptions::insert(&mut tx, *id, desired).await,
+        (_, Some(row)) => subscriptions::update(&mut tx, row.id, desired).await,
+        (_, None) => return Err(Error::Invalid("planned an update without a row".into())),
+    };
+    let row = match written {
+        Ok(row) => row,
+        Err(err)
+            if unique_violation(&err).as_deref() == Some(subscriptions::ACTIVE_CUSTOMER_INDEX) =>
+        {
+            // Another reconcile put a subscription in force for this customer meanwhile.
+            return Err(Error::Invalid(format!(
+                "customer {} got a subscription concurrently; retrying",
+                customer.id
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    for event_type in &row_plan.events {
+        let payload = plan::customer_payload(customer.id, Some(customer));
+        let event = plan::event(payload, *event_type, &row.plan);
+        let message = OutboxMessage::from_event(customer.id.to_string(), &event);
+        outbox::enqueue(&mut tx, &message).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(subscription = %row.id, customer = %row.customer_id, plan = %row.plan,
+        events = ?row_plan.events, "subscription record written");
+    Ok(Ok((row, previous_customer)))
+}
+
+/// Whether the Subscription a row points at still exists (same uid): `None` when gone,
+/// `Some(true)` while it is being deleted, `Some(false)` when live.
+async fn holder_state(ctx: &Context, row: &SubscriptionRow) -> Result<Option<bool>, Error> {
+    let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &row.k8s_namespace);
+    Ok(api
+        .get_opt(&row.k8s_name)
+        .await?
+        .filter(|s| s.uid().as_deref() == Some(row.k8s_uid.as_str()))
+        .map(|s| s.metadata.deletion_timestamp.is_some()))
+}
+
+/// Writes a Ready=False status for something that resolves by itself or by an admin,
+/// and retries later (the watches on Customers and siblings usually come first).
+async fn blocked(
+    api: &Api<Subscription>,
+    sub: &Subscription,
+    ctx: &Context,
+    blocker: Blocker,
+) -> Result<Action, Error> {
+    let namespace = sub.namespace().unwrap_or_default();
+    let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any()).await?;
+    let status = plan::blocked_status(sub, &blocker, in_force.as_ref());
+    if status::apply(api, sub, &status).await? {
+        tracing::warn!(subscription = %sub.name_any(), reason = blocker.reason,
+            message = %blocker.message, "subscription blocked");
+        ctx.event(
+            &sub.object_ref(&()),
+            K8sEventType::Warning,
+            blocker.reason,
+            "Provision",
+            blocker.message,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.settings.blocked_retry))
+}

@@ -7,5 +7,6 @@ mod customer_faults;
 mod manifests;
 mod proxy;
 mod subscription;
+mod subscription_catalog;
 mod subscription_order;
 mod support;

@@ -10,7 +10,7 @@ use m3o_crds::Subscription;
 use m3o_events::consumer::DecodedEvent;
 use serde_json::{Value, json};
 
-use crate::support::{Backends, TestEnv, eventually};
+use crate::support::{TestEnv, eventually};
 
 impl TestEnv {
     pub fn subscriptions(&self) -> Api<Subscription> {
@@ -281,76 +281,4 @@ async fn unknown_plan_then_fixed() {
     .await;
     assert_in_force(&env, "bob", &cid, "business", (10_000_000, 500)).await;
     assert_subscription_event(&env.wait_events(2).await, 1, CHANGED, &cid, "business");
-}
-
-/// Writes `yaml` to `path` the way a ConfigMap update lands: a new file renamed over it.
-fn write_plans(path: &std::path::Path, yaml: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, yaml).expect("write plans");
-    std::fs::rename(&tmp, path).expect("swap plans");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catalog_change_is_picked_up_without_restart() {
-    let env = TestEnv::new("sub-catalog").await;
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&env.ns);
-    std::fs::create_dir_all(&dir).expect("plans dir");
-    let path = dir.join("plans.yaml");
-    write_plans(
-        &path,
-        "plans:\n  starter: {monthlyRequests: 100, requestsPerSecond: 1}\n",
-    );
-    let op = env
-        .start_operator_with(Backends {
-            extra_args: vec!["--plans-file".into(), path.display().to_string()],
-            ..Default::default()
-        })
-        .await;
-    let cid = env.ready_customer("carol").await;
-    env.apply_subscription(
-        "carol",
-        json!({"customerRef": {"name": "carol"}, "plan": "starter"}),
-    )
-    .await;
-    assert_in_force(&env, "carol", &cid, "starter", (100, 1)).await;
-
-    write_plans(
-        &path,
-        "plans:\n  starter: {monthlyRequests: 250, requestsPerSecond: 3}\n",
-    );
-    assert_in_force(&env, "carol", &cid, "starter", (250, 3)).await;
-    assert_eq!(
-        env.outbox_count().await,
-        2,
-        "a catalog edit changes no tier"
-    );
-
-    // A bad edit keeps the catalog in force (and is counted).
-    write_plans(&path, "plans:\n  starter: {monthlyRequests: lots}\n");
-    eventually(
-        "the bad catalog to be counted",
-        Duration::from_secs(30),
-        || async {
-            let metrics = op.metrics().await;
-            metrics
-                .contains("m3o_operator_plan_catalog_errors_total 1")
-                .then_some(())
-        },
-    )
-    .await;
-    assert_in_force(&env, "carol", &cid, "starter", (250, 3)).await;
-
-    // A plan that was unknown becomes known: the waiting Subscription follows.
-    let did = env.ready_customer("dave").await;
-    env.apply_subscription(
-        "dave",
-        json!({"customerRef": {"name": "dave"}, "plan": "team"}),
-    )
-    .await;
-    env.wait_subscription("dave", "False", "UnknownPlan").await;
-    write_plans(
-        &path,
-        "plans:\n  starter: {monthlyRequests: 250, requestsPerSecond: 3}\n  team: {monthlyRequests: 9, requestsPerSecond: 2}\n",
-    );
-    assert_in_force(&env, "dave", &did, "team", (9, 2)).await;
 }

@@ -40,6 +40,18 @@ fail() {
   exit 1
 }
 
+# Every key and value under /m3o/, via etcd's JSON gateway (no etcdctl needed).
+print_platform_config() {
+  python3 - "${ETCD_ENDPOINTS%%,*}" <<'PY'
+import base64, json, sys, urllib.request
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+body = json.dumps({"key": b64("/m3o/"), "range_end": b64("/m3o0")}).encode()
+with urllib.request.urlopen(urllib.request.Request(sys.argv[1] + "/v3/kv/range", data=body)) as r:
+    for kv in json.load(r).get("kvs", []):
+        print(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv["value"]).decode())
+PY
+}
+
 log "starting $operator (log: $oplog)"
 "$operator" run --metrics-addr "127.0.0.1:$port" >"$oplog" 2>&1 &
 op_pid=$!
@@ -63,13 +75,17 @@ if grep -qsE '^kind:' "$examples"/*.yaml "$examples"/*.yml; then
   else
     kubectl apply -f "$examples"
   fi
-  if [[ -n "$(kubectl get customers.m3o.com -A -o name 2>/dev/null)" ]]; then
-    echo "== waiting for Customers to be Ready"
-    kubectl wait --for=condition=Ready --all customers.m3o.com -A --timeout=120s ||
-      fail "Customers did not become Ready"
-  fi
+  for kind in customers subscriptions apikeys; do
+    if [[ -n "$(kubectl get "$kind.m3o.com" -A -o name 2>/dev/null)" ]]; then
+      echo "== waiting for $kind to be Ready"
+      kubectl wait --for=condition=Ready --all "$kind.m3o.com" -A --timeout=120s ||
+        fail "$kind did not become Ready"
+    fi
+  done
   echo "== kubectl get m3o -A"
   kubectl get m3o -A -o wide || true
+  echo "== etcd platform config (what the gateway reads)"
+  print_platform_config || log "could not read etcd at $ETCD_ENDPOINTS"
 else
   log "examples/ has no manifests; nothing to apply"
 fi

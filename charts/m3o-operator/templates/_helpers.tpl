@@ -1,0 +1,67 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "m3o-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects. */}}
+{{- define "m3o-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "m3o-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "m3o-operator.labels" -}}
+helm.sh/chart: {{ include "m3o-operator.chart" . }}
+{{ include "m3o-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: m3o
+{{- end }}
+
+{{/* Labels selecting the operator's pods. */}}
+{{- define "m3o-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "m3o-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "m3o-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "m3o-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "m3o-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the plan catalog ConfigMap. */}}
+{{- define "m3o-operator.plansConfigMap" -}}
+{{- printf "%s-plans" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The Lease the operator elects its leader on. Its name is fixed by the binary
+(`m3o-operator`, in $POD_NAMESPACE), so one release per namespace.
+*/}}
+{{- define "m3o-operator.leaseName" -}}
+m3o-operator
+{{- end }}

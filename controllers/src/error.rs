@@ -43,6 +43,16 @@ impl From<kube::Error> for Error {
 }
 
 impl Error {
+    /// Every value of [`Error::metric_label`].
+    pub const METRIC_LABELS: &[&str] = &[
+        "database_unavailable",
+        "database",
+        "config_store_unavailable",
+        "kube",
+        "finalizer",
+        "invalid",
+    ];
+
     /// Low-cardinality label for the error metric.
     pub fn metric_label(&self) -> &'static str {
         match self {

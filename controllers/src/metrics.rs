@@ -27,8 +27,12 @@ pub struct ReadyLabels {
     pub ready: String,
 }
 
+/// Counts a kind's resources as (Ready, not Ready) from a controller's cache.
+type ResourceCounter = Box<dyn Fn() -> (i64, i64) + Send + Sync>;
+
 /// Every metric family, registered once in [`Metrics::new`].
 pub struct Metrics {
+    resource_counters: std::sync::Mutex<Vec<(String, ResourceCounter)>>,
     pub registry: Registry,
     pub reconciles: Family<KindLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
@@ -111,7 +115,13 @@ impl Metrics {
             "Edits of --plans-file rejected as invalid (the previous catalog stays in force)",
             plan_catalog_errors.clone(),
         );
+        for key_kind in ["customers", "apikeys", "quotas", "unowned"] {
+            let _ = drift_corrections.get_or_create(&KindLabels {
+                kind: key_kind.to_owned(),
+            });
+        }
         Self {
+            resource_counters: std::sync::Mutex::default(),
             registry,
             reconciles,
             reconcile_errors,
@@ -126,8 +136,46 @@ impl Metrics {
         }
     }
 
+    /// Creates every series of a kind at zero, so dashboards and alerts see them
+    /// before the first event (Prometheus convention).
+    pub fn init_kind(&self, kind: &str) {
+        let labels = KindLabels {
+            kind: kind.to_owned(),
+        };
+        let _ = self.reconciles.get_or_create(&labels);
+        let _ = self.reconcile_duration.get_or_create(&labels);
+        for reason in crate::error::Error::METRIC_LABELS {
+            let _ = self.reconcile_errors.get_or_create(&ErrorLabels {
+                kind: kind.to_owned(),
+                reason: (*reason).to_owned(),
+            });
+        }
+    }
+
+    /// Makes `resources{kind}` follow `counter` (read at every scrape).
+    pub fn track_resources(
+        &self,
+        kind: &str,
+        counter: impl Fn() -> (i64, i64) + Send + Sync + 'static,
+    ) {
+        if let Ok(mut counters) = self.resource_counters.lock() {
+            counters.push((kind.to_owned(), Box::new(counter)));
+        }
+    }
+
     /// Prometheus text exposition of every family.
     pub fn encode(&self) -> String {
+        if let Ok(counters) = self.resource_counters.lock() {
+            for (kind, count) in counters.iter() {
+                let (ready, not_ready) = count();
+                let gauge = |ready: &str| ReadyLabels {
+                    kind: kind.clone(),
+                    ready: ready.to_owned(),
+                };
+                self.resources.get_or_create(&gauge("true")).set(ready);
+                self.resources.get_or_create(&gauge("false")).set(not_ready);
+            }
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -65,6 +65,20 @@ pub async fn run_with<K, F, Fut>(
         .concurrency(ctx.settings.concurrency)
         .debounce(DEBOUNCE);
     let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    ctx.metrics.init_kind(kind);
+    let cache = controller.store();
+    ctx.metrics.track_resources(kind, move || {
+        let objects = cache.state();
+        let ready = objects
+            .iter()
+            .filter(|o| {
+                o.status()
+                    .and_then(|s| status::ready(K::conditions(s)))
+                    .is_some_and(|c| c.status == "True")
+            })
+            .count();
+        (ready as i64, (objects.len() - ready) as i64)
+    });
     customise(controller)
         .with_config(config)
         .graceful_shutdown_on(shutdown)

@@ -104,6 +104,26 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_LEADER_ELECTION", default_value_t = false)]
     pub leader_election: bool,
 
+    /// Namespace of the leader Lease (in a cluster: the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the leader Lease.
+    #[arg(long, env = "M3O_LEADER_ELECTION_NAME", default_value = "m3o-operator")]
+    pub leader_election_name: String,
+
+    /// How long a lease is valid without renewal; a standby takes over after it.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_election_lease_duration: Duration,
+
+    /// The leader stops working if it could not renew for this long (< lease duration).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+
+    /// How often the leader renews and a standby retries.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leader_election_retry_period: Duration,
+
     /// Address of the HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,

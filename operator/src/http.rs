@@ -30,7 +30,13 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
+        // A standby is ready too: it is connected and takes over when elected.
+        let role = if state.metrics.leader.get() == 1 {
+            "ready (leader)"
+        } else {
+            "ready (standby)"
+        };
+        (StatusCode::OK, role)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod http;
+mod leader;
 mod run;
 mod startup;
 

@@ -1,17 +1,21 @@
-//! `m3o-operator run` and `migrate`: start-up checks, then the long-running tasks,
-//! stopped together on SIGTERM/SIGINT.
+//! `m3o-operator run` and `migrate`: start-up checks, then the long-running tasks
+//! (only on the leader when `--leader-election` is on), stopped together on
+//! SIGTERM/SIGINT.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use m3o_controllers::metrics::Metrics;
 use m3o_controllers::{Context, Settings, apikey, customer, plans, platform, store, subscription};
 use m3o_events::relay::{Relay, RelayConfig};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DatabaseArgs, RunArgs};
 use crate::http::{self, HttpState};
+use crate::leader::{ElectionConfig, Elector, Ended};
 use crate::startup::{self, StartupError};
 
 /// Database connections of the operator process (reconcilers, relay, drift, scrapes).
@@ -26,12 +30,41 @@ pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
     Ok(())
 }
 
-pub async fn run(args: RunArgs) -> Result<(), StartupError> {
-    if args.leader_election {
-        return Err(StartupError(
-            "--leader-election: not supported by this version yet; run a single replica".into(),
-        ));
+/// What only the leader runs.
+struct LeaderWork {
+    ctx: Arc<Context>,
+    relay: Relay,
+    plans: plans::Plans,
+    plans_file: Option<std::path::PathBuf>,
+}
+
+impl LeaderWork {
+    fn spawn(self, stop: CancellationToken) -> Vec<JoinHandle<()>> {
+        let ctx = self.ctx;
+        let mut tasks = vec![
+            tokio::spawn(self.relay.run(stop.clone())),
+            tokio::spawn(platform::drift::run(ctx.clone(), stop.clone())),
+            tokio::spawn(customer::run(ctx.clone(), stop.clone().cancelled_owned())),
+            tokio::spawn(subscription::run(
+                ctx.clone(),
+                stop.clone().cancelled_owned(),
+            )),
+            tokio::spawn(apikey::run(ctx.clone(), stop.clone().cancelled_owned())),
+        ];
+        if let Some(path) = self.plans_file {
+            tasks.push(tokio::spawn(plans::watch_file(
+                self.plans,
+                path,
+                ctx.metrics.clone(),
+                stop,
+            )));
+        }
+        tasks
     }
+}
+
+pub async fn run(args: RunArgs) -> Result<(), StartupError> {
+    let election = election_config(&args)?;
     let catalog = plans::load(args.plans_file.as_deref()).map_err(|e| {
         let path = args
             .plans_file
@@ -74,37 +107,33 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new());
     let plans = plans::Plans::new(catalog);
     let ctx = Arc::new(
-        Context::new(client, db.clone(), platform, settings, metrics.clone())
-            .with_plans(plans.clone()),
+        Context::new(
+            client.clone(),
+            db.clone(),
+            platform,
+            settings,
+            metrics.clone(),
+        )
+        .with_plans(plans.clone()),
     );
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = HttpState {
         ready: ready.clone(),
-        metrics,
+        metrics: metrics.clone(),
         relay: relay.stats(),
         db,
+    };
+    let work = LeaderWork {
+        ctx,
+        relay,
+        plans,
+        plans_file: args.plans_file.clone(),
     };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let mut tasks = vec![
-        tokio::spawn(relay.run(shutdown.clone())),
-        tokio::spawn(platform::drift::run(ctx.clone(), shutdown.clone())),
-        tokio::spawn(customer::run(
-            ctx.clone(),
-            shutdown.clone().cancelled_owned(),
-        )),
-        tokio::spawn(subscription::run(
-            ctx.clone(),
-            shutdown.clone().cancelled_owned(),
-        )),
-        tokio::spawn(apikey::run(ctx.clone(), shutdown.clone().cancelled_owned())),
-    ];
-    if let Some(path) = args.plans_file.clone() {
-        let watcher = plans::watch_file(plans, path, ctx.metrics.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(watcher));
-    }
     let server = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
+    // Ready means connected and able to work: a standby is ready to take over.
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
@@ -112,11 +141,15 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         "m3o-operator running"
     );
 
-    for task in tasks {
-        if let Err(err) = task.await {
-            tracing::error!(%err, "a controller task failed");
+    let outcome = match election {
+        None => {
+            metrics.leader.set(1);
+            join(work.spawn(shutdown.clone()), None).await;
+            Ok(())
         }
-    }
+        Some(config) => lead_while_elected(client, config, work, &metrics, &shutdown).await,
+    };
+    metrics.leader.set(0);
     ready.store(false, Ordering::Relaxed);
     shutdown.cancel();
     match server.await {
@@ -125,7 +158,116 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         Err(err) => tracing::warn!(%err, "HTTP server task failed"),
     }
     tracing::info!("m3o-operator stopped");
-    Ok(())
+    outcome
+}
+
+/// Stands by until elected, then runs the leader's work until shutdown or loss of the
+/// lease. After a loss the work is stopped before the lease can expire for others, and
+/// the process exits so its restart rejoins as a standby.
+async fn lead_while_elected(
+    client: kube::Client,
+    config: ElectionConfig,
+    work: LeaderWork,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(), StartupError> {
+    let margin = config.lease_duration.saturating_sub(config.renew_deadline);
+    let mut elector = Elector::new(client, config);
+    if !elector.acquire(shutdown).await {
+        return Ok(());
+    }
+    metrics.leader.set(1);
+    let leading = shutdown.child_token();
+    let tasks = work.spawn(leading.clone());
+    let ended = elector.hold(shutdown).await;
+    leading.cancel();
+    match ended {
+        Ended::Shutdown => {
+            join(tasks, None).await;
+            Ok(())
+        }
+        Ended::Lost => {
+            join(tasks, Some(margin)).await;
+            Err(StartupError(
+                "lost the leader lease; exiting so that a restart rejoins as a standby".into(),
+            ))
+        }
+    }
+}
+
+/// Waits for `tasks`, at most `limit`; tasks still running after it are aborted.
+async fn join(tasks: Vec<JoinHandle<()>>, limit: Option<Duration>) {
+    let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+    let all = futures::future::join_all(tasks);
+    let results = match limit {
+        Some(limit) => match tokio::time::timeout(limit, all).await {
+            Ok(results) => results,
+            Err(_) => {
+                tracing::warn!("tasks did not stop in time; aborting them");
+                aborts.iter().for_each(|a| a.abort());
+                return;
+            }
+        },
+        None => all.await,
+    };
+    for err in results.into_iter().filter_map(Result::err) {
+        tracing::error!(%err, "a controller task failed");
+    }
+}
+
+fn election_config(args: &RunArgs) -> Result<Option<ElectionConfig>, StartupError> {
+    if !args.leader_election {
+        return Ok(None);
+    }
+    let flag = |f: &str, m: &str| StartupError(format!("{f}: {m}"));
+    let namespace = args
+        .leader_election_namespace
+        .clone()
+        .filter(|n| !n.is_empty());
+    let namespace = namespace
+        .or_else(|| Some(args.namespace.clone()).filter(|n| !n.is_empty()))
+        .ok_or_else(|| {
+            flag(
+                "--leader-election-namespace",
+                "required with --leader-election (or set POD_NAMESPACE)",
+            )
+        })?;
+    if args.leader_election_renew_deadline >= args.leader_election_lease_duration {
+        return Err(flag(
+            "--leader-election-renew-deadline",
+            "must be shorter than --leader-election-lease-duration",
+        ));
+    }
+    if args.leader_election_retry_period >= args.leader_election_renew_deadline {
+        return Err(flag(
+            "--leader-election-retry-period",
+            "must be shorter than --leader-election-renew-deadline",
+        ));
+    }
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                hostname(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
+    Ok(Some(ElectionConfig {
+        namespace,
+        name: args.leader_election_name.clone(),
+        identity,
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+    }))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "m3o-operator".into())
 }
 
 /// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

@@ -5,6 +5,7 @@ mod apikey;
 mod customer;
 mod customer_faults;
 mod manifests;
+mod production;
 mod proxy;
 mod subscription;
 mod subscription_catalog;

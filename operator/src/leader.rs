@@ -1,0 +1,205 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, as client-go does it: only the
+//! holder reconciles and relays events. A candidate judges expiry by when it last saw
+//! the lease change on its own clock (immune to clock skew); the holder gives up
+//! after `renew_deadline` without a successful renewal, which is shorter than the
+//! lease duration, so it stops writing before anyone else may start.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::PostParams;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+pub struct ElectionConfig {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+/// How holding the lease ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Shutdown was requested; the lease was released for a standby to take at once.
+    Shutdown,
+    /// Renewal failed for longer than the renew deadline, or another holder took over.
+    Lost,
+}
+
+pub struct Elector {
+    api: Api<Lease>,
+    config: ElectionConfig,
+    /// The lease record last seen (holder, renew time) and when, on our clock.
+    observed: Option<(String, Option<MicroTime>, Instant)>,
+}
+
+impl Elector {
+    pub fn new(client: kube::Client, config: ElectionConfig) -> Self {
+        Self {
+            api: Api::namespaced(client, &config.namespace),
+            config,
+            observed: None,
+        }
+    }
+
+    /// Campaigns until this process holds the lease; false if shutdown came first.
+    pub async fn acquire(&mut self, shutdown: &CancellationToken) -> bool {
+        let mut logged = false;
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {
+                    tracing::info!(lease = %self.config.name, identity = %self.config.identity, "became the leader");
+                    return true;
+                }
+                Ok(false) if !logged => {
+                    let holder = self
+                        .observed
+                        .as_ref()
+                        .map(|o| o.0.clone())
+                        .unwrap_or_default();
+                    tracing::info!(lease = %self.config.name, %holder, "standing by: another replica is the leader");
+                    logged = true;
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(%err, "leader election: cannot read or write the lease"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(self.config.retry_period) => {}
+            }
+        }
+    }
+
+    /// Renews the lease every retry period until shutdown or loss.
+    pub async fn hold(&mut self, shutdown: &CancellationToken) -> Ended {
+        let mut last_renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.release().await;
+                    return Ended::Shutdown;
+                }
+                _ = tokio::time::sleep(self.config.retry_period) => {}
+            }
+            let attempt =
+                tokio::time::timeout(self.config.retry_period, self.try_acquire_or_renew()).await;
+            match attempt {
+                Ok(Ok(true)) => last_renewed = Instant::now(),
+                Ok(Ok(false)) => {
+                    tracing::error!(lease = %self.config.name, "another replica took the lease");
+                    return Ended::Lost;
+                }
+                Ok(Err(err)) => tracing::warn!(%err, "leader election: renewal failed"),
+                Err(_) => tracing::warn!("leader election: renewal timed out"),
+            }
+            if last_renewed.elapsed() > self.config.renew_deadline {
+                tracing::error!(lease = %self.config.name, "could not renew the lease in time");
+                return Ended::Lost;
+            }
+        }
+    }
+
+    /// One attempt: create, take over an expired lease, or renew our own. True when we hold it.
+    async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+        let now = MicroTime(Timestamp::now());
+        let duration_secs = i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
+            let mut lease = Lease::default();
+            lease.metadata.name = Some(self.config.name.clone());
+            lease.spec = Some(LeaseSpec {
+                holder_identity: Some(self.config.identity.clone()),
+                lease_duration_seconds: Some(duration_secs),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..Default::default()
+            });
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let record = (holder.clone(), spec.renew_time.clone());
+        if self
+            .observed
+            .as_ref()
+            .is_none_or(|(h, r, _)| (h, r) != (&record.0, &record.1))
+        {
+            self.observed = Some((record.0, record.1, Instant::now()));
+        }
+        let theirs = !holder.is_empty() && holder != self.config.identity;
+        let their_duration = spec
+            .lease_duration_seconds
+            .map_or(self.config.lease_duration, |s| {
+                Duration::from_secs(s.max(1) as u64)
+            });
+        let expired = self
+            .observed
+            .as_ref()
+            .is_some_and(|(_, _, seen)| seen.elapsed() > their_duration);
+        if theirs && !expired {
+            return Ok(false);
+        }
+        let transitions = spec.lease_transitions.unwrap_or(0);
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(self.config.identity.clone()),
+            lease_duration_seconds: Some(duration_secs),
+            acquire_time: if holder == self.config.identity {
+                spec.acquire_time
+            } else {
+                Some(now.clone())
+            },
+            renew_time: Some(now),
+            lease_transitions: Some(if holder == self.config.identity {
+                transitions
+            } else {
+                transitions + 1
+            }),
+            ..spec
+        });
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the lease up so a standby takes over without waiting for expiry.
+    async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.config.name, "released the lease"),
+            Err(err) => {
+                tracing::warn!(%err, "could not release the lease; a standby takes over when it expires")
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Running it in production: leader election between replicas, metrics, and a flood
+//! of changes collapsing into few reconciles.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use crate::proxy::{CuttableProxy, host_port, via};
+use crate::support::{Backends, Operator, TestEnv, dedupe, eventually};
+
+/// Parses the Prometheus text format into `name{labels}` -> value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn metric(op: &Operator, series: &str) -> f64 {
+    parse_metrics(&op.metrics().await)
+        .get(series)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+fn elected(env: &TestEnv) -> Backends {
+    let args = [
+        "--leader-election",
+        "--leader-election-namespace",
+        env.ns.as_str(),
+        "--leader-election-name",
+        "m3o-operator-test",
+        "--leader-election-lease-duration",
+        "4s",
+        "--leader-election-renew-deadline",
+        "3s",
+        "--leader-election-retry-period",
+        "500ms",
+    ];
+    Backends {
+        extra_args: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    const N: usize = 100;
+    let env = TestEnv::new("leader").await;
+    let first = env.start_operator_with(elected(&env)).await;
+    eventually(
+        "the first replica to lead",
+        Duration::from_secs(20),
+        || async { (metric(&first, "m3o_operator_leader").await == 1.0).then_some(()) },
+    )
+    .await;
+    let second = env.start_operator_with(elected(&env)).await;
+    let body = crate::support::http_get(&format!("127.0.0.1:{}", second.port), "/readyz")
+        .await
+        .expect("readyz");
+    assert_eq!(
+        body,
+        (200, "ready (standby)".to_owned()),
+        "a standby is ready, and says it is a standby"
+    );
+
+    let names: Vec<String> = (0..N).map(|i| format!("ha-{i:03}")).collect();
+    futures::stream::iter(names.iter())
+        .for_each_concurrent(16, |name| {
+            let env = &env;
+            async move {
+                env.apply_customer(name, json!({"email": format!("{name}@example.com")}))
+                    .await;
+            }
+        })
+        .await;
+    eventually(
+        "part of the batch provisioned by the leader",
+        Duration::from_secs(60),
+        || async { (env.outbox_count().await >= 10).then_some(()) },
+    )
+    .await;
+    assert_eq!(metric(&second, "m3o_operator_leader").await, 0.0);
+    assert_eq!(
+        metric(&second, "m3o_operator_reconciles_total{kind=\"Customer\"}").await,
+        0.0,
+        "the standby does not reconcile"
+    );
+    first.kill().await;
+
+    eventually(
+        "the standby to take over",
+        Duration::from_secs(30),
+        || async { (metric(&second, "m3o_operator_leader").await == 1.0).then_some(()) },
+    )
+    .await;
+    eventually("all customers Ready", Duration::from_secs(120), || async {
+        let list = env.customers().list(&Default::default()).await.ok()?;
+        let ready = list.items.iter().filter(|c| {
+            c.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        });
+        (ready.count() == N).then_some(())
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE deleted_at IS NULL")
+        .fetch_one(&env.db)
+        .await
+        .expect("rows");
+    assert_eq!(rows, N as i64, "nothing lost, nothing duplicated");
+    let events = eventually("all events published", Duration::from_secs(60), || async {
+        let events = dedupe(env.stream_events().await);
+        (events.len() >= N).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), N);
+    let customers: HashSet<_> = events
+        .iter()
+        .filter_map(|e| e.event.customer.as_ref().map(|c| c.id.clone()))
+        .collect();
+    assert_eq!(customers.len(), N, "one Created per customer");
+    assert_eq!(env.etcd_keys().await.len(), N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_exist_and_move() {
+    let env = TestEnv::new("metrics").await;
+    let db_proxy = CuttableProxy::start(host_port(&env.database_url)).await;
+    let backends = Backends {
+        database_url: Some(via(&env.database_url, &db_proxy)),
+        ..Default::default()
+    };
+    let op = env.start_operator_with(backends).await;
+    let before = parse_metrics(&op.metrics().await);
+    let text = op.metrics().await;
+    for family in [
+        "m3o_operator_reconciles",
+        "m3o_operator_reconcile_errors",
+        "m3o_operator_reconcile_duration_seconds",
+        "m3o_operator_resources",
+        "m3o_operator_drift_corrections",
+        "m3o_operator_outbox_backlog",
+        "m3o_operator_outbox_oldest_unpublished_age_seconds",
+        "m3o_operator_events_published",
+        "m3o_operator_leader",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "family {family} is exposed:\n{text}"
+        );
+    }
+    assert_eq!(before.get("m3o_operator_leader"), Some(&1.0));
+
+    env.apply_customer("counted", json!({"email": "counted@example.com"}))
+        .await;
+    let c = env.wait_ready("counted").await;
+    let id = c.status.and_then(|s| s.customer_id).expect("id");
+    env.wait_events(1).await;
+    let after = eventually(
+        "events_published to move",
+        Duration::from_secs(10),
+        || async {
+            let m = parse_metrics(&op.metrics().await);
+            (m.get("m3o_operator_events_published_total")
+                .copied()
+                .unwrap_or(0.0)
+                >= 1.0)
+                .then_some(m)
+        },
+    )
+    .await;
+    let get = |m: &HashMap<String, f64>, s: &str| m.get(s).copied().unwrap_or(0.0);
+    assert!(
+        get(&after, "m3o_operator_reconciles_total{kind=\"Customer\"}")
+            > get(&before, "m3o_operator_reconciles_total{kind=\"Customer\"}")
+    );
+    assert!(
+        get(
+            &after,
+            "m3o_operator_reconcile_duration_seconds_count{kind=\"Customer\"}"
+        ) >= 1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "m3o_operator_resources{kind=\"Customer\",ready=\"true\"}"
+        ),
+        1.0
+    );
+    assert_eq!(get(&after, "m3o_operator_outbox_backlog"), 0.0);
+
+    env.etcd
+        .kv_client()
+        .delete(format!("{}/customers/{id}", env.etcd_prefix), None)
+        .await
+        .expect("hand delete");
+    eventually(
+        "drift_corrections to move",
+        Duration::from_secs(20),
+        || async {
+            (metric(
+                &op,
+                "m3o_operator_drift_corrections_total{kind=\"customers\"}",
+            )
+            .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    db_proxy.cut();
+    env.apply_customer(
+        "counted",
+        json!({"email": "counted@example.com", "name": "C"}),
+    )
+    .await;
+    eventually("reconcile_errors to move", Duration::from_secs(30), || async {
+        (metric(&op, "m3o_operator_reconcile_errors_total{kind=\"Customer\",reason=\"database_unavailable\"}").await >= 1.0).then_some(())
+    })
+    .await;
+    db_proxy.restore();
+    env.wait_ready("counted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_changes_collapses_into_few_reconciles() {
+    let env = TestEnv::new("flood").await;
+    let op = env.start_operator().await;
+    env.apply_customer("busy", json!({"email": "busy@example.com"}))
+        .await;
+    env.wait_ready("busy").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = metric(&op, "m3o_operator_reconciles_total{kind=\"Customer\"}").await;
+    for i in 0..50 {
+        let patch = json!({"metadata": {"annotations": {"flood": i.to_string()}}});
+        env.customers()
+            .patch("busy", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("patch");
+    }
+    env.apply_customer(
+        "busy",
+        json!({"email": "busy@example.com", "name": "Final"}),
+    )
+    .await;
+    let c = env.wait_ready("busy").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reconciles = metric(&op, "m3o_operator_reconciles_total{kind=\"Customer\"}").await - before;
+    eprintln!("51 changes to one object -> {reconciles} reconciles");
+    assert!(
+        reconciles >= 1.0 && reconciles <= 25.0,
+        "51 changes took {reconciles} reconciles"
+    );
+    let id = c.status.and_then(|s| s.customer_id).expect("id");
+    assert_eq!(
+        env.etcd_json(&format!("customers/{id}"))
+            .await
+            .map(|v| v["name"].clone()),
+        Some(json!("Final"))
+    );
+}

@@ -229,6 +229,16 @@ async fn create_change_plan_override_quota_delete() {
         "a quota-only change announces nothing"
     );
 
+    // A hand edit of the quota key is drift: the operator restores it.
+    let key = format!("{}/quotas/{cid}", env.etcd_prefix);
+    let mut kv = env.etcd.kv_client();
+    kv.put(key, r#"{"plan":"business"}"#, None)
+        .await
+        .expect("hand edit");
+    let restored = json!({"plan": "pro", "monthlyRequests": 1_000_000, "requestsPerSecond": 77});
+    env.wait_etcd(&format!("quotas/{cid}"), Some(restored))
+        .await;
+
     env.subscriptions()
         .delete("alice", &DeleteParams::default())
         .await

@@ -39,7 +39,7 @@ test: deps tools
 	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
 
 demo: deps tools
-	$(CARGO) build -p m3o-operator
+	$(CARGO) build -p m3o-operator --bins --examples
 	hack/env.sh run -- hack/demo.sh
 
 env: deps tools

@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -19,6 +19,7 @@ help:
 	@echo 'make env     bring the local environment up in the foreground (Ctrl-C stops)'
 	@echo 'make lint    cargo fmt --check and clippy -D warnings'
 	@echo 'make crds    regenerate charts/m3o-operator/crds/crds.yaml'
+	@echo 'make bench   N Customers from apply to all Ready (BENCH_CUSTOMERS=1000)'
 
 deps:
 	hack/install-deps.sh
@@ -41,6 +42,12 @@ test: deps tools
 demo: deps tools
 	$(CARGO) build -p m3o-operator --bins --examples
 	hack/env.sh run -- hack/demo.sh
+
+# Figures, not a pass/fail: N Customers from apply to all Ready (release build).
+BENCH_CUSTOMERS ?= 1000
+bench: deps tools
+	$(CARGO) build --release -p m3o-operator --bins --examples
+	hack/env.sh run -- target/release/examples/bench_customers $(BENCH_CUSTOMERS)
 
 env: deps tools
 	hack/env.sh up

@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the controllers, the outbox relay and the HTTP server.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
     /// Print the YAML of every CRD.

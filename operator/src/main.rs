@@ -41,7 +41,7 @@ async fn main() -> ExitCode {
         }
         Command::Run(args) => {
             init_logging(args.database.logging.log_format);
-            run::run(args).await
+            run::run(*args).await
         }
     };
     match result {

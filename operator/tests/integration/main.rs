@@ -2,6 +2,7 @@
 //! Run with `make test` (which starts them); see `support.rs`.
 
 mod apikey;
+mod chart;
 mod customer;
 mod customer_faults;
 mod manifests;

@@ -5,6 +5,7 @@ mod apikey;
 mod chart;
 mod customer;
 mod customer_faults;
+mod examples;
 mod manifests;
 mod production;
 mod proxy;

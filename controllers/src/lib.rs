@@ -18,6 +18,7 @@ pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod finalizer;
+pub mod lifecycle;
 pub mod metrics;
 pub mod plans;
 pub mod platform;

@@ -90,6 +90,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             args.metrics_addr
         ))
     })?;
+    // Logged with the real port, so `--metrics-addr 127.0.0.1:0` is usable (tests do).
+    let http_addr = listener
+        .local_addr()
+        .map_or_else(|_| args.metrics_addr.to_string(), |a| a.to_string());
+    tracing::info!(addr = %http_addr, "HTTP server listening");
 
     let relay_config = RelayConfig {
         stream_prefix: args.stream_prefix.clone(),

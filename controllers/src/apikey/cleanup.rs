@@ -6,38 +6,28 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Api, Resource, ResourceExt};
-use m3o_crds::{ApiKey, DeletionPolicy};
+use kube::{Api, ResourceExt};
+use m3o_crds::ApiKey;
 
 use super::reconcile::revoke_all;
 use super::secret::{self, SecretState};
 use crate::context::Context;
 use crate::error::Error;
-use crate::status::{self, Cond, reasons, types};
+use crate::lifecycle;
 
 pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
     let policy = key.spec.deletion_policy;
-    let deleting = Cond::new(
-        types::READY,
-        false,
-        reasons::DELETING,
-        format!("cleaning up (deletionPolicy {policy:?})"),
-    );
-    status::apply_failure(&api, &key, deleting, &[]).await?;
-    if policy == DeletionPolicy::Orphan {
-        let note = "deletionPolicy Orphan: the key, its record, gateway entry and Secret are kept"
-            .to_owned();
-        ctx.event(
-            &key.object_ref(&()),
-            K8sEventType::Normal,
-            "Orphaned",
-            "Delete",
-            note,
-        )
-        .await;
+    if !lifecycle::begin_cleanup(
+        ctx,
+        &api,
+        &key,
+        policy,
+        "the key, its record, gateway entry and Secret",
+    )
+    .await?
+    {
         return Ok(Action::await_change());
     }
 

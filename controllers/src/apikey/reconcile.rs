@@ -18,6 +18,7 @@ use super::secret::{self, IssuedKey, SecretState};
 use crate::context::Context;
 use crate::customer::plan::payload;
 use crate::error::Error;
+use crate::lifecycle;
 use crate::status::{self, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
@@ -266,17 +267,7 @@ async fn wait_with_state(
     state: Option<ApiKeyState>,
 ) -> Result<Action, Error> {
     let status = plan::waiting_status(key, reason, message.clone(), state);
-    if status::apply(api, key, &status).await? {
-        ctx.event(
-            &key.object_ref(&()),
-            K8sEventType::Warning,
-            reason,
-            "Provision",
-            message,
-        )
-        .await;
-    }
-    Ok(Action::requeue(ctx.settings.blocked_retry))
+    lifecycle::report_blocked(ctx, api, key, &status, reason, message).await
 }
 
 /// Kubernetes Events for state changes an admin cares about.

@@ -5,17 +5,16 @@
 use std::sync::Arc;
 
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Api, Resource, ResourceExt};
-use m3o_crds::{Customer, DeletionPolicy};
+use kube::{Api, ResourceExt};
+use m3o_crds::Customer;
 use m3o_events::customers::EventType;
 use m3o_events::outbox::{self, OutboxMessage};
 
 use super::{plan, reconcile};
 use crate::context::Context;
 use crate::error::Error;
+use crate::lifecycle;
 use crate::platform::desired;
-use crate::status::{self, Cond, reasons, types};
 use crate::store::customers;
 
 pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Error> {
@@ -23,25 +22,15 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
     let name = customer.name_any();
     let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
     let policy = customer.spec.deletion_policy;
-    let deleting = Cond::new(
-        types::READY,
-        false,
-        reasons::DELETING,
-        format!("cleaning up (deletionPolicy {policy:?})"),
-    );
-    status::apply_failure(&api, &customer, deleting, &[]).await?;
-
-    if policy == DeletionPolicy::Orphan {
-        let note =
-            "deletionPolicy Orphan: the customer record and its etcd config are kept".to_owned();
-        ctx.event(
-            &customer.object_ref(&()),
-            K8sEventType::Normal,
-            "Orphaned",
-            "Delete",
-            note,
-        )
-        .await;
+    if !lifecycle::begin_cleanup(
+        ctx,
+        &api,
+        &customer,
+        policy,
+        "the customer record and its etcd config",
+    )
+    .await?
+    {
         return Ok(Action::await_change());
     }
 

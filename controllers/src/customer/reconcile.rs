@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use m3o_crds::Customer;
 use m3o_events::outbox::{self, OutboxMessage};
 use sqlx::PgConnection;
@@ -13,8 +12,9 @@ use uuid::Uuid;
 use super::plan::{self, Desired, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
+use crate::lifecycle;
 use crate::platform::desired::{self, customer_key};
-use crate::status::{self, reasons};
+use crate::status::reasons;
 use crate::store::{self, customers, customers::CustomerRow};
 
 /// Outcome of the database step.
@@ -48,26 +48,11 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
         .await?;
 
     let status = plan::provisioned_status(&customer, &row, &key);
-    let was_ready = customer
-        .status
-        .as_ref()
-        .and_then(|s| status::ready(&s.conditions))
-        .is_some_and(|c| c.status == "True");
-    status::apply(&api, &customer, &status).await?;
-    if !was_ready {
-        let note = format!(
-            "customer {} provisioned ({}), config at {key}",
-            row.id, row.status
-        );
-        ctx.event(
-            &customer.object_ref(&()),
-            K8sEventType::Normal,
-            reasons::PROVISIONED,
-            "Provision",
-            note,
-        )
-        .await;
-    }
+    let note = format!(
+        "customer {} provisioned ({}), config at {key}",
+        row.id, row.status
+    );
+    lifecycle::report_provisioned(ctx, &api, &customer, &status, note).await?;
     Ok(Action::requeue(ctx.settings.resync_interval))
 }
 
@@ -188,18 +173,7 @@ async fn blocked(
     message: String,
 ) -> Result<Action, Error> {
     let status = plan::blocked_status(customer, reason, message.clone());
-    if status::apply(api, customer, &status).await? {
-        tracing::warn!(customer = %customer.name_any(), reason, %message, "customer blocked");
-        ctx.event(
-            &customer.object_ref(&()),
-            K8sEventType::Warning,
-            reason,
-            "Provision",
-            message,
-        )
-        .await;
-    }
-    Ok(Action::requeue(ctx.settings.blocked_retry))
+    lifecycle::report_blocked(ctx, api, customer, &status, reason, message).await
 }
 
 /// The customer id a resource is known by, for cleanup when its row is gone.

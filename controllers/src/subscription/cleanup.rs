@@ -7,9 +7,8 @@
 use std::sync::Arc;
 
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Api, Resource, ResourceExt};
-use m3o_crds::{DeletionPolicy, Subscription};
+use kube::{Api, ResourceExt};
+use m3o_crds::Subscription;
 use m3o_events::customers::EventType;
 use m3o_events::outbox::{self, OutboxMessage};
 use uuid::Uuid;
@@ -17,8 +16,8 @@ use uuid::Uuid;
 use super::plan;
 use crate::context::Context;
 use crate::error::Error;
+use crate::lifecycle;
 use crate::platform::desired;
-use crate::status::{self, Cond, reasons, types};
 use crate::store::{customers, subscriptions};
 
 pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
@@ -26,25 +25,15 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
     let name = sub.name_any();
     let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
     let policy = sub.spec.deletion_policy;
-    let deleting = Cond::new(
-        types::READY,
-        false,
-        reasons::DELETING,
-        format!("cleaning up (deletionPolicy {policy:?})"),
-    );
-    status::apply_failure(&api, &sub, deleting, &[]).await?;
-
-    if policy == DeletionPolicy::Orphan {
-        let note = "deletionPolicy Orphan: the subscription record and its quota in etcd are kept"
-            .to_owned();
-        ctx.event(
-            &sub.object_ref(&()),
-            K8sEventType::Normal,
-            "Orphaned",
-            "Delete",
-            note,
-        )
-        .await;
+    if !lifecycle::begin_cleanup(
+        ctx,
+        &api,
+        &sub,
+        policy,
+        "the subscription record and its quota in etcd",
+    )
+    .await?
+    {
         return Ok(Action::await_change());
     }
 

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use m3o_crds::{Customer, Subscription};
 use m3o_events::outbox::{self, OutboxMessage};
 
@@ -14,8 +13,8 @@ use super::config::quota_key;
 use super::plan::{self, Blocker, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
+use crate::lifecycle;
 use crate::platform::desired;
-use crate::status::{self, reasons};
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
@@ -59,26 +58,11 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
     let status = plan::provisioned_status(&sub, &row, &key);
-    let was_ready = sub
-        .status
-        .as_ref()
-        .and_then(|s| status::ready(&s.conditions))
-        .is_some_and(|c| c.status == "True");
-    status::apply(&api, &sub, &status).await?;
-    if !was_ready {
-        let note = format!(
-            "subscription {} on plan {} in force, quota at {key}",
-            row.id, row.plan
-        );
-        ctx.event(
-            &sub.object_ref(&()),
-            K8sEventType::Normal,
-            reasons::PROVISIONED,
-            "Provision",
-            note,
-        )
-        .await;
-    }
+    let note = format!(
+        "subscription {} on plan {} in force, quota at {key}",
+        row.id, row.plan
+    );
+    lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await?;
     Ok(Action::requeue(ctx.settings.resync_interval))
 }
 
@@ -183,17 +167,5 @@ async fn blocked(
     let namespace = sub.namespace().unwrap_or_default();
     let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any()).await?;
     let status = plan::blocked_status(sub, &blocker, in_force.as_ref());
-    if status::apply(api, sub, &status).await? {
-        tracing::warn!(subscription = %sub.name_any(), reason = blocker.reason,
-            message = %blocker.message, "subscription blocked");
-        ctx.event(
-            &sub.object_ref(&()),
-            K8sEventType::Warning,
-            blocker.reason,
-            "Provision",
-            blocker.message,
-        )
-        .await;
-    }
-    Ok(Action::requeue(ctx.settings.blocked_retry))
+    lifecycle::report_blocked(ctx, api, sub, &status, blocker.reason, blocker.message).await
 }

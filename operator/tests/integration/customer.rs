@@ -329,6 +329,7 @@ async fn hand_edits_in_etcd_are_corrected() {
         .await
         .expect("value");
     let mut kv = env.etcd.kv_client();
+    op.settle().await;
 
     kv.put(key.clone(), r#"{"id":"x","status":"active"}"#, None)
         .await

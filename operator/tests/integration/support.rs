@@ -135,7 +135,6 @@ impl TestEnv {
 
     /// Starts an operator process with some backends replaced (for outage tests).
     pub async fn start_operator_with(&self, backends: Backends) -> Operator {
-        let port = free_port();
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log_path = log_dir.join(format!("{}.log", self.ns));
@@ -144,6 +143,7 @@ impl TestEnv {
             .append(true)
             .open(&log_path)
             .expect("log file");
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let child = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
             .args([
                 "run",
@@ -160,9 +160,11 @@ impl TestEnv {
             ])
             .args([
                 "--metrics-addr",
-                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:0",
                 "--resync-interval",
                 "30s",
+                "--log-format",
+                "json",
             ])
             .args(&backends.extra_args)
             .envs(backends.extra_env.iter().map(|(k, v)| (k, v)))
@@ -187,6 +189,7 @@ impl TestEnv {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn m3o-operator");
+        let port = bound_port(&log_path, log_start).await;
         let op = Operator {
             child,
             port,
@@ -327,6 +330,25 @@ impl TestEnv {
     }
 }
 
+/// The port an operator started at `log_start` in `log_path` bound (it binds port 0).
+async fn bound_port(log_path: &std::path::Path, log_start: u64) -> u16 {
+    let what = format!("the operator's HTTP address in {}", log_path.display());
+    eventually(&what, Duration::from_secs(60), || async {
+        let log = std::fs::read(log_path).ok()?;
+        let new = String::from_utf8_lossy(log.get(log_start as usize..)?).into_owned();
+        assert!(
+            !new.contains("m3o-operator: error:"),
+            "the operator failed to start:\n{new}"
+        );
+        let line = new.lines().find(|l| l.contains("HTTP server listening"))?;
+        let addr = serde_json::from_str::<serde_json::Value>(line).ok()?["addr"]
+            .as_str()?
+            .to_owned();
+        addr.rsplit_once(':')?.1.parse().ok()
+    })
+    .await
+}
+
 /// Drops re-sent entries (at-least-once delivery): consumers dedupe by event id.
 pub fn dedupe(events: Vec<DecodedEvent>) -> Vec<DecodedEvent> {
     let mut seen = std::collections::HashSet::new();
@@ -362,6 +384,31 @@ impl Operator {
             .await
             .map(|(_, body)| body)
             .unwrap_or_default()
+    }
+
+    /// Waits until no reconcile has run for a second (trailing reconciles of earlier
+    /// changes would otherwise race a test's next step).
+    pub async fn settle(&self) {
+        let total = |m: String| -> f64 {
+            m.lines()
+                .filter(|l| l.starts_with("m3o_operator_reconciles_total"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut last = total(self.metrics().await);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = total(self.metrics().await);
+            if now == last {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the operator did not settle in 30s"
+            );
+            last = now;
+        }
     }
 
     /// Waits for the process to exit on its own.

@@ -1,0 +1,96 @@
+//! Status-and-Event steps every kind ends a reconcile with, written once: reporting a
+//! provisioned object, an object blocked on something only an admin can fix, and the
+//! start of a deletion.
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use m3o_crds::DeletionPolicy;
+
+use crate::context::Context;
+use crate::error::Error;
+use crate::status::{self, Cond, HasStatus, reasons, types};
+
+/// Writes the status of a provisioned object; the first time it is Ready, also a
+/// Normal `Provisioned` Event with `note`.
+pub async fn report_provisioned<K: HasStatus>(
+    ctx: &Context,
+    api: &Api<K>,
+    obj: &K,
+    new: &K::Status,
+    note: String,
+) -> Result<(), Error> {
+    let was_ready = obj
+        .status()
+        .and_then(|s| status::ready(K::conditions(s)))
+        .is_some_and(|c| c.status == "True");
+    status::apply(api, obj, new).await?;
+    if !was_ready {
+        ctx.event(
+            &obj.object_ref(&()),
+            EventType::Normal,
+            reasons::PROVISIONED,
+            "Provision",
+            note,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Writes the status of an object that waits on something outside it (a conflicting
+/// holder, a missing Customer, an unknown plan) and retries later, since the blocker
+/// may go away without any change to this object. Logs and publishes a Warning Event
+/// only when the status changed, so a long wait is not a flood.
+pub async fn report_blocked<K: HasStatus>(
+    ctx: &Context,
+    api: &Api<K>,
+    obj: &K,
+    new: &K::Status,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    if status::apply(api, obj, new).await? {
+        tracing::warn!(kind = %K::kind(&()), object = %obj.name_any(), reason, %message, "blocked");
+        ctx.event(
+            &obj.object_ref(&()),
+            EventType::Warning,
+            reason,
+            "Provision",
+            message,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.settings.blocked_retry))
+}
+
+/// Marks an object `Deleting`. Returns false for `Orphan` (after saying what is kept):
+/// the caller then leaves its external records alone.
+pub async fn begin_cleanup<K: HasStatus>(
+    ctx: &Context,
+    api: &Api<K>,
+    obj: &K,
+    policy: DeletionPolicy,
+    kept: &str,
+) -> Result<bool, Error> {
+    let deleting = Cond::new(
+        types::READY,
+        false,
+        reasons::DELETING,
+        format!("cleaning up (deletionPolicy {policy:?})"),
+    );
+    status::apply_failure(api, obj, deleting, &[]).await?;
+    if policy == DeletionPolicy::Orphan {
+        let note = format!("deletionPolicy Orphan: {kept} are kept");
+        ctx.event(
+            &obj.object_ref(&()),
+            EventType::Normal,
+            "Orphaned",
+            "Delete",
+            note,
+        )
+        .await;
+        return Ok(false);
+    }
+    Ok(true)
+}

@@ -39,7 +39,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .any(|r| r.revoked_at.is_none() && customer.as_ref().is_none_or(|c| c.id != r.customer_id));
     if orphaned {
-        return revoke_orphaned(&api, &key, ctx, &rows).await;
+        return revoke_orphaned(&api, &key, ctx).await;
     }
     let Some(customer) = customer else {
         let (reason, message) = match customer_obj {
@@ -207,14 +207,12 @@ async fn revoke_orphaned(
     api: &Api<ApiKey>,
     key: &ApiKey,
     ctx: &Context,
-    rows: &[ApiKeyRow],
 ) -> Result<Action, Error> {
     revoke_all(ctx, key).await?;
     let message = format!(
         "Customer {} was deleted; its keys are revoked",
         key.spec.customer_ref.name
     );
-    let _ = rows;
     wait_with_state(
         api,
         key,

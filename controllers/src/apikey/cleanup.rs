@@ -1,10 +1,11 @@
 //! Deleting an ApiKey: with `Delete`, revoke every key (DeleteKey), remove the gateway
-//! entries and the Secret; with `Orphan`, leave them. Safe to repeat after a crash.
+//! entries and the Secret; with `Orphan`, leave them, and detach the Secret from the
+//! ApiKey so a cluster's garbage collector does not delete it. Safe to repeat.
 
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::DeleteParams;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::ApiKey;
@@ -28,6 +29,7 @@ pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     )
     .await?
     {
+        detach_secret(ctx, &key).await?;
         return Ok(Action::await_change());
     }
 
@@ -44,4 +46,29 @@ pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     }
     tracing::info!(apikey = %key.name_any(), "api key revoked");
     Ok(Action::await_change())
+}
+
+/// Removes the ApiKey's owner reference from its Secret, which outlives it (Orphan).
+async fn detach_secret(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    let name = secret::secret_name(key);
+    let Some(found) = secrets.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if !matches!(secret::inspect(Some(&found), key), SecretState::Ours(_)) {
+        return Ok(());
+    }
+    let uid = key.uid().unwrap_or_default();
+    let kept: Vec<_> = found
+        .owner_references()
+        .iter()
+        .filter(|o| o.uid != uid)
+        .cloned()
+        .collect();
+    let patch = serde_json::json!({"metadata": {"ownerReferences": kept}});
+    secrets
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }

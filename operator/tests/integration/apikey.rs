@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use m3o_controllers::apikey::secret::hash;
 use m3o_crds::ApiKey;
 use serde_json::{Value, json};
@@ -551,5 +551,60 @@ async fn crash_between_secret_and_database_keeps_one_key() {
     assert_eq!(
         env.key_events(&key_id(&k)).await,
         vec!["EventTypeGenerateKey"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_keeps_the_key_working_and_detaches_its_secret() {
+    let env = TestEnv::new("key-orphan").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey(
+        "legacy",
+        key_spec(json!({"deletionPolicy": "Orphan", "secretName": "legacy-key"})),
+    )
+    .await;
+    let id = key_id(&env.wait_apikey("legacy", "True", "Provisioned").await);
+    let key = env.secret_key("legacy-key").await.expect("key");
+
+    env.apikeys()
+        .delete("legacy", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("ApiKey gone", Duration::from_secs(30), || async {
+        env.apikeys()
+            .get_opt("legacy")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.key_row_status(&id).await,
+        "active",
+        "the record is kept"
+    );
+    assert_eq!(
+        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
+        Some(json!("active")),
+        "the key still works"
+    );
+    let secret = Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .get("legacy-key")
+        .await
+        .expect("Secret kept");
+    assert!(
+        secret
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty(),
+        "no owner left for a garbage collector to follow"
+    );
+    assert_eq!(
+        env.key_events(&id).await,
+        vec!["EventTypeGenerateKey"],
+        "nothing announced"
     );
 }

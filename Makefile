@@ -8,13 +8,14 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench argocd-health
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
 	@echo 'make tools   build kube-apiserver/etcd/kubectl/helm once (prints their dir)'
 	@echo 'make build   cargo build (debug, all targets)'
 	@echo 'make test    deps + tools + build, then the whole suite inside hack/env.sh'
+	@echo 'make argocd-health  the Argo CD health checks (Lua) against their test cases'
 	@echo 'make demo    run the operator in the local environment and apply examples/'
 	@echo 'make env     bring the local environment up in the foreground (Ctrl-C stops)'
 	@echo 'make lint    cargo fmt --check and clippy -D warnings'
@@ -35,9 +36,15 @@ build: toolchain
 	$(CARGO) build --workspace --all-targets
 
 # Build before any server starts, so the environment only lives while tests run.
-test: deps tools
+test: deps tools argocd-health
 	$(CARGO) build --workspace --tests --bins
 	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
+
+# Argo CD's health checks of the three kinds, run in gopher-lua the way Argo CD runs
+# them (charts/m3o-operator/argocd; see hack/argocd-health-test/main.go).
+argocd-health:
+	@command -v go >/dev/null || { echo 'go not found: it runs the Argo CD health check tests' >&2; exit 1; }
+	cd hack/argocd-health-test && GOTOOLCHAIN=local go run . ../../charts/m3o-operator/argocd
 
 demo: deps tools
 	$(CARGO) build -p m3o-operator --bins --examples

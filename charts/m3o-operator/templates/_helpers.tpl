@@ -58,10 +58,7 @@ app.kubernetes.io/component: operator
 {{- printf "%s-plans" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/*
-The Lease the operator elects its leader on. Its name is fixed by the binary
-(`m3o-operator`, in $POD_NAMESPACE), so one release per namespace.
-*/}}
+{{/* The Lease the operator elects its leader on (in $POD_NAMESPACE, the release's). */}}
 {{- define "m3o-operator.leaseName" -}}
-m3o-operator
+{{- .Values.leaderElection.leaseName }}
 {{- end }}

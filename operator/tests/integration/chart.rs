@@ -266,6 +266,27 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
             .iter()
             .map(|a| a.as_str().expect("string arg"))
             .collect();
+        // The binary accepts every rendered flag: it gets past argument parsing and
+        // stops at the first missing backend.
+        let out = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+            .args(&args)
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
+            .env_remove("ETCD_ENDPOINTS")
+            .output()
+            .await
+            .expect("run m3o-operator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("m3o-operator: error: --"),
+            "{case}: {args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("unexpected argument")
+                && !stderr.contains("invalid value")
+                && !stderr.contains("Usage:"),
+            "{case}: the binary rejects the chart's arguments {args:?}: {stderr}"
+        );
         match case {
             "cluster-wide" => {
                 assert!(has("ClusterRole") && has("ClusterRoleBinding") && has("Service"));
@@ -532,6 +553,7 @@ fn forbidden(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
         ("create", "roles.rbac.authorization.k8s.io", ns),
         ("create", "rolebindings.rbac.authorization.k8s.io", ns),
         ("delete", "leases.coordination.k8s.io", ns),
+        ("list", "leases.coordination.k8s.io", ns),
         ("*", "*", ns),
     ];
     cases.extend([
@@ -587,20 +609,20 @@ async fn cluster_wide_rbac_allows_exactly_what_the_operator_does() {
     // Leases only in the release namespace.
     no.extend(lease_verbs(&other));
     check_access(ns, &sa, false, &no, &mut failures).await;
-    // The lease rule names the operator's Lease only.
-    let lease = can_i_named(
-        ns,
-        &sa,
-        "update",
-        "leases.coordination.k8s.io/m3o-operator",
-        ns,
-    )
-    .await;
-    let other_lease = can_i_named(ns, &sa, "update", "leases.coordination.k8s.io/other", ns).await;
-    if !lease || other_lease {
-        failures.push(format!(
-            "update lease m3o-operator: {lease} (want true), lease other: {other_lease} (want false)"
-        ));
+    // The lease rule names the operator's Lease only, and only get/update it.
+    let lease = "leases.coordination.k8s.io/m3o-operator";
+    for (verb, typed, want) in [
+        ("get", lease, true),
+        ("update", lease, true),
+        ("patch", lease, false),
+        ("delete", lease, false),
+        ("update", "leases.coordination.k8s.io/other", false),
+        ("get", "leases.coordination.k8s.io/other", false),
+    ] {
+        let got = can_i_named(ns, &sa, verb, typed, ns).await;
+        if got != want {
+            failures.push(format!("{verb} {typed}: {got} (want {want})"));
+        }
     }
     helm(&["uninstall", &release, "-n", ns]).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -628,10 +650,14 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
     create_namespace(&release_ns, &[]).await;
     let release = format!("m3o-{}", suffix());
     let sa = format!("{release}-m3o-operator");
+    let lease_name = format!("{release}-leader");
     install(
         &release,
         &release_ns,
-        &[&format!("watchNamespace={}", env.ns)],
+        &[
+            &format!("watchNamespace={}", env.ns),
+            &format!("leaderElection.leaseName={lease_name}"),
+        ],
     )
     .await;
     let ns = env.ns.as_str();
@@ -720,6 +746,8 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
                 "--kubeconfig".into(),
                 kubeconfig.to_str().expect("path").into(),
                 "--leader-election".into(),
+                "--leader-election-name".into(),
+                lease_name.clone(),
             ],
             extra_env: vec![
                 ("POD_NAMESPACE".into(), release_ns.clone()),
@@ -728,6 +756,19 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
             ..Backends::default()
         })
         .await;
+
+    // It holds its Lease in the release namespace (get, create, update allowed there).
+    let holder = kubectl(&[
+        "get",
+        "lease",
+        &lease_name,
+        "-n",
+        &release_ns,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])
+    .await;
+    assert_eq!(holder, format!("{sa}-test-pod"), "the operator leads");
 
     // Customer + Subscription + ApiKey to Ready, then deleted in GitOps order.
     env.apply_customer(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::proxy::{CuttableProxy, host_port, via};
+use crate::support::proxy::{CuttableProxy, host_port, via};
 use crate::support::{Backends, PrivateRedis, TestEnv, dedupe, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,48 +3,13 @@
 //! fields the examples exercise have the effect their comments promise.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
 
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 use crate::support::TestEnv;
 
-async fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl on PATH (hack/env.sh puts it there)");
-    let mut input = child.stdin.take().expect("stdin");
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .await
-        .expect("write stdin");
-    drop(input);
-    child.wait_with_output().await.expect("kubectl")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 async fn ok(args: &[&str], stdin: Option<&str>) -> String {
-    let out = kubectl(args, stdin).await;
-    assert!(
-        out.status.success(),
-        "kubectl {}: {}",
-        args.join(" "),
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::support::cli::ok("kubectl", args, stdin).await
 }
 
 #[tokio::test]

@@ -8,7 +8,6 @@ mod customer_faults;
 mod examples;
 mod manifests;
 mod production;
-mod proxy;
 mod subscription;
 mod subscription_catalog;
 mod subscription_order;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use crate::support::cli::{run, text};
 use crate::support::{TestEnv, eventually, required_env};
 
 fn repo_root() -> PathBuf {
@@ -18,29 +19,7 @@ fn repo_root() -> PathBuf {
 }
 
 async fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    use tokio::io::AsyncWriteExt;
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl on PATH (hack/env.sh puts it there)");
-    let mut input = child.stdin.take().expect("stdin");
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .await
-        .expect("write stdin");
-    drop(input);
-    child.wait_with_output().await.expect("kubectl")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    run("kubectl", args, stdin).await
 }
 
 #[tokio::test]

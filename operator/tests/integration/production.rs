@@ -8,7 +8,7 @@ use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use crate::proxy::{CuttableProxy, host_port, via};
+use crate::support::proxy::{CuttableProxy, host_port, via};
 use crate::support::{Backends, Operator, TestEnv, dedupe, eventually};
 
 /// Parses the Prometheus text format into `name{labels}` -> value.

@@ -1,0 +1,219 @@
+//! Block, unblock, expire, rotate, revoke, orphan: each on every side.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::DeleteParams;
+use serde_json::json;
+
+use super::*;
+use crate::support::{TestEnv, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_unblock_and_expire() {
+    let env = TestEnv::new("key-block").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("ci", key_spec(json!({}))).await;
+    let id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let key = env.secret_key("ci-api-key").await.expect("key");
+
+    env.apply_apikey(
+        "ci",
+        key_spec(json!({"blocked": true, "blockedMessage": "abuse"})),
+    )
+    .await;
+    let k = env.wait_apikey("ci", "True", "Blocked").await;
+    assert_eq!(
+        serde_json::to_value(k.status.and_then(|s| s.state)).expect("state"),
+        json!("blocked")
+    );
+    assert_eq!(
+        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
+        Some(json!("blocked"))
+    );
+    assert_eq!(env.key_row_status(&id).await, "blocked");
+    env.wait_key_events(&id, &["EventTypeGenerateKey", "EventTypeBlockKey"])
+        .await;
+
+    env.apply_apikey("ci", key_spec(json!({"blocked": false})))
+        .await;
+    env.wait_apikey("ci", "True", "Provisioned").await;
+    assert_eq!(
+        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
+        Some(json!("active"))
+    );
+    assert_eq!(env.key_row_status(&id).await, "active");
+    env.wait_key_events(
+        &id,
+        &[
+            "EventTypeGenerateKey",
+            "EventTypeBlockKey",
+            "EventTypeUnblockKey",
+        ],
+    )
+    .await;
+
+    // Expiry a few seconds out: nothing else changes, the gateway entry still stops being active.
+    let at = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    env.apply_apikey("ci", key_spec(json!({"expiresAt": at})))
+        .await;
+    env.wait_apikey("ci", "True", "Provisioned").await;
+    assert_eq!(
+        env.gateway_entry(&key)
+            .await
+            .map(|e| e["expiresAt"].clone()),
+        Some(json!(at))
+    );
+    let k = env.wait_apikey("ci", "False", "Expired").await;
+    assert_eq!(
+        serde_json::to_value(k.status.and_then(|s| s.state)).expect("state"),
+        json!("expired")
+    );
+    assert_eq!(
+        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
+        Some(json!("expired"))
+    );
+    assert_eq!(env.key_row_status(&id).await, "expired");
+    env.wait_key_events(
+        &id,
+        &[
+            "EventTypeGenerateKey",
+            "EventTypeBlockKey",
+            "EventTypeUnblockKey",
+            "EventTypeKeyExpired",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_the_old_key_for_the_grace_period_and_delete_revokes() {
+    let env = TestEnv::new("key-rotate").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("ci", key_spec(json!({"rotationGracePeriod": "4s"})))
+        .await;
+    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let old = env.secret_key("ci-api-key").await.expect("key");
+
+    env.apply_apikey(
+        "ci",
+        key_spec(json!({"rotationGracePeriod": "4s", "rotationGeneration": 1})),
+    )
+    .await;
+    let k = env.wait_apikey("ci", "True", "Provisioned").await;
+    let new_id = key_id(&k);
+    assert_ne!(new_id, old_id);
+    let new = env.secret_key("ci-api-key").await.expect("key");
+    assert_ne!(new, old, "a new key in the Secret");
+    assert_eq!(
+        env.gateway_entry(&new).await.map(|e| e["status"].clone()),
+        Some(json!("active"))
+    );
+    let during = env
+        .gateway_entry(&old)
+        .await
+        .expect("old key still known during grace");
+    assert_eq!(during["status"], json!("active"));
+    assert!(
+        during["expiresAt"].is_string(),
+        "the gateway sees when the grace ends"
+    );
+    env.wait_key_events(&old_id, &["EventTypeGenerateKey", "EventTypeKeyRotated"])
+        .await;
+
+    eventually(
+        "old key gone after grace",
+        Duration::from_secs(20),
+        || async { env.gateway_entry(&old).await.is_none().then_some(()) },
+    )
+    .await;
+    env.wait_key_events(
+        &old_id,
+        &[
+            "EventTypeGenerateKey",
+            "EventTypeKeyRotated",
+            "EventTypeDeleteKey",
+        ],
+    )
+    .await;
+    assert_eq!(env.key_row_status(&old_id).await, "revoked");
+    assert!(env.gateway_entry(&new).await.is_some());
+
+    env.apikeys()
+        .delete("ci", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("ApiKey gone", Duration::from_secs(30), || async {
+        env.apikeys()
+            .get_opt("ci")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(env.key_row_status(&new_id).await, "revoked");
+    assert_eq!(env.gateway_entry(&new).await, None);
+    assert_eq!(env.secret_key("ci-api-key").await, None, "Secret deleted");
+    env.wait_key_events(&new_id, &["EventTypeGenerateKey", "EventTypeDeleteKey"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_keeps_the_key_working_and_detaches_its_secret() {
+    let env = TestEnv::new("key-orphan").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey(
+        "legacy",
+        key_spec(json!({"deletionPolicy": "Orphan", "secretName": "legacy-key"})),
+    )
+    .await;
+    let id = key_id(&env.wait_apikey("legacy", "True", "Provisioned").await);
+    let key = env.secret_key("legacy-key").await.expect("key");
+
+    env.apikeys()
+        .delete("legacy", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("ApiKey gone", Duration::from_secs(30), || async {
+        env.apikeys()
+            .get_opt("legacy")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.key_row_status(&id).await,
+        "active",
+        "the record is kept"
+    );
+    assert_eq!(
+        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
+        Some(json!("active")),
+        "the key still works"
+    );
+    let secret = Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .get("legacy-key")
+        .await
+        .expect("Secret kept");
+    assert!(
+        secret
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty(),
+        "no owner left for a garbage collector to follow"
+    );
+    assert_eq!(
+        env.key_events(&id).await,
+        vec!["EventTypeGenerateKey"],
+        "nothing announced"
+    );
+}

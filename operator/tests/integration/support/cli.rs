@@ -1,0 +1,45 @@
+//! Running command-line tools (kubectl, helm) the way a user does.
+
+use std::process::{Output, Stdio};
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// Runs `program args` with `stdin`, returning its output (never panics on failure).
+pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} on PATH (hack/env.sh puts it there): {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .await
+        .expect("write stdin");
+    drop(input);
+    child.wait_with_output().await.expect("wait")
+}
+
+/// Standard output and error together, for assertions and failure messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs and asserts success; returns standard output.
+pub async fn ok(program: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let out = run(program, args, stdin).await;
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -203,11 +203,7 @@ pub async fn converge_config(
 }
 
 /// Revokes the keys of a resource whose customer was deleted.
-async fn revoke_orphaned(
-    api: &Api<ApiKey>,
-    key: &ApiKey,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Result<Action, Error> {
     revoke_all(ctx, key).await?;
     let message = format!(
         "Customer {} was deleted; its keys are revoked",

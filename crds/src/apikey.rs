@@ -32,7 +32,7 @@ use crate::common::{Condition, CustomerRef, DeletionPolicy};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Prefix", type_ = "string", json_path = ".status.keyPrefix"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt"),
     printcolumn(
         name = "Age",
         type_ = "date",

@@ -53,7 +53,28 @@ pub struct Context {
     pub backoff: Backoff,
     /// The plan catalog in force (built-in until [`Context::with_plans`]).
     pub plans: Plans,
+    /// Kinds whose controller has listed its objects and is watching (for `/readyz`).
+    pub watching: Arc<Watching>,
     recorder: Recorder,
+}
+
+/// Which kinds' controllers have completed their initial list and are watching.
+#[derive(Default)]
+pub struct Watching(std::sync::Mutex<std::collections::BTreeSet<&'static str>>);
+
+impl Watching {
+    pub fn mark(&self, kind: &'static str) {
+        if let Ok(mut kinds) = self.0.lock() {
+            kinds.insert(kind);
+        }
+    }
+
+    /// True once every kind in `KINDS` is watching.
+    pub fn all(&self) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|kinds| crate::KINDS.iter().all(|k| kinds.contains(k)))
+    }
 }
 
 impl Context {
@@ -77,6 +98,7 @@ impl Context {
             settings,
             metrics,
             plans: Plans::default(),
+            watching: Arc::default(),
         }
     }
 

@@ -28,4 +28,7 @@ pub mod store;
 pub mod subscription;
 
 pub use context::{Context, Settings};
+
+/// Every kind the operator reconciles.
+pub const KINDS: [&str; 3] = [customer::KIND, subscription::KIND, apikey::KIND];
 pub use error::Error;

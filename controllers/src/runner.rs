@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType as K8sEventType;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::context::Context;
@@ -64,9 +64,19 @@ pub async fn run_with<K, F, Fut>(
     let config = Config::default()
         .concurrency(ctx.settings.concurrency)
         .debounce(DEBOUNCE);
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    // The watch stream is built here (not by Controller::new) to see its InitDone:
+    // that is when this kind is listed and watching, which `/readyz` reports.
+    let (cache, writer) = reflector::store();
+    let watching = ctx.watching.clone();
+    let events = watcher(api, watcher::Config::default().any_semantic()).inspect(move |event| {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            tracing::info!(kind, "listed; watching");
+            watching.mark(kind);
+        }
+    });
+    let controller =
+        Controller::for_stream(reflector(writer, events).applied_objects(), cache.clone());
     ctx.metrics.init_kind(kind);
-    let cache = controller.store();
     ctx.metrics.track_resources(kind, move || {
         let objects = cache.state();
         let ready = objects

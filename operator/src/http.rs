@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use m3o_controllers::context::Watching;
 use m3o_controllers::metrics::Metrics;
 use m3o_events::relay::RelayStats;
 use sqlx::PgPool;
@@ -18,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 /// What the handlers read.
 #[derive(Clone)]
 pub struct HttpState {
+    /// Connected to every backend (set after the start-up checks).
     pub ready: Arc<AtomicBool>,
+    /// Which controllers have listed their objects and are watching.
+    pub watching: Arc<Watching>,
     pub metrics: Arc<Metrics>,
     pub relay: Arc<RelayStats>,
     pub db: PgPool,
@@ -28,17 +32,19 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Ready once connected and, on the leader, once every controller is watching; a
+/// standby is ready as soon as it is connected, since it can take over at any time.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Relaxed) {
-        // A standby is ready too: it is connected and takes over when elected.
-        let role = if state.metrics.leader.get() == 1 {
-            "ready (leader)"
-        } else {
-            "ready (standby)"
-        };
-        (StatusCode::OK, role)
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    let connected = state.ready.load(Ordering::Relaxed);
+    let leader = state.metrics.leader.get() == 1;
+    match (connected, leader) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: connecting"),
+        (true, true) if !state.watching.all() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting watches",
+        ),
+        (true, true) => (StatusCode::OK, "ready (leader)"),
+        (true, false) => (StatusCode::OK, "ready (standby)"),
     }
 }
 

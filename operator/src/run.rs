@@ -123,6 +123,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     );
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = HttpState {
+        watching: ctx.watching.clone(),
         ready: ready.clone(),
         metrics: metrics.clone(),
         relay: relay.stats(),

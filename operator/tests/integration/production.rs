@@ -140,6 +140,12 @@ async fn metrics_exist_and_move() {
         ..Default::default()
     };
     let op = env.start_operator_with(backends).await;
+    let readyz = crate::support::http_get(&format!("127.0.0.1:{}", op.port), "/readyz").await;
+    assert_eq!(
+        readyz,
+        Some((200, "ready (leader)".to_owned())),
+        "ready once every kind is watched"
+    );
     let before = parse_metrics(&op.metrics().await);
     let text = op.metrics().await;
     for family in [

@@ -275,3 +275,78 @@ async fn a_flood_of_changes_collapses_into_few_reconciles() {
         Some(json!("Final"))
     );
 }
+
+/// The timestamp of the first JSON log line of `log` containing `message`.
+fn logged_at(log: &str, message: &str) -> Option<String> {
+    log.lines().filter(|l| l.contains(message)).find_map(|l| {
+        serde_json::from_str::<serde_json::Value>(l).ok()?["timestamp"]
+            .as_str()
+            .map(str::to_owned)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_before_a_standby_starts() {
+    let env = TestEnv::new("leader-cut").await;
+    // The first replica reaches the API server through a proxy the test can cut.
+    let kubeconfig =
+        std::fs::read_to_string(crate::support::required_env("KUBECONFIG")).expect("kubeconfig");
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .expect("server")
+        .to_owned();
+    let api_proxy = CuttableProxy::start(host_port(&server)).await;
+    let path =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.kubeconfig", env.ns));
+    std::fs::write(
+        &path,
+        kubeconfig.replace(&server, &via(&server, &api_proxy)),
+    )
+    .expect("write kubeconfig");
+    let mut cut_off = elected(&env);
+    cut_off
+        .extra_args
+        .extend(["--kubeconfig".to_owned(), path.display().to_string()]);
+
+    let first = env.start_operator_with(cut_off).await;
+    eventually(
+        "the first replica to lead",
+        Duration::from_secs(20),
+        || async { (metric(&first, "m3o_operator_leader").await == 1.0).then_some(()) },
+    )
+    .await;
+    let second = env.start_operator_with(elected(&env)).await;
+    api_proxy.cut();
+
+    let first_log = first.log_path.clone();
+    let exited = tokio::time::timeout(Duration::from_secs(20), first.wait())
+        .await
+        .expect("the cut-off leader exits");
+    assert!(
+        !exited.success(),
+        "losing the lease is an error exit, so the pod restarts as a standby"
+    );
+    eventually(
+        "the standby to take over",
+        Duration::from_secs(20),
+        || async { (metric(&second, "m3o_operator_leader").await == 1.0).then_some(()) },
+    )
+    .await;
+    let first_log = std::fs::read_to_string(first_log).expect("log");
+    assert!(first_log.contains("lost the leader lease"), "{first_log}");
+    let stopped =
+        logged_at(&first_log, "m3o-operator stopped").expect("the old leader logged its stop");
+    let second_log = std::fs::read_to_string(&second.log_path).expect("log");
+    let took_over =
+        logged_at(&second_log, "became the leader").expect("the standby logged its election");
+    // RFC 3339 UTC timestamps of equal precision compare as strings.
+    assert!(
+        stopped < took_over,
+        "the old leader stopped ({stopped}) before the new one started ({took_over})"
+    );
+
+    env.apply_customer("after", json!({"email": "after@example.com"}))
+        .await;
+    env.wait_ready("after").await;
+}

@@ -31,7 +31,7 @@ impl TestEnv {
     pub async fn start_operator_with(&self, backends: Backends) -> Operator {
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
-        let log_path = log_dir.join(format!("{}.log", self.ns));
+        let log_path = log_dir.join(format!("{}-{}.log", self.ns, super::suffix()));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1,13 +1,12 @@
 //! Customers through backend outages and operator crashes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::json;
 
 use crate::support::proxy::{CuttableProxy, host_port, via};
-use crate::support::{Backends, PrivateRedis, TestEnv, dedupe, eventually};
+use crate::support::{Backends, PrivateRedis, TestEnv, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_wait_in_the_outbox_while_redis_is_down() {
@@ -157,16 +156,7 @@ async fn outages_show_in_status_and_heal() {
 async fn sigkill_mid_batch_loses_and_duplicates_nothing() {
     const N: usize = 200;
     let env = TestEnv::new("cust-crash").await;
-    let names: Vec<String> = (0..N).map(|i| format!("batch-{i:03}")).collect();
-    futures::stream::iter(names.iter())
-        .for_each_concurrent(16, |name| {
-            let env = &env;
-            async move {
-                env.apply_customer(name, json!({"email": format!("{name}@example.com")}))
-                    .await;
-            }
-        })
-        .await;
+    env.apply_customer_batch("batch", N).await;
 
     // The whole batch is queued; kill the operator as soon as part of it is written.
     let started = Instant::now();
@@ -184,57 +174,11 @@ async fn sigkill_mid_batch_loses_and_duplicates_nothing() {
     );
 
     let _op = env.start_operator().await;
-    eventually("all customers Ready", Duration::from_secs(180), || async {
-        let list = env.customers().list(&Default::default()).await.ok()?;
-        let ready = list.items.iter().filter(|c| {
-            c.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        });
-        (ready.count() == N).then_some(())
-    })
-    .await;
+    env.wait_customers_ready(N, Duration::from_secs(180)).await;
     eprintln!(
         "{N} customers Ready in {:?} (killed after {at_kill} rows)",
         started.elapsed()
     );
 
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE deleted_at IS NULL")
-        .fetch_one(&env.db)
-        .await
-        .expect("rows");
-    assert_eq!(rows, N as i64);
-    let created: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_type = 'EventTypeCreated'")
-            .fetch_one(&env.db)
-            .await
-            .expect("outbox");
-    assert_eq!(created, N as i64, "one Created event per customer");
-    let events = eventually("all events published", Duration::from_secs(60), || async {
-        let events = dedupe(env.stream_events().await);
-        (events.len() >= N).then_some(events)
-    })
-    .await;
-    assert_eq!(events.len(), N, "{N} distinct event ids");
-    let mut per_customer: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        assert_eq!(e.event_type, "EventTypeCreated");
-        *per_customer
-            .entry(
-                e.event
-                    .customer
-                    .as_ref()
-                    .map(|c| c.id.clone())
-                    .unwrap_or_default(),
-            )
-            .or_default() += 1;
-    }
-    assert_eq!(per_customer.len(), N);
-    assert!(
-        per_customer.values().all(|n| *n == 1),
-        "no customer announced twice"
-    );
-    assert_eq!(env.etcd_keys().await.len(), N, "{N} etcd keys");
+    env.assert_each_customer_created_once(N).await;
 }

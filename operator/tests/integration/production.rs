@@ -1,15 +1,14 @@
 //! Running it in production: leader election between replicas, metrics, and a flood
 //! of changes collapsing into few reconciles.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use crate::support::proxy::{CuttableProxy, host_port, via};
-use crate::support::{Backends, Operator, TestEnv, dedupe, eventually};
+use crate::support::{Backends, Operator, TestEnv, eventually};
 
 /// Parses the Prometheus text format into `name{labels}` -> value.
 pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
@@ -70,16 +69,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         "a standby is ready, and says it is a standby"
     );
 
-    let names: Vec<String> = (0..N).map(|i| format!("ha-{i:03}")).collect();
-    futures::stream::iter(names.iter())
-        .for_each_concurrent(16, |name| {
-            let env = &env;
-            async move {
-                env.apply_customer(name, json!({"email": format!("{name}@example.com")}))
-                    .await;
-            }
-        })
-        .await;
+    env.apply_customer_batch("ha", N).await;
     eventually(
         "part of the batch provisioned by the leader",
         Duration::from_secs(60),
@@ -100,35 +90,8 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         || async { (metric(&second, "m3o_operator_leader").await == 1.0).then_some(()) },
     )
     .await;
-    eventually("all customers Ready", Duration::from_secs(120), || async {
-        let list = env.customers().list(&Default::default()).await.ok()?;
-        let ready = list.items.iter().filter(|c| {
-            c.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        });
-        (ready.count() == N).then_some(())
-    })
-    .await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE deleted_at IS NULL")
-        .fetch_one(&env.db)
-        .await
-        .expect("rows");
-    assert_eq!(rows, N as i64, "nothing lost, nothing duplicated");
-    let events = eventually("all events published", Duration::from_secs(60), || async {
-        let events = dedupe(env.stream_events().await);
-        (events.len() >= N).then_some(events)
-    })
-    .await;
-    assert_eq!(events.len(), N);
-    let customers: HashSet<_> = events
-        .iter()
-        .filter_map(|e| e.event.customer.as_ref().map(|c| c.id.clone()))
-        .collect();
-    assert_eq!(customers.len(), N, "one Created per customer");
-    assert_eq!(env.etcd_keys().await.len(), N);
+    env.wait_customers_ready(N, Duration::from_secs(120)).await;
+    env.assert_each_customer_created_once(N).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 //! The servers come from `hack/env.sh` (`make test`); a test run without them fails
 //! with a message saying so, it never passes silently.
 
+pub mod batch;
 pub mod cli;
 pub mod operator;
 pub mod private_redis;

@@ -19,6 +19,7 @@ use crate::context::Context;
 use crate::customer::plan::payload;
 use crate::error::Error;
 use crate::lifecycle;
+use crate::platform::sync;
 use crate::status::{self, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
@@ -66,7 +67,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let key_plan = record(ctx, &key, &customer, &issued, grace).await?;
 
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
-    converge_config(ctx, &rows, Some(&customer)).await?;
+    converge_config(ctx, &rows).await?;
 
     let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
         Error::Invalid(format!(
@@ -182,23 +183,13 @@ async fn write(
     Ok(())
 }
 
-/// Makes the gateway entries of `rows` match Postgres (removing revoked ones).
-pub async fn converge_config(
-    ctx: &Context,
-    rows: &[ApiKeyRow],
-    customer: Option<&CustomerRow>,
-) -> Result<(), Error> {
-    let now = Utc::now();
-    let entries: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                super::config::apikey_key(&r.key_hash),
-                super::config::entry(r, customer.filter(|c| c.id == r.customer_id), now),
-            )
-        })
-        .collect();
-    ctx.platform.converge(&entries).await?;
+/// Makes the gateway entries of `rows` match Postgres (removing revoked ones), through
+/// each owning customer's serialised convergence.
+pub async fn converge_config(ctx: &Context, rows: &[ApiKeyRow]) -> Result<(), Error> {
+    let customers: std::collections::BTreeSet<_> = rows.iter().map(|r| r.customer_id).collect();
+    for customer_id in customers {
+        sync::converge_customer(&ctx.db, &ctx.platform, customer_id).await?;
+    }
     Ok(())
 }
 
@@ -234,12 +225,7 @@ pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
         write(&mut tx, &single, &customer).await?;
     }
     tx.commit().await?;
-    converge_config(
-        ctx,
-        &api_keys::all_for_resource(&ctx.db, &ns, &name).await?,
-        None,
-    )
-    .await
+    converge_config(ctx, &api_keys::all_for_resource(&ctx.db, &ns, &name).await?).await
 }
 
 async fn wait(

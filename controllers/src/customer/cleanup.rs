@@ -14,7 +14,7 @@ use super::{plan, reconcile};
 use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
-use crate::platform::desired;
+use crate::platform::sync;
 use crate::store::customers;
 
 pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Error> {
@@ -52,9 +52,7 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
     // The key goes whether this pass or an earlier one (that crashed) marked the row.
     if let Some(id) = deleted.or_else(|| reconcile::known_id(&customer)) {
         // The row is no longer live, so its key and its dependents' resolve to "absent".
-        ctx.platform
-            .converge(&desired::customer_keys(&ctx.db, id).await?)
-            .await?;
+        sync::converge_customer(&ctx.db, &ctx.platform, id).await?;
         tracing::info!(customer = %id, "customer deleted");
     }
     Ok(Action::await_change())

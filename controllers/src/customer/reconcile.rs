@@ -13,7 +13,8 @@ use super::plan::{self, Desired, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
-use crate::platform::desired::{self, customer_key};
+use crate::platform::desired::customer_key;
+use crate::platform::sync;
 use crate::status::reasons;
 use crate::store::{self, customers, customers::CustomerRow};
 
@@ -43,9 +44,7 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
     };
 
     let key = ctx.platform.key(&customer_key(row.id));
-    ctx.platform
-        .converge(&desired::customer_keys(&ctx.db, row.id).await?)
-        .await?;
+    sync::converge_customer(&ctx.db, &ctx.platform, row.id).await?;
 
     let status = plan::provisioned_status(&customer, &row, &key);
     let note = format!(

@@ -2,7 +2,7 @@
 //! every resync interval, and a watch in between, restore hand edits and deletions
 //! and remove keys no record owns. Our own writes are recognised by revision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +10,13 @@ use etcd_client::{EventType, WatchOptions};
 use kube::runtime::events::EventType as K8sEventType;
 use tokio_util::sync::CancellationToken;
 
-use super::desired::{self, DesiredEntry};
+use uuid::Uuid;
+
+use super::desired::{self, KeyOwner};
+use super::sync;
 use crate::context::Context;
 use crate::error::Error;
+use crate::store::api_keys;
 
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -48,16 +52,14 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
         .into_iter()
         .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
         .collect();
-    for (relative, entry) in &wanted {
-        if actual
-            .get(relative)
-            .is_none_or(|v| !same_value(v, &entry.value))
-        {
-            restore(ctx, relative, entry).await?;
-        }
-    }
-    for relative in actual.keys().filter(|k| !wanted.contains_key(*k)) {
-        prune(ctx, relative).await?;
+    let differs = |relative: &String| match (actual.get(relative), wanted.get(relative)) {
+        (Some(v), Some(entry)) => !same_value(v, &entry.value),
+        (None, None) => false,
+        _ => true,
+    };
+    let keys: BTreeSet<&String> = actual.keys().chain(wanted.keys()).collect();
+    for relative in keys.into_iter().filter(|k| differs(k)) {
+        repair(ctx, relative).await?;
     }
     Ok(revision)
 }
@@ -113,28 +115,52 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
 async fn correct(ctx: &Context, relative: &str, current: Option<&[u8]>) -> Result<(), Error> {
     match (desired::desired_for(&ctx.db, relative).await?, current) {
         (Some(entry), Some(v)) if same_value(v, &entry.value) => Ok(()),
-        (Some(entry), _) => restore(ctx, relative, &entry).await,
-        (None, Some(_)) => prune(ctx, relative).await,
+        (Some(_), _) | (None, Some(_)) => repair(ctx, relative).await,
         (None, None) => Ok(()),
     }
 }
 
-async fn restore(ctx: &Context, relative: &str, entry: &DesiredEntry) -> Result<(), Error> {
+/// Repairs a key that differs from Postgres: through its customer's serialised
+/// convergence when a customer owns it, otherwise by removing it.
+async fn repair(ctx: &Context, relative: &str) -> Result<(), Error> {
+    let Some(customer_id) = owning_customer(&ctx.db, relative).await? else {
+        return prune(ctx, relative).await;
+    };
+    if !sync::converge_customer(&ctx.db, &ctx.platform, customer_id).await? {
+        return Ok(());
+    }
     let key = ctx.platform.key(relative);
-    if ctx.platform.ensure(&key, &entry.value).await? {
-        ctx.metrics.drift_corrected(key_kind(relative));
-        tracing::info!(%key, "restored etcd key changed outside the operator");
-        let note = format!("{key} was changed or deleted outside the operator; restored it");
-        ctx.event(
-            &entry.owner,
-            K8sEventType::Warning,
-            "DriftCorrected",
-            "SyncConfig",
-            note,
-        )
-        .await;
+    match desired::desired_for(&ctx.db, relative).await? {
+        Some(entry) => {
+            ctx.metrics.drift_corrected(key_kind(relative));
+            tracing::info!(%key, "restored etcd key changed outside the operator");
+            let note = format!("{key} was changed or deleted outside the operator; restored it");
+            ctx.event(
+                &entry.owner,
+                K8sEventType::Warning,
+                "DriftCorrected",
+                "SyncConfig",
+                note,
+            )
+            .await;
+        }
+        None => {
+            ctx.metrics.drift_corrected("unowned");
+            tracing::info!(%key, "removed etcd key that no resource owns");
+        }
     }
     Ok(())
+}
+
+/// The customer whose rows a key is derived from; `None` for a key nothing owns.
+async fn owning_customer(db: &sqlx::PgPool, relative: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    Ok(match desired::classify(relative) {
+        KeyOwner::Customer(id) | KeyOwner::Quota(id) => Some(id),
+        KeyOwner::ApiKey(hash) => api_keys::live_by_hash(db, &hash)
+            .await?
+            .map(|row| row.customer_id),
+        KeyOwner::Unowned => None,
+    })
 }
 
 async fn prune(ctx: &Context, relative: &str) -> Result<(), Error> {

@@ -6,6 +6,7 @@
 
 pub mod desired;
 pub mod drift;
+pub mod sync;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

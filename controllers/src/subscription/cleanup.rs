@@ -17,7 +17,7 @@ use super::plan;
 use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
-use crate::platform::desired;
+use crate::platform::sync;
 use crate::store::{customers, subscriptions};
 
 pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
@@ -55,9 +55,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
 
     // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
     if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
-        ctx.platform
-            .converge(&desired::customer_keys(&ctx.db, customer_id).await?)
-            .await?;
+        sync::converge_customer(&ctx.db, &ctx.platform, customer_id).await?;
         tracing::info!(subscription = %name, customer = %customer_id, "subscription cancelled");
     }
     Ok(Action::await_change())

@@ -14,7 +14,7 @@ use super::plan::{self, Blocker, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
-use crate::platform::desired;
+use crate::platform::sync;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
@@ -46,14 +46,10 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
 
-    ctx.platform
-        .converge(&desired::customer_keys(&ctx.db, row.customer_id).await?)
-        .await?;
+    sync::converge_customer(&ctx.db, &ctx.platform, row.customer_id).await?;
     if let Some(previous) = previous_customer.filter(|p| *p != row.customer_id) {
         // The record moved to a re-created customer: the old customer's keys follow.
-        ctx.platform
-            .converge(&desired::customer_keys(&ctx.db, previous).await?)
-            .await?;
+        sync::converge_customer(&ctx.db, &ctx.platform, previous).await?;
     }
 
     let key = ctx.platform.key(&quota_key(row.customer_id));

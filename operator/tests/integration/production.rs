@@ -167,6 +167,7 @@ async fn metrics_exist_and_move() {
     );
     assert_eq!(get(&after, "m3o_operator_outbox_backlog"), 0.0);
 
+    op.settle().await; // a trailing reconcile would restore the key before the watcher
     env.etcd
         .kv_client()
         .delete(format!("{}/customers/{id}", env.etcd_prefix), None)

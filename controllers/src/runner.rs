@@ -29,8 +29,14 @@ where
     }
 }
 
-fn object_key<K: Resource>(obj: &K) -> String {
-    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+/// The backoff key of an object: kinds share names, not failure counts.
+fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
 }
 
 /// Runs the controller of `K` with `reconcile` until `shutdown` resolves.

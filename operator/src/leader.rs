@@ -76,19 +76,34 @@ impl Elector {
         }
     }
 
-    /// Renews the lease every retry period until shutdown or loss.
+    /// Renews the lease every retry period until shutdown or loss. Loss is declared no
+    /// later than `renew_deadline` after the last successful renewal: waits and attempts
+    /// are cut to the time left. On shutdown the lease is kept: the caller stops its work
+    /// first and then calls [`Elector::release`].
     pub async fn hold(&mut self, shutdown: &CancellationToken) -> Ended {
         let mut last_renewed = Instant::now();
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.release().await;
-                    return Ended::Shutdown;
-                }
-                _ = tokio::time::sleep(self.config.retry_period) => {}
+            let left = self
+                .config
+                .renew_deadline
+                .saturating_sub(last_renewed.elapsed());
+            if left.is_zero() {
+                tracing::error!(lease = %self.config.name, "could not renew the lease in time");
+                return Ended::Lost;
             }
-            let attempt =
-                tokio::time::timeout(self.config.retry_period, self.try_acquire_or_renew()).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = tokio::time::sleep(self.config.retry_period.min(left)) => {}
+            }
+            let left = self
+                .config
+                .renew_deadline
+                .saturating_sub(last_renewed.elapsed());
+            let attempt = tokio::time::timeout(
+                self.config.retry_period.min(left),
+                self.try_acquire_or_renew(),
+            )
+            .await;
             match attempt {
                 Ok(Ok(true)) => last_renewed = Instant::now(),
                 Ok(Ok(false)) => {
@@ -97,10 +112,6 @@ impl Elector {
                 }
                 Ok(Err(err)) => tracing::warn!(%err, "leader election: renewal failed"),
                 Err(_) => tracing::warn!("leader election: renewal timed out"),
-            }
-            if last_renewed.elapsed() > self.config.renew_deadline {
-                tracing::error!(lease = %self.config.name, "could not renew the lease in time");
-                return Ended::Lost;
             }
         }
     }
@@ -177,8 +188,9 @@ impl Elector {
         }
     }
 
-    /// Gives the lease up so a standby takes over without waiting for expiry.
-    async fn release(&self) {
+    /// Gives the lease up so a standby takes over without waiting for expiry. Call it
+    /// only after this replica has stopped writing.
+    pub async fn release(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
             return;
         };
@@ -201,5 +213,83 @@ impl Elector {
                 tracing::warn!(%err, "could not release the lease; a standby takes over when it expires")
             }
         }
+    }
+}
+
+/// Advisory lock class of the leader fence ("m3ol").
+const FENCE_CLASS: i32 = 0x6d33_6f6c;
+
+/// A Postgres session lock held for as long as the leader works. A new leader takes it
+/// before starting, so while its predecessor is still finishing, or is cut off from
+/// the API server but not from Postgres, it waits; the lock also dies with the
+/// predecessor's session if that process is killed.
+pub struct Fence {
+    conn: sqlx::PgConnection,
+    key: i32,
+}
+
+/// The fence of a schema (one operator deployment).
+fn fence_key(schema: &str) -> i32 {
+    // FNV-1a, folded to 32 bits.
+    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash as u32 ^ (hash >> 32) as u32) as i32
+}
+
+impl Fence {
+    /// Waits for the fence; `None` if shutdown came first.
+    pub async fn acquire(
+        db: &sqlx::PgPool,
+        schema: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, sqlx::Error> {
+        let key = fence_key(schema);
+        let mut conn = db.acquire().await?.detach();
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(FENCE_CLASS)
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await?;
+            if held {
+                return Ok(Some(Self { conn, key }));
+            }
+            if waiting_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    "elected, waiting for the previous leader to stop (it holds the Postgres fence)"
+                );
+                waiting_since = Some(Instant::now());
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Releases the fence (closing the session would too).
+    pub async fn release(mut self) {
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(FENCE_CLASS)
+            .bind(self.key)
+            .execute(&mut self.conn)
+            .await;
+        if let Err(err) = unlocked {
+            tracing::warn!(%err, "could not release the Postgres fence; it goes with the session");
+        }
+        let _ = sqlx::Connection::close(self.conn).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_keys_differ_per_schema() {
+        assert_eq!(fence_key("m3o"), fence_key("m3o"));
+        assert_ne!(fence_key("m3o"), fence_key("m3o_staging"));
     }
 }

@@ -15,11 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DatabaseArgs, RunArgs};
 use crate::http::{self, HttpState};
-use crate::leader::{ElectionConfig, Elector, Ended};
+use crate::leader::{ElectionConfig, Elector, Ended, Fence};
 use crate::startup::{self, StartupError};
 
-/// Database connections of the operator process (reconcilers, relay, drift, scrapes).
-const DB_POOL_SIZE: u32 = 16;
+/// Database connections of the operator process: one per reconcile that may run at
+/// once (three kinds), plus the relay, the drift watcher, the fence and scrapes.
+fn db_pool_size(concurrency: u16) -> u32 {
+    (3 * u32::from(concurrency) + 8).min(128)
+}
 
 pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
     let db = startup::database(args.database_url.as_deref(), &args.database_schema, 2).await?;
@@ -75,8 +78,12 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let namespace = Some(args.namespace.trim().to_owned()).filter(|ns| !ns.is_empty());
     let schema = args.database.database_schema.clone();
 
-    let db =
-        startup::database(args.database.database_url.as_deref(), &schema, DB_POOL_SIZE).await?;
+    let db = startup::database(
+        args.database.database_url.as_deref(),
+        &schema,
+        db_pool_size(args.concurrency),
+    )
+    .await?;
     store::migrate(&db)
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
@@ -122,6 +129,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         .with_plans(plans.clone()),
     );
     let ready = Arc::new(AtomicBool::new(false));
+    let fencing = (db.clone(), schema.clone());
     let http_state = HttpState {
         watching: ctx.watching.clone(),
         ready: ready.clone(),
@@ -153,7 +161,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             join(work.spawn(shutdown.clone()), None).await;
             Ok(())
         }
-        Some(config) => lead_while_elected(client, config, work, &metrics, &shutdown).await,
+        Some(config) => {
+            lead_while_elected(client, config, fencing, work, &metrics, &shutdown).await
+        }
     };
     metrics.leader.set(0);
     ready.store(false, Ordering::Relaxed);
@@ -168,36 +178,73 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 }
 
 /// Stands by until elected, then runs the leader's work until shutdown or loss of the
-/// lease. After a loss the work is stopped before the lease can expire for others, and
-/// the process exits so its restart rejoins as a standby.
+/// lease. The work starts only once the Postgres fence is held (the previous leader has
+/// stopped), and after a loss it is stopped before the lease can expire for others; the
+/// process then exits so that its restart rejoins as a standby. On shutdown the work
+/// stops first and the lease is released after, for an immediate hand-over.
 async fn lead_while_elected(
     client: kube::Client,
     config: ElectionConfig,
+    fencing: (sqlx::PgPool, String),
     work: LeaderWork,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(), StartupError> {
-    let margin = config.lease_duration.saturating_sub(config.renew_deadline);
+    let margin = config
+        .lease_duration
+        .saturating_sub(config.renew_deadline)
+        .saturating_sub(config.retry_period);
     let mut elector = Elector::new(client, config);
     if !elector.acquire(shutdown).await {
         return Ok(());
     }
-    metrics.leader.set(1);
-    let leading = shutdown.child_token();
-    let tasks = work.spawn(leading.clone());
-    let ended = elector.hold(shutdown).await;
-    leading.cancel();
+    let (ended, tasks, fence) = {
+        let hold = elector.hold(shutdown);
+        tokio::pin!(hold);
+        // Keep renewing while waiting for the predecessor to let go of the fence.
+        let fence = tokio::select! {
+            ended = &mut hold => return lost_before_starting(ended),
+            fence = Fence::acquire(&fencing.0, &fencing.1, shutdown) => fence,
+        };
+        let fence = match fence {
+            Ok(Some(fence)) => fence,
+            Ok(None) => return Ok(()),
+            Err(err) => {
+                return Err(StartupError(format!(
+                    "--database-url: cannot take the leader fence: {err}"
+                )));
+            }
+        };
+        metrics.leader.set(1);
+        let leading = shutdown.child_token();
+        let tasks = work.spawn(leading.clone());
+        let ended = hold.await;
+        leading.cancel();
+        (ended, tasks, fence)
+    };
     match ended {
         Ended::Shutdown => {
             join(tasks, None).await;
+            fence.release().await;
+            elector.release().await;
             Ok(())
         }
         Ended::Lost => {
             join(tasks, Some(margin)).await;
+            fence.release().await;
             Err(StartupError(
                 "lost the leader lease; exiting so that a restart rejoins as a standby".into(),
             ))
         }
+    }
+}
+
+fn lost_before_starting(ended: Ended) -> Result<(), StartupError> {
+    match ended {
+        Ended::Shutdown => Ok(()),
+        Ended::Lost => Err(StartupError(
+            "lost the leader lease before starting; exiting to rejoin as a standby".into(),
+        )),
     }
 }
 

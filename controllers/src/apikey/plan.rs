@@ -3,6 +3,7 @@
 //! look again (expiry, end of a rotation's grace period). No I/O.
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use m3o_crds::{ApiKey, ApiKeyState, ApiKeyStatus};
 use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
@@ -46,6 +47,15 @@ pub fn parse_state(s: &str) -> Option<ApiKeyState> {
     ]
     .into_iter()
     .find(|v| state_str(*v) == s)
+}
+
+/// `spec.expiresAt` in whole seconds, as Kubernetes serialises times (and so Postgres,
+/// etcd and status compare equal on every pass).
+pub fn expiry(key: &ApiKey) -> Option<DateTime<Utc>> {
+    key.spec
+        .expires_at
+        .as_ref()
+        .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
 }
 
 /// The event announcing a key's move from one state to another, if any. Becoming
@@ -103,9 +113,7 @@ fn event(kind: EventType, row_id: Uuid, scopes: &[String]) -> KeyEvent {
 /// Plans the current key (the one in the Secret) and the previous ones.
 pub fn plan(o: &Observed) -> KeyPlan {
     let spec = &o.key.spec;
-    let expires_at = spec.expires_at.as_ref().and_then(|t| {
-        DateTime::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond().max(0) as u32)
-    });
+    let expires_at = expiry(o.key);
     let status = state_str(effective_state(
         spec.blocked,
         &o.customer.status,
@@ -178,7 +186,14 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
         }
         Some(until) => until,
         None => {
-            let until = o.now + o.grace;
+            // A key replaced within its own rotation generation (its Secret was deleted
+            // or edited) is held by nobody: no grace period.
+            let grace = if row.rotation_generation >= o.issued.rotation_generation {
+                chrono::Duration::zero()
+            } else {
+                o.grace
+            };
+            let until = o.now + grace;
             fields.grace_until = Some(until);
             plan.events.push(KeyEvent {
                 kind: EventType::KeyRotated,
@@ -317,7 +332,9 @@ pub fn synced_status(key: &ApiKey, current: &ApiKeyRow, secret_name: &str) -> Ap
         secret_name: Some(secret_name.to_owned()),
         key_prefix: Some(current.key_prefix.clone()),
         state: Some(state),
-        expires_at: key.spec.expires_at.clone(),
+        expires_at: expiry(key)
+            .and_then(|t| k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).ok())
+            .map(Time),
         last_rotated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::from_second(current.created_at.timestamp())
                 .unwrap_or_default(),

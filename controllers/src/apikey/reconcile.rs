@@ -94,6 +94,12 @@ async fn current_key(
         Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let name = secret::secret_name(key);
     let revoked = |id| rows.iter().any(|r| r.id == id && r.revoked_at.is_some());
+    // The hash recorded for a key id: a Secret whose key differs was tampered with.
+    let recorded_as = |id| {
+        rows.iter()
+            .find(|r| r.id == id)
+            .map(|r| r.key_hash.as_str())
+    };
     match secret::inspect(secrets.get_opt(&name).await?.as_ref(), key) {
         SecretState::Foreign => {
             return Ok(Err((
@@ -105,7 +111,8 @@ async fn current_key(
         }
         SecretState::Ours(Some(issued))
             if issued.rotation_generation >= key.spec.rotation_generation
-                && !revoked(issued.key_id) =>
+                && !revoked(issued.key_id)
+                && recorded_as(issued.key_id).is_none_or(|h| h == issued.hash) =>
         {
             return Ok(Ok(issued));
         }
@@ -218,7 +225,7 @@ pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let rows = api_keys::lock_live_for_resource(&mut tx, &ns, &name).await?;
     let generation = key.metadata.generation.unwrap_or_default();
     for row in &rows {
-        let Some(customer) = customers::by_id(&ctx.db, row.customer_id).await? else {
+        let Some(customer) = customers::by_id(&mut *tx, row.customer_id).await? else {
             continue;
         };
         let single = plan::revoke_all(std::slice::from_ref(row), generation);

@@ -27,6 +27,8 @@ pub const DATA_API_KEY: &str = "apiKey";
 pub const DATA_KEY_ID: &str = "keyId";
 /// Annotation: the rotationGeneration the Secret's key was issued for.
 pub const ROTATION_ANNOTATION: &str = "m3o.com/rotation-generation";
+/// Annotation: the SHA-256 of the key as issued, so an edited key is noticed.
+pub const HASH_ANNOTATION: &str = "m3o.com/key-sha256";
 /// Label on every Secret the operator writes (the controller watches only these).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "m3o-operator");
 pub const APIKEY_LABEL: &str = "m3o.com/apikey";
@@ -118,6 +120,8 @@ pub fn inspect(secret: Option<&Secret>, owner: &ApiKey) -> SecretState {
         .annotations()
         .get(ROTATION_ANNOTATION)
         .and_then(|g| g.parse().ok());
+    // A key that is not the one issued (edited by hand) counts as no key: re-issued.
+    let key = key.filter(|k| secret.annotations().get(HASH_ANNOTATION) == Some(&hash(k)));
     let issued = match (key, key_id, generation) {
         (Some(key), Some(key_id), Some(rotation_generation)) => Some(IssuedKey {
             key_id,
@@ -167,10 +171,13 @@ pub async fn issue(
         (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
         (APIKEY_LABEL.to_owned(), owner.name_any()),
     ]));
-    secret.metadata.annotations = Some(BTreeMap::from([(
-        ROTATION_ANNOTATION.to_owned(),
-        rotation_generation.to_string(),
-    )]));
+    secret.metadata.annotations = Some(BTreeMap::from([
+        (
+            ROTATION_ANNOTATION.to_owned(),
+            rotation_generation.to_string(),
+        ),
+        (HASH_ANNOTATION.to_owned(), issued.hash.clone()),
+    ]));
     secret.metadata.owner_references = owner.controller_owner_ref(&()).map(|o| vec![o]);
     let mut body = serde_json::to_value(&secret)
         .map_err(|e| crate::Error::Invalid(format!("encoding Secret: {e}")))?;

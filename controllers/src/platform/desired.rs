@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
 use m3o_crds::Customer;
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::apikey::config as apikey_config;
@@ -84,7 +84,7 @@ pub fn classify(relative: &str) -> KeyOwner {
 /// changes a customer calls [`super::PlatformConfig::converge`] on these, so a ban
 /// reaches the gateway at once.
 pub async fn customer_keys(
-    db: &PgPool,
+    db: &mut PgConnection,
     id: Uuid,
 ) -> Result<Vec<(String, Option<DesiredEntry>)>, sqlx::Error> {
     let key = customer_key(id);
@@ -92,8 +92,8 @@ pub async fn customer_keys(
     let quota = subscription_config::quota_key(id);
     let quota_entry = desired_for(db, &quota).await?;
     let mut keys = vec![(key, entry), (quota, quota_entry)];
-    let customer = customers::live_by_id(db, id).await?;
-    for row in api_keys::all_for_customer(db, id).await? {
+    let customer = customers::live_by_id(&mut *db, id).await?;
+    for row in api_keys::all_for_customer(&mut *db, id).await? {
         let entry = apikey_config::entry(&row, customer.as_ref(), Utc::now());
         keys.push((apikey_config::apikey_key(&row.key_hash), entry));
     }
@@ -101,28 +101,31 @@ pub async fn customer_keys(
 }
 
 /// The desired entry for one key, or `None` when the key should not exist.
-pub async fn desired_for(db: &PgPool, relative: &str) -> Result<Option<DesiredEntry>, sqlx::Error> {
+pub async fn desired_for(
+    db: &mut PgConnection,
+    relative: &str,
+) -> Result<Option<DesiredEntry>, sqlx::Error> {
     match classify(relative) {
         KeyOwner::Customer(id) => {
-            let Some(row) = customers::live_by_id(db, id).await? else {
+            let Some(row) = customers::live_by_id(&mut *db, id).await? else {
                 return Ok(None);
             };
-            let subscription = subscriptions::live_by_customer(db, id).await?;
+            let subscription = subscriptions::live_by_customer(&mut *db, id).await?;
             let plan = subscription_config::customer_plan(subscription.as_ref());
             Ok(Some(customer_entry(&row, plan)))
         }
         KeyOwner::ApiKey(hash) => {
-            let Some(row) = api_keys::live_by_hash(db, &hash).await? else {
+            let Some(row) = api_keys::live_by_hash(&mut *db, &hash).await? else {
                 return Ok(None);
             };
-            let customer = customers::live_by_id(db, row.customer_id).await?;
+            let customer = customers::live_by_id(&mut *db, row.customer_id).await?;
             Ok(apikey_config::entry(&row, customer.as_ref(), Utc::now()))
         }
         KeyOwner::Quota(id) => {
-            if customers::live_by_id(db, id).await?.is_none() {
+            if customers::live_by_id(&mut *db, id).await?.is_none() {
                 return Ok(None);
             }
-            let subscription = subscriptions::live_by_customer(db, id).await?;
+            let subscription = subscriptions::live_by_customer(&mut *db, id).await?;
             Ok(subscription.as_ref().map(subscription_config::quota_entry))
         }
         KeyOwner::Unowned => Ok(None),

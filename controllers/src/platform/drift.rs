@@ -113,7 +113,10 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
 
 /// Brings one key back to what Postgres says after a change we did not make.
 async fn correct(ctx: &Context, relative: &str, current: Option<&[u8]>) -> Result<(), Error> {
-    match (desired::desired_for(&ctx.db, relative).await?, current) {
+    match (
+        desired::desired_for(&mut *ctx.db.acquire().await?, relative).await?,
+        current,
+    ) {
         (Some(entry), Some(v)) if same_value(v, &entry.value) => Ok(()),
         (Some(_), _) | (None, Some(_)) => repair(ctx, relative).await,
         (None, None) => Ok(()),
@@ -130,7 +133,7 @@ async fn repair(ctx: &Context, relative: &str) -> Result<(), Error> {
         return Ok(());
     }
     let key = ctx.platform.key(relative);
-    match desired::desired_for(&ctx.db, relative).await? {
+    match desired::desired_for(&mut *ctx.db.acquire().await?, relative).await? {
         Some(entry) => {
             ctx.metrics.drift_corrected(key_kind(relative));
             tracing::info!(%key, "restored etcd key changed outside the operator");

@@ -32,8 +32,9 @@ pub async fn converge_customer(
         .bind(lock_key(customer_id))
         .execute(&mut *lock)
         .await?;
-    // Read after the lock is held: later than any write whose converge came before.
-    let entries = desired::customer_keys(db, customer_id).await?;
+    // Read after the lock is held, on the same connection (one connection per
+    // converge: waiters cannot starve the pool of the one they wait for).
+    let entries = desired::customer_keys(&mut lock, customer_id).await?;
     let changed = platform.converge(&entries).await?;
     lock.commit().await?;
     Ok(changed)

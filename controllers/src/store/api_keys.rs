@@ -100,7 +100,10 @@ pub async fn all_for_resource(
 }
 
 /// An unrevoked key by hash.
-pub async fn live_by_hash(db: &PgPool, hash: &str) -> Result<Option<ApiKeyRow>, sqlx::Error> {
+pub async fn live_by_hash<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    hash: &str,
+) -> Result<Option<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
     ))
@@ -119,8 +122,8 @@ pub async fn all_live(db: &PgPool) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
 }
 
 /// Every key (revoked too) of a customer.
-pub async fn all_for_customer(
-    db: &PgPool,
+pub async fn all_for_customer<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     customer_id: Uuid,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(

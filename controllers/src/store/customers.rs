@@ -94,7 +94,10 @@ pub async fn lock_by_id(
 }
 
 /// A live row by id, unlocked (for readers such as the etcd sync).
-pub async fn live_by_id(db: &PgPool, id: Uuid) -> Result<Option<CustomerRow>, sqlx::Error> {
+pub async fn live_by_id<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    id: Uuid,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM customers WHERE id = $1 AND deleted_at IS NULL"
     ))
@@ -202,7 +205,10 @@ pub async fn mark_deleted(tx: &mut PgConnection, id: Uuid) -> Result<CustomerRow
 }
 
 /// A row by id, live or deleted (for events about a deleted customer's keys).
-pub async fn by_id(db: &PgPool, id: Uuid) -> Result<Option<CustomerRow>, sqlx::Error> {
+pub async fn by_id<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    id: Uuid,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM customers WHERE id = $1"))
         .bind(id)
         .fetch_optional(db)

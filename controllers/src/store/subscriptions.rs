@@ -99,8 +99,8 @@ pub async fn lock_live_by_customer(
 }
 
 /// The subscription in force for a customer, unlocked (for the etcd sync).
-pub async fn live_by_customer(
-    db: &PgPool,
+pub async fn live_by_customer<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     customer_id: Uuid,
 ) -> Result<Option<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(

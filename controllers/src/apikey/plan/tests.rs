@@ -274,3 +274,20 @@ fn status_reasons_follow_the_state() {
         ("False", "Expired", Some(ApiKeyState::Expired))
     );
 }
+
+#[test]
+fn a_key_replaced_in_its_own_generation_gets_no_grace() {
+    let c = customer("active");
+    let rows = vec![row_of(
+        &plan_for(&key(false, None), &c, &issued(1, 0), &[], now())
+            .insert
+            .expect("insert"),
+    )];
+    let p = plan_for(&key(false, None), &c, &issued(2, 0), &rows, now());
+    assert_eq!(
+        p.updates[0].1.grace_until,
+        Some(now()),
+        "the unheld key stops at once"
+    );
+    assert_eq!(p.wake_at, Some(now()));
+}

@@ -217,3 +217,57 @@ async fn orphan_keeps_the_key_working_and_detaches_its_secret() {
         "nothing announced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
+    let env = TestEnv::new("key-edit").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("ci", key_spec(json!({}))).await;
+    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let old = env.secret_key("ci-api-key").await.expect("key");
+
+    // Someone writes a key of their own choosing into the Secret.
+    let forged = "m3o_chosen-by-hand-not-by-the-operator-000000";
+    let patch = json!({"stringData": {"apiKey": forged}});
+    let secrets: Api<Secret> = Api::namespaced(env.kube.clone(), &env.ns);
+    secrets
+        .patch(
+            "ci-api-key",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("edit the Secret");
+
+    let fresh = eventually(
+        "a fresh key in the Secret",
+        Duration::from_secs(30),
+        || async {
+            let key = env.secret_key("ci-api-key").await?;
+            (key != forged && key != old).then_some(key)
+        },
+    )
+    .await;
+    let k = env.wait_apikey("ci", "True", "Provisioned").await;
+    assert_ne!(key_id(&k), old_id);
+    assert_eq!(
+        env.gateway_entry(forged).await,
+        None,
+        "the edited key never authenticates"
+    );
+    assert_eq!(
+        env.gateway_entry(&fresh).await.map(|e| e["status"].clone()),
+        Some(json!("active"))
+    );
+    eventually(
+        "the replaced key revoked at once",
+        Duration::from_secs(20),
+        || async {
+            (env.gateway_entry(&old).await.is_none()
+                && env.key_row_status(&old_id).await == "revoked")
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -50,7 +50,14 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
     tx.commit().await?;
 
     // The key goes whether this pass or an earlier one (that crashed) marked the row.
-    if let Some(id) = deleted.or_else(|| reconcile::known_id(&customer)) {
+    let id = match deleted.or_else(|| reconcile::known_id(&customer)) {
+        Some(id) => Some(id),
+        // Status lost and the row already marked by a pass that crashed: find it by name.
+        None => customers::latest_by_k8s_ref(&ctx.db, &namespace, &name)
+            .await?
+            .map(|row| row.id),
+    };
+    if let Some(id) = id {
         // The row is no longer live, so its key and its dependents' resolve to "absent".
         sync::converge_customer(&ctx.db, &ctx.platform, id).await?;
         tracing::info!(customer = %id, "customer deleted");

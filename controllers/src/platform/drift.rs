@@ -76,7 +76,14 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
         .client()
         .watch(prefix.clone(), Some(options))
         .await?;
-    let deadline = tokio::time::sleep(ctx.settings.resync_interval);
+    // Resync at the interval, or earlier when a key expires or a grace period ends, so
+    // the gateway entry stops being active on time even if its reconcile is late.
+    let next_change = api_keys::next_clock_change(&ctx.db).await?;
+    let until_change = next_change.and_then(|t| (t - chrono::Utc::now()).to_std().ok());
+    let wait = until_change.map_or(ctx.settings.resync_interval, |d| {
+        d.min(ctx.settings.resync_interval)
+    });
+    let deadline = tokio::time::sleep(wait + Duration::from_millis(50));
     tokio::pin!(deadline);
     loop {
         let message = tokio::select! {

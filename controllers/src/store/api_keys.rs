@@ -181,3 +181,14 @@ pub async fn update(
     .fetch_one(tx)
     .await
 }
+
+/// The next time a key's gateway entry changes by the clock alone (an expiry or the
+/// end of a rotation's grace period), if any.
+pub async fn next_clock_change(db: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT min(t) FROM (SELECT least(expires_at, grace_until) AS t FROM api_keys \
+         WHERE revoked_at IS NULL) AS changes WHERE t > now()",
+    )
+    .fetch_one(db)
+    .await
+}

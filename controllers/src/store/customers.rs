@@ -214,3 +214,18 @@ pub async fn by_id<'e, E: sqlx::PgExecutor<'e>>(
         .fetch_optional(db)
         .await
 }
+
+/// The newest row of a resource, live or deleted (cleanup after lost status).
+pub async fn latest_by_k8s_ref(
+    db: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at DESC LIMIT 1"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}

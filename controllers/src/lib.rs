@@ -22,6 +22,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod plans;
 pub mod platform;
+pub mod row_plan;
 pub mod runner;
 pub mod status;
 pub mod store;

@@ -42,23 +42,7 @@ pub fn desired(customer: &Customer) -> Result<Desired, String> {
     Ok(Desired { adopt_id, record })
 }
 
-/// The row write a reconcile makes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RowWrite {
-    /// The row already matches: nothing is written, no event.
-    Keep,
-    /// A new row with this id.
-    Insert(Uuid),
-    /// The existing row is overwritten.
-    Update,
-}
-
-/// Row write plus the events it announces, written in the same transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowPlan {
-    pub write: RowWrite,
-    pub events: Vec<EventType>,
-}
+pub use crate::row_plan::{RowPlan, RowWrite};
 
 /// Decides the write and the events: one event per transition, none on a repeat.
 pub fn plan_row(existing: Option<&CustomerRecord>, desired: &Desired) -> RowPlan {

@@ -148,23 +148,7 @@ pub fn desired_record(sub: &Subscription, customer_id: Uuid, quota: Quota) -> Su
     }
 }
 
-/// The row write a reconcile makes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RowWrite {
-    /// The row already matches: nothing is written, no event.
-    Keep,
-    /// A new row with this id.
-    Insert(Uuid),
-    /// The existing row is overwritten.
-    Update,
-}
-
-/// Row write plus the events it announces, written in the same transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowPlan {
-    pub write: RowWrite,
-    pub events: Vec<EventType>,
-}
+pub use crate::row_plan::{RowPlan, RowWrite};
 
 /// Decides the write and the events. `SubscriptionChanged` announces a tier: it is sent
 /// when a subscription comes into force and when its plan (or customer) changes; quota

@@ -28,6 +28,14 @@ async fn metric(op: &Operator, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until `op` reports it leads.
+async fn wait_leader(op: &Operator, what: &str, timeout: Duration) {
+    eventually(what, timeout, || async {
+        (metric(op, "m3o_operator_leader").await == 1.0).then_some(())
+    })
+    .await;
+}
+
 fn elected(env: &TestEnv) -> Backends {
     let args = [
         "--leader-election",
@@ -53,12 +61,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     const N: usize = 100;
     let env = TestEnv::new("leader").await;
     let first = env.start_operator_with(elected(&env)).await;
-    eventually(
-        "the first replica to lead",
-        Duration::from_secs(20),
-        || async { (metric(&first, "m3o_operator_leader").await == 1.0).then_some(()) },
-    )
-    .await;
+    wait_leader(&first, "the first replica to lead", Duration::from_secs(20)).await;
     let second = env.start_operator_with(elected(&env)).await;
     let body = crate::support::http_get(&format!("127.0.0.1:{}", second.port), "/readyz")
         .await
@@ -84,12 +87,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     );
     first.kill().await;
 
-    eventually(
-        "the standby to take over",
-        Duration::from_secs(30),
-        || async { (metric(&second, "m3o_operator_leader").await == 1.0).then_some(()) },
-    )
-    .await;
+    wait_leader(&second, "the standby to take over", Duration::from_secs(30)).await;
     env.wait_customers_ready(N, Duration::from_secs(120)).await;
     env.assert_each_customer_created_once(N).await;
 }
@@ -274,12 +272,7 @@ async fn a_leader_that_cannot_renew_stops_before_a_standby_starts() {
         .extend(["--kubeconfig".to_owned(), path.display().to_string()]);
 
     let first = env.start_operator_with(cut_off).await;
-    eventually(
-        "the first replica to lead",
-        Duration::from_secs(20),
-        || async { (metric(&first, "m3o_operator_leader").await == 1.0).then_some(()) },
-    )
-    .await;
+    wait_leader(&first, "the first replica to lead", Duration::from_secs(20)).await;
     let second = env.start_operator_with(elected(&env)).await;
     api_proxy.cut();
 
@@ -291,12 +284,7 @@ async fn a_leader_that_cannot_renew_stops_before_a_standby_starts() {
         !exited.success(),
         "losing the lease is an error exit, so the pod restarts as a standby"
     );
-    eventually(
-        "the standby to take over",
-        Duration::from_secs(20),
-        || async { (metric(&second, "m3o_operator_leader").await == 1.0).then_some(()) },
-    )
-    .await;
+    wait_leader(&second, "the standby to take over", Duration::from_secs(20)).await;
     let first_log = std::fs::read_to_string(first_log).expect("log");
     assert!(first_log.contains("lost the leader lease"), "{first_log}");
     let stopped =

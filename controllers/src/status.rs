@@ -94,6 +94,24 @@ pub fn merge(existing: &[Condition], updates: &[Cond], generation: Option<i64>) 
     out
 }
 
+/// Conditions of an object whose record cannot be written as specified: `Ready` and
+/// `DatabaseSynced` False with the same reason and message.
+pub fn not_synced(
+    existing: &[Condition],
+    reason: &'static str,
+    message: String,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    merge(
+        existing,
+        &[
+            Cond::new(types::DATABASE_SYNCED, false, reason, message.clone()),
+            Cond::new(types::READY, false, reason, message),
+        ],
+        generation,
+    )
+}
+
 /// The `Ready` condition of a list, if present.
 pub fn ready(conditions: &[Condition]) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == types::READY)

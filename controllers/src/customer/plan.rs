@@ -6,7 +6,7 @@ use m3o_crds::{Customer, CustomerStatus, CustomerStatusState};
 use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
 
-use crate::status::{Cond, merge, reasons, types};
+use crate::status::{Cond, merge, not_synced, reasons, types};
 use crate::store::customers::{CustomerRecord, CustomerRow, K8sRef};
 
 /// What the resource asks for.
@@ -165,14 +165,7 @@ pub fn blocked_status(
 ) -> CustomerStatus {
     let generation = customer.metadata.generation;
     let previous = customer.status.clone().unwrap_or_default();
-    let conditions = merge(
-        &previous.conditions,
-        &[
-            Cond::new(types::DATABASE_SYNCED, false, reason, message.clone()),
-            Cond::new(types::READY, false, reason, message),
-        ],
-        generation,
-    );
+    let conditions = not_synced(&previous.conditions, reason, message, generation);
     CustomerStatus {
         observed_generation: generation,
         conditions,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::customer::plan as customer_plan;
 use crate::plans::Catalog;
-use crate::status::{Cond, merge, reasons, types};
+use crate::status::{Cond, merge, not_synced, reasons, types};
 use crate::store::customers::{CustomerRow, K8sRef};
 use crate::store::subscriptions::{SubscriptionRecord, SubscriptionRow};
 
@@ -282,14 +282,7 @@ pub fn blocked_status(
     let generation = sub.metadata.generation;
     let previous = sub.status.clone().unwrap_or_default();
     let (reason, message) = (blocker.reason, blocker.message.clone());
-    let conditions = merge(
-        &previous.conditions,
-        &[
-            Cond::new(types::DATABASE_SYNCED, false, reason, message.clone()),
-            Cond::new(types::READY, false, reason, message),
-        ],
-        generation,
-    );
+    let conditions = not_synced(&previous.conditions, reason, message, generation);
     SubscriptionStatus {
         observed_generation: generation,
         conditions,

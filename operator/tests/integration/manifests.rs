@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::support::cli::{run, text};
+use crate::support::cli::{operator_error_line, run, text};
 use crate::support::{TestEnv, eventually, required_env};
 
 fn repo_root() -> PathBuf {
@@ -131,28 +131,18 @@ async fn kubectl_explain_shows_field_descriptions() {
 
 #[tokio::test]
 async fn unreachable_database_is_one_line_naming_the_flag() {
-    let out = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
-        .args([
-            "run",
-            "--database-url",
-            "postgres://m3o:hunter2@127.0.0.1:1/m3o",
-        ])
-        .args([
-            "--redis-url",
-            "redis://127.0.0.1:1",
-            "--etcd-endpoints",
-            "http://127.0.0.1:1",
-        ])
-        .env_remove("DATABASE_URL")
-        .output()
-        .await
-        .expect("run binary");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].starts_with("m3o-operator: error: --database-url: cannot connect to postgres://m3o:***@127.0.0.1:1/m3o"), "{stderr}");
-    assert!(!stderr.contains("hunter2"), "the password is not printed");
+    let line = operator_error_line([
+        "run",
+        "--database-url",
+        "postgres://m3o:hunter2@127.0.0.1:1/m3o",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--etcd-endpoints",
+        "http://127.0.0.1:1",
+    ])
+    .await;
+    assert!(line.starts_with("m3o-operator: error: --database-url: cannot connect to postgres://m3o:***@127.0.0.1:1/m3o"), "{line}");
+    assert!(!line.contains("hunter2"), "the password is not printed");
 }
 
 #[tokio::test]

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::process::Command;
 
 use crate::subscription::assert_in_force;
+use crate::support::cli::operator_error_line;
 use crate::support::{Backends, TestEnv, eventually};
 
 /// Writes `yaml` to `path` the way a ConfigMap update lands: a new file renamed over it.
@@ -93,19 +93,14 @@ async fn a_malformed_plans_file_is_one_line_naming_the_flag() {
         (dir.join("absent.yaml"), "cannot read"),
     ];
     for (file, expect) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
-            .args(["run", "--plans-file"])
-            .arg(&file)
-            .env_remove("DATABASE_URL")
-            .output()
-            .await
-            .expect("run binary");
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        let line = operator_error_line([
+            std::ffi::OsStr::new("run"),
+            "--plans-file".as_ref(),
+            file.as_os_str(),
+        ])
+        .await;
         let prefix = format!("m3o-operator: error: --plans-file {}: ", file.display());
-        assert!(lines[0].starts_with(&prefix), "{stderr}");
-        assert!(lines[0].contains(expect), "{stderr}");
+        assert!(line.starts_with(&prefix), "{line}");
+        assert!(line.contains(expect), "{line}");
     }
 }

@@ -43,3 +43,23 @@ pub async fn ok(program: &str, args: &[&str], stdin: Option<&str>) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs `m3o-operator ARGS` (ignoring any DATABASE_URL of the environment), asserts that
+/// it fails with exactly one line on standard error, and returns that line.
+pub async fn operator_error_line<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .await
+        .expect("run binary");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    lines[0].to_owned()
+}

@@ -23,6 +23,7 @@ pub struct ApiKeyRow {
     pub generation: i64,
     pub rotation_generation: i64,
     pub grace_until: Option<DateTime<Utc>>,
+    pub blocked_message: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -48,6 +49,8 @@ pub struct ApiKeyFields {
     pub description: String,
     pub expires_at: Option<DateTime<Utc>>,
     pub grace_until: Option<DateTime<Utc>>,
+    /// `spec.blockedMessage` while the key is blocked by spec, else empty.
+    pub blocked_message: String,
     pub generation: i64,
 }
 
@@ -59,6 +62,7 @@ impl ApiKeyRow {
             description: self.description.clone(),
             expires_at: self.expires_at,
             grace_until: self.grace_until,
+            blocked_message: self.blocked_message.clone(),
             generation: self.generation,
         }
     }
@@ -66,7 +70,7 @@ impl ApiKeyRow {
 
 const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
                        k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, \
-                       created_at, updated_at, revoked_at";
+                       blocked_message, created_at, updated_at, revoked_at";
 
 /// The unrevoked keys of a resource, locked for the rest of the transaction.
 pub async fn lock_live_for_resource(
@@ -138,8 +142,8 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     let f = &key.fields;
     sqlx::query_as(&format!(
         "INSERT INTO api_keys (id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
-         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {COLUMNS}"
+         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, blocked_message) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING {COLUMNS}"
     ))
     .bind(key.id)
     .bind(key.customer_id)
@@ -155,6 +159,7 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     .bind(f.generation)
     .bind(key.rotation_generation)
     .bind(f.grace_until)
+    .bind(&f.blocked_message)
     .fetch_one(tx)
     .await
 }
@@ -167,7 +172,7 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, updated_at = now(), \
+         generation = $7, blocked_message = $8, updated_at = now(), \
          revoked_at = CASE WHEN $3 = 'revoked' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -178,6 +183,7 @@ pub async fn update(
     .bind(f.expires_at)
     .bind(f.grace_until)
     .bind(f.generation)
+    .bind(&f.blocked_message)
     .fetch_one(tx)
     .await
 }

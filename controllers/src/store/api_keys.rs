@@ -72,6 +72,14 @@ const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, de
                        k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, \
                        blocked_message, created_at, updated_at, revoked_at";
 
+// Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
+pub(super) const LIVE_FOR_RESOURCE: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL ORDER BY created_at";
+pub(super) const ALL_FOR_RESOURCE: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at";
+pub(super) const LIVE_BY_HASH: &str = "WHERE key_hash = $1 AND revoked_at IS NULL";
+pub(super) const ALL_FOR_CUSTOMER: &str = "WHERE customer_id = $1";
+
 /// The unrevoked keys of a resource, locked for the rest of the transaction.
 pub async fn lock_live_for_resource(
     tx: &mut PgConnection,
@@ -79,8 +87,7 @@ pub async fn lock_live_for_resource(
     name: &str,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL \
-         ORDER BY created_at FOR UPDATE"
+        "SELECT {COLUMNS} FROM api_keys {LIVE_FOR_RESOURCE} FOR UPDATE"
     ))
     .bind(namespace)
     .bind(name)
@@ -95,7 +102,7 @@ pub async fn all_for_resource(
     name: &str,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at"
+        "SELECT {COLUMNS} FROM api_keys {ALL_FOR_RESOURCE}"
     ))
     .bind(namespace)
     .bind(name)
@@ -108,12 +115,10 @@ pub async fn live_by_hash<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     hash: &str,
 ) -> Result<Option<ApiKeyRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
-    ))
-    .bind(hash)
-    .fetch_optional(db)
-    .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys {LIVE_BY_HASH}"))
+        .bind(hash)
+        .fetch_optional(db)
+        .await
 }
 
 /// Every unrevoked key.
@@ -131,7 +136,7 @@ pub async fn all_for_customer<'e, E: sqlx::PgExecutor<'e>>(
     customer_id: Uuid,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE customer_id = $1"
+        "SELECT {COLUMNS} FROM api_keys {ALL_FOR_CUSTOMER}"
     ))
     .bind(customer_id)
     .fetch_all(db)
@@ -188,13 +193,16 @@ pub async fn update(
     .await
 }
 
+/// Served by the expression index `api_keys_next_clock_change` (ORDER BY + LIMIT, not
+/// an aggregate over every live key).
+pub const NEXT_CLOCK_CHANGE: &str = "SELECT least(expires_at, grace_until) FROM api_keys \
+     WHERE revoked_at IS NULL AND least(expires_at, grace_until) > now() \
+     ORDER BY least(expires_at, grace_until) LIMIT 1";
+
 /// The next time a key's gateway entry changes by the clock alone (an expiry or the
 /// end of a rotation's grace period), if any.
 pub async fn next_clock_change(db: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT min(t) FROM (SELECT least(expires_at, grace_until) AS t FROM api_keys \
-         WHERE revoked_at IS NULL) AS changes WHERE t > now()",
-    )
-    .fetch_one(db)
-    .await
+    sqlx::query_scalar(NEXT_CLOCK_CHANGE)
+        .fetch_optional(db)
+        .await
 }

@@ -9,6 +9,7 @@ mod examples;
 mod hardening;
 mod manifests;
 mod production;
+mod scale;
 mod subscription;
 mod subscription_catalog;
 mod subscription_order;

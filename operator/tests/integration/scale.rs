@@ -98,3 +98,35 @@ async fn every_per_object_query_uses_an_index_at_10k_rows() {
     }
     assert!(seq_scans.is_empty(), "{}", seq_scans.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_resync_works_past_the_4_mib_message_limit() {
+    let env = TestEnv::new("big-prefix").await;
+    // 3,000 keys nothing owns, 1.6 KB each: 4.8 MB, past gRPC's 4 MiB in one response.
+    let value = "x".repeat(1600);
+    let mut kv = env.etcd.kv_client();
+    for i in 0..3_000 {
+        kv.put(
+            format!("{}/stray/{i:05}", env.etcd_prefix),
+            value.as_str(),
+            None,
+        )
+        .await
+        .expect("put");
+    }
+    let _op = env.start_operator().await;
+    let lou = env.ready_customer("lou").await;
+    crate::support::eventually(
+        "the resync to prune all 3,000 stray keys",
+        std::time::Duration::from_secs(120),
+        || async {
+            let keys = env.etcd_keys().await;
+            (keys.len() == 1).then_some(keys)
+        },
+    )
+    .await;
+    assert!(
+        env.etcd_json(&format!("customers/{lou}")).await.is_some(),
+        "the owned key stays"
+    );
+}

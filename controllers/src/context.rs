@@ -18,6 +18,8 @@ use crate::platform::PlatformConfig;
 pub struct Settings {
     /// Namespace to watch; `None` watches all.
     pub namespace: Option<String>,
+    /// The label selector of this operator's shard; `None`: every object.
+    pub shard: Option<crate::shard::Shard>,
     /// Reconciles running at once, per kind.
     pub concurrency: u16,
     /// Every object is reconciled at least this often, even without changes.
@@ -34,6 +36,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: None,
+            shard: None,
             concurrency: 8,
             resync_interval: Duration::from_secs(300),
             backoff_base: Duration::from_millis(500),

@@ -27,6 +27,7 @@ pub mod plans;
 pub mod platform;
 pub mod row_plan;
 pub mod runner;
+pub mod shard;
 pub mod status;
 pub mod store;
 pub mod subscription;

@@ -33,6 +33,14 @@ where
     }
 }
 
+/// The watch configuration of every watch: this operator's shard only, when sharded.
+pub fn watch_config(ctx: &Context) -> watcher::Config {
+    match &ctx.settings.shard {
+        Some(shard) => watcher::Config::default().labels(shard.as_str()),
+        None => watcher::Config::default(),
+    }
+}
+
 /// The backoff key of an object: kinds share names, not failure counts.
 fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
@@ -78,7 +86,7 @@ pub async fn run_with<K, F, Fut>(
     // that is when this kind is listed and watching, which `/readyz` reports.
     let (cache, writer) = reflector::store();
     let watching = ctx.watching.clone();
-    let events = watcher(api, watcher::Config::default().any_semantic()).inspect(move |event| {
+    let events = watcher(api, watch_config(&ctx).any_semantic()).inspect(move |event| {
         if matches!(event, Ok(watcher::Event::InitDone)) {
             tracing::info!(kind, "listed; watching");
             watching.mark(kind);

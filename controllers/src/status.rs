@@ -47,6 +47,8 @@ pub mod reasons {
     pub const DATABASE_ERROR: &str = "DatabaseError";
     /// A bug met while reconciling this object (a panic included): the others go on.
     pub const INTERNAL_ERROR: &str = "InternalError";
+    /// A Subscription or ApiKey whose Customer another shard reconciles.
+    pub const CUSTOMER_IN_OTHER_SHARD: &str = "CustomerInOtherShard";
 }
 
 /// A condition as a reconciler decides it; times and generation are filled in by [`merge`].

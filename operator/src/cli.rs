@@ -88,6 +88,11 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
     pub namespace: String,
 
+    /// Label selector of this operator's shard, applied to every watch (a fleet split
+    /// across releases, e.g. `m3o.com/shard=a`); a customer's objects carry its label.
+    #[arg(long, env = "M3O_SHARD_SELECTOR")]
+    pub shard_selector: Option<String>,
+
     /// YAML plan catalog (plan name to default quota); built-in free/pro/business when unset.
     #[arg(long, env = "M3O_PLANS_FILE")]
     pub plans_file: Option<PathBuf>,

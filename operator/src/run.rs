@@ -110,8 +110,16 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     };
     let relay = Relay::new(db.clone(), redis, relay_config)
         .map_err(|e| StartupError(format!("--stream-prefix: {e}")))?;
+    let shard = match args.shard_selector.as_deref().map(str::trim) {
+        Some(raw) if !raw.is_empty() => Some(
+            m3o_controllers::shard::Shard::parse(raw)
+                .map_err(|e| StartupError(format!("--shard-selector {raw:?}: {e}")))?,
+        ),
+        _ => None,
+    };
     let settings = Settings {
         namespace: namespace.clone(),
+        shard,
         concurrency: args.concurrency,
         resync_interval: args.resync_interval,
         ..Settings::default()

@@ -55,23 +55,20 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let secrets: Api<Secret> = runner::scoped_api(&ctx);
     let customers: Api<Customer> = runner::scoped_api(&ctx);
     let managed = format!("{}={}", secret::MANAGED_BY.0, secret::MANAGED_BY.1);
+    let watch_config = runner::watch_config(&ctx);
     runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, move |controller| {
         let keys = controller.store();
         controller
             .owns(secrets, watcher::Config::default().labels(&managed))
-            .watches(
-                customers,
-                watcher::Config::default(),
-                move |customer: Customer| {
-                    let ns = customer.namespace();
-                    let name = customer.name_any();
-                    keys.state()
-                        .into_iter()
-                        .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
-                        .map(|k| ObjectRef::from_obj(k.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
+            .watches(customers, watch_config, move |customer: Customer| {
+                let ns = customer.namespace();
+                let name = customer.name_any();
+                keys.state()
+                    .into_iter()
+                    .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
+                    .map(|k| ObjectRef::from_obj(k.as_ref()))
+                    .collect::<Vec<_>>()
+            })
     })
     .await;
 }

@@ -18,12 +18,12 @@ use super::secret::{self, IssuedKey, SecretState};
 use crate::context::Context;
 use crate::customer::plan::payload;
 use crate::error::Error;
-use crate::failpoint;
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::status::{self, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
+use crate::{failpoint, shard};
 
 pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();
@@ -32,6 +32,11 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let customer_obj = Api::<Customer>::namespaced(ctx.client.clone(), &ns)
         .get_opt(customer_name)
         .await?;
+    if let Some(customer) = &customer_obj
+        && let Err(b) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
+    {
+        return wait(&api, &key, ctx, b.reason, b.message).await;
+    }
     let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name).await?;
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
 

@@ -31,7 +31,6 @@ use std::sync::Arc;
 
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use m3o_crds::{Condition, Customer, Subscription, SubscriptionStatus};
 
@@ -73,23 +72,20 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let customers: Api<Customer> = runner::scoped_api(&ctx);
     let subscriptions: Api<Subscription> = runner::scoped_api(&ctx);
     let catalog_changes = ctx.plans.changes();
+    let watch_config = runner::watch_config(&ctx);
     runner::run_with(ctx, KIND, shutdown, reconcile, move |controller| {
         let store = controller.store();
         let by_customer = store.clone();
         controller
-            .watches(customers, watcher::Config::default(), move |c: Customer| {
+            .watches(customers, watch_config.clone(), move |c: Customer| {
                 let namespace = c.namespace().unwrap_or_default();
                 referencing(&by_customer, &namespace, &c.name_any(), None)
             })
-            .watches(
-                subscriptions,
-                watcher::Config::default(),
-                move |s: Subscription| {
-                    let namespace = s.namespace().unwrap_or_default();
-                    let name = s.name_any();
-                    referencing(&store, &namespace, &s.spec.customer_ref.name, Some(&name))
-                },
-            )
+            .watches(subscriptions, watch_config, move |s: Subscription| {
+                let namespace = s.namespace().unwrap_or_default();
+                let name = s.name_any();
+                referencing(&store, &namespace, &s.spec.customer_ref.name, Some(&name))
+            })
             .reconcile_all_on(catalog_changes)
     })
     .await;

@@ -15,6 +15,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
 use crate::platform::sync;
+use crate::shard;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
@@ -63,6 +64,11 @@ async fn load_customer(
     let name = &sub.spec.customer_ref.name;
     let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
     let customer = api.get_opt(name).await?;
+    if let Some(customer) = &customer
+        && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
+    {
+        return Ok(Err(blocker));
+    }
     let row = match &customer {
         Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name).await?,
         None => None,

@@ -10,6 +10,7 @@ mod hardening;
 mod manifests;
 mod production;
 mod scale;
+mod sharding;
 mod subscription;
 mod subscription_catalog;
 mod subscription_order;

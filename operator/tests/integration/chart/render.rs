@@ -109,7 +109,11 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
         ("cluster-wide", vec![]),
         (
             "namespaced",
-            vec![watch.as_str(), "podDisruptionBudget.enabled=true"],
+            vec![
+                watch.as_str(),
+                "podDisruptionBudget.enabled=true",
+                "shardSelector=m3o.com/shard",
+            ],
         ),
         (
             "single replica, built-in plans, no service",
@@ -208,6 +212,7 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
                     args.contains(&format!("--namespace={watch_ns}").as_str()),
                     "{args:?}"
                 );
+                assert!(args.contains(&"--shard-selector=m3o.com/shard"), "{args:?}");
             }
             _ => {
                 assert!(!has("ConfigMap") && !has("Service"), "{kinds:?}");

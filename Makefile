@@ -20,7 +20,7 @@ help:
 	@echo 'make env     bring the local environment up in the foreground (Ctrl-C stops)'
 	@echo 'make lint    cargo fmt --check and clippy -D warnings'
 	@echo 'make crds    regenerate charts/m3o-operator/crds/crds.yaml'
-	@echo 'make bench   N Customers from apply to all Ready (BENCH_CUSTOMERS=1000)'
+	@echo 'make bench   N of each kind from apply to all Ready, with the raw rate (BENCH_N=1000)'
 
 deps:
 	hack/install-deps.sh
@@ -50,11 +50,12 @@ demo: deps tools
 	$(CARGO) build -p m3o-operator --bins --examples
 	hack/env.sh run -- hack/demo.sh
 
-# Figures, not a pass/fail: N Customers from apply to all Ready (release build).
-BENCH_CUSTOMERS ?= 1000
+# Figures, not a pass/fail: N of each kind from apply to all Ready beside the raw
+# API-server rate, RSS, idle CPU, resync cost, block latency (release build).
+BENCH_N ?= 1000
 bench: deps tools
 	$(CARGO) build --release -p m3o-operator --bins --examples
-	hack/env.sh run -- target/release/examples/bench_customers $(BENCH_CUSTOMERS)
+	BENCH_N=$(BENCH_N) hack/env.sh run -- target/release/examples/bench_fleet
 
 env: deps tools
 	hack/env.sh up

@@ -1,0 +1,429 @@
+//! Benchmark of a fleet: N Customers, N Subscriptions and N ApiKeys against the real
+//! servers of `hack/env.sh`. Prints figures beside the raw rate of the same API-server
+//! work; asserts nothing. `make bench` runs it in release mode (`BENCH_N=10000`).
+//!
+//! 1. Raw rate: the same objects created (server-side apply) plus one status write each,
+//!    by the same client with the same requests in flight, no operator running.
+//! 2. The operator (target/<profile>/m3o-operator) on a fresh namespace, schema and
+//!    prefixes: apply -> all Ready, with a probe key blocked and unblocked meanwhile
+//!    (block -> etcd entry changed, during the bulk apply).
+//! 3. At rest: peak RSS, CPU and etcd writes / Postgres transactions over one resync
+//!    interval, reconciles per object, and the block latency again.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{
+    ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const KINDS: [&str; 3] = ["Customer", "Subscription", "ApiKey"];
+/// The operator's resync interval here: the "at rest" window covers exactly one.
+const RESYNC: Duration = Duration::from_secs(60);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn var(name: &str) -> Result<String> {
+    std::env::var(name).map_err(|_| format!("{name} is not set: run inside hack/env.sh").into())
+}
+
+fn api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("m3o.com", "v1alpha1", kind);
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+}
+
+/// The spec of object `i` of `kind` (customer `c-i` owns subscription and key `c-i`).
+fn spec(kind: &str, i: usize) -> Value {
+    let name = format!("c-{i:05}");
+    match kind {
+        "Customer" => json!({"email": format!("{name}@bench.example.com")}),
+        "Subscription" => json!({"customerRef": {"name": name}, "plan": "pro"}),
+        _ => json!({"customerRef": {"name": name}, "description": "bench", "scopes": ["*"]}),
+    }
+}
+
+async fn apply(api: &Api<DynamicObject>, kind: &str, name: &str, spec: Value) -> Result<()> {
+    let body = json!({"apiVersion": "m3o.com/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    api.patch(
+        name,
+        &PatchParams::apply("bench").force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies N of each kind, customer i then its subscription and key, `inflight` at once;
+/// with `status`, also writes one status per object (the raw API-server work).
+async fn apply_fleet(
+    client: &Client,
+    ns: &str,
+    n: usize,
+    inflight: usize,
+    status: bool,
+) -> Result<()> {
+    let apis: Vec<_> = KINDS.iter().map(|k| (*k, api(client, ns, k))).collect();
+    let errors = futures::stream::iter((0..n).flat_map(|i| apis.iter().map(move |a| (i, a))))
+        .map(|(i, (kind, api))| async move {
+            let name = format!("c-{i:05}");
+            apply(api, kind, &name, spec(kind, i)).await?;
+            if status {
+                let patch = json!({"status": {"observedGeneration": 1, "conditions": [{
+                    "type": "Ready", "status": "True", "reason": "Provisioned", "message": "raw",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+            Result::Ok(())
+        })
+        .buffer_unordered(inflight)
+        .filter_map(|r| async move { r.err() })
+        .collect::<Vec<_>>()
+        .await;
+    match errors.first() {
+        Some(e) => Err(format!("{} apply errors, first: {e}", errors.len()).into()),
+        None => Ok(()),
+    }
+}
+
+/// Objects of `kind` whose Ready condition is True at their generation (paginated).
+async fn ready(api: &Api<DynamicObject>) -> Result<usize> {
+    let mut count = 0;
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        count += page
+            .items
+            .iter()
+            .filter(|o| {
+                let s = &o.data["status"];
+                s["observedGeneration"].as_i64() == o.metadata.generation
+                    && s["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+            })
+            .count();
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(count),
+        }
+    }
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+async fn metrics(port: u16) -> Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// One block (or unblock) of the probe key, timed until its etcd entry says so.
+async fn block_latency(
+    keys: &Api<DynamicObject>,
+    etcd: &mut etcd_client::KvClient,
+    entry_key: &str,
+    blocked: bool,
+) -> Result<Duration> {
+    let want = if blocked { "blocked" } else { "active" };
+    let mut s = spec("ApiKey", 0);
+    s["customerRef"]["name"] = json!("probe");
+    s["blocked"] = json!(blocked);
+    let started = Instant::now();
+    apply(keys, "ApiKey", "probe", s).await?;
+    loop {
+        let resp = etcd.get(entry_key, None).await?;
+        let status = resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
+            .and_then(|v| v["status"].as_str().map(str::to_owned));
+        if status.as_deref() == Some(want) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err("probe entry did not change within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn latencies(mut all: Vec<Duration>) -> String {
+    all.sort();
+    format!(
+        "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} changes",
+        percentile(&all, 0.5).as_secs_f64() * 1e3,
+        percentile(&all, 0.99).as_secs_f64() * 1e3,
+        all.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        all.len()
+    )
+}
+
+async fn new_namespace(client: &Client, ns: &str) -> Result<()> {
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = env_or("BENCH_N", 1000);
+    let inflight: usize = env_or("BENCH_INFLIGHT", 32);
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let client = Client::try_default().await?;
+    let objects = 3 * n;
+
+    // 1. The raw API-server rate of the same work.
+    let raw_ns = format!("bench-raw-{id}");
+    new_namespace(&client, &raw_ns).await?;
+    let started = Instant::now();
+    apply_fleet(&client, &raw_ns, n, inflight, true).await?;
+    let raw_rate = objects as f64 / started.elapsed().as_secs_f64();
+
+    // 2. The operator.
+    let ns = format!("bench-{id}");
+    new_namespace(&client, &ns).await?;
+    let binary = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("m3o-operator"))
+        .ok_or("no target dir")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let prefix = format!("/bench-{id}");
+    let mut operator = tokio::process::Command::new(&binary)
+        .args([
+            "run",
+            "--namespace",
+            &ns,
+            "--database-schema",
+            &format!("bench_{id}"),
+        ])
+        .args([
+            "--stream-prefix",
+            &format!("bench-{id}:"),
+            "--etcd-prefix",
+            &prefix,
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--resync-interval", &format!("{}s", RESYNC.as_secs())])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = operator.id().ok_or("operator exited")?;
+    let etcd_client =
+        etcd_client::Client::connect(var("ETCD_ENDPOINTS")?.split(',').collect::<Vec<_>>(), None)
+            .await?;
+    let mut etcd = etcd_client.kv_client();
+
+    // The probe: a customer and key of their own, Ready before the bulk apply.
+    let (customers, keys) = (api(&client, &ns, "Customer"), api(&client, &ns, "ApiKey"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ok = apply(
+            &customers,
+            "Customer",
+            "probe",
+            json!({"email": "probe@bench.example.com"}),
+        )
+        .await;
+        if ok.is_ok() || Instant::now() > deadline {
+            ok?;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut probe_spec = spec("ApiKey", 0);
+    probe_spec["customerRef"]["name"] = json!("probe");
+    apply(&keys, "ApiKey", "probe", probe_spec).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let key = loop {
+        let secret = secrets.get_opt("probe-api-key").await?;
+        if let Some(key) = secret.and_then(|s| s.data?.get("apiKey").map(|b| b.0.clone())) {
+            break key;
+        }
+        if Instant::now() > deadline {
+            return Err("the probe key was not issued within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let entry_key = format!("{prefix}/apikeys/{}", hex::encode(Sha256::digest(&key)));
+    block_latency(&keys, &mut etcd, &entry_key, false).await?;
+
+    let (stop, stopped) = watch::channel(false);
+    let during_bulk = {
+        let (keys, mut etcd, entry_key) = (keys.clone(), etcd.clone(), entry_key.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut blocked = true;
+            while !*stopped.borrow() {
+                match block_latency(&keys, &mut etcd, &entry_key, blocked).await {
+                    Ok(d) => seen.push(d),
+                    Err(e) => eprintln!("probe: {e}"),
+                }
+                blocked = !blocked;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            seen
+        })
+    };
+
+    let started = Instant::now();
+    apply_fleet(&client, &ns, n, inflight, false).await?;
+    let applied = started.elapsed();
+    let apis: Vec<_> = KINDS.iter().map(|k| api(&client, &ns, k)).collect();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let mut total = 0;
+        for api in &apis {
+            total += ready(api).await?;
+        }
+        // The probe's own customer and key are Ready too.
+        if total >= objects + 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{total} of {objects} Ready after an hour").into());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let all_ready = started.elapsed();
+    let _ = stop.send(true);
+    let bulk_latencies = during_bulk.await?;
+    let rate = objects as f64 / all_ready.as_secs_f64();
+
+    // 3. At rest, over one resync interval.
+    let at_rest_metrics = metrics(port).await?;
+    let reconciles = metric_sum(&at_rest_metrics, "m3o_operator_reconciles_total");
+    let db = sqlx::PgPool::connect(&var("DATABASE_URL")?).await?;
+    let xacts = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&db)
+        .await
+    };
+    let revision = |etcd: etcd_client::KvClient| async move {
+        let mut etcd = etcd;
+        etcd.get("/", None)
+            .await
+            .map(|r| r.header().map(|h| h.revision()).unwrap_or_default())
+    };
+    let (cpu0, rev0, tx0) = (
+        cpu_seconds(pid),
+        revision(etcd.clone()).await?,
+        xacts().await?,
+    );
+    tokio::time::sleep(RESYNC).await;
+    let (cpu1, rev1, tx1) = (
+        cpu_seconds(pid),
+        revision(etcd.clone()).await?,
+        xacts().await?,
+    );
+    let mut rest_latencies = Vec::new();
+    for i in 0..20 {
+        rest_latencies.push(block_latency(&keys, &mut etcd, &entry_key, i % 2 == 0).await?);
+    }
+    let rss = proc_field(pid, "status", "VmHWM:");
+    operator.kill().await?;
+
+    let idle_cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => format!("{:.2} %", (b - a) / RESYNC.as_secs_f64() * 100.0),
+        _ => "?".into(),
+    };
+    println!(
+        "objects:                       {objects} ({n} of each kind, {inflight} requests in flight)"
+    );
+    println!("raw API-server rate:           {raw_rate:.0} objects/s (create + one status write)");
+    println!(
+        "apply -> all Ready:            {rate:.0} objects/s ({:.1} s; applied in {:.1} s)",
+        all_ready.as_secs_f64(),
+        applied.as_secs_f64()
+    );
+    println!(
+        "ratio to raw:                  {:.0} %",
+        rate / raw_rate * 100.0
+    );
+    println!(
+        "operator peak RSS:             {} ({} per object)",
+        rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+        rss.map_or("?".into(), |k| format!(
+            "{:.1} KiB",
+            k as f64 / objects as f64
+        ))
+    );
+    println!(
+        "reconciles per object:         {:.2}",
+        reconciles / (objects + 2) as f64
+    );
+    println!(
+        "idle CPU over {} s at rest:    {idle_cpu}",
+        RESYNC.as_secs()
+    );
+    println!(
+        "etcd writes over {} s at rest: {}",
+        RESYNC.as_secs(),
+        rev1 - rev0
+    );
+    println!(
+        "Postgres transactions, {} s:   {} (one resync interval; {n} customers)",
+        RESYNC.as_secs(),
+        tx1 - tx0
+    );
+    println!(
+        "block -> etcd, during bulk:    {}",
+        latencies(bulk_latencies)
+    );
+    println!(
+        "block -> etcd, at rest:        {}",
+        latencies(rest_latencies)
+    );
+    Ok(())
+}

@@ -73,6 +73,21 @@ pub async fn enqueue(conn: &mut PgConnection, msg: &OutboxMessage) -> Result<Uui
     Ok(id)
 }
 
+/// Which outbox event: what the relay, its log lines and the admin commands name.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct EventRef {
+    /// The event id.
+    pub id: Uuid,
+    /// Its place in the outbox; the relay publishes in this order.
+    pub seq: i64,
+    /// The topic.
+    pub topic: String,
+    /// The event type's enum value name.
+    pub event_type: String,
+    /// The id of the record the event is about.
+    pub aggregate_id: String,
+}
+
 /// Unpublished outbox rows, for metrics and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Backlog {

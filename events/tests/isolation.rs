@@ -6,13 +6,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use m3o_events::customers::{self, EventType};
+use m3o_events::customers::EventType;
 use m3o_events::outbox::admin::{self, Redrive, StuckState};
 use m3o_events::outbox::{self, OutboxMessage};
 use m3o_events::stream_key;
 use support::{
-    RedisServer, RunningRelay, TestDb, customer_event, env_url, init_tracing, poll_until, relay,
-    stream_prefix, test_config, wait_for_entries,
+    RedisServer, RunningRelay, TestDb, customer_event, poll_until, relay, setup, setup_on,
+    test_config, wait_for_entries,
 };
 use uuid::Uuid;
 
@@ -54,11 +54,7 @@ async fn row(db: &TestDb, id: Uuid) -> outbox::OutboxRow {
 /// re-driven, they arrive in order.
 #[tokio::test]
 async fn wrongtype_stream_parks_its_rows_while_other_topics_flow() {
-    init_tracing();
-    let url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (url, db, prefix, key) = setup().await;
     let other = stream_key(&prefix, OTHER_TOPIC);
     let mut conn = redis_conn(&url).await;
     redis::cmd("SET")
@@ -99,13 +95,13 @@ async fn wrongtype_stream_parks_its_rows_while_other_topics_flow() {
         assert!(row.parked_at.is_some(), "{id} parked");
         assert_eq!(row.attempts, 3, "{id} refused max_attempts times");
         let error = row.last_error.unwrap_or_default();
-        assert!(error.contains("WRONGTYPE"), "last_error: {error}");
+        assert!(error.starts_with("WRONGTYPE "), "last_error: {error}");
     }
     let held = row(&db, a[1]).await;
     assert_eq!((held.attempts, held.parked_at), (0, None), "never sent");
     let mut reported = Vec::new();
     while let Ok(event) = relay.parked.try_recv() {
-        reported.push((event.id, event.attempts, event.topic));
+        reported.push((event.event.id, event.attempts, event.event.topic));
     }
     assert_eq!(
         reported,
@@ -116,7 +112,7 @@ async fn wrongtype_stream_parks_its_rows_while_other_topics_flow() {
     let stuck = admin::stuck_rows(&db.pool, Duration::from_secs(3600), 100)
         .await
         .expect("stuck rows");
-    let states: Vec<(Uuid, StuckState)> = stuck.iter().map(|r| (r.id, r.state)).collect();
+    let states: Vec<(Uuid, StuckState)> = stuck.iter().map(|r| (r.event.id, r.state)).collect();
     assert_eq!(
         states,
         [
@@ -153,15 +149,93 @@ async fn wrongtype_stream_parks_its_rows_while_other_topics_flow() {
     db.cleanup().await;
 }
 
+/// A refusal at queue time (an ACL denying the customers stream) aborts the whole
+/// `MULTI`: the batch is retried row by row, only the refused row is counted, the same
+/// aggregate's later row is held, the other stream's rows are published once each; at
+/// `max_attempts` the row is parked.
+#[tokio::test]
+async fn acl_refusal_is_blamed_on_its_row_alone() {
+    let (url, db, prefix, _) = setup().await;
+    let other = stream_key(&prefix, OTHER_TOPIC);
+    let user = format!("relay-{}", Uuid::new_v4().simple());
+    let mut admin_conn = redis_conn(&url).await;
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">pw")
+        .arg(format!("~{other}"))
+        .arg("+@all")
+        .query_async::<()>(&mut admin_conn)
+        .await
+        .expect("ACL SETUSER");
+    let restricted = url.replacen("redis://", &format!("redis://{user}:pw@"), 1);
+
+    let c1 = db
+        .enqueue_committed(&[customer_event("c", EventType::Created, 1)])
+        .await;
+    let o1 = enqueue_other(&db, 2).await;
+    let c2 = db
+        .enqueue_committed(&[customer_event("c", EventType::Updated, 3)])
+        .await;
+    let o2 = enqueue_other(&db, 4).await;
+    let mut config = test_config(&db, &prefix, Duration::from_secs(30));
+    config.max_attempts = 2;
+    config.backoff_min = Duration::from_millis(20);
+    let mut relay = relay(&db.pool, &restricted, config);
+
+    let first = relay.publish_batch().await.expect("batch");
+    assert_eq!((first.published, first.refused, first.parked), (2, 1, 0));
+    let refused = row(&db, c1[0]).await;
+    assert_eq!(refused.attempts, 1);
+    let error = refused.last_error.unwrap_or_default();
+    assert!(error.starts_with("NOPERM "), "last_error: {error}");
+    let held = row(&db, c2[0]).await;
+    assert_eq!(
+        (held.attempts, held.published_at),
+        (0, None),
+        "held, never sent"
+    );
+    let entries = wait_for_entries(&url, &other, 2, Duration::from_secs(5)).await;
+    let got: Vec<Uuid> = entries.iter().map(|e| e.id).collect();
+    assert_eq!(got, [o1, o2], "once each: the aborted MULTI added nothing");
+
+    // The refused aggregate waits out its retry delay, then is parked.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let outcome = relay.publish_batch().await.expect("batch");
+        assert_eq!(outcome.published, 0);
+        if outcome.parked == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not parked at the second refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let parked = row(&db, c1[0]).await;
+    assert_eq!((parked.attempts, parked.parked_at.is_some()), (2, true));
+    assert_eq!(row(&db, c2[0]).await.attempts, 0, "still held");
+    assert_eq!(
+        relay.publish_batch().await.expect("batch").refused,
+        0,
+        "held rows are not sent"
+    );
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async::<()>(&mut admin_conn)
+        .await
+        .expect("ACL DELUSER");
+    db.cleanup().await;
+}
+
 /// Batches are cut by payload bytes: with a 64 KiB bound, 30 KiB events go two at a
 /// time and a 200 KiB event alone, all in order.
 #[tokio::test]
 async fn large_payloads_are_split_into_byte_bounded_batches() {
-    init_tracing();
-    let url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (url, db, prefix, key) = setup().await;
     let big = |n: i64, bytes: usize| {
         let (aggregate, mut event) = customer_event(&format!("big{n}"), EventType::Updated, n);
         if let Some(c) = event.customer.as_mut() {
@@ -197,10 +271,7 @@ async fn large_payloads_are_split_into_byte_bounded_batches() {
 /// keeps recent published rows and every unpublished or parked row however old.
 #[tokio::test]
 async fn retention_deletes_old_published_rows_and_keeps_unpublished_ones() {
-    init_tracing();
-    let url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
+    let (url, db, prefix, _) = setup().await;
     let events: Vec<_> = (0..5)
         .map(|n| customer_event(&format!("r{n}"), EventType::Created, n))
         .collect();
@@ -253,12 +324,8 @@ async fn retention_deletes_old_published_rows_and_keeps_unpublished_ones() {
 /// not at the end of the backoff.
 #[tokio::test]
 async fn backlog_drains_within_a_second_of_redis_answering() {
-    init_tracing();
-    let db = TestDb::new().await;
     let mut redis = RedisServer::start().await;
-    let url = redis.url();
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (url, db, prefix, key) = setup_on(redis.url()).await;
     let mut config = test_config(&db, &prefix, Duration::from_secs(30));
     config.backoff_min = Duration::from_millis(50);
     config.backoff_max = Duration::from_secs(60);
@@ -306,11 +373,7 @@ async fn backlog_drains_within_a_second_of_redis_answering() {
 /// until acknowledged.
 #[tokio::test]
 async fn consumer_group_lag_is_measured_per_stream_and_group() {
-    init_tracing();
-    let url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (url, db, prefix, key) = setup().await;
     let mut conn = redis_conn(&url).await;
     for group in ["idle", "busy"] {
         redis::cmd("XGROUP")

@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use m3o_events::consumer::{Consumer, ConsumerConfig};
-use m3o_events::customers::{self, EventType};
+use m3o_events::customers::EventType;
 use m3o_events::outbox::{self, OutboxMessage};
-use m3o_events::stream_key;
 use support::{
-    RedisServer, RunningRelay, TestDb, customer_event, env_url, init_tracing, poll_until,
-    read_stream, relay, stream_prefix, test_config, wait_for_entries,
+    RedisServer, RunningRelay, TestDb, customer_event, poll_until, read_stream, relay, setup,
+    setup_on, test_config, wait_for_entries,
 };
 use uuid::Uuid;
 
@@ -21,11 +20,7 @@ const SLOW_FALLBACK: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn committed_events_are_published_in_seq_order_and_decode() {
-    init_tracing();
-    let redis_url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (redis_url, db, prefix, key) = setup().await;
 
     // Some events exist before the relay starts (start-up drain), more arrive later, two
     // of them in one transaction.
@@ -78,11 +73,7 @@ async fn committed_events_are_published_in_seq_order_and_decode() {
 
 #[tokio::test]
 async fn rolled_back_event_is_never_published() {
-    init_tracing();
-    let redis_url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (redis_url, db, prefix, key) = setup().await;
     let relay = RunningRelay::start(&db, &redis_url, &prefix, Duration::from_millis(200));
 
     let (aggregate, event) = customer_event("ghost", EventType::Created, 1);
@@ -110,12 +101,8 @@ async fn rolled_back_event_is_never_published() {
 
 #[tokio::test]
 async fn redis_outage_delays_but_never_loses_reorders_or_duplicates() {
-    init_tracing();
-    let db = TestDb::new().await;
     let mut redis = RedisServer::start().await;
-    let url = redis.url();
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (url, db, prefix, key) = setup_on(redis.url()).await;
     // One counted refusal would park a row: an outage must count none.
     let mut config = test_config(&db, &prefix, SLOW_FALLBACK);
     config.max_attempts = 1;
@@ -176,11 +163,7 @@ async fn redis_outage_delays_but_never_loses_reorders_or_duplicates() {
 
 #[tokio::test]
 async fn notify_wakes_the_relay_long_before_the_fallback_timer() {
-    init_tracing();
-    let redis_url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (redis_url, db, prefix, key) = setup().await;
     let relay = RunningRelay::start(&db, &redis_url, &prefix, SLOW_FALLBACK);
     // The first event may be caught by the catch-up drain after LISTEN; later ones only
     // by NOTIFY, since the timer would take 30 s.
@@ -206,12 +189,8 @@ async fn notify_wakes_the_relay_long_before_the_fallback_timer() {
 /// would sit out the holder's whole `XADD` (here: a frozen Redis) and then publish on.
 #[tokio::test]
 async fn two_relays_on_one_schema_keep_seq_order() {
-    init_tracing();
-    let db = TestDb::new().await;
     let redis = RedisServer::start().await;
-    let url = redis.url();
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (url, db, prefix, key) = setup_on(redis.url()).await;
     let events: Vec<_> = (0..60)
         .map(|n| customer_event(&format!("t{n}"), EventType::Created, n))
         .collect();
@@ -264,11 +243,7 @@ async fn two_relays_on_one_schema_keep_seq_order() {
 
 #[tokio::test]
 async fn consumer_group_reads_decodes_and_acks() {
-    init_tracing();
-    let redis_url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (redis_url, db, prefix, key) = setup().await;
     let client = redis::Client::open(redis_url.as_str()).expect("redis url");
     let mut config = ConsumerConfig::new(key.clone(), "billing", "billing-0");
     config.block = Duration::from_millis(200);
@@ -319,11 +294,7 @@ async fn published_rows(db: &TestDb, aggregates: &[&str]) -> Vec<outbox::OutboxR
 
 #[tokio::test]
 async fn listener_reconnects_after_its_connection_is_killed() {
-    init_tracing();
-    let redis_url = env_url("REDIS_URL");
-    let db = TestDb::new().await;
-    let prefix = stream_prefix();
-    let key = stream_key(&prefix, customers::TOPIC);
+    let (redis_url, db, prefix, key) = setup().await;
     let relay = RunningRelay::start(&db, &redis_url, &prefix, SLOW_FALLBACK);
     db.enqueue_committed(&[customer_event("r", EventType::Created, 0)])
         .await;

@@ -2,7 +2,8 @@
 //! outbox, and re-driving parked events. Read-only except `redrive`.
 
 use chrono::{DateTime, Utc};
-use m3o_events::outbox::admin::{self, Redrive, Redriven, StuckRow, TopicBacklog};
+use m3o_events::outbox::EventRef;
+use m3o_events::outbox::admin::{self, Redrive, StuckRow, TopicBacklog};
 use serde_json::json;
 
 use crate::cli::{OutboxCommand, OutputFormat};
@@ -106,19 +107,16 @@ fn render_list(rows: &[StuckRow], now: DateTime<Utc>, format: OutputFormat) -> S
             let items: Vec<_> = rows
                 .iter()
                 .map(|r| {
-                    json!({
-                        "id": r.id,
-                        "seq": r.seq,
-                        "topic": r.topic,
-                        "type": r.event_type,
-                        "aggregate": r.aggregate_id,
-                        "state": r.state.as_str(),
-                        "attempts": r.attempts,
-                        "lastError": r.last_error,
-                        "createdAt": r.created_at,
-                        "parkedAt": r.parked_at,
-                        "ageSeconds": age_seconds(r.created_at, now),
-                    })
+                    let mut item = event_json(&r.event);
+                    item.extend([
+                        ("state".into(), json!(r.state.as_str())),
+                        ("attempts".into(), json!(r.attempts)),
+                        ("lastError".into(), json!(r.last_error)),
+                        ("createdAt".into(), json!(r.created_at)),
+                        ("parkedAt".into(), json!(r.parked_at)),
+                        ("ageSeconds".into(), json!(age_seconds(r.created_at, now))),
+                    ]);
+                    item
                 })
                 .collect();
             format!("{}\n", json!(items))
@@ -139,11 +137,11 @@ fn render_list(rows: &[StuckRow], now: DateTime<Utc>, format: OutputFormat) -> S
             let mut lines = vec![header.iter().map(|h| (*h).to_owned()).collect()];
             lines.extend(rows.iter().map(|r| {
                 vec![
-                    r.id.to_string(),
-                    r.seq.to_string(),
-                    r.topic.clone(),
-                    r.event_type.clone(),
-                    r.aggregate_id.clone(),
+                    r.event.id.to_string(),
+                    r.event.seq.to_string(),
+                    r.event.topic.clone(),
+                    r.event.event_type.clone(),
+                    r.event.aggregate_id.clone(),
                     r.state.as_str().to_owned(),
                     r.attempts.to_string(),
                     age(r.created_at, now),
@@ -194,21 +192,10 @@ fn render_backlog(topics: &[TopicBacklog], now: DateTime<Utc>, format: OutputFor
     }
 }
 
-fn render_redrive(rows: &[Redriven], format: OutputFormat) -> String {
+fn render_redrive(rows: &[EventRef], format: OutputFormat) -> String {
     match format {
         OutputFormat::Json => {
-            let items: Vec<_> = rows
-                .iter()
-                .map(|r| {
-                    json!({
-                        "id": r.id,
-                        "seq": r.seq,
-                        "topic": r.topic,
-                        "type": r.event_type,
-                        "aggregate": r.aggregate_id,
-                    })
-                })
-                .collect();
+            let items: Vec<_> = rows.iter().map(event_json).collect();
             format!("{}\n", json!({ "redriven": items }))
         }
         OutputFormat::Text => {
@@ -228,6 +215,19 @@ fn render_redrive(rows: &[Redriven], format: OutputFormat) -> String {
             out
         }
     }
+}
+
+/// The JSON fields naming an event, shared by every output.
+fn event_json(event: &EventRef) -> serde_json::Map<String, serde_json::Value> {
+    let mut item = serde_json::Map::new();
+    item.extend([
+        ("id".into(), json!(event.id)),
+        ("seq".into(), json!(event.seq)),
+        ("topic".into(), json!(event.topic)),
+        ("type".into(), json!(event.event_type)),
+        ("aggregate".into(), json!(event.aggregate_id)),
+    ]);
+    item
 }
 
 #[cfg(test)]
@@ -254,11 +254,13 @@ mod tests {
     #[test]
     fn list_renders_columns_and_json() {
         let row = StuckRow {
-            id: uuid::Uuid::nil(),
-            seq: 7,
-            topic: "customers".into(),
-            event_type: "EventTypeCreated".into(),
-            aggregate_id: "c1".into(),
+            event: EventRef {
+                id: uuid::Uuid::nil(),
+                seq: 7,
+                topic: "customers".into(),
+                event_type: "EventTypeCreated".into(),
+                aggregate_id: "c1".into(),
+            },
             attempts: 3,
             last_error: Some("WRONGTYPE: Operation against a key".into()),
             created_at: at(0),

@@ -21,11 +21,18 @@ const MAX_ERROR: usize = 300;
 
 /// Publishes an Event per parked row until the relay drops its sender.
 pub async fn report(ctx: Arc<Context>, mut parked: mpsc::Receiver<ParkedEvent>) {
-    while let Some(event) = parked.recv().await {
+    while let Some(parked) = parked.recv().await {
+        let event = &parked.event;
         match owner(&ctx.db, &event.aggregate_id).await {
             Ok(Some(object)) => {
-                ctx.event(&object, EventType::Warning, REASON, "Publish", note(&event))
-                    .await;
+                ctx.event(
+                    &object,
+                    EventType::Warning,
+                    REASON,
+                    "Publish",
+                    note(&parked),
+                )
+                .await;
             }
             Ok(None) => tracing::debug!(
                 event_id = %event.id,
@@ -40,13 +47,14 @@ pub async fn report(ctx: Arc<Context>, mut parked: mpsc::Receiver<ParkedEvent>) 
     }
 }
 
-fn note(event: &ParkedEvent) -> String {
-    let error: String = event.error.chars().take(MAX_ERROR).collect();
+fn note(parked: &ParkedEvent) -> String {
+    let event = &parked.event;
+    let error: String = parked.error.chars().take(MAX_ERROR).collect();
     format!(
         "event {} ({} on {}) was refused by Redis {} times and is parked; this resource's \
          later events wait behind it. Redis said: {}. Fix the cause, then run \
          `m3o-operator outbox redrive --id {}`",
-        event.id, event.event_type, event.topic, event.attempts, error, event.id
+        event.id, event.event_type, event.topic, parked.attempts, error, event.id
     )
 }
 

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use super::EventRef;
+
 /// Why an unpublished row is listed by [`stuck_rows`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StuckState {
@@ -28,44 +30,34 @@ impl StuckState {
             Self::Waiting => "waiting",
         }
     }
+}
 
-    fn parse(s: &str) -> Self {
-        match s {
-            "parked" => Self::Parked,
-            "held" => Self::Held,
-            "retrying" => Self::Retrying,
-            _ => Self::Waiting,
+impl TryFrom<String> for StuckState {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "parked" => Ok(Self::Parked),
+            "held" => Ok(Self::Held),
+            "retrying" => Ok(Self::Retrying),
+            "waiting" => Ok(Self::Waiting),
+            other => Err(format!("unknown outbox row state {other:?}")),
         }
     }
 }
 
 /// An unpublished row that does not flow.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StuckRow {
-    pub id: Uuid,
-    pub seq: i64,
-    pub topic: String,
-    pub event_type: String,
-    pub aggregate_id: String,
+    #[sqlx(flatten)]
+    pub event: EventRef,
     pub attempts: i32,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub parked_at: Option<DateTime<Utc>>,
+    #[sqlx(try_from = "String")]
     pub state: StuckState,
 }
-
-type StuckTuple = (
-    Uuid,
-    i64,
-    String,
-    String,
-    String,
-    i32,
-    Option<String>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    String,
-);
 
 /// Parked, held and retrying rows, and rows unpublished for longer than `older_than`,
 /// in `seq` order, at most `limit`.
@@ -74,7 +66,7 @@ pub async fn stuck_rows<'e, E: PgExecutor<'e>>(
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<StuckRow>, sqlx::Error> {
-    let rows: Vec<StuckTuple> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT id, seq, topic, event_type, aggregate_id, attempts, last_error, created_at, \
                 parked_at, state FROM ( \
            SELECT o.*, CASE \
@@ -90,35 +82,7 @@ pub async fn stuck_rows<'e, E: PgExecutor<'e>>(
     .bind(older_than.as_secs_f64())
     .bind(limit)
     .fetch_all(executor)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                id,
-                seq,
-                topic,
-                event_type,
-                aggregate_id,
-                attempts,
-                last_error,
-                created_at,
-                parked_at,
-                state,
-            )| StuckRow {
-                id,
-                seq,
-                topic,
-                event_type,
-                aggregate_id,
-                attempts,
-                last_error,
-                created_at,
-                parked_at,
-                state: StuckState::parse(&state),
-            },
-        )
-        .collect())
+    .await
 }
 
 /// Unpublished rows of one topic.
@@ -154,28 +118,18 @@ pub enum Redrive {
     Ids(Vec<Uuid>),
 }
 
-/// A row that was re-driven.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Redriven {
-    pub id: Uuid,
-    pub seq: i64,
-    pub topic: String,
-    pub event_type: String,
-    pub aggregate_id: String,
-}
-
 /// Un-parks the selected parked rows (clears `parked_at` and `attempts`, keeps
 /// `last_error`) and wakes the relay when `conn`'s transaction commits. Rows that are
 /// not parked are left alone. Returns the re-driven rows in `seq` order.
 pub async fn redrive(
     conn: &mut PgConnection,
     which: &Redrive,
-) -> Result<Vec<Redriven>, sqlx::Error> {
+) -> Result<Vec<EventRef>, sqlx::Error> {
     let (all, ids) = match which {
         Redrive::All => (true, Vec::new()),
         Redrive::Ids(ids) => (false, ids.clone()),
     };
-    let mut rows: Vec<Redriven> = sqlx::query_as(
+    let mut rows: Vec<EventRef> = sqlx::query_as(
         "UPDATE outbox SET parked_at = NULL, attempts = 0 \
          WHERE parked_at IS NOT NULL AND ($1 OR id = ANY($2)) \
          RETURNING id, seq, topic, event_type, aggregate_id",

@@ -60,6 +60,15 @@ pub(crate) fn blame(error: &RedisError) -> Blame {
     }
 }
 
+/// Redis's refusal as it said it (`WRONGTYPE Operation against a key ...`), for
+/// `last_error`.
+pub(crate) fn refusal(error: &RedisError) -> String {
+    match (error.code(), error.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => error.to_string(),
+    }
+}
+
 /// Whether Redis answered (with an error reply) rather than not at all.
 pub(crate) fn answered(error: &RedisError) -> bool {
     matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension)

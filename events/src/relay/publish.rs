@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::error::pg;
 use super::plan::{self, Blame};
 use super::{Relay, RelayError};
+use crate::outbox::EventRef;
 
 /// Key (first half) of the advisory lock a relay holds while publishing a batch; the
 /// second half is `hashtext(current_schema())`.
@@ -39,11 +40,8 @@ const CANDIDATES: &str = "\
 /// An unpublished outbox row, as the relay reads it.
 #[derive(Debug, sqlx::FromRow)]
 struct Pending {
-    id: Uuid,
-    seq: i64,
-    topic: String,
-    event_type: String,
-    aggregate_id: String,
+    #[sqlx(flatten)]
+    event: EventRef,
     payload: Vec<u8>,
     created_at: DateTime<Utc>,
 }
@@ -51,16 +49,8 @@ struct Pending {
 /// A row the relay has just parked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParkedEvent {
-    /// The event id.
-    pub id: Uuid,
-    /// Its `seq`.
-    pub seq: i64,
-    /// Its topic.
-    pub topic: String,
-    /// Its event type name.
-    pub event_type: String,
-    /// The record it is about.
-    pub aggregate_id: String,
+    /// Which event.
+    pub event: EventRef,
     /// Refusals so far.
     pub attempts: i32,
     /// Redis's last answer.
@@ -144,7 +134,7 @@ impl Relay {
             .iter()
             .zip(&verdicts)
             .filter(|(_, v)| matches!(v, Verdict::Added))
-            .map(|(r, _)| r.id)
+            .map(|(r, _)| r.event.id)
             .collect();
         sqlx::query(
             "UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)",
@@ -179,13 +169,13 @@ impl Relay {
         self.stats.record_published(outcome.published);
         self.stats.record_parked(outcome.parked);
         for row in &rows {
-            if added.contains(&row.id) {
-                self.cooling.remove(&row.aggregate_id);
+            if added.contains(&row.event.id) {
+                self.cooling.remove(&row.event.aggregate_id);
             }
         }
-        for event in parked {
-            self.cooling.remove(&event.aggregate_id);
-            self.report_parked(event);
+        for parked in parked {
+            self.cooling.remove(&parked.event.aggregate_id);
+            self.report_parked(parked);
         }
         tracing::debug!(?outcome, first_seq = seqs[0], "outbox batch done");
         match unavailable {
@@ -204,7 +194,7 @@ impl Relay {
         let mut pipe = redis::pipe();
         pipe.atomic().ignore_errors();
         for row in rows {
-            self.add_xadd(&mut pipe, row);
+            pipe.add_command(self.xadd(row));
         }
         match pipe.query_async::<Vec<Value>>(&mut self.redis).await {
             Ok(replies) if replies.len() == rows.len() => {
@@ -233,16 +223,14 @@ impl Relay {
                 verdicts.push(Verdict::Unavailable(error.clone()));
                 continue;
             }
-            if refused_aggregates.contains(&row.aggregate_id) {
+            if refused_aggregates.contains(&row.event.aggregate_id) {
                 verdicts.push(Verdict::Held);
                 continue;
             }
-            let mut pipe = redis::pipe();
-            self.add_xadd(&mut pipe, row);
-            let verdict = match pipe.query_async::<Vec<Value>>(&mut self.redis).await {
+            let verdict = match self.xadd(row).query_async::<Value>(&mut self.redis).await {
                 Ok(_) => Verdict::Added,
                 Err(error) => match plan::blame(&error) {
-                    Blame::Refused => Verdict::Refused(error.to_string()),
+                    Blame::Refused => Verdict::Refused(plan::refusal(&error)),
                     Blame::Unavailable => {
                         down = Some(error.clone());
                         Verdict::Unavailable(error)
@@ -250,30 +238,34 @@ impl Relay {
                 },
             };
             if matches!(verdict, Verdict::Refused(_)) {
-                refused_aggregates.insert(row.aggregate_id.clone());
+                refused_aggregates.insert(row.event.aggregate_id.clone());
             }
             verdicts.push(verdict);
         }
         verdicts
     }
 
-    fn add_xadd(&self, pipe: &mut redis::Pipeline, row: &Pending) {
-        pipe.cmd("XADD")
-            .arg(crate::stream_key(&self.config.stream_prefix, &row.topic))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.config.maxlen)
-            .arg("*")
-            .arg("id")
-            .arg(row.id.to_string())
-            .arg("type")
-            .arg(&row.event_type)
-            .arg("content-type")
-            .arg(crate::CONTENT_TYPE)
-            .arg("payload")
-            .arg(&row.payload[..])
-            .arg("created")
-            .arg(row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true));
+    fn xadd(&self, row: &Pending) -> redis::Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(crate::stream_key(
+            &self.config.stream_prefix,
+            &row.event.topic,
+        ))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(self.config.maxlen)
+        .arg("*")
+        .arg("id")
+        .arg(row.event.id.to_string())
+        .arg("type")
+        .arg(&row.event.event_type)
+        .arg("content-type")
+        .arg(crate::CONTENT_TYPE)
+        .arg("payload")
+        .arg(&row.payload[..])
+        .arg("created")
+        .arg(row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true));
+        cmd
     }
 
     /// Counts a refusal of `row`, parks it at `max_attempts`, and makes its aggregate
@@ -289,7 +281,7 @@ impl Relay {
              parked_at = CASE WHEN attempts + 1 >= $3 THEN now() END \
              WHERE id = $1 RETURNING attempts",
         )
-        .bind(row.id)
+        .bind(row.event.id)
         .bind(error)
         .bind(i64::from(self.config.max_attempts))
         .fetch_one(tx)
@@ -297,28 +289,29 @@ impl Relay {
         .map_err(pg("recording a refused outbox row"))?;
         let delay = plan::retry_delay(attempts, self.config.backoff_min, self.config.backoff_max);
         self.cooling
-            .insert(row.aggregate_id.clone(), Instant::now() + delay);
-        tracing::debug!(event_id = %row.id, seq = row.seq, attempts, error, "Redis refused an outbox event");
+            .insert(row.event.aggregate_id.clone(), Instant::now() + delay);
+        tracing::debug!(event_id = %row.event.id, seq = row.event.seq, attempts, error, "Redis refused an outbox event");
         Ok(attempts)
     }
 
     /// Logs a parked row (always) and hands it to the [`Relay::parked_events`] receiver.
-    fn report_parked(&self, event: ParkedEvent) {
+    fn report_parked(&self, parked: ParkedEvent) {
+        let event = &parked.event;
         tracing::warn!(
             event_id = %event.id,
             seq = event.seq,
             topic = event.topic,
             event_type = event.event_type,
             aggregate_id = event.aggregate_id,
-            attempts = event.attempts,
-            error = event.error,
+            attempts = parked.attempts,
+            error = parked.error,
             "outbox event parked: Redis refused it {} times; later events flow past it \
              (the same aggregate's wait); fix the cause, then `m3o-operator outbox redrive --id {}`",
-            event.attempts,
+            parked.attempts,
             event.id,
         );
         if let Some(tx) = &self.parked_tx
-            && tx.try_send(event).is_err()
+            && tx.try_send(parked).is_err()
         {
             tracing::debug!("parked-event receiver full or gone; the log line above stands");
         }
@@ -328,11 +321,7 @@ impl Relay {
 impl Pending {
     fn parked(&self, attempts: i32, error: String) -> ParkedEvent {
         ParkedEvent {
-            id: self.id,
-            seq: self.seq,
-            topic: self.topic.clone(),
-            event_type: self.event_type.clone(),
-            aggregate_id: self.aggregate_id.clone(),
+            event: self.event.clone(),
             attempts,
             error,
         }
@@ -344,7 +333,9 @@ impl Pending {
 fn hold_after_refusal(rows: &[Pending], mut verdicts: Vec<Verdict>) -> Vec<Verdict> {
     let mut refused = std::collections::HashSet::new();
     for (row, verdict) in rows.iter().zip(verdicts.iter_mut()) {
-        if matches!(verdict, Verdict::Refused(_)) && !refused.insert(row.aggregate_id.as_str()) {
+        if matches!(verdict, Verdict::Refused(_))
+            && !refused.insert(row.event.aggregate_id.as_str())
+        {
             *verdict = Verdict::Held;
         }
     }
@@ -356,7 +347,7 @@ fn verdict_of_reply(reply: Value) -> Verdict {
         Value::ServerError(error) => {
             let error = redis::RedisError::from(error);
             match plan::blame(&error) {
-                Blame::Refused => Verdict::Refused(error.to_string()),
+                Blame::Refused => Verdict::Refused(plan::refusal(&error)),
                 Blame::Unavailable => Verdict::Unavailable(error),
             }
         }

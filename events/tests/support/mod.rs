@@ -118,6 +118,21 @@ impl TestDb {
     }
 }
 
+/// What a relay test starts with, on the shared Redis of `REDIS_URL`: see [`setup_on`].
+pub async fn setup() -> (String, TestDb, String, String) {
+    setup_on(env_url("REDIS_URL")).await
+}
+
+/// What a relay test starts with: `(redis url, fresh schema, unique stream prefix, the
+/// customers stream key under it)`, with logging when `RUST_LOG` is set.
+pub async fn setup_on(url: String) -> (String, TestDb, String, String) {
+    init_tracing();
+    let db = TestDb::new().await;
+    let prefix = stream_prefix();
+    let key = m3o_events::stream_key(&prefix, m3o_events::customers::TOPIC);
+    (url, db, prefix, key)
+}
+
 /// A customers event of type `ty` about customer `id`.
 pub fn customer_event(id: &str, ty: EventType, n: i64) -> (String, Event) {
     let event = Event {

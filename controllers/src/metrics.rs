@@ -105,7 +105,7 @@ impl Metrics {
         );
         registry.register(
             "outbox_backlog",
-            "Outbox events not yet published",
+            "Outbox events waiting to be published (parked ones count in outbox_parked)",
             outbox_backlog.clone(),
         );
         registry.register_with_unit(

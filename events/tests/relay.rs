@@ -191,16 +191,22 @@ async fn notify_wakes_the_relay_long_before_the_fallback_timer() {
 async fn two_relays_on_one_schema_keep_seq_order() {
     let redis = RedisServer::start().await;
     let (url, db, prefix, key) = setup_on(redis.url()).await;
-    let events: Vec<_> = (0..60)
-        .map(|n| customer_event(&format!("t{n}"), EventType::Created, n))
-        .collect();
-    let ids = db.enqueue_committed(&events).await;
-
-    // Relay A is in the middle of a batch: rows selected, XADD sent, Redis frozen.
     let holder = format!("relay-a-{}", &db.schema[7..19]);
     let pool_a = db.pool_named(&holder).await;
     let mut a = relay(&pool_a, &url, test_config(&db, &prefix, SLOW_FALLBACK));
     let mut b = relay(&db.pool, &url, test_config(&db, &prefix, SLOW_FALLBACK));
+    // Relay A connected to Redis (one event published), so that below it waits for
+    // an answer (5 s response timeout), not for a connection (2 s).
+    let mut ids = db
+        .enqueue_committed(&[customer_event("w", EventType::Created, 0)])
+        .await;
+    assert_eq!(a.publish_batch().await.expect("warm-up").published, 1);
+    let events: Vec<_> = (1..=60)
+        .map(|n| customer_event(&format!("t{n}"), EventType::Created, n))
+        .collect();
+    ids.extend(db.enqueue_committed(&events).await);
+
+    // Relay A is in the middle of a batch: rows selected, XADD sent, Redis frozen.
     redis.pause().await;
     let a_batch = tokio::spawn(async move { (a.publish_batch().await, a) });
     let in_batch = poll_until(Duration::from_secs(10), || async {

@@ -206,13 +206,14 @@ async fn two_relays_on_one_schema_keep_seq_order() {
         .collect();
     ids.extend(db.enqueue_committed(&events).await);
 
-    // Relay A is in the middle of a batch: rows selected, XADD sent, Redis frozen.
+    // Relay A is in the middle of a batch: rows selected and locked (its last statement,
+    // in an open transaction), XADD sent, Redis frozen.
     redis.pause().await;
     let a_batch = tokio::spawn(async move { (a.publish_batch().await, a) });
     let in_batch = poll_until(Duration::from_secs(10), || async {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE application_name = $1 AND state = 'idle in transaction'",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND state = 'idle in transaction' AND query LIKE '%FOR UPDATE%'",
         )
         .bind(&holder)
         .fetch_one(&db.pool)

@@ -8,6 +8,7 @@ mod customer_faults;
 mod examples;
 mod hardening;
 mod manifests;
+mod outbox;
 mod production;
 mod scale;
 mod sharding;

@@ -6,12 +6,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::plans::Plans;
 use crate::platform::PlatformConfig;
+use crate::store::fence::{self, Term};
 
 /// Operator settings that reconcilers read (the binary maps flags onto these).
 #[derive(Clone, Debug)]
@@ -55,6 +56,8 @@ pub struct Context {
     pub plans: Plans,
     /// Kinds whose controller has listed its objects and is watching (for `/readyz`).
     pub watching: Arc<Watching>,
+    /// This process's writer term: every write transaction checks it.
+    pub term: Arc<Term>,
     recorder: Recorder,
 }
 
@@ -89,6 +92,8 @@ impl Context {
             controller: "m3o-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let term = Arc::<Term>::default();
+        let platform = platform.fenced_by(term.shared_epoch());
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
@@ -99,6 +104,7 @@ impl Context {
             metrics,
             plans: Plans::default(),
             watching: Arc::default(),
+            term,
         }
     }
 
@@ -106,6 +112,11 @@ impl Context {
     pub fn with_plans(mut self, plans: Plans) -> Self {
         self.plans = plans;
         self
+    }
+
+    /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).
+    pub async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        fence::begin_write(&self.db, &self.term).await
     }
 
     /// Publishes a Kubernetes Event about `object`. Events are informational: a failure

@@ -18,11 +18,17 @@ pub enum Error {
     Finalizer(String),
     #[error("invalid object: {0}")]
     Invalid(String),
+    /// This process is not (or no longer) the schema's writer: nothing was written, and
+    /// nothing about the object is reported (the writer reconciles it).
+    #[error("not the writer of this schema: {0}")]
+    Fenced(String),
 }
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        if crate::store::is_unavailable(&err) {
+        if crate::store::fence::is_fenced(&err) {
+            Self::Fenced(err.to_string())
+        } else if crate::store::is_unavailable(&err) {
             Self::DatabaseUnavailable(err)
         } else {
             Self::Database(err)
@@ -51,6 +57,7 @@ impl Error {
         "kube",
         "finalizer",
         "invalid",
+        "fenced",
     ];
 
     /// Low-cardinality label for the error metric.
@@ -62,6 +69,7 @@ impl Error {
             Self::Kube(_) => "kube",
             Self::Finalizer(_) => "finalizer",
             Self::Invalid(_) => "invalid",
+            Self::Fenced(_) => "fenced",
         }
     }
 
@@ -70,7 +78,7 @@ impl Error {
         match self {
             Self::DatabaseUnavailable(_) | Self::Database(_) => reasons::DATABASE_UNAVAILABLE,
             Self::ConfigStoreUnavailable(_) => reasons::CONFIG_STORE_UNAVAILABLE,
-            Self::Kube(_) | Self::Finalizer(_) => reasons::RECONCILE_FAILED,
+            Self::Kube(_) | Self::Finalizer(_) | Self::Fenced(_) => reasons::RECONCILE_FAILED,
             Self::Invalid(_) => reasons::INVALID,
         }
     }

@@ -134,6 +134,10 @@ where
     let result = reconcile(obj.clone(), ctx.clone()).await;
     match &result {
         Ok(_) => ctx.backoff.reset(&key),
+        // A replaced writer stays silent: the object is its successor's to report on.
+        Err(err @ Error::Fenced(_)) => {
+            tracing::debug!(kind, object = %key, error = %err, "reconcile refused by the writer fence");
+        }
         Err(err) => {
             ctx.metrics.reconcile_failed(kind, err.metric_label());
             tracing::warn!(kind, object = %key, error = %err, "reconcile failed");

@@ -2,7 +2,9 @@
 //! holder reconciles and relays events. A candidate judges expiry by when it last saw
 //! the lease change on its own clock (immune to clock skew); the holder gives up
 //! after `renew_deadline` without a successful renewal, which is shorter than the
-//! lease duration, so it stops writing before anyone else may start.
+//! lease duration, so it stops writing before anyone else may start. The lease says
+//! who should lead; the writer fence (`crate::fence`) makes sure that only one
+//! process writes, whatever the lease says.
 
 use std::time::{Duration, Instant};
 
@@ -213,83 +215,5 @@ impl Elector {
                 tracing::warn!(%err, "could not release the lease; a standby takes over when it expires")
             }
         }
-    }
-}
-
-/// Advisory lock class of the leader fence ("m3ol").
-const FENCE_CLASS: i32 = 0x6d33_6f6c;
-
-/// A Postgres session lock held for as long as the leader works. A new leader takes it
-/// before starting, so while its predecessor is still finishing, or is cut off from
-/// the API server but not from Postgres, it waits; the lock also dies with the
-/// predecessor's session if that process is killed.
-pub struct Fence {
-    conn: sqlx::PgConnection,
-    key: i32,
-}
-
-/// The fence of a schema (one operator deployment).
-fn fence_key(schema: &str) -> i32 {
-    // FNV-1a, folded to 32 bits.
-    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (hash as u32 ^ (hash >> 32) as u32) as i32
-}
-
-impl Fence {
-    /// Waits for the fence; `None` if shutdown came first.
-    pub async fn acquire(
-        db: &sqlx::PgPool,
-        schema: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Self>, sqlx::Error> {
-        let key = fence_key(schema);
-        let mut conn = db.acquire().await?.detach();
-        let mut waiting_since: Option<Instant> = None;
-        loop {
-            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                .bind(FENCE_CLASS)
-                .bind(key)
-                .fetch_one(&mut conn)
-                .await?;
-            if held {
-                return Ok(Some(Self { conn, key }));
-            }
-            if waiting_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                tracing::warn!(
-                    "elected, waiting for the previous leader to stop (it holds the Postgres fence)"
-                );
-                waiting_since = Some(Instant::now());
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-        }
-    }
-
-    /// Releases the fence (closing the session would too).
-    pub async fn release(mut self) {
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(FENCE_CLASS)
-            .bind(self.key)
-            .execute(&mut self.conn)
-            .await;
-        if let Err(err) = unlocked {
-            tracing::warn!(%err, "could not release the Postgres fence; it goes with the session");
-        }
-        let _ = sqlx::Connection::close(self.conn).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fence_keys_differ_per_schema() {
-        assert_eq!(fence_key("m3o"), fence_key("m3o"));
-        assert_ne!(fence_key("m3o"), fence_key("m3o_staging"));
     }
 }

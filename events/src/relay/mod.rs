@@ -18,6 +18,7 @@ mod stats;
 mod wake;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -89,6 +90,8 @@ pub struct Relay {
     redis: ConnectionManager,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    /// The writer term whose epoch every batch checks first (see `fenced_by`).
+    writer_epoch: Option<Arc<AtomicI64>>,
 }
 
 impl Relay {
@@ -118,7 +121,17 @@ impl Relay {
             redis,
             config,
             stats: Arc::new(RelayStats::default()),
+            writer_epoch: None,
         })
+    }
+
+    /// Publishes only while `epoch` is the schema's current writer term: each batch's
+    /// transaction begins with `writer_fence_check` (migration 0005), so a replaced
+    /// operator neither sends nor marks a row, and a newer term waits for (or
+    /// terminates) a batch in flight.
+    pub fn fenced_by(mut self, epoch: Arc<AtomicI64>) -> Self {
+        self.writer_epoch = Some(epoch);
+        self
     }
 
     /// The relay's counters, for metrics.
@@ -137,6 +150,13 @@ impl Relay {
     /// committed, and they stay unpublished.
     pub async fn publish_batch(&mut self) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await.map_err(pg("BEGIN"))?;
+        if let Some(epoch) = &self.writer_epoch {
+            sqlx::query("SELECT writer_fence_check($1)")
+                .bind(epoch.load(Ordering::SeqCst))
+                .execute(&mut *tx)
+                .await
+                .map_err(pg("checking the writer fence"))?;
+        }
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
                 .bind(LOCK_CLASS)

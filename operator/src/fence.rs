@@ -1,0 +1,157 @@
+//! Taking and holding the writer fence (`m3o_controllers::store::fence`), with or
+//! without leader election: a process works only during its own term, a successor
+//! waits while the holder is alive, and takes over from a holder that exited at once
+//! and from a hung one once its heartbeat is older than its lease.
+
+use std::time::{Duration, Instant};
+
+use m3o_controllers::store::fence::{self, Candidate, Next};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::Role;
+use crate::leader::Ended;
+
+/// How long the fence waits for a previous term's open transactions before looking
+/// again at whether their holder is alive.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How often a waiting candidate looks at the fence.
+const POLL: Duration = Duration::from_millis(250);
+
+/// The heartbeat timing (the leader-election flags, also used without election).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// A successor takes over once the heartbeat is older than this.
+    pub lease: Duration,
+    /// The holder stops working when it could not beat for this long (< lease).
+    pub renew_deadline: Duration,
+    /// Heartbeat period.
+    pub retry_period: Duration,
+}
+
+/// This process's term, held on one session kept open for the whole term (its
+/// presence tells a successor that the holder is alive).
+pub struct WriterFence {
+    conn: PgConnection,
+    epoch: i64,
+    timing: Timing,
+}
+
+impl WriterFence {
+    /// Waits for a term; `None` if shutdown came first. `role` says what it waits on.
+    pub async fn acquire(
+        db: &PgPool,
+        identity: &str,
+        timing: Timing,
+        role: &Role,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, sqlx::Error> {
+        let app = db
+            .connect_options()
+            .get_application_name()
+            .unwrap_or_default()
+            .to_owned();
+        let candidate = Candidate {
+            identity,
+            app: &app,
+            lease: timing.lease,
+        };
+        let mut conn = db.acquire().await?.detach();
+        let mut logged: Option<Instant> = None;
+        loop {
+            let holder = fence::observe(&mut conn).await?;
+            let next = fence::decide(&holder, &app);
+            if next == Next::TakeOver {
+                let ended = fence::terminate(&mut conn, &holder.holder_app).await?;
+                tracing::warn!(
+                    previous = %holder.holder, sessions = ended,
+                    "the previous writer is connected but its heartbeat is older than its lease (hung or partitioned): terminated its database sessions"
+                );
+            }
+            if next != Next::Wait {
+                match fence::bump(&mut conn, &candidate, holder.epoch, LOCK_WAIT).await {
+                    Ok(Some(epoch)) => {
+                        tracing::info!(epoch, previous = %holder.holder, "began a writer term");
+                        return Ok(Some(Self {
+                            conn,
+                            epoch,
+                            timing,
+                        }));
+                    }
+                    // Someone else began a term meanwhile, or a transaction of the
+                    // previous one is still open: look again.
+                    Ok(None) => {}
+                    Err(err) if fence::is_lock_timeout(&err) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            role.wait_for(&holder.holder);
+            if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    holder = %holder.holder,
+                    "waiting for the writer fence: another process writes this schema"
+                );
+                logged = Some(Instant::now());
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Beats every retry period until shutdown or loss: loss when a newer term has
+    /// begun, or when no beat succeeded within the renew deadline (so this process
+    /// stops before its heartbeat can look stale to a successor).
+    pub async fn hold(&mut self, shutdown: &CancellationToken) -> Ended {
+        let mut last_beat = Instant::now();
+        loop {
+            let left = self
+                .timing
+                .renew_deadline
+                .saturating_sub(last_beat.elapsed());
+            if left.is_zero() {
+                tracing::error!("could not refresh the writer fence heartbeat in time");
+                return Ended::Lost;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = tokio::time::sleep(self.timing.retry_period.min(left)) => {}
+            }
+            let left = self
+                .timing
+                .renew_deadline
+                .saturating_sub(last_beat.elapsed());
+            let attempt = tokio::time::timeout(
+                self.timing.retry_period.min(left),
+                fence::beat(&mut self.conn, self.epoch),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(true)) => last_beat = Instant::now(),
+                Ok(Ok(false)) => {
+                    tracing::error!(
+                        epoch = self.epoch,
+                        "another process has begun a writer term"
+                    );
+                    return Ended::Lost;
+                }
+                Ok(Err(err)) => tracing::warn!(%err, "writer fence heartbeat failed"),
+                Err(_) => tracing::warn!("writer fence heartbeat timed out"),
+            }
+        }
+    }
+
+    /// Ends the term so a successor begins at once. Call it only after this process
+    /// has stopped writing.
+    pub async fn release(mut self) {
+        if let Err(err) = fence::release(&mut self.conn, self.epoch).await {
+            tracing::warn!(%err, "could not release the writer fence; a successor takes over when its heartbeat is stale");
+        }
+        let _ = sqlx::Connection::close(self.conn).await;
+    }
+}

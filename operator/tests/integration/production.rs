@@ -21,7 +21,7 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn metric(op: &Operator, series: &str) -> f64 {
+pub async fn metric(op: &Operator, series: &str) -> f64 {
     parse_metrics(&op.metrics().await)
         .get(series)
         .copied()
@@ -29,14 +29,14 @@ async fn metric(op: &Operator, series: &str) -> f64 {
 }
 
 /// Waits until `op` reports it leads.
-async fn wait_leader(op: &Operator, what: &str, timeout: Duration) {
+pub async fn wait_leader(op: &Operator, what: &str, timeout: Duration) {
     eventually(what, timeout, || async {
         (metric(op, "m3o_operator_leader").await == 1.0).then_some(())
     })
     .await;
 }
 
-fn elected(env: &TestEnv) -> Backends {
+pub fn elected(env: &TestEnv) -> Backends {
     let args = [
         "--leader-election",
         "--leader-election-namespace",

@@ -240,3 +240,105 @@ async fn a_long_running_task_that_ends_stops_the_process() {
         );
     }
 }
+
+/// An outbox row as a write to test the fence with.
+async fn enqueue(conn: &mut sqlx::PgConnection) -> Result<uuid::Uuid, sqlx::Error> {
+    let msg = m3o_events::outbox::OutboxMessage {
+        topic: "customers",
+        event_type: "EventTypeCreated",
+        aggregate_id: "fence-test".into(),
+        payload: vec![1, 2, 3],
+    };
+    m3o_events::outbox::enqueue(conn, &msg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_refuses_an_old_term_and_unchecked_writes() {
+    use m3o_controllers::store::{self, fence};
+
+    let env = TestEnv::new("fence-sql").await;
+    // Two "processes": two pools, each with its own application_name.
+    let pool_a = store::connect(&env.database_url, &env.schema, 3)
+        .await
+        .expect("pool a");
+    let pool_b = store::connect(&env.database_url, &env.schema, 3)
+        .await
+        .expect("pool b");
+    let app = |pool: &sqlx::PgPool| {
+        pool.connect_options()
+            .get_application_name()
+            .expect("application_name")
+            .to_owned()
+    };
+    let (app_a, app_b) = (app(&pool_a), app(&pool_b));
+    let candidate = |identity, app| fence::Candidate {
+        identity,
+        app,
+        lease: Duration::from_secs(60),
+    };
+    let mut control_a = pool_a.acquire().await.expect("a").detach();
+    let mut control_b = pool_b.acquire().await.expect("b").detach();
+
+    let term_a = fence::Term::default();
+    let epoch = fence::bump(&mut control_a, &candidate("a", &app_a), 0, LEASE)
+        .await
+        .expect("a bumps")
+        .expect("a begins term 1");
+    term_a.begin(epoch);
+    let mut tx = fence::begin_write(&pool_a, &term_a).await.expect("a checks");
+    let id = enqueue(&mut tx).await.expect("a writes");
+    tx.commit().await.expect("commit");
+    let stamped: Option<i64> = sqlx::query_scalar("SELECT writer_epoch FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.db)
+        .await
+        .expect("row");
+    assert_eq!(stamped, Some(epoch), "rows carry their writer's term");
+    let unchecked = enqueue(&mut *pool_a.acquire().await.expect("conn")).await;
+    assert!(
+        unchecked.as_ref().is_err_and(fence::is_fenced),
+        "a write that skipped the check is refused: {unchecked:?}"
+    );
+
+    // A writes; B may not begin a term while A is alive, nor while A's checked
+    // transaction is open.
+    let mut open = fence::begin_write(&pool_a, &term_a).await.expect("a checks");
+    let seen = fence::observe(&mut control_b).await.expect("observe");
+    assert_eq!(fence::decide(&seen, &app_b), fence::Next::Wait, "{seen:?}");
+    let blocked = fence::bump(
+        &mut control_b,
+        &candidate("b", &app_b),
+        seen.epoch,
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(
+        blocked.as_ref().is_err_and(fence::is_lock_timeout),
+        "a new term waits for the open write: {blocked:?}"
+    );
+
+    // A hangs (simulated: its heartbeat ages past its lease); B terminates its
+    // sessions, which ends the open transaction, and begins term 2.
+    sqlx::query("UPDATE writer_fence SET lease_ms = 1, beat_at = now() - interval '1 minute'")
+        .execute(&env.db)
+        .await
+        .expect("age the heartbeat");
+    let seen = fence::observe(&mut control_b).await.expect("observe");
+    assert_eq!(fence::decide(&seen, &app_b), fence::Next::TakeOver);
+    assert!(fence::terminate(&mut control_b, &app_a).await.expect("terminate") >= 1);
+    let epoch_b = fence::bump(&mut control_b, &candidate("b", &app_b), seen.epoch, LEASE)
+        .await
+        .expect("b bumps")
+        .expect("b begins a term");
+    assert!(epoch_b > epoch);
+    assert!(enqueue(&mut open).await.is_err(), "A's open transaction is gone");
+
+    // A, awake again, can no longer write, and learns that it was replaced.
+    let stale = fence::begin_write(&pool_a, &term_a).await;
+    assert!(stale.as_ref().is_err_and(fence::is_fenced), "{:?}", stale.err());
+    assert!(term_a.superseded().is_cancelled());
+    assert!(
+        !fence::beat(&mut control_b, epoch).await.expect("beat"),
+        "the old term's heartbeat is refused"
+    );
+}

@@ -202,7 +202,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let mut server = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
+    // The server outlives the work (probes answer while it stops), so its end before
+    // then is unexpected.
+    let server_stop = CancellationToken::new();
+    let mut server = tokio::spawn(http::serve(listener, http_state, server_stop.clone()));
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         schema,
@@ -221,6 +224,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     metrics.leader.set(0);
     role.stopped();
     shutdown.cancel();
+    server_stop.cancel();
     if !server.is_finished() {
         match server.await {
             Ok(Ok(())) => {}

@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::Role;
-use crate::leader::Ended;
+use crate::leader::{self, Ended, Renew, Timing};
 
 /// How long the fence waits for a previous term's open transactions before looking
 /// again at whether their holder is alive.
@@ -18,15 +18,14 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How often a waiting candidate looks at the fence.
 const POLL: Duration = Duration::from_millis(250);
 
-/// The heartbeat timing (the leader-election flags, also used without election).
-#[derive(Clone, Copy, Debug)]
-pub struct Timing {
-    /// A successor takes over once the heartbeat is older than this.
-    pub lease: Duration,
-    /// The holder stops working when it could not beat for this long (< lease).
-    pub renew_deadline: Duration,
-    /// Heartbeat period.
-    pub retry_period: Duration,
+impl Renew for WriterFence {
+    const WHAT: &'static str = "the writer fence heartbeat";
+
+    async fn renew(&mut self) -> Result<bool, String> {
+        fence::beat(&mut self.conn, self.epoch)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// This process's term, held on one session kept open for the whole term (its
@@ -108,42 +107,12 @@ impl WriterFence {
     /// begun, or when no beat succeeded within the renew deadline (so this process
     /// stops before its heartbeat can look stale to a successor).
     pub async fn hold(&mut self, shutdown: &CancellationToken) -> Ended {
-        let mut last_beat = Instant::now();
-        loop {
-            let left = self
-                .timing
-                .renew_deadline
-                .saturating_sub(last_beat.elapsed());
-            if left.is_zero() {
-                tracing::error!("could not refresh the writer fence heartbeat in time");
-                return Ended::Lost;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                _ = tokio::time::sleep(self.timing.retry_period.min(left)) => {}
-            }
-            let left = self
-                .timing
-                .renew_deadline
-                .saturating_sub(last_beat.elapsed());
-            let attempt = tokio::time::timeout(
-                self.timing.retry_period.min(left),
-                fence::beat(&mut self.conn, self.epoch),
-            )
-            .await;
-            match attempt {
-                Ok(Ok(true)) => last_beat = Instant::now(),
-                Ok(Ok(false)) => {
-                    tracing::error!(
-                        epoch = self.epoch,
-                        "another process has begun a writer term"
-                    );
-                    return Ended::Lost;
-                }
-                Ok(Err(err)) => tracing::warn!(%err, "writer fence heartbeat failed"),
-                Err(_) => tracing::warn!("writer fence heartbeat timed out"),
-            }
-        }
+        let Timing {
+            renew_deadline,
+            retry_period,
+            ..
+        } = self.timing;
+        leader::hold(self, renew_deadline, retry_period, shutdown).await
     }
 
     /// Ends the term so a successor begins at once. Call it only after this process

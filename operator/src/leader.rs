@@ -20,9 +20,26 @@ pub struct ElectionConfig {
     pub namespace: String,
     pub name: String,
     pub identity: String,
-    pub lease_duration: Duration,
+    pub timing: Timing,
+}
+
+/// Lease timing, shared by the Lease and the writer fence's heartbeat.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Another replica takes over once the holder has not renewed for this long.
+    pub lease: Duration,
+    /// The holder stops working when it could not renew for this long (< lease).
     pub renew_deadline: Duration,
+    /// Renewal (and retry) period.
     pub retry_period: Duration,
+}
+
+impl Renew for Elector {
+    const WHAT: &'static str = "the leader lease";
+
+    async fn renew(&mut self) -> Result<bool, String> {
+        self.try_acquire_or_renew().await.map_err(|e| e.to_string())
+    }
 }
 
 /// How holding the lease ended.
@@ -32,6 +49,47 @@ pub enum Ended {
     Shutdown,
     /// Renewal failed for longer than the renew deadline, or another holder took over.
     Lost,
+}
+
+/// Something held by renewing it: the lease, the writer fence's heartbeat.
+pub trait Renew {
+    /// What is renewed, for logs.
+    const WHAT: &'static str;
+    /// One attempt: `Ok(true)` renewed, `Ok(false)` someone else holds it now.
+    async fn renew(&mut self) -> Result<bool, String>;
+}
+
+/// Renews `held` every `period` until shutdown or loss. Loss is declared when another
+/// holder is found, or no later than `deadline` after the last successful renewal:
+/// waits and attempts are cut to the time left.
+pub async fn hold<R: Renew>(
+    held: &mut R,
+    deadline: Duration,
+    period: Duration,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut last_renewed = Instant::now();
+    loop {
+        let left = deadline.saturating_sub(last_renewed.elapsed());
+        if left.is_zero() {
+            tracing::error!(what = R::WHAT, "could not renew in time");
+            return Ended::Lost;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = tokio::time::sleep(period.min(left)) => {}
+        }
+        let left = deadline.saturating_sub(last_renewed.elapsed());
+        match tokio::time::timeout(period.min(left), held.renew()).await {
+            Ok(Ok(true)) => last_renewed = Instant::now(),
+            Ok(Ok(false)) => {
+                tracing::error!(what = R::WHAT, "another replica holds it now");
+                return Ended::Lost;
+            }
+            Ok(Err(err)) => tracing::warn!(%err, what = R::WHAT, "renewal failed"),
+            Err(_) => tracing::warn!(what = R::WHAT, "renewal timed out"),
+        }
+    }
 }
 
 pub struct Elector {
@@ -73,55 +131,26 @@ impl Elector {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(self.config.retry_period) => {}
+                _ = tokio::time::sleep(self.config.timing.retry_period) => {}
             }
         }
     }
 
-    /// Renews the lease every retry period until shutdown or loss. Loss is declared no
-    /// later than `renew_deadline` after the last successful renewal: waits and attempts
-    /// are cut to the time left. On shutdown the lease is kept: the caller stops its work
-    /// first and then calls [`Elector::release`].
+    /// Renews the lease every retry period until shutdown or loss (see [`hold`]). On
+    /// shutdown the lease is kept: the caller stops its work first and then calls
+    /// [`Elector::release`].
     pub async fn hold(&mut self, shutdown: &CancellationToken) -> Ended {
-        let mut last_renewed = Instant::now();
-        loop {
-            let left = self
-                .config
-                .renew_deadline
-                .saturating_sub(last_renewed.elapsed());
-            if left.is_zero() {
-                tracing::error!(lease = %self.config.name, "could not renew the lease in time");
-                return Ended::Lost;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                _ = tokio::time::sleep(self.config.retry_period.min(left)) => {}
-            }
-            let left = self
-                .config
-                .renew_deadline
-                .saturating_sub(last_renewed.elapsed());
-            let attempt = tokio::time::timeout(
-                self.config.retry_period.min(left),
-                self.try_acquire_or_renew(),
-            )
-            .await;
-            match attempt {
-                Ok(Ok(true)) => last_renewed = Instant::now(),
-                Ok(Ok(false)) => {
-                    tracing::error!(lease = %self.config.name, "another replica took the lease");
-                    return Ended::Lost;
-                }
-                Ok(Err(err)) => tracing::warn!(%err, "leader election: renewal failed"),
-                Err(_) => tracing::warn!("leader election: renewal timed out"),
-            }
-        }
+        let (deadline, period) = (
+            self.config.timing.renew_deadline,
+            self.config.timing.retry_period,
+        );
+        hold(self, deadline, period, shutdown).await
     }
 
     /// One attempt: create, take over an expired lease, or renew our own. True when we hold it.
     async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let now = MicroTime(Timestamp::now());
-        let duration_secs = i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let duration_secs = i32::try_from(self.config.timing.lease.as_secs()).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
             let mut lease = Lease::default();
             lease.metadata.name = Some(self.config.name.clone());
@@ -152,7 +181,7 @@ impl Elector {
         let theirs = !holder.is_empty() && holder != self.config.identity;
         let their_duration = spec
             .lease_duration_seconds
-            .map_or(self.config.lease_duration, |s| {
+            .map_or(self.config.timing.lease, |s| {
                 Duration::from_secs(s.max(1) as u64)
             });
         let expired = self

@@ -18,9 +18,9 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DatabaseArgs, RunArgs};
-use crate::fence::{self, WriterFence};
+use crate::fence::WriterFence;
 use crate::http::{self, Health, HttpState, Role};
-use crate::leader::{ElectionConfig, Elector, Ended};
+use crate::leader::{ElectionConfig, Elector, Ended, Timing};
 use crate::startup::{self, StartupError};
 
 /// Database connections of the operator process: one per reconcile that may run at
@@ -111,7 +111,7 @@ async fn first_to_end(tasks: &mut [Task]) -> (usize, &'static str, Result<(), Jo
 
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let timing = fence_timing(&args)?;
-    let election = election_config(&args)?;
+    let election = election_config(&args, timing)?;
     let catalog = plans::load(args.plans_file.as_deref()).map_err(|e| {
         let path = args
             .plans_file
@@ -242,7 +242,7 @@ struct Writer {
     election: Option<ElectionConfig>,
     db: sqlx::PgPool,
     identity: String,
-    timing: fence::Timing,
+    timing: Timing,
     term: Arc<Term>,
     role: Arc<Role>,
     health: Arc<Health>,
@@ -422,7 +422,7 @@ async fn join(tasks: Vec<Task>, limit: Option<Duration>) {
 
 /// The heartbeat timing, checked whether or not leader election is on (the writer
 /// fence uses it either way).
-fn fence_timing(args: &RunArgs) -> Result<fence::Timing, StartupError> {
+fn fence_timing(args: &RunArgs) -> Result<Timing, StartupError> {
     let flag = |f: &str, m: &str| StartupError(format!("{f}: {m}"));
     if args.leader_election_renew_deadline >= args.leader_election_lease_duration {
         return Err(flag(
@@ -436,14 +436,14 @@ fn fence_timing(args: &RunArgs) -> Result<fence::Timing, StartupError> {
             "must be shorter than --leader-election-renew-deadline",
         ));
     }
-    Ok(fence::Timing {
+    Ok(Timing {
         lease: args.leader_election_lease_duration,
         renew_deadline: args.leader_election_renew_deadline,
         retry_period: args.leader_election_retry_period,
     })
 }
 
-fn election_config(args: &RunArgs) -> Result<Option<ElectionConfig>, StartupError> {
+fn election_config(args: &RunArgs, timing: Timing) -> Result<Option<ElectionConfig>, StartupError> {
     if !args.leader_election {
         return Ok(None);
     }
@@ -463,9 +463,7 @@ fn election_config(args: &RunArgs) -> Result<Option<ElectionConfig>, StartupErro
         namespace,
         name: args.leader_election_name.clone(),
         identity: identity(),
-        lease_duration: args.leader_election_lease_duration,
-        renew_deadline: args.leader_election_renew_deadline,
-        retry_period: args.leader_election_retry_period,
+        timing,
     }))
 }
 

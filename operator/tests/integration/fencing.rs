@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::production::{elected, metric, wait_leader};
+use crate::production::{FAST_TIMINGS, elected, metric, wait_leader};
 use crate::support::{Backends, Operator, TestEnv, eventually, http_get};
 
 /// The lease of the fast timings below, and what the brief allows on top of it.
@@ -126,16 +126,7 @@ async fn without_leader_election_one_process_writes_at_a_time() {
     let env = TestEnv::new("two-writers").await;
     // No --leader-election: the fence alone decides, with the same (fast) timings.
     let fast = || Backends {
-        extra_args: [
-            "--leader-election-lease-duration",
-            "4s",
-            "--leader-election-renew-deadline",
-            "3s",
-            "--leader-election-retry-period",
-            "500ms",
-        ]
-        .map(String::from)
-        .to_vec(),
+        extra_args: FAST_TIMINGS.map(String::from).to_vec(),
         ..Default::default()
     };
     let first = env.start_operator_with(fast()).await;
@@ -285,7 +276,9 @@ async fn the_fence_refuses_an_old_term_and_unchecked_writes() {
         .expect("a bumps")
         .expect("a begins term 1");
     term_a.begin(epoch);
-    let mut tx = fence::begin_write(&pool_a, &term_a).await.expect("a checks");
+    let mut tx = fence::begin_write(&pool_a, &term_a)
+        .await
+        .expect("a checks");
     let id = enqueue(&mut tx).await.expect("a writes");
     tx.commit().await.expect("commit");
     let stamped: Option<i64> = sqlx::query_scalar("SELECT writer_epoch FROM outbox WHERE id = $1")
@@ -294,7 +287,7 @@ async fn the_fence_refuses_an_old_term_and_unchecked_writes() {
         .await
         .expect("row");
     assert_eq!(stamped, Some(epoch), "rows carry their writer's term");
-    let unchecked = enqueue(&mut *pool_a.acquire().await.expect("conn")).await;
+    let unchecked = enqueue(&mut pool_a.acquire().await.expect("conn")).await;
     assert!(
         unchecked.as_ref().is_err_and(fence::is_fenced),
         "a write that skipped the check is refused: {unchecked:?}"
@@ -302,7 +295,9 @@ async fn the_fence_refuses_an_old_term_and_unchecked_writes() {
 
     // A writes; B may not begin a term while A is alive, nor while A's checked
     // transaction is open.
-    let mut open = fence::begin_write(&pool_a, &term_a).await.expect("a checks");
+    let mut open = fence::begin_write(&pool_a, &term_a)
+        .await
+        .expect("a checks");
     let seen = fence::observe(&mut control_b).await.expect("observe");
     assert_eq!(fence::decide(&seen, &app_b), fence::Next::Wait, "{seen:?}");
     let blocked = fence::bump(
@@ -325,17 +320,29 @@ async fn the_fence_refuses_an_old_term_and_unchecked_writes() {
         .expect("age the heartbeat");
     let seen = fence::observe(&mut control_b).await.expect("observe");
     assert_eq!(fence::decide(&seen, &app_b), fence::Next::TakeOver);
-    assert!(fence::terminate(&mut control_b, &app_a).await.expect("terminate") >= 1);
+    assert!(
+        fence::terminate(&mut control_b, &app_a)
+            .await
+            .expect("terminate")
+            >= 1
+    );
     let epoch_b = fence::bump(&mut control_b, &candidate("b", &app_b), seen.epoch, LEASE)
         .await
         .expect("b bumps")
         .expect("b begins a term");
     assert!(epoch_b > epoch);
-    assert!(enqueue(&mut open).await.is_err(), "A's open transaction is gone");
+    assert!(
+        enqueue(&mut open).await.is_err(),
+        "A's open transaction is gone"
+    );
 
     // A, awake again, can no longer write, and learns that it was replaced.
     let stale = fence::begin_write(&pool_a, &term_a).await;
-    assert!(stale.as_ref().is_err_and(fence::is_fenced), "{:?}", stale.err());
+    assert!(
+        stale.as_ref().is_err_and(fence::is_fenced),
+        "{:?}",
+        stale.err()
+    );
     assert!(term_a.superseded().is_cancelled());
     assert!(
         !fence::beat(&mut control_b, epoch).await.expect("beat"),

@@ -36,6 +36,16 @@ pub async fn wait_leader(op: &Operator, what: &str, timeout: Duration) {
     .await;
 }
 
+/// Short lease timings (also the writer fence's, with or without election).
+pub const FAST_TIMINGS: [&str; 6] = [
+    "--leader-election-lease-duration",
+    "4s",
+    "--leader-election-renew-deadline",
+    "3s",
+    "--leader-election-retry-period",
+    "500ms",
+];
+
 pub fn elected(env: &TestEnv) -> Backends {
     let args = [
         "--leader-election",
@@ -43,15 +53,13 @@ pub fn elected(env: &TestEnv) -> Backends {
         env.ns.as_str(),
         "--leader-election-name",
         "m3o-operator-test",
-        "--leader-election-lease-duration",
-        "4s",
-        "--leader-election-renew-deadline",
-        "3s",
-        "--leader-election-retry-period",
-        "500ms",
     ];
     Backends {
-        extra_args: args.iter().map(|s| s.to_string()).collect(),
+        extra_args: args
+            .iter()
+            .chain(&FAST_TIMINGS)
+            .map(|s| s.to_string())
+            .collect(),
         ..Default::default()
     }
 }

@@ -324,7 +324,12 @@ impl Writer {
                 _ = self.term.superseded().cancelled() => Stop::FenceLost,
                 (index, name, result) = first_to_end(&mut tasks) => {
                     tasks.remove(index);
-                    Stop::Task(name, result)
+                    // Tasks end on shutdown too; only then is that expected.
+                    if shutdown.is_cancelled() && result.is_ok() {
+                        Stop::Shutdown
+                    } else {
+                        Stop::Task(name, result)
+                    }
                 }
             };
             leading.cancel();

@@ -349,3 +349,68 @@ async fn the_fence_refuses_an_old_term_and_unchecked_writes() {
         "the old term's heartbeat is refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elected_replica_waiting_on_the_fence_says_on_what() {
+    use m3o_controllers::store;
+
+    let env = TestEnv::new("fence-wait").await;
+    // Another writer, alive: a session of its own and a fresh heartbeat.
+    let holder = store::connect(&env.database_url, &env.schema, 1)
+        .await
+        .expect("holder pool");
+    let holder_app = holder
+        .connect_options()
+        .get_application_name()
+        .expect("application_name")
+        .to_owned();
+    sqlx::query(
+        "UPDATE writer_fence SET epoch = 7, holder = 'other-writer', holder_app = $1, \
+         beat_at = clock_timestamp(), lease_ms = 4000",
+    )
+    .bind(&holder_app)
+    .execute(&holder)
+    .await
+    .expect("hold the fence");
+    let beating = tokio::spawn({
+        let holder = holder.clone();
+        async move {
+            loop {
+                let _ = sqlx::query("UPDATE writer_fence SET beat_at = clock_timestamp()")
+                    .execute(&holder)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+
+    let op = env.start_operator_with(elected(&env)).await;
+    let readyz = || async {
+        http_get(&format!("127.0.0.1:{}", op.port), "/readyz")
+            .await
+            .expect("readyz")
+    };
+    let (code, body) = eventually(
+        "the elected replica to stop calling itself ready",
+        LEASE + TAKEOVER_SLACK,
+        || async { Some(readyz().await).filter(|(code, _)| *code == 503) },
+    )
+    .await;
+    assert!(body.contains("held by other-writer"), "{code} {body}");
+    assert_eq!(metric(&op, "m3o_operator_leader").await, 0.0);
+
+    // The holder hangs: its heartbeat ages past its lease, and it is taken over.
+    beating.abort();
+    let (epoch, app) = eventually(
+        "the replica to take over the fence",
+        LEASE + TAKEOVER_SLACK,
+        || async { Some(term(&env).await).filter(|(epoch, _)| *epoch > 7) },
+    )
+    .await;
+    assert_ne!(app, holder_app);
+    wait_leader(&op, "the replica to lead", Duration::from_secs(10)).await;
+    assert_eq!(epoch, 8);
+    env.apply_customer("x", json!({"email": "x@example.com"}))
+        .await;
+    env.wait_ready("x").await;
+}

@@ -249,7 +249,17 @@ async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
         },
     )
     .await;
-    let k = env.wait_apikey("ci", "True", "Provisioned").await;
+    // The Secret is written before status: wait for the status of the new key (the
+    // old status already satisfies Ready=True for this generation).
+    let k = eventually(
+        "status of the fresh key",
+        Duration::from_secs(30),
+        || async {
+            let k = env.wait_apikey("ci", "True", "Provisioned").await;
+            (key_id(&k) != old_id).then_some(k)
+        },
+    )
+    .await;
     assert_ne!(key_id(&k), old_id);
     assert_eq!(
         env.gateway_entry(forged).await,

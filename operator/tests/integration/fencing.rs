@@ -414,3 +414,44 @@ async fn an_elected_replica_waiting_on_the_fence_says_on_what() {
         .await;
     env.wait_ready("x").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_mid_batch_is_replaced_within_the_lease() {
+    const N: usize = 40;
+    let env = TestEnv::new("stop-batch").await;
+    let first = env.start_operator_with(elected(&env)).await;
+    wait_leader(&first, "the first replica to lead", Duration::from_secs(20)).await;
+    let second = env.start_operator_with(elected(&env)).await;
+    let (old_epoch, _) = term(&env).await;
+
+    // SIGSTOP from outside while the leader is busy: a hung host, connections open.
+    env.apply_customer_batch("stop", N).await;
+    eventually("the leader to be busy", Duration::from_secs(60), || async {
+        (env.outbox_count().await >= 5).then_some(())
+    })
+    .await;
+    first.signal("STOP").await;
+    let stopped_at = Instant::now();
+    wait_leader(&second, "the standby to lead", LEASE + TAKEOVER_SLACK).await;
+    eprintln!(
+        "leader SIGSTOPped mid-batch -> standby leading after {:?} (lease {LEASE:?})",
+        stopped_at.elapsed()
+    );
+    env.apply_customer("after", json!({"email": "after@example.com"}))
+        .await;
+    env.wait_ready("after").await;
+    env.wait_customers_ready(N + 1, Duration::from_secs(120))
+        .await;
+    second.settle().await;
+    let old_rows = written_in(&env, old_epoch).await;
+
+    first.signal("CONT").await;
+    let (status, _) = exit_log(first, "the old leader exits once it wakes").await;
+    assert!(!status.success());
+    assert_eq!(
+        written_in(&env, old_epoch).await,
+        old_rows,
+        "nothing written in the old term after the takeover"
+    );
+    env.assert_each_customer_created_once(N + 1).await;
+}

@@ -18,6 +18,42 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How often a waiting candidate looks at the fence.
 const POLL: Duration = Duration::from_millis(250);
 
+/// What one look at the fence came to.
+enum Attempt {
+    Began(i64),
+    /// The holder (named) is alive.
+    Wait(String),
+    /// The epoch moved, or a previous term's transaction is still open: look again.
+    Again,
+}
+
+async fn attempt(
+    conn: &mut PgConnection,
+    candidate: &Candidate<'_>,
+) -> Result<Attempt, sqlx::Error> {
+    let holder = fence::observe(conn).await?;
+    match fence::decide(&holder, candidate.app) {
+        Next::Wait => return Ok(Attempt::Wait(holder.holder)),
+        Next::TakeOver => {
+            let ended = fence::terminate(conn, &holder.holder_app).await?;
+            tracing::warn!(
+                previous = %holder.holder, sessions = ended,
+                "the previous writer is connected but its heartbeat is older than its lease (hung or partitioned): terminated its database sessions"
+            );
+        }
+        Next::Take => {}
+    }
+    match fence::bump(conn, candidate, holder.epoch, LOCK_WAIT).await {
+        Ok(Some(epoch)) => {
+            tracing::info!(epoch, previous = %holder.holder, "began a writer term");
+            Ok(Attempt::Began(epoch))
+        }
+        Ok(None) => Ok(Attempt::Again),
+        Err(err) if fence::is_lock_timeout(&err) => Ok(Attempt::Again),
+        Err(err) => Err(err),
+    }
+}
+
 impl Renew for WriterFence {
     const WHAT: &'static str = "the writer fence heartbeat";
 
@@ -38,13 +74,15 @@ pub struct WriterFence {
 
 impl WriterFence {
     /// Waits for a term; `None` if shutdown came first. `role` says what it waits on.
+    /// Database errors are logged and retried on a fresh session: a standby outlives
+    /// an outage.
     pub async fn acquire(
         db: &PgPool,
         identity: &str,
         timing: Timing,
         role: &Role,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Self>, sqlx::Error> {
+    ) -> Option<Self> {
         let app = db
             .connect_options()
             .get_application_name()
@@ -55,45 +93,44 @@ impl WriterFence {
             app: &app,
             lease: timing.lease,
         };
-        let mut conn = db.acquire().await?.detach();
+        let mut session: Option<PgConnection> = None;
         let mut logged: Option<Instant> = None;
         loop {
-            let holder = fence::observe(&mut conn).await?;
-            let next = fence::decide(&holder, &app);
-            if next == Next::TakeOver {
-                let ended = fence::terminate(&mut conn, &holder.holder_app).await?;
-                tracing::warn!(
-                    previous = %holder.holder, sessions = ended,
-                    "the previous writer is connected but its heartbeat is older than its lease (hung or partitioned): terminated its database sessions"
-                );
+            if session.is_none() {
+                match db.acquire().await {
+                    Ok(conn) => session = Some(conn.detach()),
+                    Err(err) => tracing::warn!(%err, "writer fence: cannot connect; retrying"),
+                }
             }
-            if next != Next::Wait {
-                match fence::bump(&mut conn, &candidate, holder.epoch, LOCK_WAIT).await {
-                    Ok(Some(epoch)) => {
-                        tracing::info!(epoch, previous = %holder.holder, "began a writer term");
-                        return Ok(Some(Self {
+            if let Some(conn) = session.as_mut() {
+                match attempt(conn, &candidate).await {
+                    Ok(Attempt::Began(epoch)) => {
+                        let conn = session.take()?;
+                        return Some(Self {
                             conn,
                             epoch,
                             timing,
-                        }));
+                        });
                     }
-                    // Someone else began a term meanwhile, or a transaction of the
-                    // previous one is still open: look again.
-                    Ok(None) => {}
-                    Err(err) if fence::is_lock_timeout(&err) => {}
-                    Err(err) => return Err(err),
+                    Ok(Attempt::Again) => {}
+                    Ok(Attempt::Wait(holder)) => {
+                        role.wait_for(&holder);
+                        if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            tracing::warn!(
+                                %holder,
+                                "waiting for the writer fence: another process writes this schema"
+                            );
+                            logged = Some(Instant::now());
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "writer fence: cannot read or take it; retrying");
+                        session = None;
+                    }
                 }
             }
-            role.wait_for(&holder.holder);
-            if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                tracing::warn!(
-                    holder = %holder.holder,
-                    "waiting for the writer fence: another process writes this schema"
-                );
-                logged = Some(Instant::now());
-            }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
+                _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(POLL) => {}
             }
         }

@@ -292,14 +292,8 @@ impl Writer {
                 ended = &mut renewing => return lost_before_starting(ended),
                 fence = WriterFence::acquire(&self.db, &self.identity, timing, &self.role, shutdown) => fence,
             };
-            let mut fence = match acquired {
-                Ok(Some(fence)) => fence,
-                Ok(None) => return Ok(()),
-                Err(err) => {
-                    return Err(StartupError(format!(
-                        "--database-url: cannot take the writer fence: {err}"
-                    )));
-                }
+            let Some(mut fence) = acquired else {
+                return Ok(());
             };
             self.term.begin(fence.epoch());
             if let Err(err) = work.ctx.platform.begin_term().await {

@@ -24,6 +24,7 @@ requirements=(
   "/etc/ssl/certs/ca-certificates.crt ca-certificates"
   "setpriv util-linux"                                       # postgres refuses to run as root
   "nginx nginx-light"                                        # the gateway's end-to-end test
+  "/bin/kill procps"                                         # tests signal operators (SIGSTOP, SIGTERM)
 )
 
 present() {

@@ -6,12 +6,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::plans::Plans;
 use crate::platform::PlatformConfig;
+use crate::store::fence::{self, Term};
 
 /// Operator settings that reconcilers read (the binary maps flags onto these).
 #[derive(Clone, Debug)]
@@ -58,6 +59,8 @@ pub struct Context {
     pub plans: Plans,
     /// Kinds whose controller has listed its objects and is watching (for `/readyz`).
     pub watching: Arc<Watching>,
+    /// This process's writer term: every write transaction checks it.
+    pub term: Arc<Term>,
     recorder: Recorder,
 }
 
@@ -92,6 +95,9 @@ impl Context {
             controller: "m3o-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let shard = settings.shard.as_ref().map(|s| s.as_str());
+        let term = Arc::new(Term::of(fence::fence_name(shard)));
+        let platform = platform.fenced_by(term.name(), term.shared_epoch());
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
@@ -102,6 +108,7 @@ impl Context {
             metrics,
             plans: Plans::default(),
             watching: Arc::default(),
+            term,
         }
     }
 
@@ -109,6 +116,11 @@ impl Context {
     pub fn with_plans(mut self, plans: Plans) -> Self {
         self.plans = plans;
         self
+    }
+
+    /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).
+    pub async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        fence::begin_write(&self.db, &self.term).await
     }
 
     /// Publishes a Kubernetes Event about `object`. Events are informational: a failure

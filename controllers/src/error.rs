@@ -36,10 +36,17 @@ pub enum Error {
     /// The reconcile of this object panicked (a bug): contained to this object.
     #[error("internal error: the reconcile panicked: {0}")]
     Panicked(String),
+    /// This process is not (or no longer) the schema's writer: nothing was written, and
+    /// nothing about the object is reported (the writer reconciles it).
+    #[error("not the writer of this schema: {0}")]
+    Fenced(String),
 }
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
+        if crate::store::fence::is_fenced(&err) {
+            return Self::Fenced(err.to_string());
+        }
         if crate::store::is_unavailable(&err) {
             return Self::DatabaseUnavailable(err);
         }
@@ -88,6 +95,7 @@ impl Error {
         "transient",
         "internal",
         "panic",
+        "fenced",
     ];
 
     /// Low-cardinality label for the error metric.
@@ -102,6 +110,7 @@ impl Error {
             Self::Transient(_) => "transient",
             Self::Internal(_) => "internal",
             Self::Panicked(_) => "panic",
+            Self::Fenced(_) => "fenced",
         }
     }
 
@@ -112,7 +121,7 @@ impl Error {
             Self::Constraint { .. } => reasons::CONSTRAINT_VIOLATION,
             Self::Database(_) => reasons::DATABASE_ERROR,
             Self::ConfigStoreUnavailable(_) => reasons::CONFIG_STORE_UNAVAILABLE,
-            Self::Kube(_) | Self::Finalizer(_) => reasons::RECONCILE_FAILED,
+            Self::Kube(_) | Self::Finalizer(_) | Self::Fenced(_) => reasons::RECONCILE_FAILED,
             Self::Transient(_) => reasons::PROVISIONING,
             Self::Internal(_) | Self::Panicked(_) => reasons::INTERNAL_ERROR,
         }

@@ -162,6 +162,10 @@ where
             ctx.metrics.reconcile_failed(kind, err.metric_label());
             tracing::debug!(kind, object = %key, error = %err, "reconcile lost a race");
         }
+        // A replaced writer stays silent: the object is its successor's to report on.
+        Err(err @ Error::Fenced(_)) => {
+            tracing::debug!(kind, object = %key, error = %err, "reconcile refused by the writer fence");
+        }
         Err(err) => {
             ctx.metrics.reconcile_failed(kind, err.metric_label());
             tracing::warn!(kind, object = %key, error = %err, "reconcile failed");

@@ -179,11 +179,13 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_LEADER_ELECTION_NAME", default_value = "m3o-operator")]
     pub leader_election_name: String,
 
-    /// How long a lease is valid without renewal; a standby takes over after it.
+    /// How long a lease is valid without renewal; a standby takes over after it. Also
+    /// the writer fence's heartbeat lease (with or without leader election).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub leader_election_lease_duration: Duration,
 
-    /// The leader stops working if it could not renew for this long (< lease duration).
+    /// The leader stops working if it could not renew (lease or writer-fence
+    /// heartbeat) for this long (< lease duration).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub leader_election_renew_deadline: Duration,
 

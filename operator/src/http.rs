@@ -1,8 +1,8 @@
-//! The HTTP server: `/healthz` (the process serves), `/readyz` (connected and
-//! watching), `/metrics` (Prometheus text format).
+//! The HTTP server: `/healthz` (every long-running task is up), `/readyz` (connected
+//! and watching, or a standby able to take over), `/metrics` (Prometheus text format).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -16,11 +16,127 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Where the process is on its way to writing, for `/readyz`.
+#[derive(Clone, Debug)]
+enum Phase {
+    Connecting,
+    /// Waiting for the lease (with leader election).
+    Standby,
+    /// Waiting for the writer fence held by `holder`.
+    Waiting {
+        holder: String,
+        since: Instant,
+    },
+    Leading,
+}
+
+/// What `/readyz` reports; set by the run loop.
+pub struct Role {
+    phase: Mutex<Phase>,
+    /// Holding the lease (a wait on the fence is then a wait that should end soon).
+    elected: std::sync::atomic::AtomicBool,
+    /// How long an elected replica may wait on the fence and still call itself ready.
+    patience: Duration,
+}
+
+impl Role {
+    pub fn new(patience: Duration) -> Self {
+        Self {
+            phase: Mutex::new(Phase::Connecting),
+            elected: Default::default(),
+            patience,
+        }
+    }
+
+    fn set(&self, phase: Phase) {
+        if let Ok(mut p) = self.phase.lock() {
+            *p = phase;
+        }
+    }
+
+    pub fn standby(&self) {
+        self.set(Phase::Standby);
+    }
+
+    pub fn elected(&self) {
+        self.elected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waiting on the fence held by `holder` (keeps the start of the wait).
+    pub fn wait_for(&self, holder: &str) {
+        if let Ok(mut p) = self.phase.lock()
+            && !matches!(&*p, Phase::Waiting { holder: h, .. } if h == holder)
+        {
+            *p = Phase::Waiting {
+                holder: holder.to_owned(),
+                since: Instant::now(),
+            };
+        }
+    }
+
+    pub fn leading(&self) {
+        self.set(Phase::Leading);
+    }
+
+    pub fn stopped(&self) {
+        self.set(Phase::Connecting);
+    }
+
+    fn answer(&self, watching: bool) -> (StatusCode, String) {
+        let phase = self
+            .phase
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or(Phase::Connecting);
+        let elected = self.elected.load(std::sync::atomic::Ordering::Relaxed);
+        let ok = |s: String| (StatusCode::OK, s);
+        let not = |s: String| (StatusCode::SERVICE_UNAVAILABLE, s);
+        match phase {
+            Phase::Connecting => not("not ready: connecting".into()),
+            Phase::Standby => ok("ready (standby)".into()),
+            Phase::Waiting { holder, since } if elected => {
+                let waited = since.elapsed().as_secs();
+                if since.elapsed() < self.patience {
+                    ok(format!(
+                        "ready (standby: elected, waiting for the previous writer {holder} to stop)"
+                    ))
+                } else {
+                    not(format!(
+                        "not ready: elected, but waiting {waited}s for the writer fence held by {holder}"
+                    ))
+                }
+            }
+            Phase::Waiting { holder, .. } => ok(format!(
+                "ready (standby: {holder} holds the writer fence; waiting for it)"
+            )),
+            Phase::Leading if !watching => not("not ready: starting watches".into()),
+            Phase::Leading => ok("ready (leader)".into()),
+        }
+    }
+}
+
+/// Which long-running task is down, for `/healthz`.
+#[derive(Default)]
+pub struct Health(Mutex<Option<String>>);
+
+impl Health {
+    pub fn task_down(&self, what: String) {
+        if let Ok(mut h) = self.0.lock() {
+            h.get_or_insert(what);
+        }
+    }
+
+    fn down(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|h| h.clone())
+    }
+}
+
 /// What the handlers read.
 #[derive(Clone)]
 pub struct HttpState {
-    /// Connected to every backend (set after the start-up checks).
-    pub ready: Arc<AtomicBool>,
+    pub role: Arc<Role>,
+    pub health: Arc<Health>,
     /// Which controllers have listed their objects and are watching.
     pub watching: Arc<Watching>,
     pub metrics: Arc<Metrics>,
@@ -28,24 +144,22 @@ pub struct HttpState {
     pub db: PgPool,
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// Fails while a long-running task is down (the process then exits non-zero).
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.health.down() {
+        None => (StatusCode::OK, "ok".to_owned()),
+        Some(what) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {what}"),
+        ),
+    }
 }
 
 /// Ready once connected and, on the leader, once every controller is watching; a
-/// standby is ready as soon as it is connected, since it can take over at any time.
+/// standby is ready as soon as it is connected, since it can take over at any time,
+/// except an elected one that has waited too long on the writer fence (it says on what).
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    let connected = state.ready.load(Ordering::Relaxed);
-    let leader = state.metrics.leader.get() == 1;
-    match (connected, leader) {
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: connecting"),
-        (true, true) if !state.watching.all() => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting watches",
-        ),
-        (true, true) => (StatusCode::OK, "ready (leader)"),
-        (true, false) => (StatusCode::OK, "ready (standby)"),
-    }
+    state.role.answer(state.watching.all())
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -120,4 +234,56 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_says_what_it_waits_on() {
+        let role = Role::new(Duration::from_secs(60));
+        assert_eq!(role.answer(false).0, StatusCode::SERVICE_UNAVAILABLE);
+        role.standby();
+        assert_eq!(
+            role.answer(false),
+            (StatusCode::OK, "ready (standby)".into())
+        );
+        role.wait_for("op-a");
+        let (code, text) = role.answer(false);
+        assert_eq!(
+            code,
+            StatusCode::OK,
+            "an unelected replica waiting is a standby"
+        );
+        assert!(text.contains("op-a holds the writer fence"), "{text}");
+        role.elected();
+        assert!(
+            role.answer(false)
+                .1
+                .contains("elected, waiting for the previous writer op-a")
+        );
+        let impatient = Role::new(Duration::ZERO);
+        impatient.elected();
+        impatient.wait_for("op-a");
+        let (code, text) = impatient.answer(false);
+        assert_eq!(
+            code,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "elected and waiting too long"
+        );
+        assert!(text.contains("held by op-a"), "{text}");
+        role.leading();
+        assert_eq!(role.answer(false).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(role.answer(true), (StatusCode::OK, "ready (leader)".into()));
+    }
+
+    #[test]
+    fn health_names_the_task_down() {
+        let health = Health::default();
+        assert_eq!(health.down(), None);
+        health.task_down("task relay ended".into());
+        health.task_down("task other ended".into());
+        assert_eq!(health.down().as_deref(), Some("task relay ended"));
+    }
 }

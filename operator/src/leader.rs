@@ -2,7 +2,9 @@
 //! holder reconciles and relays events. A candidate judges expiry by when it last saw
 //! the lease change on its own clock (immune to clock skew); the holder gives up
 //! after `renew_deadline` without a successful renewal, which is shorter than the
-//! lease duration, so it stops writing before anyone else may start.
+//! lease duration, so it stops writing before anyone else may start. The lease says
+//! who should lead; the writer fence (`crate::fence`) makes sure that only one
+//! process writes, whatever the lease says.
 
 use std::time::{Duration, Instant};
 
@@ -18,9 +20,26 @@ pub struct ElectionConfig {
     pub namespace: String,
     pub name: String,
     pub identity: String,
-    pub lease_duration: Duration,
+    pub timing: Timing,
+}
+
+/// Lease timing, shared by the Lease and the writer fence's heartbeat.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Another replica takes over once the holder has not renewed for this long.
+    pub lease: Duration,
+    /// The holder stops working when it could not renew for this long (< lease).
     pub renew_deadline: Duration,
+    /// Renewal (and retry) period.
     pub retry_period: Duration,
+}
+
+impl Renew for Elector {
+    const WHAT: &'static str = "the leader lease";
+
+    async fn renew(&mut self) -> Result<bool, String> {
+        self.try_acquire_or_renew().await.map_err(|e| e.to_string())
+    }
 }
 
 /// How holding the lease ended.
@@ -30,6 +49,47 @@ pub enum Ended {
     Shutdown,
     /// Renewal failed for longer than the renew deadline, or another holder took over.
     Lost,
+}
+
+/// Something held by renewing it: the lease, the writer fence's heartbeat.
+pub trait Renew {
+    /// What is renewed, for logs.
+    const WHAT: &'static str;
+    /// One attempt: `Ok(true)` renewed, `Ok(false)` someone else holds it now.
+    async fn renew(&mut self) -> Result<bool, String>;
+}
+
+/// Renews `held` every `period` until shutdown or loss. Loss is declared when another
+/// holder is found, or no later than `deadline` after the last successful renewal:
+/// waits and attempts are cut to the time left.
+pub async fn hold<R: Renew>(
+    held: &mut R,
+    deadline: Duration,
+    period: Duration,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut last_renewed = Instant::now();
+    loop {
+        let left = deadline.saturating_sub(last_renewed.elapsed());
+        if left.is_zero() {
+            tracing::error!(what = R::WHAT, "could not renew in time");
+            return Ended::Lost;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = tokio::time::sleep(period.min(left)) => {}
+        }
+        let left = deadline.saturating_sub(last_renewed.elapsed());
+        match tokio::time::timeout(period.min(left), held.renew()).await {
+            Ok(Ok(true)) => last_renewed = Instant::now(),
+            Ok(Ok(false)) => {
+                tracing::error!(what = R::WHAT, "another replica holds it now");
+                return Ended::Lost;
+            }
+            Ok(Err(err)) => tracing::warn!(%err, what = R::WHAT, "renewal failed"),
+            Err(_) => tracing::warn!(what = R::WHAT, "renewal timed out"),
+        }
+    }
 }
 
 pub struct Elector {
@@ -71,55 +131,26 @@ impl Elector {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(self.config.retry_period) => {}
+                _ = tokio::time::sleep(self.config.timing.retry_period) => {}
             }
         }
     }
 
-    /// Renews the lease every retry period until shutdown or loss. Loss is declared no
-    /// later than `renew_deadline` after the last successful renewal: waits and attempts
-    /// are cut to the time left. On shutdown the lease is kept: the caller stops its work
-    /// first and then calls [`Elector::release`].
+    /// Renews the lease every retry period until shutdown or loss (see [`hold`]). On
+    /// shutdown the lease is kept: the caller stops its work first and then calls
+    /// [`Elector::release`].
     pub async fn hold(&mut self, shutdown: &CancellationToken) -> Ended {
-        let mut last_renewed = Instant::now();
-        loop {
-            let left = self
-                .config
-                .renew_deadline
-                .saturating_sub(last_renewed.elapsed());
-            if left.is_zero() {
-                tracing::error!(lease = %self.config.name, "could not renew the lease in time");
-                return Ended::Lost;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                _ = tokio::time::sleep(self.config.retry_period.min(left)) => {}
-            }
-            let left = self
-                .config
-                .renew_deadline
-                .saturating_sub(last_renewed.elapsed());
-            let attempt = tokio::time::timeout(
-                self.config.retry_period.min(left),
-                self.try_acquire_or_renew(),
-            )
-            .await;
-            match attempt {
-                Ok(Ok(true)) => last_renewed = Instant::now(),
-                Ok(Ok(false)) => {
-                    tracing::error!(lease = %self.config.name, "another replica took the lease");
-                    return Ended::Lost;
-                }
-                Ok(Err(err)) => tracing::warn!(%err, "leader election: renewal failed"),
-                Err(_) => tracing::warn!("leader election: renewal timed out"),
-            }
-        }
+        let (deadline, period) = (
+            self.config.timing.renew_deadline,
+            self.config.timing.retry_period,
+        );
+        hold(self, deadline, period, shutdown).await
     }
 
     /// One attempt: create, take over an expired lease, or renew our own. True when we hold it.
     async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let now = MicroTime(Timestamp::now());
-        let duration_secs = i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let duration_secs = i32::try_from(self.config.timing.lease.as_secs()).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
             let mut lease = Lease::default();
             lease.metadata.name = Some(self.config.name.clone());
@@ -150,7 +181,7 @@ impl Elector {
         let theirs = !holder.is_empty() && holder != self.config.identity;
         let their_duration = spec
             .lease_duration_seconds
-            .map_or(self.config.lease_duration, |s| {
+            .map_or(self.config.timing.lease, |s| {
                 Duration::from_secs(s.max(1) as u64)
             });
         let expired = self
@@ -213,83 +244,5 @@ impl Elector {
                 tracing::warn!(%err, "could not release the lease; a standby takes over when it expires")
             }
         }
-    }
-}
-
-/// Advisory lock class of the leader fence ("m3ol").
-const FENCE_CLASS: i32 = 0x6d33_6f6c;
-
-/// A Postgres session lock held for as long as the leader works. A new leader takes it
-/// before starting, so while its predecessor is still finishing, or is cut off from
-/// the API server but not from Postgres, it waits; the lock also dies with the
-/// predecessor's session if that process is killed.
-pub struct Fence {
-    conn: sqlx::PgConnection,
-    key: i32,
-}
-
-/// The fence of a schema (one operator deployment).
-fn fence_key(schema: &str) -> i32 {
-    // FNV-1a, folded to 32 bits.
-    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (hash as u32 ^ (hash >> 32) as u32) as i32
-}
-
-impl Fence {
-    /// Waits for the fence; `None` if shutdown came first.
-    pub async fn acquire(
-        db: &sqlx::PgPool,
-        schema: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Self>, sqlx::Error> {
-        let key = fence_key(schema);
-        let mut conn = db.acquire().await?.detach();
-        let mut waiting_since: Option<Instant> = None;
-        loop {
-            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                .bind(FENCE_CLASS)
-                .bind(key)
-                .fetch_one(&mut conn)
-                .await?;
-            if held {
-                return Ok(Some(Self { conn, key }));
-            }
-            if waiting_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                tracing::warn!(
-                    "elected, waiting for the previous leader to stop (it holds the Postgres fence)"
-                );
-                waiting_since = Some(Instant::now());
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-        }
-    }
-
-    /// Releases the fence (closing the session would too).
-    pub async fn release(mut self) {
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(FENCE_CLASS)
-            .bind(self.key)
-            .execute(&mut self.conn)
-            .await;
-        if let Err(err) = unlocked {
-            tracing::warn!(%err, "could not release the Postgres fence; it goes with the session");
-        }
-        let _ = sqlx::Connection::close(self.conn).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fence_keys_differ_per_schema() {
-        assert_eq!(fence_key("m3o"), fence_key("m3o"));
-        assert_ne!(fence_key("m3o"), fence_key("m3o_staging"));
     }
 }

@@ -1,6 +1,7 @@
 //! The m3o-operator binary.
 
 mod cli;
+mod fence;
 mod http;
 mod leader;
 mod outbox;

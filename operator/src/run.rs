@@ -1,21 +1,26 @@
-//! `m3o-operator run` and `migrate`: start-up checks, then the long-running tasks
-//! (only on the leader when `--leader-election` is on), stopped together on
-//! SIGTERM/SIGINT.
+//! `m3o-operator run` and `migrate`: start-up checks, then the long-running tasks,
+//! only while this process is the writer (behind the writer fence, and on the leader
+//! when `--leader-election` is on), supervised (any task that ends makes the process
+//! exit non-zero) and stopped together on SIGTERM/SIGINT.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use m3o_controllers::metrics::Metrics;
-use m3o_controllers::{Context, Settings, apikey, customer, plans, platform, store, subscription};
+use m3o_controllers::store::fence::Term;
+use m3o_controllers::{
+    Context, Settings, apikey, customer, failpoint, plans, platform, store, subscription,
+};
 use m3o_events::relay::{Relay, RelayConfig};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DatabaseArgs, RunArgs};
-use crate::http::{self, HttpState};
-use crate::leader::{ElectionConfig, Elector, Ended, Fence};
+use crate::fence::WriterFence;
+use crate::http::{self, Health, HttpState, Role};
+use crate::leader::{ElectionConfig, Elector, Ended, Timing};
 use crate::parked_events;
 use crate::startup::{self, StartupError};
 
@@ -34,7 +39,7 @@ pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// What only the leader runs.
+/// What only the writer runs.
 struct LeaderWork {
     ctx: Arc<Context>,
     relay: Relay,
@@ -42,36 +47,79 @@ struct LeaderWork {
     plans_file: Option<std::path::PathBuf>,
 }
 
+/// A long-running task, by name (the name is what logs, `/healthz` and the
+/// `task-end:<name>` / `task-panic:<name>` failpoints use).
+type Task = (&'static str, JoinHandle<()>);
+
 impl LeaderWork {
-    fn spawn(self, stop: CancellationToken) -> Vec<JoinHandle<()>> {
+    fn spawn(self, stop: CancellationToken) -> Vec<Task> {
         let ctx = self.ctx;
-        let mut relay = self.relay;
+        let mut relay = self
+            .relay
+            .fenced_by(ctx.term.name(), ctx.term.shared_epoch());
         let parked = relay.parked_events(64);
         let mut tasks = vec![
-            tokio::spawn(relay.run(stop.clone())),
-            tokio::spawn(parked_events::report(ctx.clone(), parked)),
-            tokio::spawn(platform::drift::run(ctx.clone(), stop.clone())),
-            tokio::spawn(customer::run(ctx.clone(), stop.clone().cancelled_owned())),
-            tokio::spawn(subscription::run(
-                ctx.clone(),
-                stop.clone().cancelled_owned(),
-            )),
-            tokio::spawn(apikey::run(ctx.clone(), stop.clone().cancelled_owned())),
+            supervised("outbox-relay", relay.run(stop.clone())),
+            supervised(
+                "parked-event-reporter",
+                parked_events::report(ctx.clone(), parked),
+            ),
+            supervised(
+                "drift-watcher",
+                platform::drift::run(ctx.clone(), stop.clone()),
+            ),
+            supervised(
+                "customer-controller",
+                customer::run(ctx.clone(), stop.clone().cancelled_owned()),
+            ),
+            supervised(
+                "subscription-controller",
+                subscription::run(ctx.clone(), stop.clone().cancelled_owned()),
+            ),
+            supervised(
+                "apikey-controller",
+                apikey::run(ctx.clone(), stop.clone().cancelled_owned()),
+            ),
         ];
         if let Some(path) = self.plans_file {
-            tasks.push(tokio::spawn(plans::watch_file(
-                self.plans,
-                path,
-                ctx.metrics.clone(),
-                stop,
-            )));
+            tasks.push(supervised(
+                "plans-file-watch",
+                plans::watch_file(self.plans, path, ctx.metrics.clone(), stop),
+            ));
         }
         tasks
     }
 }
 
+/// Spawns `task` as `name`. Tests end or panic it through the failpoints
+/// `task-end:<name>` and `task-panic:<name>`.
+fn supervised(name: &'static str, task: impl Future<Output = ()> + Send + 'static) -> Task {
+    let handle = tokio::spawn(async move {
+        if failpoint::is_enabled(&format!("task-end:{name}")) {
+            tracing::warn!(task = name, "failpoint: ending the task");
+            return;
+        }
+        if failpoint::is_enabled(&format!("task-panic:{name}")) {
+            panic!("failpoint task-panic:{name}");
+        }
+        task.await
+    });
+    (name, handle)
+}
+
+/// The first task to end: its index, name and result.
+async fn first_to_end(tasks: &mut [Task]) -> (usize, &'static str, Result<(), JoinError>) {
+    let ends = tasks.iter_mut().map(|(name, handle)| {
+        let name = *name;
+        Box::pin(async move { (name, handle.await) })
+    });
+    let ((name, result), index, _) = futures::future::select_all(ends).await;
+    (index, name, result)
+}
+
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
-    let election = election_config(&args)?;
+    let timing = fence_timing(&args)?;
+    let election = election_config(&args, timing)?;
     let catalog = plans::load(args.plans_file.as_deref()).map_err(|e| {
         let path = args
             .plans_file
@@ -143,14 +191,26 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         )
         .with_plans(plans.clone()),
     );
-    let ready = Arc::new(AtomicBool::new(false));
-    let fencing = (db.clone(), schema.clone());
+    let role = Arc::new(Role::new(timing.lease));
+    let health = Arc::new(Health::default());
     let http_state = HttpState {
+        role: role.clone(),
+        health: health.clone(),
         watching: ctx.watching.clone(),
-        ready: ready.clone(),
         metrics: metrics.clone(),
         relay: relay.stats(),
+        db: db.clone(),
+    };
+    let writer = Writer {
+        client,
+        election,
         db,
+        identity: identity(),
+        timing,
+        term: ctx.term.clone(),
+        role: role.clone(),
+        health,
+        metrics: metrics.clone(),
     };
     let work = LeaderWork {
         ctx,
@@ -161,96 +221,188 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let server = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
-    // Ready means connected and able to work: a standby is ready to take over.
-    ready.store(true, Ordering::Relaxed);
+    // The server outlives the work (probes answer while it stops), so its end before
+    // then is unexpected.
+    let server_stop = CancellationToken::new();
+    let mut server = tokio::spawn(http::serve(listener, http_state, server_stop.clone()));
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         schema,
+        identity = %writer.identity,
         "m3o-operator running"
     );
 
-    let outcome = match election {
-        None => {
-            metrics.leader.set(1);
-            join(work.spawn(shutdown.clone()), None).await;
-            Ok(())
-        }
-        Some(config) => {
-            lead_while_elected(client, config, fencing, work, &metrics, &shutdown).await
-        }
+    let outcome = tokio::select! {
+        outcome = writer.lead(work, &shutdown) => outcome,
+        ended = &mut server => Err(StartupError(match ended {
+            Ok(Ok(())) => "the HTTP server ended unexpectedly; exiting".into(),
+            Ok(Err(err)) => format!("--metrics-addr: the HTTP server failed: {err}"),
+            Err(err) => format!("the HTTP server task failed: {err}"),
+        })),
     };
     metrics.leader.set(0);
-    ready.store(false, Ordering::Relaxed);
+    role.stopped();
     shutdown.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(%err, "HTTP server ended with an error"),
-        Err(err) => tracing::warn!(%err, "HTTP server task failed"),
+    server_stop.cancel();
+    if !server.is_finished() {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "HTTP server ended with an error"),
+            Err(err) => tracing::warn!(%err, "HTTP server task failed"),
+        }
     }
     tracing::info!("m3o-operator stopped");
     outcome
 }
 
-/// Stands by until elected, then runs the leader's work until shutdown or loss of the
-/// lease. The work starts only once the Postgres fence is held (the previous leader has
-/// stopped), and after a loss it is stopped before the lease can expire for others; the
-/// process then exits so that its restart rejoins as a standby. On shutdown the work
-/// stops first and the lease is released after, for an immediate hand-over.
-async fn lead_while_elected(
+/// How this process becomes the writer and stays it.
+struct Writer {
     client: kube::Client,
-    config: ElectionConfig,
-    fencing: (sqlx::PgPool, String),
-    work: LeaderWork,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Result<(), StartupError> {
-    let margin = config
-        .lease_duration
-        .saturating_sub(config.renew_deadline)
-        .saturating_sub(config.retry_period);
-    let mut elector = Elector::new(client, config);
-    if !elector.acquire(shutdown).await {
-        return Ok(());
-    }
-    let (ended, tasks, fence) = {
-        let hold = elector.hold(shutdown);
-        tokio::pin!(hold);
-        // Keep renewing while waiting for the predecessor to let go of the fence.
-        let fence = tokio::select! {
-            ended = &mut hold => return lost_before_starting(ended),
-            fence = Fence::acquire(&fencing.0, &fencing.1, shutdown) => fence,
-        };
-        let fence = match fence {
-            Ok(Some(fence)) => fence,
-            Ok(None) => return Ok(()),
-            Err(err) => {
+    election: Option<ElectionConfig>,
+    db: sqlx::PgPool,
+    identity: String,
+    timing: Timing,
+    term: Arc<Term>,
+    role: Arc<Role>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+/// Why the work stopped.
+enum Stop {
+    Shutdown,
+    LeaseLost,
+    FenceLost,
+    Task(&'static str, Result<(), JoinError>),
+}
+
+impl Writer {
+    /// With leader election, stands by until elected; then waits for the writer fence
+    /// (the previous writer has stopped or been cut off), and runs the work until
+    /// shutdown, loss of the lease or the fence, or the end of any task. The process
+    /// then exits non-zero (except on shutdown), so that its restart rejoins as a
+    /// standby. On shutdown, and when a task ended, the work stops first and the fence
+    /// and lease are released after, for an immediate hand-over.
+    async fn lead(
+        self,
+        work: LeaderWork,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StartupError> {
+        let timing = self.timing;
+        let margin = timing
+            .lease
+            .saturating_sub(timing.renew_deadline)
+            .saturating_sub(timing.retry_period);
+        let mut elector = None;
+        if let Some(config) = self.election.clone() {
+            self.role.standby();
+            let mut candidate = Elector::new(self.client.clone(), config);
+            if !candidate.acquire(shutdown).await {
+                return Ok(());
+            }
+            self.role.elected();
+            elector = Some(candidate);
+        }
+        let (stop, tasks, fence) = {
+            let renewing = hold_lease(elector.as_mut(), shutdown);
+            tokio::pin!(renewing);
+            // Keep renewing the lease while waiting for the predecessor to let go.
+            let acquired = tokio::select! {
+                ended = &mut renewing => return lost_before_starting(ended),
+                fence = WriterFence::acquire(&self.db, self.term.name(), &self.identity, timing, &self.role, shutdown) => fence,
+            };
+            let Some(mut fence) = acquired else {
+                return Ok(());
+            };
+            self.term.begin(fence.epoch());
+            if let Err(err) = work.ctx.platform.begin_term().await {
+                fence.release().await;
                 return Err(StartupError(format!(
-                    "--database-url: cannot take the leader fence: {err}"
+                    "--etcd-endpoints: cannot record the writer term in etcd: {err}"
                 )));
             }
+            self.metrics.leader.set(1);
+            self.role.leading();
+            let leading = shutdown.child_token();
+            let mut tasks = work.spawn(leading.clone());
+            let stop = tokio::select! {
+                ended = &mut renewing => match ended {
+                    Ended::Shutdown => Stop::Shutdown,
+                    Ended::Lost => Stop::LeaseLost,
+                },
+                ended = fence.hold(shutdown) => match ended {
+                    Ended::Shutdown => Stop::Shutdown,
+                    Ended::Lost => Stop::FenceLost,
+                },
+                _ = self.term.superseded().cancelled() => Stop::FenceLost,
+                (index, name, result) = first_to_end(&mut tasks) => {
+                    tasks.remove(index);
+                    // Tasks end on shutdown too; only then is that expected.
+                    if shutdown.is_cancelled() && result.is_ok() {
+                        Stop::Shutdown
+                    } else {
+                        Stop::Task(name, result)
+                    }
+                }
+            };
+            leading.cancel();
+            self.metrics.leader.set(0);
+            (stop, tasks, fence)
         };
-        metrics.leader.set(1);
-        let leading = shutdown.child_token();
-        let tasks = work.spawn(leading.clone());
-        let ended = hold.await;
-        leading.cancel();
-        (ended, tasks, fence)
-    };
-    match ended {
-        Ended::Shutdown => {
-            join(tasks, None).await;
-            fence.release().await;
-            elector.release().await;
-            Ok(())
+        match stop {
+            Stop::Shutdown => {
+                join(tasks, None).await;
+                fence.release().await;
+                release_lease(elector).await;
+                Ok(())
+            }
+            Stop::LeaseLost => {
+                join(tasks, Some(margin)).await;
+                fence.release().await;
+                Err(StartupError(
+                    "lost the leader lease; exiting so that a restart rejoins as a standby".into(),
+                ))
+            }
+            Stop::FenceLost => {
+                join(tasks, Some(margin)).await;
+                fence.release().await;
+                Err(StartupError(
+                    "lost the writer fence (another process writes this schema, or the heartbeat failed); exiting so that a restart rejoins as a standby".into(),
+                ))
+            }
+            Stop::Task(name, result) => {
+                let what = match result {
+                    Ok(()) => format!("task {name} ended unexpectedly"),
+                    Err(err) if err.is_panic() => format!("task {name} panicked"),
+                    Err(err) => format!("task {name} failed: {err}"),
+                };
+                self.health.task_down(what.clone());
+                tracing::error!(task = name, "{what}; stopping the others");
+                join(tasks, Some(margin)).await;
+                fence.release().await;
+                release_lease(elector).await;
+                Err(StartupError(format!(
+                    "{what}; exiting so that a restart brings it back"
+                )))
+            }
         }
-        Ended::Lost => {
-            join(tasks, Some(margin)).await;
-            fence.release().await;
-            Err(StartupError(
-                "lost the leader lease; exiting so that a restart rejoins as a standby".into(),
-            ))
+    }
+}
+
+/// Renews the lease until shutdown or loss; without leader election, waits for shutdown.
+async fn hold_lease(elector: Option<&mut Elector>, shutdown: &CancellationToken) -> Ended {
+    match elector {
+        Some(elector) => elector.hold(shutdown).await,
+        None => {
+            shutdown.cancelled().await;
+            Ended::Shutdown
         }
+    }
+}
+
+async fn release_lease(elector: Option<Elector>) {
+    if let Some(elector) = elector {
+        elector.release().await;
     }
 }
 
@@ -264,9 +416,10 @@ fn lost_before_starting(ended: Ended) -> Result<(), StartupError> {
 }
 
 /// Waits for `tasks`, at most `limit`; tasks still running after it are aborted.
-async fn join(tasks: Vec<JoinHandle<()>>, limit: Option<Duration>) {
-    let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-    let all = futures::future::join_all(tasks);
+async fn join(tasks: Vec<Task>, limit: Option<Duration>) {
+    let (names, handles): (Vec<_>, Vec<_>) = tasks.into_iter().unzip();
+    let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
+    let all = futures::future::join_all(handles);
     let results = match limit {
         Some(limit) => match tokio::time::timeout(limit, all).await {
             Ok(results) => results,
@@ -278,28 +431,17 @@ async fn join(tasks: Vec<JoinHandle<()>>, limit: Option<Duration>) {
         },
         None => all.await,
     };
-    for err in results.into_iter().filter_map(Result::err) {
-        tracing::error!(%err, "a controller task failed");
+    for (name, result) in names.into_iter().zip(results) {
+        if let Err(err) = result {
+            tracing::error!(%err, task = name, "a task failed while stopping");
+        }
     }
 }
 
-fn election_config(args: &RunArgs) -> Result<Option<ElectionConfig>, StartupError> {
-    if !args.leader_election {
-        return Ok(None);
-    }
+/// The heartbeat timing, checked whether or not leader election is on (the writer
+/// fence uses it either way).
+fn fence_timing(args: &RunArgs) -> Result<Timing, StartupError> {
     let flag = |f: &str, m: &str| StartupError(format!("{f}: {m}"));
-    let namespace = args
-        .leader_election_namespace
-        .clone()
-        .filter(|n| !n.is_empty());
-    let namespace = namespace
-        .or_else(|| Some(args.namespace.clone()).filter(|n| !n.is_empty()))
-        .ok_or_else(|| {
-            flag(
-                "--leader-election-namespace",
-                "required with --leader-election (or set POD_NAMESPACE)",
-            )
-        })?;
     if args.leader_election_renew_deadline >= args.leader_election_lease_duration {
         return Err(flag(
             "--leader-election-renew-deadline",
@@ -312,24 +454,54 @@ fn election_config(args: &RunArgs) -> Result<Option<ElectionConfig>, StartupErro
             "must be shorter than --leader-election-renew-deadline",
         ));
     }
-    let identity = std::env::var("POD_NAME")
-        .ok()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| {
-            format!(
-                "{}-{}",
-                hostname(),
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
+    Ok(Timing {
+        lease: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+    })
+}
+
+fn election_config(args: &RunArgs, timing: Timing) -> Result<Option<ElectionConfig>, StartupError> {
+    if !args.leader_election {
+        return Ok(None);
+    }
+    let namespace = args
+        .leader_election_namespace
+        .clone()
+        .filter(|n| !n.is_empty());
+    let namespace = namespace
+        .or_else(|| Some(args.namespace.clone()).filter(|n| !n.is_empty()))
+        .ok_or_else(|| {
+            StartupError(
+                "--leader-election-namespace: required with --leader-election (or set POD_NAMESPACE)"
+                    .into(),
             )
-        });
+        })?;
     Ok(Some(ElectionConfig {
         namespace,
         name: args.leader_election_name.clone(),
-        identity,
-        lease_duration: args.leader_election_lease_duration,
-        renew_deadline: args.leader_election_renew_deadline,
-        retry_period: args.leader_election_retry_period,
+        identity: identity(),
+        timing,
     }))
+}
+
+/// This replica's name: the pod name, or the host name with a random suffix.
+fn identity() -> String {
+    static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IDENTITY
+        .get_or_init(|| {
+            std::env::var("POD_NAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| {
+                    format!(
+                        "{}-{}",
+                        hostname(),
+                        &uuid::Uuid::new_v4().simple().to_string()[..8]
+                    )
+                })
+        })
+        .clone()
 }
 
 fn hostname() -> String {

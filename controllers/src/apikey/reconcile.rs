@@ -145,7 +145,7 @@ async fn record(
     issued: &IssuedKey,
     grace: chrono::Duration,
 ) -> Result<KeyPlan, Error> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.begin_write().await?;
     let rows = api_keys::lock_live_for_resource(
         &mut tx,
         &key.namespace().unwrap_or_default(),
@@ -196,7 +196,7 @@ async fn write(
 pub async fn converge_config(ctx: &Context, rows: &[ApiKeyRow]) -> Result<(), Error> {
     let customers: std::collections::BTreeSet<_> = rows.iter().map(|r| r.customer_id).collect();
     for customer_id in customers {
-        sync::converge_customer(&ctx.db, &ctx.platform, customer_id).await?;
+        sync::converge_customer(ctx, customer_id).await?;
     }
     Ok(())
 }
@@ -222,7 +222,7 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
 /// Revokes every unrevoked key of the resource (events included) and removes their entries.
 pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.begin_write().await?;
     let rows = api_keys::lock_live_for_resource(&mut tx, &ns, &name).await?;
     let generation = key.metadata.generation.unwrap_or_default();
     for row in &rows {

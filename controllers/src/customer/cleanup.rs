@@ -36,7 +36,7 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
         return Ok(Action::await_change());
     }
 
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.begin_write().await?;
     let deleted = match customers::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
         Some(row) => {
             // Its subscription ends with it (the quota key goes with the convergence
@@ -67,7 +67,7 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
     };
     if let Some(id) = id {
         // The row is no longer live, so its key and its dependents' resolve to "absent".
-        sync::converge_customer(&ctx.db, &ctx.platform, id).await?;
+        sync::converge_customer(ctx, id).await?;
         tracing::info!(customer = %id, "customer deleted");
     }
     Ok(Action::await_change())

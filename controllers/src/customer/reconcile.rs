@@ -44,7 +44,7 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
     };
 
     let key = ctx.platform.key(&customer_key(row.id));
-    sync::converge_customer(&ctx.db, &ctx.platform, row.id).await?;
+    sync::converge_customer(ctx, row.id).await?;
 
     let status = plan::provisioned_status(&customer, &row, &key);
     let note = format!(
@@ -62,7 +62,7 @@ async fn sync_record(
     customer: &Customer,
     desired: &Desired,
 ) -> Result<RecordOutcome, Error> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.begin_write().await?;
     let existing = match find_row(&mut tx, ctx, desired).await? {
         Ok(row) => row,
         Err(blocked) => return Ok(blocked),

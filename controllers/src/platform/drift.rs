@@ -136,7 +136,7 @@ async fn repair(ctx: &Context, relative: &str) -> Result<(), Error> {
     let Some(customer_id) = owning_customer(&ctx.db, relative).await? else {
         return prune(ctx, relative).await;
     };
-    if !sync::converge_customer(&ctx.db, &ctx.platform, customer_id).await? {
+    if !sync::converge_customer(ctx, customer_id).await? {
         return Ok(());
     }
     let key = ctx.platform.key(relative);
@@ -175,7 +175,11 @@ async fn owning_customer(db: &sqlx::PgPool, relative: &str) -> Result<Option<Uui
 
 async fn prune(ctx: &Context, relative: &str) -> Result<(), Error> {
     let key = ctx.platform.key(relative);
-    if ctx.platform.remove(&key).await? {
+    // An etcd write happens only while a transaction that passed the fence is open.
+    let fenced = ctx.begin_write().await?;
+    let removed = ctx.platform.remove(&key).await?;
+    fenced.commit().await?;
+    if removed {
         ctx.metrics.drift_corrected("unowned");
         tracing::info!(%key, "removed etcd key that no resource owns");
     }

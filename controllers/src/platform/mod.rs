@@ -9,20 +9,42 @@ pub mod drift;
 pub mod sync;
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+};
+
+use crate::error::Error;
 
 /// How many of our own write revisions are remembered to tell them from hand edits.
 const OWN_REVISIONS: usize = 16_384;
 
 /// A handle on the platform config under one prefix.
+///
+/// Every write is fenced in etcd itself: it is a transaction that compares the key
+/// `<prefix>.writer-epoch` (beside the prefix, so neither gateways nor the drift
+/// watcher see it) with this process's writer term, which [`PlatformConfig::begin_term`]
+/// writes at the start of the term. A replaced writer that wakes up with an etcd write
+/// already on its way (after its Postgres transaction was terminated) is refused by
+/// etcd. Writes also run inside a fenced Postgres transaction (`sync`), so a new term
+/// cannot begin while one is in flight unless its writer is terminated.
 #[derive(Clone)]
 pub struct PlatformConfig {
     client: Client,
     prefix: String,
     own_revisions: Arc<Mutex<RecentRevisions>>,
+    /// The writer term (0: not the writer, every write is refused).
+    epoch: Arc<AtomicI64>,
+    /// The writer fence's name (`""` unsharded; one per shard).
+    fence: String,
+}
+
+/// The epoch as etcd stores it: fixed width, so byte order is numeric order.
+fn epoch_value(epoch: i64) -> String {
+    format!("{epoch:020}")
 }
 
 impl PlatformConfig {
@@ -41,7 +63,59 @@ impl PlatformConfig {
             client,
             prefix: prefix.trim_end_matches('/').to_owned(),
             own_revisions: Arc::default(),
+            epoch: Arc::default(),
+            fence: String::new(),
         })
+    }
+
+    /// Writes only while `epoch` holds this process's writer term of fence `name`.
+    pub fn fenced_by(mut self, name: &str, epoch: Arc<AtomicI64>) -> Self {
+        self.fence = name.to_owned();
+        self.epoch = epoch;
+        self
+    }
+
+    /// The key holding the current writer term (one per fence, beside the prefix).
+    fn fence_key(&self) -> String {
+        match self.fence.as_str() {
+            "" => format!("{}.writer-epoch", self.prefix),
+            name => format!("{}.writer-epoch.{name}", self.prefix),
+        }
+    }
+
+    /// Records the term just begun in Postgres as etcd's fence; fails if a newer one
+    /// is already recorded there.
+    pub async fn begin_term(&self) -> Result<(), Error> {
+        let mine = epoch_value(self.epoch.load(Ordering::SeqCst));
+        let key = self.fence_key();
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.as_str(),
+                CompareOp::Greater,
+                mine.clone(),
+            )])
+            .or_else([TxnOp::put(key, mine, None)]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        if resp.succeeded() {
+            return Err(Error::Fenced("etcd records a newer writer term".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Runs `op` if this process's term is the one etcd records; the response of `op`.
+    async fn fenced(&self, op: TxnOp) -> Result<(TxnOpResponse, Option<i64>), Error> {
+        let mine = epoch_value(self.epoch.load(Ordering::SeqCst));
+        let txn = Txn::new()
+            .when([Compare::value(self.fence_key(), CompareOp::Equal, mine)])
+            .and_then([op]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        let revision = resp.header().map(|h| h.revision());
+        match resp.op_responses().into_iter().next() {
+            Some(op) if resp.succeeded() => Ok((op, revision)),
+            _ => Err(Error::Fenced(
+                "etcd refused a write: another process holds the writer term".to_owned(),
+            )),
+        }
     }
 
     /// The configured prefix, without trailing slash.
@@ -56,29 +130,30 @@ impl PlatformConfig {
 
     /// Writes `value` at `key` unless it already holds exactly that; true when written.
     /// One compare-and-put transaction, so a repeat costs no write.
-    pub async fn ensure(
-        &self,
-        key: &str,
-        value: &serde_json::Value,
-    ) -> Result<bool, etcd_client::Error> {
+    pub async fn ensure(&self, key: &str, value: &serde_json::Value) -> Result<bool, Error> {
         let bytes = serde_json::to_vec(value).unwrap_or_default();
-        let txn = Txn::new()
+        let put_if_different = Txn::new()
             .when([Compare::value(key, CompareOp::Equal, bytes.clone())])
             .or_else([TxnOp::put(key, bytes, None)]);
-        let resp = self.client.kv_client().txn(txn).await?;
-        if resp.succeeded() {
+        let (resp, revision) = self.fenced(TxnOp::txn(put_if_different)).await?;
+        let TxnOpResponse::Txn(inner) = resp else {
+            return Err(Error::Internal(
+                "etcd answered a transaction with another response".into(),
+            ));
+        };
+        if inner.succeeded() {
             return Ok(false);
         }
-        self.remember(resp.header().map(|h| h.revision()));
+        self.remember(revision);
         Ok(true)
     }
 
     /// Deletes `key`; true when something was deleted.
-    pub async fn remove(&self, key: &str) -> Result<bool, etcd_client::Error> {
-        let resp = self.client.kv_client().delete(key, None).await?;
-        let deleted = resp.deleted() > 0;
+    pub async fn remove(&self, key: &str) -> Result<bool, Error> {
+        let (resp, revision) = self.fenced(TxnOp::delete(key, None)).await?;
+        let deleted = matches!(resp, TxnOpResponse::Delete(d) if d.deleted() > 0);
         if deleted {
-            self.remember(resp.header().map(|h| h.revision()));
+            self.remember(revision);
         }
         Ok(deleted)
     }
@@ -87,7 +162,7 @@ impl PlatformConfig {
     pub async fn converge(
         &self,
         entries: &[(String, Option<desired::DesiredEntry>)],
-    ) -> Result<bool, etcd_client::Error> {
+    ) -> Result<bool, Error> {
         let mut changed = false;
         for (relative, entry) in entries {
             let key = self.key(relative);
@@ -210,6 +285,12 @@ mod tests {
         assert_eq!(prefix_end(b"/m3o/"), b"/m3o0".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn epochs_order_as_bytes() {
+        assert!(epoch_value(9) < epoch_value(10));
+        assert!(epoch_value(99) < epoch_value(100_000));
     }
 
     #[test]

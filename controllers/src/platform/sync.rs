@@ -4,11 +4,10 @@
 //! overwriting the new one). Under a per-customer advisory lock, whoever writes last
 //! read last, and every writer converges after committing its own change.
 
-use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::PlatformConfig;
 use super::desired;
+use crate::context::Context;
 use crate::error::Error;
 
 /// Advisory lock class of etcd convergence ("m3oc").
@@ -21,12 +20,11 @@ fn lock_key(customer_id: Uuid) -> i32 {
 }
 
 /// Makes every key derived from `customer_id` match Postgres; true if anything changed.
-pub async fn converge_customer(
-    db: &PgPool,
-    platform: &PlatformConfig,
-    customer_id: Uuid,
-) -> Result<bool, Error> {
-    let mut lock = db.begin().await?;
+/// The transaction passes the writer fence first, so the etcd writes happen only while
+/// this process is the schema's writer (a replaced writer cannot write etcd after its
+/// successor has begun: the successor's term waits for, or terminates, this transaction).
+pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool, Error> {
+    let mut lock = ctx.begin_write().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(LOCK_CLASS)
         .bind(lock_key(customer_id))
@@ -35,7 +33,9 @@ pub async fn converge_customer(
     // Read after the lock is held, on the same connection (one connection per
     // converge: waiters cannot starve the pool of the one they wait for).
     let entries = desired::customer_keys(&mut lock, customer_id).await?;
-    let changed = platform.converge(&entries).await?;
+    // Tests hang the process here: fenced transaction open, etcd write pending.
+    crate::failpoint::stop_once("stop-before-etcd-write");
+    let changed = ctx.platform.converge(&entries).await?;
     lock.commit().await?;
     Ok(changed)
 }

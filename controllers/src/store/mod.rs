@@ -2,6 +2,7 @@
 
 pub mod api_keys;
 pub mod customers;
+pub mod fence;
 pub mod hot_queries;
 pub mod subscriptions;
 
@@ -36,7 +37,22 @@ pub fn valid_schema_name(schema: &str) -> bool {
         && schema.len() <= 63
 }
 
-/// Opens a pool whose connections resolve unqualified table names in `schema`.
+/// Server-side settings of every connection. The keepalives let Postgres notice a
+/// client host that vanished (no FIN/RST) in about a minute instead of hours; the
+/// timeouts bound a statement, or a transaction left open by a hung client, so that
+/// none can hold locks forever (the writer fence also terminates a replaced writer's
+/// sessions at once, see [`fence`]).
+const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+    ("statement_timeout", "60s"),
+    ("idle_in_transaction_session_timeout", "120s"),
+];
+
+/// Opens a pool whose connections resolve unqualified table names in `schema`. Its
+/// connections share an application_name unique to this pool
+/// (`m3o-operator:<random>`), by which the writer fence finds them.
 pub async fn connect(
     url: &str,
     schema: &str,
@@ -46,9 +62,14 @@ pub async fn connect(
         return Err(StoreSetupError::Schema(schema.to_owned()));
     }
     let options: PgConnectOptions = url.parse().map_err(StoreSetupError::Url)?;
+    let app = format!(
+        "m3o-operator:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let options = options
         .options([("search_path", schema)])
-        .application_name("m3o-operator");
+        .options(SESSION_SETTINGS)
+        .application_name(&app);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))

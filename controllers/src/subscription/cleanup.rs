@@ -39,7 +39,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
 
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.begin_write().await?;
     let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
         Some(row) => {
             // The customer row may be deleted already: its last state still names it.
@@ -53,7 +53,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
 
     // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
     if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
-        sync::converge_customer(&ctx.db, &ctx.platform, customer_id).await?;
+        sync::converge_customer(ctx, customer_id).await?;
         tracing::info!(subscription = %name, customer = %customer_id, "subscription cancelled");
     }
     Ok(Action::await_change())

@@ -39,10 +39,10 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
 
-    sync::converge_customer(&ctx.db, &ctx.platform, row.customer_id).await?;
+    sync::converge_customer(ctx, row.customer_id).await?;
     if let Some(previous) = previous_customer.filter(|p| *p != row.customer_id) {
         // The record moved to a re-created customer: the old customer's keys follow.
-        sync::converge_customer(&ctx.db, &ctx.platform, previous).await?;
+        sync::converge_customer(ctx, previous).await?;
     }
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
@@ -85,7 +85,7 @@ async fn sync_record(
     desired: &SubscriptionRecord,
     customer: &CustomerRow,
 ) -> Result<Result<(SubscriptionRow, Option<uuid::Uuid>), Blocker>, Error> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.begin_write().await?;
     let k8s = &desired.k8s;
     let own = subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
     let existing = match own {

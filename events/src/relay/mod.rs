@@ -30,6 +30,7 @@ mod wake;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -112,6 +113,8 @@ pub struct Relay {
     /// leader simply tries them at once; `attempts` is in the row).
     cooling: HashMap<String, Instant>,
     parked_tx: Option<mpsc::Sender<ParkedEvent>>,
+    /// The writer fence and term every batch checks first (see `fenced_by`).
+    writer_epoch: Option<(String, Arc<AtomicI64>)>,
 }
 
 impl Relay {
@@ -146,7 +149,17 @@ impl Relay {
             stats: Arc::new(RelayStats::default()),
             cooling: HashMap::new(),
             parked_tx: None,
+            writer_epoch: None,
         })
+    }
+
+    /// Publishes only while `epoch` is the schema's current writer term: each batch's
+    /// transaction begins with `writer_fence_check` (migration 0005), so a replaced
+    /// operator neither sends nor marks a row, and a newer term waits for (or
+    /// terminates) a batch in flight.
+    pub fn fenced_by(mut self, fence: &str, epoch: Arc<AtomicI64>) -> Self {
+        self.writer_epoch = Some((fence.to_owned(), epoch));
+        self
     }
 
     /// The relay's counters, for metrics.

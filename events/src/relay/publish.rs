@@ -12,6 +12,8 @@
 //! resource's events in order (Created before Updated), at the price of that one
 //! resource's events waiting for an admin. Rows of other aggregates flow past.
 
+use std::sync::atomic::Ordering;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use redis::Value;
 use tokio::time::Instant;
@@ -87,6 +89,15 @@ impl Relay {
     /// Postgres did not answer, and the rows stay as they were.
     pub async fn publish_batch(&mut self) -> Result<BatchOutcome, RelayError> {
         let mut tx = self.pool.begin().await.map_err(pg("BEGIN"))?;
+        // First in the transaction: a replaced writer neither sends nor marks a row.
+        if let Some((fence, epoch)) = &self.writer_epoch {
+            sqlx::query("SELECT writer_fence_check($1, $2)")
+                .bind(fence)
+                .bind(epoch.load(Ordering::SeqCst))
+                .execute(&mut *tx)
+                .await
+                .map_err(pg("checking the writer fence"))?;
+        }
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
                 .bind(LOCK_CLASS)

@@ -21,7 +21,7 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn metric(op: &Operator, series: &str) -> f64 {
+pub async fn metric(op: &Operator, series: &str) -> f64 {
     parse_metrics(&op.metrics().await)
         .get(series)
         .copied()
@@ -29,29 +29,37 @@ async fn metric(op: &Operator, series: &str) -> f64 {
 }
 
 /// Waits until `op` reports it leads.
-async fn wait_leader(op: &Operator, what: &str, timeout: Duration) {
+pub async fn wait_leader(op: &Operator, what: &str, timeout: Duration) {
     eventually(what, timeout, || async {
         (metric(op, "m3o_operator_leader").await == 1.0).then_some(())
     })
     .await;
 }
 
-fn elected(env: &TestEnv) -> Backends {
+/// Short lease timings (also the writer fence's, with or without election).
+pub const FAST_TIMINGS: [&str; 6] = [
+    "--leader-election-lease-duration",
+    "4s",
+    "--leader-election-renew-deadline",
+    "3s",
+    "--leader-election-retry-period",
+    "500ms",
+];
+
+pub fn elected(env: &TestEnv) -> Backends {
     let args = [
         "--leader-election",
         "--leader-election-namespace",
         env.ns.as_str(),
         "--leader-election-name",
         "m3o-operator-test",
-        "--leader-election-lease-duration",
-        "4s",
-        "--leader-election-renew-deadline",
-        "3s",
-        "--leader-election-retry-period",
-        "500ms",
     ];
     Backends {
-        extra_args: args.iter().map(|s| s.to_string()).collect(),
+        extra_args: args
+            .iter()
+            .chain(&FAST_TIMINGS)
+            .map(|s| s.to_string())
+            .collect(),
         ..Default::default()
     }
 }

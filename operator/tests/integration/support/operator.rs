@@ -29,6 +29,29 @@ impl TestEnv {
 
     /// Starts an operator process with some backends replaced (for outage tests).
     pub async fn start_operator_with(&self, backends: Backends) -> Operator {
+        let (child, log_path, log_start) = self.spawn_operator(backends);
+        let port = bound_port(&log_path, log_start).await;
+        let op = Operator {
+            child,
+            port,
+            log_path,
+        };
+        op.wait_ready().await;
+        op
+    }
+
+    /// Starts an operator process without waiting for it to serve (it may exit
+    /// first): for tests of how it exits. Its `port` is 0.
+    pub fn spawn_operator_with(&self, backends: Backends) -> Operator {
+        let (child, log_path, _) = self.spawn_operator(backends);
+        Operator {
+            child,
+            port: 0,
+            log_path,
+        }
+    }
+
+    fn spawn_operator(&self, backends: Backends) -> (Child, PathBuf, u64) {
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log_path = log_dir.join(format!("{}-{}.log", self.ns, super::suffix()));
@@ -83,14 +106,7 @@ impl TestEnv {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn m3o-operator");
-        let port = bound_port(&log_path, log_start).await;
-        let op = Operator {
-            child,
-            port,
-            log_path,
-        };
-        op.wait_ready().await;
-        op
+        (child, log_path, log_start)
     }
 }
 
@@ -137,21 +153,35 @@ impl Operator {
         .await;
     }
 
+    /// The `/metrics` text. Panics unless the endpoint answers 200 with the
+    /// operator's metrics, so that a missing series means "not counted", never
+    /// "could not ask".
     pub async fn metrics(&self) -> String {
-        http_get(&format!("127.0.0.1:{}", self.port), "/metrics")
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default()
+        let answer = http_get(&format!("127.0.0.1:{}", self.port), "/metrics").await;
+        match answer {
+            Some((200, body)) if body.contains("# TYPE m3o_operator_leader ") => body,
+            other => panic!(
+                "the operator's /metrics did not answer (log: {}): {other:?}",
+                self.log_path.display()
+            ),
+        }
     }
 
     /// Waits until no reconcile has run for a second (trailing reconciles of earlier
-    /// changes would otherwise race a test's next step).
+    /// changes would otherwise race a test's next step). Only for an operator that
+    /// reconciles: its per-kind counters must be there.
     pub async fn settle(&self) {
         let total = |m: String| -> f64 {
-            m.lines()
-                .filter(|l| l.starts_with("m3o_operator_reconciles_total"))
+            let counts: Vec<f64> = m
+                .lines()
+                .filter(|l| l.starts_with("m3o_operator_reconciles_total{"))
                 .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum()
+                .collect();
+            assert!(
+                !counts.is_empty(),
+                "settle(): the operator exposes no reconcile counters (not leading?):\n{m}"
+            );
+            counts.iter().sum()
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut last = total(self.metrics().await);
@@ -167,6 +197,36 @@ impl Operator {
             );
             last = now;
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running operator")
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) with kill(1).
+    pub async fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// True while the process is stopped (SIGSTOP), from /proc.
+    pub fn is_stopped(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
+                Some(state == "T")
+            })
+            .unwrap_or(false)
     }
 
     /// Waits for the process to exit on its own.

@@ -11,6 +11,14 @@ use serde_json::json;
 use super::*;
 use crate::support::{TestEnv, eventually};
 
+/// Merge-patches the ApiKey's Secret (an edit by hand).
+async fn edit_secret(env: &TestEnv, patch: serde_json::Value) {
+    Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .patch("ci-api-key", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("edit the Secret");
+}
+
 /// Writes `key` into the Secret with a hash annotation that matches it (what someone
 /// who knows the format would forge), and optionally a new keyId.
 async fn forge(env: &TestEnv, key: &str, key_id: Option<&str>) {
@@ -22,10 +30,7 @@ async fn forge(env: &TestEnv, key: &str, key_id: Option<&str>) {
         "metadata": {"annotations": {"m3o.com/key-sha256": hash(key.as_bytes())}},
         "stringData": string_data,
     });
-    Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
-        .patch("ci-api-key", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("edit the Secret");
+    edit_secret(env, patch).await;
 }
 
 /// Waits until the Secret holds a key other than `forged` and `old` under a new key id,
@@ -60,6 +65,31 @@ async fn replaced(env: &TestEnv, forged: &str, old: &str, old_id: &str) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
+    let env = TestEnv::new("key-edit").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("ci", key_spec(json!({}))).await;
+    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let old = env.secret_key("ci-api-key").await.expect("key");
+
+    // Someone writes a key of their own choosing into the Secret.
+    let forged = "m3o_chosen-by-hand-not-by-the-operator-000000";
+    edit_secret(&env, json!({"stringData": {"apiKey": forged}})).await;
+    replaced(&env, forged, &old, &old_id).await;
+    eventually(
+        "the replaced key revoked at once",
+        Duration::from_secs(20),
+        || async {
+            (env.gateway_entry(&old).await.is_none()
+                && env.key_row_status(&old_id).await == "revoked")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_key_with_a_matching_annotation_is_replaced() {
     let env = TestEnv::new("key-forge").await;
     let _op = env.start_operator().await;
@@ -90,12 +120,21 @@ async fn a_recorded_key_of_the_old_format_keeps_working() {
 
     // A key as issued before the checksum format (base64url, no checksum), recorded.
     let legacy = "m3o_Zm9yLXRoZS1yZWNvcmQtYmVmb3JlLXRoZS1jaGVja3N1bQ";
+    // As the operator of that time wrote it: under the writer fence's current term.
+    let mut tx = env.db.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT set_config('m3o.writer_epoch', (SELECT max(epoch) FROM writer_fence)::text, true)",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("the current term");
     sqlx::query("UPDATE api_keys SET key_hash = $2 WHERE id = $1::uuid")
         .bind(&id)
         .bind(hash(legacy.as_bytes()))
-        .execute(&env.db)
+        .execute(&mut *tx)
         .await
         .expect("record the legacy key");
+    tx.commit().await.expect("commit");
     forge(&env, legacy, None).await;
 
     let _op = env.start_operator().await;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use m3o_controllers::connect::etcd::EtcdArgs;
+use m3o_controllers::connect::redis::RedisArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -92,7 +94,8 @@ pub enum OutputFormat {
 
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
-    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db.
+    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db; TLS with libpq's
+    /// parameters: ?sslmode=verify-full&sslrootcert=/ca.crt[&sslcert=..&sslkey=..].
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -126,9 +129,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Redis URL of the event streams, e.g. redis://host:6379.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    /// Redis of the event streams: URL, TLS files.
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Prefix of the Redis stream keys (`<prefix><topic>`).
     #[arg(long, env = "M3O_STREAM_PREFIX", default_value = m3o_events::DEFAULT_STREAM_PREFIX)]
@@ -138,13 +141,10 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_STREAM_MAXLEN", default_value_t = 100_000)]
     pub stream_maxlen: usize,
 
-    /// etcd endpoints of the platform config, comma separated.
-    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
-
-    /// Prefix of the operator's keys in etcd; the operator owns everything under it.
-    #[arg(long, env = "M3O_ETCD_PREFIX", default_value = "/m3o")]
-    pub etcd_prefix: String,
+    /// etcd of the platform config: endpoints, prefix (the operator owns everything
+    /// under it), TLS files, user.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 
     /// Namespace to watch; empty watches all namespaces.
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]

@@ -139,8 +139,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     store::migrate(&db)
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
-    let redis = startup::redis(args.redis_url.as_deref()).await?;
-    let platform = startup::etcd(&args.etcd_endpoints, &args.etcd_prefix).await?;
+    let redis = startup::redis(&args.redis).await?;
+    let platform = startup::etcd(&args.etcd).await?;
     let client = startup::kube(args.kubeconfig.as_deref()).await?;
     startup::check_crds(&client, namespace.as_deref()).await?;
     let listener = TcpListener::bind(args.metrics_addr).await.map_err(|e| {

@@ -9,6 +9,9 @@ use std::time::Duration;
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, Resource};
+use m3o_controllers::connect::SettingError;
+use m3o_controllers::connect::etcd::EtcdArgs;
+use m3o_controllers::connect::redis::RedisArgs;
 use m3o_controllers::platform::PlatformConfig;
 use m3o_crds::{ApiKey, Customer, Subscription};
 use sqlx::PgPool;
@@ -29,14 +32,33 @@ fn fail(flag: &str, what: impl fmt::Display) -> StartupError {
     StartupError(format!("{flag}: {what}"))
 }
 
-async fn bounded<T, E: fmt::Display>(
+/// An error with its sources, on one line (a TLS failure is often only in a source:
+/// "transport error: ... invalid peer certificate: UnknownIssuer"). A source whose
+/// text its parent already shows is skipped.
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        source = cause.source();
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
+async fn bounded<T, E: std::error::Error>(
     flag: &str,
     target: &str,
     fut: impl Future<Output = Result<T, E>>,
 ) -> Result<T, StartupError> {
     match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(err)) => Err(fail(flag, format!("cannot connect to {target}: {err}"))),
+        Ok(Err(err)) => Err(fail(
+            flag,
+            format!("cannot connect to {target}: {}", one_line(&err)),
+        )),
         Err(_) => Err(fail(
             flag,
             format!(
@@ -88,12 +110,11 @@ pub async fn database(
     .await
 }
 
-/// Opens a Redis client and proves the server answers.
-pub async fn redis(url: Option<&str>) -> Result<redis::Client, StartupError> {
-    let url = required(url, "--redis-url", "REDIS_URL")?;
-    let client = redis::Client::open(url)
-        .map_err(|e| fail("--redis-url", format!("invalid URL {}: {e}", redact(url))))?;
-    bounded("--redis-url", &redact(url), async {
+/// Opens a Redis client and proves the server answers (TLS and ACL user included).
+pub async fn redis(args: &RedisArgs) -> Result<redis::Client, StartupError> {
+    let client = args.client().map_err(setting)?;
+    let target = redact(args.url().map_err(setting)?);
+    bounded("--redis-url", &target, async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     })
@@ -101,28 +122,21 @@ pub async fn redis(url: Option<&str>) -> Result<redis::Client, StartupError> {
     Ok(client)
 }
 
-/// Connects to the platform-config etcd.
-pub async fn etcd(endpoints: &[String], prefix: &str) -> Result<PlatformConfig, StartupError> {
-    let endpoints: Vec<String> = endpoints
-        .iter()
-        .map(|e| e.trim().to_owned())
-        .filter(|e| !e.is_empty())
-        .collect();
-    if endpoints.is_empty() {
-        return Err(fail("--etcd-endpoints", "required (or set ETCD_ENDPOINTS)"));
-    }
-    if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {
-        return Err(fail(
-            "--etcd-prefix",
-            format!("{prefix:?} must start with / and name a directory, e.g. /m3o"),
-        ));
-    }
+/// Connects to the platform-config etcd (TLS and user included).
+pub async fn etcd(args: &EtcdArgs) -> Result<PlatformConfig, StartupError> {
+    let endpoints = args.endpoints().map_err(setting)?;
+    let prefix = args.prefix().map_err(setting)?;
+    let options = args.connect_options().map_err(setting)?;
     bounded(
         "--etcd-endpoints",
         &endpoints.join(","),
-        PlatformConfig::connect(&endpoints, prefix),
+        PlatformConfig::connect(&endpoints, prefix, options),
     )
     .await
+}
+
+fn setting(err: SettingError) -> StartupError {
+    StartupError(err.to_string())
 }
 
 /// Builds the Kubernetes client and checks the API server and the CRDs.

@@ -11,7 +11,6 @@ pub mod sync;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
@@ -42,26 +41,39 @@ pub struct PlatformConfig {
     fence: String,
 }
 
+/// The key holding the (unsharded) writer term of `prefix`: beside it, not under it;
+/// a shard's is `<this>.<fence name>`. An etcd user of the operator needs read-write
+/// on the prefixes `<prefix>/` and `<prefix>.writer-epoch`, nothing else.
+fn fence_key_of(prefix: &str) -> String {
+    format!("{prefix}.writer-epoch")
+}
+
 /// The epoch as etcd stores it: fixed width, so byte order is numeric order.
 fn epoch_value(epoch: i64) -> String {
     format!("{epoch:020}")
 }
 
 impl PlatformConfig {
-    /// Connects to etcd; `prefix` is normalised to have no trailing slash.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, etcd_client::Error> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    /// Connects to etcd with `options` (see [`crate::connect::etcd::EtcdArgs`]);
+    /// `prefix` is normalised to have no trailing slash.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        options: ConnectOptions,
+    ) -> Result<Self, etcd_client::Error> {
+        let prefix = prefix.trim_end_matches('/').to_owned();
         let mut client = Client::connect(endpoints, Some(options)).await?;
-        // Connecting is lazy; a cheap read proves the endpoint answers.
+        // Connecting is lazy; a cheap read proves the endpoint answers and that the
+        // user may read the fence key (all it may read outside the prefix).
         client
-            .get("health-probe", Some(GetOptions::new().with_count_only()))
+            .get(
+                fence_key_of(&prefix),
+                Some(GetOptions::new().with_count_only()),
+            )
             .await?;
         Ok(Self {
             client,
-            prefix: prefix.trim_end_matches('/').to_owned(),
+            prefix,
             own_revisions: Arc::default(),
             epoch: Arc::default(),
             fence: String::new(),
@@ -78,8 +90,8 @@ impl PlatformConfig {
     /// The key holding the current writer term (one per fence, beside the prefix).
     fn fence_key(&self) -> String {
         match self.fence.as_str() {
-            "" => format!("{}.writer-epoch", self.prefix),
-            name => format!("{}.writer-epoch.{name}", self.prefix),
+            "" => fence_key_of(&self.prefix),
+            name => format!("{}.{name}", fence_key_of(&self.prefix)),
         }
     }
 

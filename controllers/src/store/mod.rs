@@ -76,10 +76,21 @@ pub async fn connect(
         .connect_with(options)
         .await
         .map_err(StoreSetupError::Connect)?;
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-        .execute(&pool)
-        .await
-        .map_err(StoreSetupError::CreateSchema)?;
+    // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+    // exists, so it is only run when it does not: a role that owns just its schema
+    // (created by an admin) needs no database privilege.
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&pool)
+            .await
+            .map_err(StoreSetupError::Connect)?;
+    if !exists {
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            .execute(&pool)
+            .await
+            .map_err(StoreSetupError::CreateSchema)?;
+    }
     Ok(pool)
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::production::{FAST_TIMINGS, elected, metric, wait_leader};
-use crate::support::{Backends, Operator, TestEnv, eventually, http_get};
+use crate::support::{Backends, Operator, TestEnv, eventually, exit_log, http_get};
 
 /// The lease of the fast timings below, and what the brief allows on top of it.
 const LEASE: Duration = Duration::from_secs(4);
@@ -47,14 +47,6 @@ async fn wait_stopped(op: &Operator) {
 }
 
 /// Waits for a process that was continued (or failed) to exit, and returns its log.
-async fn exit_log(op: Operator, what: &str) -> (std::process::ExitStatus, String) {
-    let log_path = op.log_path.clone();
-    let status = tokio::time::timeout(Duration::from_secs(60), op.wait())
-        .await
-        .unwrap_or_else(|_| panic!("{what} (log: {})", log_path.display()));
-    (status, std::fs::read_to_string(log_path).expect("read log"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_leader_is_replaced_and_writes_nothing_when_it_wakes() {
     let env = TestEnv::new("hung-leader").await;

@@ -17,3 +17,4 @@ mod subscription;
 mod subscription_catalog;
 mod subscription_order;
 mod support;
+mod tls;

@@ -9,8 +9,9 @@ pub mod cli;
 pub mod operator;
 pub mod private_redis;
 pub mod proxy;
+pub mod tls_backends;
 
-pub use operator::{Backends, Operator, http_get};
+pub use operator::{Backends, Operator, exit_log, http_get};
 pub use private_redis::PrivateRedis;
 use std::future::Future;
 use std::time::Duration;

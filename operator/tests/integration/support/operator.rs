@@ -254,6 +254,15 @@ impl Operator {
     }
 }
 
+/// Waits (at most a minute) for `op` to exit on its own; its status and whole log.
+pub async fn exit_log(op: Operator, what: &str) -> (std::process::ExitStatus, String) {
+    let log_path = op.log_path.clone();
+    let status = tokio::time::timeout(Duration::from_secs(60), op.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} (log: {})", log_path.display()));
+    (status, std::fs::read_to_string(log_path).expect("read log"))
+}
+
 /// A minimal HTTP/1.0 GET, enough for the operator's own endpoints.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

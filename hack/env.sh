@@ -13,6 +13,12 @@
 # Server logs: $M3O_ENV_DIR/logs/<name>.log. M3O_KEEP_ENV=1 keeps the dir afterwards.
 # M3O_TOOLS_BIN=<dir with kube-apiserver, etcd, kubectl> skips hack/build-tools.sh.
 # M3O_CRD_DIR overrides charts/m3o-operator/crds (CRDs applied after bring-up).
+# M3O_TLS=1: PostgreSQL, Redis and the platform etcd accept only TLS (certificates from
+# the test PKI, client certificates checked by etcd) and the operator's least-privilege
+# users (README: Secure connections); the exports then carry them (DATABASE_URL,
+# REDIS_URL, ETCD_ENDPOINTS and the M3O_REDIS_*/M3O_ETCD_* fallbacks of the TLS and
+# credential flags). For running the operator by hand: the test suite starts its own
+# TLS servers (operator/tests/integration/tls.rs) and needs the default, plain.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -153,16 +159,30 @@ etcd_cp_client="${ports[0]}" etcd_cp_peer="${ports[1]}"
 etcd_cfg_client="${ports[2]}" etcd_cfg_peer="${ports[3]}"
 apiserver_port="${ports[4]}" pg_port="${ports[5]}" redis_port="${ports[6]}"
 
-# start_etcd NAME CLIENT_PORT PEER_PORT
+tls="${M3O_TLS:-0}" tls_password=""
+[[ "$tls" == 1 ]] && tls_password="$(openssl rand -hex 16)"
+pki="$dir/pki"
+
+# start_etcd NAME CLIENT_PORT PEER_PORT [TLS FLAGS...]
 start_etcd() {
-  local name="$1" client="http://127.0.0.1:$2" peer="http://127.0.0.1:$3"
+  local name="$1" scheme=http peer="http://127.0.0.1:$3"
+  (($# > 3)) && scheme=https
+  local client="$scheme://127.0.0.1:$2"
   setsid "$bin/etcd" --name "$name" --data-dir "$dir/$name" \
     --listen-client-urls "$client" --advertise-client-urls "$client" \
     --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
     --initial-cluster "$name=$peer" --initial-cluster-state new \
-    --unsafe-no-fsync --log-level warn \
+    --unsafe-no-fsync --log-level warn "${@:4}" \
     </dev/null >"$dir/logs/$name.log" 2>&1 &
   track "$name" $! TERM
+}
+
+# start_redis [FLAGS...]
+start_redis() {
+  setsid redis-server --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$dir" --daemonize no --protected-mode no "$@" \
+    </dev/null >"$dir/logs/redis.log" 2>&1 &
+  track redis $! TERM
 }
 
 # as_pg CMD...: PostgreSQL refuses to run as root; use the postgres system user then.
@@ -174,13 +194,13 @@ as_pg() {
   fi
 }
 
-# --- control-plane etcd, platform-config etcd, redis: start right away.
+# --- control-plane etcd, platform-config etcd, redis: start right away (with TLS, the
+# last two once the PKI is made).
 start_etcd etcd-cp "$etcd_cp_client" "$etcd_cp_peer"
-start_etcd etcd-config "$etcd_cfg_client" "$etcd_cfg_peer"
-setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-  --dir "$dir" --daemonize no --protected-mode no \
-  </dev/null >"$dir/logs/redis.log" 2>&1 &
-track redis $! TERM
+if [[ "$tls" != 1 ]]; then
+  start_etcd etcd-config "$etcd_cfg_client" "$etcd_cfg_peer"
+  start_redis --port "$redis_port"
+fi
 
 # --- postgres: initdb (a second or so) in the background while the PKI is made.
 mkdir -p "$dir/pg" "$dir/pg-run"
@@ -191,17 +211,34 @@ mkdir -p "$dir/pg" "$dir/pg-run"
     set -e
     "$1/initdb" -D "$2" -U m3o --auth=trust --no-sync --no-locale -E UTF8 -N
     echo "CREATE DATABASE m3o;" | "$1/postgres" --single -D "$2" -c fsync=off postgres
-  ' _ "$pg_bin" "$dir/pg/data"
+    if [[ -n "$3" ]]; then
+      # README: PostgreSQL grants. The role owns its schema and may only connect.
+      printf "%s\n" "CREATE ROLE m3o_operator LOGIN PASSWORD '"'"'$3'"'"';" \
+        "REVOKE ALL ON DATABASE m3o FROM PUBLIC;" \
+        "GRANT CONNECT ON DATABASE m3o TO m3o_operator;" \
+        "CREATE SCHEMA m3o AUTHORIZATION m3o_operator;" |
+        "$1/postgres" --single -D "$2" -c fsync=off m3o
+      # TCP only with TLS (no plain host line); the superuser only on the socket.
+      printf "%s\n" "local all all trust" "hostssl all m3o_operator 127.0.0.1/32 scram-sha-256" >"$2/pg_hba.conf"
+    fi
+  ' _ "$pg_bin" "$dir/pg/data" "$tls_password"
 ) </dev/null >"$dir/logs/postgres-init.log" 2>&1 &
 pg_init_pid=$!
 
-# --- PKI: CA, apiserver serving cert, admin client cert, service-account key.
-pki="$dir/pki"
+# --- PKI: CA, apiserver serving cert, admin client cert, service-account key; with
+# M3O_TLS=1 also the backends' serving cert and the operator's client cert.
 (
   set -e
   cd "$pki"
   key() { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null; }
   key ca.key & key apiserver.key & key admin.key & key sa.key & wait
+  if [[ "$tls" == 1 ]]; then
+    key backend.key & key operator.key & wait
+    openssl req -new -key backend.key -subj "/CN=127.0.0.1" -out backend.csr
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >backend.ext
+    openssl req -new -key operator.key -subj "/CN=m3o-operator" -out operator.csr
+  fi
   openssl req -x509 -new -key ca.key -subj "/CN=m3o-test-ca" -days 30 -out ca.crt \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
   openssl req -new -key apiserver.key -subj "/CN=kube-apiserver" -out apiserver.csr
@@ -217,6 +254,12 @@ pki="$dir/pki"
   openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
     -extfile admin.ext -out admin.crt 2>/dev/null
   openssl pkey -in sa.key -pubout -out sa.pub
+  if [[ "$tls" == 1 ]]; then
+    openssl x509 -req -in backend.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+      -extfile backend.ext -out backend.crt 2>/dev/null
+    openssl x509 -req -in operator.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+      -extfile admin.ext -out operator.crt 2>/dev/null
+  fi
 ) >"$dir/logs/pki.log" 2>&1 || fail "PKI generation (openssl)" "$dir/logs/pki.log"
 
 b64() { base64 -w0 <"$1"; }
@@ -243,6 +286,32 @@ current-context: m3o-test
 EOF
 chmod 0600 "$kubeconfig"
 
+# --- with TLS: platform etcd (auth is enabled below) and redis (ACL users).
+if [[ "$tls" == 1 ]]; then
+  start_etcd etcd-config "$etcd_cfg_client" "$etcd_cfg_peer" \
+    --cert-file "$pki/backend.crt" --key-file "$pki/backend.key" \
+    --trusted-ca-file "$pki/ca.crt" --client-cert-auth
+  # README: Redis grants (the operator), and an unrestricted admin for looking around.
+  start_redis --port 0 --tls-port "$redis_port" \
+    --tls-cert-file "$pki/backend.crt" --tls-key-file "$pki/backend.key" \
+    --tls-ca-cert-file "$pki/ca.crt" --tls-auth-clients optional \
+    --user default off \
+    --user admin on ">$tls_password" '~*' '&*' +@all \
+    --user m3o-operator on ">$tls_password" resetkeys '~events:*' resetchannels -@all \
+    +ping +xadd +multi +exec '+xinfo|groups'
+  printf '%s\n' "$tls_password" >"$dir/etcd-password"
+  chmod 0600 "$dir/etcd-password"
+fi
+# etcd_tls PATH [JSON]: a request to the TLS platform etcd (GET, or POST with JSON).
+etcd_tls() {
+  curl -sf --cacert "$pki/ca.crt" --cert "$pki/operator.crt" --key "$pki/operator.key" \
+    ${2:+-X POST -d "$2"} "https://127.0.0.1:$etcd_cfg_client$1"
+}
+redis_tls_ping() {
+  redis-cli --tls --cacert "$pki/ca.crt" -h 127.0.0.1 -p "$redis_port" \
+    --user admin --pass "$tls_password" --no-auth-warning ping | grep -q PONG
+}
+
 # --- kube-apiserver, once its etcd answers.
 wait_for etcd-cp "${pid_of[etcd-cp]}" "$dir/logs/etcd-cp.log" 30 http_ok 127.0.0.1 "$etcd_cp_client" /health
 setsid "$bin/kube-apiserver" \
@@ -266,10 +335,20 @@ track kube-apiserver $! TERM
 # --- postgres server, once initdb is done.
 if ! wait "$pg_init_pid"; then pg_init_pid=""; fail "postgres (initdb)" "$dir/logs/postgres-init.log"; fi
 pg_init_pid=""
+pg_tls=()
+if [[ "$tls" == 1 ]]; then
+  # The key must belong to the server's user and be private to it.
+  install -m 0600 "$pki/backend.key" "$dir/pg/server.key"
+  ((EUID == 0)) && chown postgres: "$dir/pg/server.key"
+  install -m 0644 "$pki/ca.crt" "$pki/backend.crt" "$dir/pg/"
+  pg_tls=(-c ssl=on -c "ssl_cert_file=$dir/pg/backend.crt" -c "ssl_key_file=$dir/pg/server.key"
+    -c "ssl_ca_file=$dir/pg/ca.crt")
+fi
 (
   as_pg setsid "$pg_bin/postgres" -D "$dir/pg/data" -p "$pg_port" -k "$dir/pg-run" \
     -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-    -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB
+    -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB \
+    "${pg_tls[@]}"
 ) </dev/null >"$dir/logs/postgres.log" 2>&1 &
 track postgres $! INT # SIGINT: fast shutdown (SIGTERM would wait for clients)
 
@@ -281,8 +360,29 @@ pg_ready() {
     grep -q 'ready to accept connections' "$dir/logs/postgres.log"
   fi
 }
-wait_for etcd-config "${pid_of[etcd-config]}" "$dir/logs/etcd-config.log" 30 http_ok 127.0.0.1 "$etcd_cfg_client" /health
-wait_for redis "${pid_of[redis]}" "$dir/logs/redis.log" 30 redis_ping 127.0.0.1 "$redis_port"
+if [[ "$tls" == 1 ]]; then
+  wait_for etcd-config "${pid_of[etcd-config]}" "$dir/logs/etcd-config.log" 30 etcd_tls /health
+  # README: etcd grants. The role reads and writes /m3o/ and the fence key beside it.
+  b64s() { printf '%s' "$1" | base64 -w0; }
+  path=""
+  for req in \
+    /v3/auth/user/add '{"name":"root","password":"'"$tls_password"'"}' \
+    /v3/auth/user/grant '{"user":"root","role":"root"}' \
+    /v3/auth/role/add '{"name":"m3o-operator"}' \
+    /v3/auth/role/grant '{"name":"m3o-operator","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o/)"'","range_end":"'"$(b64s /m3o0)"'"}}' \
+    /v3/auth/role/grant '{"name":"m3o-operator","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o.writer-epoch)"'"}}' \
+    /v3/auth/user/add '{"name":"m3o-operator","password":"'"$tls_password"'"}' \
+    /v3/auth/user/grant '{"user":"m3o-operator","role":"m3o-operator"}' \
+    /v3/auth/enable '{}'; do
+    if [[ "$req" == /* ]]; then path="$req"; continue; fi
+    etcd_tls "$path" "$req" >>"$dir/logs/etcd-config.log" 2>&1 ||
+      fail "etcd-config (auth setup: $path)" "$dir/logs/etcd-config.log"
+  done
+  wait_for redis "${pid_of[redis]}" "$dir/logs/redis.log" 30 redis_tls_ping
+else
+  wait_for etcd-config "${pid_of[etcd-config]}" "$dir/logs/etcd-config.log" 30 http_ok 127.0.0.1 "$etcd_cfg_client" /health
+  wait_for redis "${pid_of[redis]}" "$dir/logs/redis.log" 30 redis_ping 127.0.0.1 "$redis_port"
+fi
 wait_for postgres "${pid_of[postgres]}" "$dir/logs/postgres.log" 30 pg_ready
 wait_for kube-apiserver "${pid_of[kube-apiserver]}" "$dir/logs/kube-apiserver.log" 90 \
   "$kubectl" --kubeconfig "$kubeconfig" --request-timeout 5s get --raw /readyz
@@ -292,16 +392,27 @@ wait_for "kube-apiserver (namespace default)" "${pid_of[kube-apiserver]}" "$dir/
 # ---------------------------------------------------------------------------------------
 # Exports.
 export KUBECONFIG="$kubeconfig"
-export DATABASE_URL="postgres://m3o:m3o@127.0.0.1:$pg_port/m3o"
-export REDIS_URL="redis://127.0.0.1:$redis_port"
-export ETCD_ENDPOINTS="http://127.0.0.1:$etcd_cfg_client"
+tls_vars=()
+if [[ "$tls" == 1 ]]; then
+  export DATABASE_URL="postgres://m3o_operator:$tls_password@127.0.0.1:$pg_port/m3o?sslmode=verify-full&sslrootcert=$pki/ca.crt"
+  export REDIS_URL="rediss://m3o-operator:$tls_password@127.0.0.1:$redis_port"
+  export ETCD_ENDPOINTS="https://127.0.0.1:$etcd_cfg_client"
+  export M3O_REDIS_CA_FILE="$pki/ca.crt" M3O_ETCD_CA_FILE="$pki/ca.crt"
+  export M3O_ETCD_CERT_FILE="$pki/operator.crt" M3O_ETCD_KEY_FILE="$pki/operator.key"
+  export M3O_ETCD_USERNAME=m3o-operator M3O_ETCD_PASSWORD_FILE="$dir/etcd-password"
+  tls_vars=(M3O_REDIS_CA_FILE M3O_ETCD_CA_FILE M3O_ETCD_CERT_FILE M3O_ETCD_KEY_FILE M3O_ETCD_USERNAME M3O_ETCD_PASSWORD_FILE)
+else
+  export DATABASE_URL="postgres://m3o:m3o@127.0.0.1:$pg_port/m3o"
+  export REDIS_URL="redis://127.0.0.1:$redis_port"
+  export ETCD_ENDPOINTS="http://127.0.0.1:$etcd_cfg_client"
+fi
 export M3O_ENV_DIR="$dir"
 export M3O_TEST_ENV=1
 export PATH="$bin:$PATH"
 # kubectl's discovery cache, per environment (not ~/.kube/cache, one dir per random port).
 export KUBECACHEDIR="$dir/kube-cache"
 {
-  for v in KUBECONFIG DATABASE_URL REDIS_URL ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV KUBECACHEDIR; do
+  for v in KUBECONFIG DATABASE_URL REDIS_URL ETCD_ENDPOINTS M3O_ENV_DIR M3O_TEST_ENV KUBECACHEDIR "${tls_vars[@]}"; do
     printf 'export %s=%q\n' "$v" "${!v}"
   done
   # shellcheck disable=SC2016 # $PATH is expanded when the file is sourced

@@ -25,6 +25,7 @@ requirements=(
   "setpriv util-linux"                                       # postgres refuses to run as root
   "nginx nginx-light"                                        # the gateway's end-to-end test
   "/bin/kill procps"                                         # tests signal operators (SIGSTOP, SIGTERM)
+  "curl curl"                                                # hack/env.sh M3O_TLS=1: etcd auth set-up
 )
 
 present() {

@@ -105,7 +105,7 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
     create_namespace(&release_ns, &RESTRICTED).await;
     create_namespace(&watch_ns, &[]).await;
     let watch = format!("watchNamespace={watch_ns}");
-    let cases: [(&str, Vec<&str>); 3] = [
+    let cases: [(&str, Vec<&str>); 4] = [
         ("cluster-wide", vec![]),
         (
             "namespaced",
@@ -122,6 +122,18 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
                 "leaderElection.enabled=false",
                 "plans=null",
                 "metrics.service.enabled=false",
+            ],
+        ),
+        (
+            "TLS files and the etcd password from Secrets",
+            vec![
+                "tls.postgres.existingSecret=pg-tls",
+                "tls.redis.existingSecret=redis-tls",
+                "tls.redis.clientCertificate=true",
+                "tls.etcd.existingSecret=etcd-tls",
+                "tls.etcd.clientCertificate=true",
+                "etcdAuth.username=m3o-operator",
+                "etcdAuth.passwordSecret=etcd-auth",
             ],
         ),
     ];
@@ -213,6 +225,36 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
                     "{args:?}"
                 );
                 assert!(args.contains(&"--shard-selector=m3o.com/shard"), "{args:?}");
+            }
+            "TLS files and the etcd password from Secrets" => {
+                for flag in [
+                    "--redis-ca-file=/etc/m3o-operator/tls/redis/ca.crt",
+                    "--redis-key-file=/etc/m3o-operator/tls/redis/tls.key",
+                    "--etcd-ca-file=/etc/m3o-operator/tls/etcd/ca.crt",
+                    "--etcd-cert-file=/etc/m3o-operator/tls/etcd/tls.crt",
+                    "--etcd-password-file=/etc/m3o-operator/etcd-auth/password",
+                ] {
+                    assert!(args.contains(&flag), "{case}: {flag} in {args:?}");
+                }
+                let mounts =
+                    deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                        .as_sequence()
+                        .expect("volumeMounts");
+                let secrets: Vec<_> = mounts
+                    .iter()
+                    .filter(|m| {
+                        m["mountPath"].as_str().is_some_and(|p| {
+                            p.starts_with("/etc/m3o-operator/tls/") || p.ends_with("etcd-auth")
+                        })
+                    })
+                    .collect();
+                assert_eq!(secrets.len(), 4, "{case}: {mounts:?}");
+                assert!(
+                    secrets
+                        .iter()
+                        .all(|m| m["readOnly"].as_bool() == Some(true)),
+                    "{case}: read-only: {secrets:?}"
+                );
             }
             _ => {
                 assert!(!has("ConfigMap") && !has("Service"), "{kinds:?}");

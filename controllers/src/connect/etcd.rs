@@ -104,8 +104,8 @@ impl EtcdArgs {
                     .ca_certificate(Certificate::from_pem(read_file("--etcd-ca-file", path)?)),
                 None => TlsOptions::new().with_enabled_roots(),
             };
-            if let Some((cert, key)) = client {
-                tls_options = tls_options.identity(Identity::from_pem(cert, key));
+            if let Some(pem) = client {
+                tls_options = tls_options.identity(Identity::from_pem(pem.cert, pem.key));
             }
             options = options.with_tls(tls_options);
         } else if let Some(flag) = self.tls_flag_given() {

@@ -32,19 +32,25 @@ fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, SettingError> {
         .map_err(|e| SettingError::new(flag, format!("cannot read {}: {e}", path.display())))
 }
 
+/// A client certificate and its key, PEM.
+struct ClientPem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
 /// A client certificate and its key: both or neither.
 fn client_pair(
     cert: Option<&Path>,
     key: Option<&Path>,
     cert_flag: &'static str,
     key_flag: &'static str,
-) -> Result<Option<(Vec<u8>, Vec<u8>)>, SettingError> {
+) -> Result<Option<ClientPem>, SettingError> {
     match (cert, key) {
         (None, None) => Ok(None),
-        (Some(cert), Some(key)) => Ok(Some((
-            read_file(cert_flag, cert)?,
-            read_file(key_flag, key)?,
-        ))),
+        (Some(cert), Some(key)) => Ok(Some(ClientPem {
+            cert: read_file(cert_flag, cert)?,
+            key: read_file(key_flag, key)?,
+        })),
         (Some(_), None) => Err(SettingError::new(
             key_flag,
             format!("required with {cert_flag}"),

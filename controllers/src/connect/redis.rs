@@ -62,9 +62,9 @@ impl RedisArgs {
             "--redis-cert-file",
             "--redis-key-file",
         )?
-        .map(|(client_cert, client_key)| ClientTlsConfig {
-            client_cert,
-            client_key,
+        .map(|pem| ClientTlsConfig {
+            client_cert: pem.cert,
+            client_key: pem.key,
         });
         redis::Client::build_with_tls(
             url,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
-use super::{SettingError, client_pair, read_file};
+use super::{SettingError, client_pair, first_given, read_file};
 
 /// The flags of an etcd client. Environment fallbacks of the TLS and credential flags
 /// start with `M3O_`: etcd itself reads `ETCD_CERT_FILE` and the like as its own
@@ -121,13 +121,11 @@ impl EtcdArgs {
     }
 
     fn tls_flag_given(&self) -> Option<&'static str> {
-        [
+        first_given([
             ("--etcd-ca-file", &self.etcd_ca_file),
             ("--etcd-cert-file", &self.etcd_cert_file),
             ("--etcd-key-file", &self.etcd_key_file),
-        ]
-        .into_iter()
-        .find_map(|(flag, path)| path.is_some().then_some(flag))
+        ])
     }
 
     /// User and password: both or neither.

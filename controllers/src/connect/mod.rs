@@ -7,7 +7,7 @@
 pub mod etcd;
 pub mod redis;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A bad setting, printed on one line as `<flag>: <what is wrong>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +24,14 @@ impl SettingError {
             message: message.into(),
         }
     }
+}
+
+/// The first flag of `flags` that is given (a TLS file given for a plain-text URL is
+/// a mistake worth naming).
+fn first_given(flags: [(&'static str, &Option<PathBuf>); 3]) -> Option<&'static str> {
+    flags
+        .into_iter()
+        .find_map(|(flag, path)| path.is_some().then_some(flag))
 }
 
 /// The contents of the file a flag names.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use redis::{ClientTlsConfig, TlsCertificates};
 
-use super::{SettingError, client_pair, read_file};
+use super::{SettingError, client_pair, first_given, read_file};
 
 /// The flags of a Redis client.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -77,13 +77,11 @@ impl RedisArgs {
     }
 
     fn tls_flag_given(&self) -> Option<&'static str> {
-        [
+        first_given([
             ("--redis-ca-file", &self.redis_ca_file),
             ("--redis-cert-file", &self.redis_cert_file),
             ("--redis-key-file", &self.redis_key_file),
-        ]
-        .into_iter()
-        .find_map(|(flag, path)| path.is_some().then_some(flag))
+        ])
     }
 }
 

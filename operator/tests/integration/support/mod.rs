@@ -30,6 +30,18 @@ pub fn required_env(name: &str) -> String {
     })
 }
 
+/// Waits until `client` connects and Redis answers PING.
+pub async fn wait_redis_answers(what: &str, timeout: Duration, client: &redis::Client) {
+    eventually(what, timeout, || async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    })
+    .await;
+}
+
 /// A short random suffix for names.
 pub fn suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::{eventually, free_port};
+use super::{free_port, wait_redis_answers};
 
 /// A private redis-server on a free port, for tests that take Redis down.
 pub struct PrivateRedis {
@@ -54,20 +54,8 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server (install redis-server; `make test` does)");
         self.child = Some(child);
-        let url = self.url();
-        eventually(
-            "private redis to answer",
-            Duration::from_secs(10),
-            || async {
-                let client = redis::Client::open(url.as_str()).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            },
-        )
-        .await;
+        let client = redis::Client::open(self.url()).expect("private redis URL");
+        wait_redis_answers("private redis to answer", Duration::from_secs(10), &client).await;
     }
 
     /// Kills the server (its data is gone: it keeps nothing on disk).

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 use super::operator::Backends;
-use super::{TestEnv, eventually, free_port, suffix};
+use super::{TestEnv, eventually, free_port, suffix, wait_redis_answers};
 
 /// The operator's user name in Redis and etcd (and its client certificate's CN).
 pub const OPERATOR_USER: &str = "m3o-operator";
@@ -336,14 +336,7 @@ impl Servers {
             .redis_args("admin")
             .client()
             .expect("admin redis client");
-        eventually("private redis (TLS)", STARTUP, || async {
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .ok()
-        })
-        .await;
+        wait_redis_answers("private redis (TLS)", STARTUP, &client).await;
         client
     }
 

@@ -362,7 +362,8 @@ pg_ready() {
 }
 if [[ "$tls" == 1 ]]; then
   wait_for etcd-config "${pid_of[etcd-config]}" "$dir/logs/etcd-config.log" 30 etcd_tls /health
-  # README: etcd grants. The role reads and writes /m3o/ and the fence key beside it.
+  # README: etcd grants. The role reads and writes the prefixes /m3o/ and
+  # /m3o.writer-epoch (the writer-fence keys beside it, one per shard).
   b64s() { printf '%s' "$1" | base64 -w0; }
   path=""
   for req in \
@@ -370,7 +371,7 @@ if [[ "$tls" == 1 ]]; then
     /v3/auth/user/grant '{"user":"root","role":"root"}' \
     /v3/auth/role/add '{"name":"m3o-operator"}' \
     /v3/auth/role/grant '{"name":"m3o-operator","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o/)"'","range_end":"'"$(b64s /m3o0)"'"}}' \
-    /v3/auth/role/grant '{"name":"m3o-operator","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o.writer-epoch)"'"}}' \
+    /v3/auth/role/grant '{"name":"m3o-operator","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o.writer-epoch)"'","range_end":"'"$(b64s /m3o.writer-epoci)"'"}}' \
     /v3/auth/user/add '{"name":"m3o-operator","password":"'"$tls_password"'"}' \
     /v3/auth/user/grant '{"user":"m3o-operator","role":"m3o-operator"}' \
     /v3/auth/enable '{}'; do

@@ -140,13 +140,16 @@ async fn each_operator_user_is_refused_outside_its_grants() {
     etcd.put(format!("{}/probe", env.etcd_prefix), "x", None)
         .await
         .expect("write inside the prefix");
-    etcd.put(format!("{}.writer-epoch", env.etcd_prefix), "0", None)
-        .await
-        .expect("write the fence key");
+    for fence in ["writer-epoch", "writer-epoch.shard-a"] {
+        etcd.put(format!("{}.{fence}", env.etcd_prefix), "0", None)
+            .await
+            .expect("write a fence key");
+    }
     for outside in [
         "/elsewhere".to_owned(),
         format!("{}-other/x", env.etcd_prefix),
         format!("{}x", env.etcd_prefix),
+        format!("{}.other", env.etcd_prefix),
     ] {
         let err = etcd
             .put(outside.as_str(), "x", None)

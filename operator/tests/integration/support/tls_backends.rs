@@ -376,8 +376,9 @@ impl Servers {
             .expect("etcd (on PATH inside hack/env.sh)")
     }
 
-    /// Root, and the operator's role: read-write on `<prefix>/` and the writer-fence
-    /// key `<prefix>.writer-epoch` (README: etcd grants); then auth on.
+    /// Root, and the operator's role: read-write on the prefixes `<prefix>/` and
+    /// `<prefix>.writer-epoch` (the writer-fence keys, one per shard) (README: etcd
+    /// grants); then auth on.
     async fn setup_etcd(&self, prefix: &str) -> etcd_client::Client {
         let mut anonymous = self.etcd_args(prefix, "");
         anonymous.etcd_password = None;
@@ -395,7 +396,7 @@ impl Servers {
         etcd.role_add(OPERATOR_USER).await.expect("role");
         for permission in [
             Permission::read_write(format!("{prefix}/")).with_prefix(),
-            Permission::read_write(format!("{prefix}.writer-epoch")),
+            Permission::read_write(format!("{prefix}.writer-epoch")).with_prefix(),
         ] {
             etcd.role_grant_permission(OPERATOR_USER, permission)
                 .await

@@ -35,7 +35,7 @@ fn fail(flag: &str, what: impl fmt::Display) -> StartupError {
 /// An error with its sources, on one line (a TLS failure is often only in a source:
 /// "transport error: ... invalid peer certificate: UnknownIssuer"). A source whose
 /// text its parent already shows is skipped.
-pub fn one_line(err: &dyn std::error::Error) -> String {
+fn one_line(err: &dyn std::error::Error) -> String {
     let mut line = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -102,12 +102,16 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreSetupError> {
 /// True when the error means the database could not be reached (as opposed to a
 /// statement the database refused), so status says `DatabaseUnavailable`.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    // Protocol: the peer hung up or did not speak PostgreSQL. A proxy or load balancer
+    // that accepts and then closes shows as one: with TLS support built in, the first
+    // exchange is the SSLRequest, whose empty answer reads as "unexpected response 0x00".
     matches!(
         err,
         sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
     ) || err
         .as_database_error()
         .and_then(|e| e.code())
@@ -124,6 +128,28 @@ pub fn unique_violation(err: &sqlx::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener that accepts and hangs up at once (a proxy whose backend is gone):
+    /// unavailable, with TLS tried first (`prefer`, the default) or not.
+    #[tokio::test]
+    async fn a_peer_that_hangs_up_is_unavailable() {
+        use sqlx::Connection;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                // Reads the first message (the SSLRequest, or the startup), then hangs up.
+                let mut first = [0u8; 8];
+                let _ = tokio::io::AsyncReadExt::read_exact(&mut socket, &mut first).await;
+                drop(socket);
+            }
+        });
+        for mode in ["prefer", "require", "disable"] {
+            let url = format!("postgres://u@127.0.0.1:{port}/db?sslmode={mode}");
+            let err = sqlx::PgConnection::connect(&url).await.unwrap_err();
+            assert!(is_unavailable(&err), "{mode}: {err:?}");
+        }
+    }
 
     #[test]
     fn schema_names_are_checked() {

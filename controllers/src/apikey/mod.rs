@@ -60,15 +60,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         let keys = controller.store();
         controller
             .owns(secrets, watcher::Config::default().labels(&managed))
-            .watches(customers, watch_config, move |customer: Customer| {
-                let ns = customer.namespace();
-                let name = customer.name_any();
-                keys.state()
-                    .into_iter()
-                    .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
-                    .map(|k| ObjectRef::from_obj(k.as_ref()))
-                    .collect::<Vec<_>>()
-            })
+            .watches_stream(
+                runner::customer_changes(customers, watch_config),
+                move |customer: Customer| {
+                    let ns = customer.namespace();
+                    let name = customer.name_any();
+                    keys.state()
+                        .into_iter()
+                        .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
+                        .map(|k| ObjectRef::from_obj(k.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            )
     })
     .await;
 }

@@ -65,6 +65,15 @@ pub enum KeyOwner {
     Unowned,
 }
 
+/// Where gateway replicas report their applied revision (`gateways/<replica>`, under
+/// their own leases): written by the gateways, read by the operator, never pruned.
+pub const GATEWAYS_DIR: &str = "gateways/";
+
+/// True for a gateway replica's report: not the operator's to restore or remove.
+pub fn is_gateway_report(relative: &str) -> bool {
+    relative.starts_with(GATEWAYS_DIR)
+}
+
 /// Classifies a key relative to the prefix.
 pub fn classify(relative: &str) -> KeyOwner {
     match relative.split_once('/') {
@@ -199,5 +208,6 @@ mod tests {
         assert_eq!(classify("quotas/x"), KeyOwner::Unowned);
         assert_eq!(classify("stray"), KeyOwner::Unowned);
         assert_eq!(classify("other/x"), KeyOwner::Unowned);
+        assert!(is_gateway_report("gateways/replica-1") && !is_gateway_report("customers/x"));
     }
 }

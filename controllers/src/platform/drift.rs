@@ -51,6 +51,7 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     let actual: BTreeMap<String, Vec<u8>> = actual
         .into_iter()
         .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
+        .filter(|(relative, _)| !desired::is_gateway_report(relative))
         .collect();
     let differs = |relative: &String| match (actual.get(relative), wanted.get(relative)) {
         (Some(v), Some(entry)) => !same_value(v, &entry.value),
@@ -112,6 +113,9 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
             else {
                 continue;
             };
+            if desired::is_gateway_report(&relative) {
+                continue;
+            }
             let current = (event.event_type() == EventType::Put).then(|| kv.value().to_vec());
             correct(ctx, &relative, current.as_deref()).await?;
         }
@@ -175,7 +179,7 @@ async fn owning_customer(db: &sqlx::PgPool, relative: &str) -> Result<Option<Uui
 
 async fn prune(ctx: &Context, relative: &str) -> Result<(), Error> {
     let key = ctx.platform.key(relative);
-    if ctx.platform.remove(&key).await? {
+    if ctx.platform.remove(&key).await?.is_some() {
         ctx.metrics.drift_corrected("unowned");
         tracing::info!(%key, "removed etcd key that no resource owns");
     }

@@ -6,6 +6,7 @@
 
 pub mod desired;
 pub mod drift;
+pub mod gateways;
 pub mod sync;
 
 use std::collections::{HashSet, VecDeque};
@@ -54,47 +55,52 @@ impl PlatformConfig {
         format!("{}/{}", self.prefix, relative)
     }
 
-    /// Writes `value` at `key` unless it already holds exactly that; true when written.
-    /// One compare-and-put transaction, so a repeat costs no write.
+    /// Writes `value` at `key` unless it already holds exactly that; the revision of the
+    /// write, `None` when nothing was written. One compare-and-put transaction, so a
+    /// repeat costs no write.
     pub async fn ensure(
         &self,
         key: &str,
         value: &serde_json::Value,
-    ) -> Result<bool, etcd_client::Error> {
+    ) -> Result<Option<i64>, etcd_client::Error> {
         let bytes = serde_json::to_vec(value).unwrap_or_default();
         let txn = Txn::new()
             .when([Compare::value(key, CompareOp::Equal, bytes.clone())])
             .or_else([TxnOp::put(key, bytes, None)]);
         let resp = self.client.kv_client().txn(txn).await?;
         if resp.succeeded() {
-            return Ok(false);
+            return Ok(None);
         }
-        self.remember(resp.header().map(|h| h.revision()));
-        Ok(true)
+        let revision = resp.header().map(|h| h.revision());
+        self.remember(revision);
+        Ok(Some(revision.unwrap_or_default()))
     }
 
-    /// Deletes `key`; true when something was deleted.
-    pub async fn remove(&self, key: &str) -> Result<bool, etcd_client::Error> {
+    /// Deletes `key`; the revision of the deletion, `None` when there was nothing to delete.
+    pub async fn remove(&self, key: &str) -> Result<Option<i64>, etcd_client::Error> {
         let resp = self.client.kv_client().delete(key, None).await?;
-        let deleted = resp.deleted() > 0;
-        if deleted {
-            self.remember(resp.header().map(|h| h.revision()));
+        if resp.deleted() == 0 {
+            return Ok(None);
         }
-        Ok(deleted)
+        let revision = resp.header().map(|h| h.revision());
+        self.remember(revision);
+        Ok(Some(revision.unwrap_or_default()))
     }
 
-    /// Makes each relative key hold its desired entry, or removes it; true if anything changed.
+    /// Makes each relative key hold its desired entry, or removes it. Returns the keys
+    /// that changed (relative) with the revision of their write.
     pub async fn converge(
         &self,
         entries: &[(String, Option<desired::DesiredEntry>)],
-    ) -> Result<bool, etcd_client::Error> {
-        let mut changed = false;
+    ) -> Result<Vec<(String, i64)>, etcd_client::Error> {
+        let mut changed = Vec::new();
         for (relative, entry) in entries {
             let key = self.key(relative);
-            changed |= match entry {
+            let written = match entry {
                 Some(entry) => self.ensure(&key, &entry.value).await?,
                 None => self.remove(&key).await?,
             };
+            changed.extend(written.map(|revision| (relative.clone(), revision)));
         }
         Ok(changed)
     }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::PlatformConfig;
 use super::desired;
 use crate::error::Error;
+use crate::store::api_keys;
 
 /// Advisory lock class of etcd convergence ("m3oc").
 const LOCK_CLASS: i32 = 0x6d33_6f63;
@@ -36,8 +37,14 @@ pub async fn converge_customer(
     // converge: waiters cannot starve the pool of the one they wait for).
     let entries = desired::customer_keys(&mut lock, customer_id).await?;
     let changed = platform.converge(&entries).await?;
+    // The revision of the last write to each key entry, for `GatewaySynced`.
+    for (relative, revision) in &changed {
+        if let desired::KeyOwner::ApiKey(hash) = desired::classify(relative) {
+            api_keys::record_config_revision(&mut *lock, &hash, *revision).await?;
+        }
+    }
     lock.commit().await?;
-    Ok(changed)
+    Ok(!changed.is_empty())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod chart;
 mod customer;
 mod customer_faults;
 mod examples;
+mod gateway;
 mod manifests;
 mod production;
 mod subscription;

@@ -10,6 +10,7 @@ pub mod http;
 pub mod index;
 pub mod limits;
 pub mod metrics;
+pub mod nginx;
 pub mod report;
 pub mod settings;
 pub mod usage;
@@ -74,14 +75,20 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             "required (or ETCD_ENDPOINTS)",
         ));
     }
-    let redis_url = args
-        .redis
-        .redis_url
-        .as_deref()
-        .ok_or_else(|| start_error("--redis-url", "required (or REDIS_URL)"))?;
-    let redis = redis::Client::open(redis_url).map_err(|e| start_error("--redis-url", e))?;
-    let limiter = Limiter::new(redis, &args.redis.redis_prefix, args.redis_timeout)
-        .map_err(|e| start_error("--redis-url", e))?;
+    let limiter = if args.no_limits {
+        None
+    } else {
+        let redis_url = args.redis.redis_url.as_deref().ok_or_else(|| {
+            start_error(
+                "--redis-url",
+                "required (or REDIS_URL; --no-limits to run without)",
+            )
+        })?;
+        let redis = redis::Client::open(redis_url).map_err(|e| start_error("--redis-url", e))?;
+        let limiter = Limiter::new(redis, &args.redis.redis_prefix, args.redis_timeout)
+            .map_err(|e| start_error("--redis-url", e))?;
+        Some(limiter)
+    };
     let options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(std::time::Duration::from_secs(3))
         .with_keep_alive(

@@ -11,6 +11,14 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Usage(args)) => usage(args).await,
         Some(Command::Run(args)) => run(args).await,
+        Some(Command::NginxConfig(args)) => {
+            let site = m3o_gateway::nginx::site(&args.listen, &args.auth, &args.upstream);
+            match args.standalone_dir {
+                Some(dir) => print!("{}", m3o_gateway::nginx::standalone(&dir, &site)),
+                None => print!("{site}"),
+            }
+            Ok(())
+        }
         None => run(cli.run).await,
     };
     match result {

@@ -26,6 +26,25 @@ pub enum Command {
     Run(RunArgs),
     /// Print a customer's metered requests per day, key and API.
     Usage(UsageArgs),
+    /// Print an nginx configuration that asks these replicas about every request.
+    NginxConfig(NginxArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NginxArgs {
+    /// Where nginx listens (host:port).
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    pub listen: String,
+    /// A gateway replica's forward-auth address (host:port); repeat for each replica.
+    #[arg(long = "auth", required = true)]
+    pub auth: Vec<String>,
+    /// The API behind nginx (host:port).
+    #[arg(long)]
+    pub upstream: String,
+    /// Print a whole nginx.conf (pid, logs, temp files under this directory) rather
+    /// than the body of an `http {}` block.
+    #[arg(long)]
+    pub standalone_dir: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -68,6 +87,10 @@ pub struct RunArgs {
     /// When Redis does not answer: let requests through (true) or refuse them with 503 (false).
     #[arg(long, env = "M3O_GATEWAY_RATE_LIMIT_FAIL_OPEN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub rate_limit_fail_open: bool,
+
+    /// Authenticate only: no quotas and no usage metering (Redis is not used).
+    #[arg(long, env = "M3O_GATEWAY_NO_LIMITS")]
+    pub no_limits: bool,
 
     /// How long a check waits for Redis before the fail mode decides.
     #[arg(long, env = "M3O_GATEWAY_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]

@@ -2,6 +2,7 @@
 //! m3o-gateway-auth replicas behind a real nginx (`auth_request`) in front of an
 //! upstream; limits shared through Redis; propagation confirmed in `GatewaySynced`.
 
+mod bench;
 mod outages;
 
 use std::time::Duration;

@@ -7,6 +7,7 @@
 //! The chart's Deployment never runs here (the test control plane has no kubelet); the
 //! operator binary is run by the test instead, with the ServiceAccount's identity.
 
+mod gateway;
 mod install;
 mod rbac;
 mod render;

@@ -42,8 +42,10 @@ pub fn watch_config(ctx: &Context) -> watcher::Config {
 }
 
 /// Changes of Customers that matter to their dependents (Subscriptions, ApiKeys): the
-/// spec, readiness, the record id, labels and finalizers, and the object itself (uid) -
-/// not every status write of the Customer controller. Deletions pass (the API server
+/// spec, the generation its record was last written for (a dependent reads the record,
+/// so it must look again once a change reached it), readiness, state, the record id,
+/// labels and finalizers, and the object itself (uid) - not every status write of the
+/// Customer controller. Deletions pass (the API server
 /// stamps a new resource version on the deleted object, but the final object's fields
 /// are those of its last update, so its removal is caught by the finalizer change).
 pub fn customer_changes(
@@ -63,6 +65,8 @@ pub fn customer_changes(
             &c.metadata.labels,
             &c.metadata.finalizers,
             ready,
+            status.and_then(|s| s.observed_generation),
+            status.and_then(|s| s.state.map(|st| st.as_str())),
             status.and_then(|s| s.customer_id.as_ref()),
         )
             .hash(&mut h);

@@ -108,7 +108,16 @@ async fn keys_are_checked_through_nginx_and_revocation_is_confirmed() {
     let nginx = Nginx::start(&[a.addr.port(), b.addr.port()], start_upstream().await).await;
 
     // Two registered replicas confirm the key's entry (the report watch re-checks it).
-    let (_, _, message) = wait_gateway_synced(&env, "alice-key", |_, s, _| s == "True").await;
+    // Wait for both: the first replica's report alone already makes it True (1/1).
+    let (_, _, message) = wait_gateway_synced(&env, "alice-key", |k, s, _| {
+        let message = k
+            .status
+            .iter()
+            .flat_map(|st| &st.conditions)
+            .find(|c| c.type_ == "GatewaySynced");
+        s == "True" && message.is_some_and(|c| c.message.starts_with("2/2 "))
+    })
+    .await;
     assert!(message.starts_with("2/2 "), "{message}");
 
     // The Secret's key: 200, and the upstream sees who is calling.

@@ -40,7 +40,7 @@ pub async fn converge_customer(
     // The revision of the last write to each key entry, for `GatewaySynced`.
     for (relative, revision) in &changed {
         if let desired::KeyOwner::ApiKey(hash) = desired::classify(relative) {
-            api_keys::record_config_revision(&mut *lock, &hash, *revision).await?;
+            api_keys::record_config_revision(&mut lock, &hash, *revision).await?;
         }
     }
     lock.commit().await?;

@@ -53,9 +53,16 @@ async fn check(State(checker): State<Arc<Checker>>, request: Request) -> Respons
     let started = Instant::now();
     let now = Utc::now();
     let response = match verdict(&checker, &request, now) {
-        Err(response) => response,
-        Ok(Err(denial)) => deny(&checker, &denial),
-        Ok(Ok(allowed)) => limit(&checker, &allowed, now).await,
+        None => {
+            checker.metrics.check("unavailable", "index_not_loaded");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the gateway has not loaded its configuration yet",
+            )
+        }
+        Some(Err(denial)) => deny(&checker, &denial),
+        Some(Ok(allowed)) => limit(&checker, &allowed, now).await,
     };
     checker
         .metrics
@@ -64,19 +71,14 @@ async fn check(State(checker): State<Arc<Checker>>, request: Request) -> Respons
     response
 }
 
-/// The index's decision on a request (`Err` before the index has loaded).
+/// The index's decision on a request (`None` before the index has loaded).
 fn verdict(
     checker: &Checker,
     request: &Request,
     now: chrono::DateTime<Utc>,
-) -> Result<decision::Verdict, Response> {
+) -> Option<decision::Verdict> {
     if !checker.index.loaded() {
-        checker.metrics.check("unavailable", "index_not_loaded");
-        return Err(plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the gateway has not loaded its configuration yet",
-        ));
+        return None;
     }
     let headers = request.headers();
     let key = decision::presented_key(
@@ -89,7 +91,7 @@ fn verdict(
         request.uri().path(),
         &checker.path_prefix,
     );
-    Ok(decision::decide(
+    Some(decision::decide(
         &checker.index.read(),
         key,
         path,

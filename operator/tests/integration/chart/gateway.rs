@@ -5,7 +5,6 @@
 use clap::Parser;
 
 use super::*;
-use crate::support::cli::{run, text};
 use crate::support::{required_env, suffix};
 
 #[tokio::test]
@@ -23,15 +22,7 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
         "gateway.pathPrefix=/ext-authz",
     ];
     let rendered = render("t", &release_ns, &sets).await;
-    let out = run(
-        "kubectl",
-        &["apply", "--dry-run=server", "-f", "-"],
-        Some(&rendered),
-    )
-    .await;
-    let output = text(&out);
-    assert!(out.status.success(), "{output}");
-    assert!(!output.contains("Warning"), "warnings: {output}");
+    assert_applies("gateway enabled", &rendered).await;
 
     let docs = documents(&rendered);
     let component = |d: &&serde_yaml::Value| {

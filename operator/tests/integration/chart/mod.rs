@@ -37,6 +37,22 @@ pub async fn kubectl(args: &[&str]) -> String {
     ok("kubectl", args, None).await
 }
 
+/// A server-side dry run of `rendered`: accepted, with no warning (Pod Security included).
+pub async fn assert_applies(case: &str, rendered: &str) {
+    let out = crate::support::cli::run(
+        "kubectl",
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(rendered),
+    )
+    .await;
+    let output = crate::support::cli::text(&out);
+    assert!(out.status.success(), "{case}: {output}");
+    assert!(
+        !output.contains("PodSecurity") && !output.contains("Warning"),
+        "{case}: warnings: {output}"
+    );
+}
+
 /// `helm template` of the chart with `--set` values.
 pub async fn render(release: &str, namespace: &str, sets: &[&str]) -> String {
     let chart = chart();

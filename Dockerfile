@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The m3o-operator image: a static (musl) binary on distroless, running as non-root.
+# The m3o-operator image: static (musl) binaries on distroless, running as non-root:
+# m3o-operator (the entrypoint) and m3o-gateway-auth (the chart's optional gateway).
 #
 #   docker build -t m3o-operator:0.1.0 .
 #   docker run --rm m3o-operator:0.1.0 --help
@@ -26,15 +27,16 @@ COPY controllers controllers
 COPY events events
 COPY migrations migrations
 COPY operator operator
+COPY gateway gateway
 # The caches keep the registry and the target dir across builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     set -eux; \
     target="$(uname -m)-unknown-linux-musl"; \
     export "CC_$(echo "$target" | tr - _)=musl-gcc"; \
-    cargo build --release --locked -p m3o-operator --bin m3o-operator --target "$target"; \
-    cp "target/$target/release/m3o-operator" /m3o-operator; \
-    /m3o-operator --version
+    cargo build --release --locked -p m3o-operator --bin m3o-operator -p m3o-gateway --bin m3o-gateway-auth --target "$target"; \
+    cp "target/$target/release/m3o-operator" "target/$target/release/m3o-gateway-auth" /; \
+    /m3o-operator --version; /m3o-gateway-auth --version
 
 # distroless/static: CA certificates, /etc/passwd with nonroot (65532), no shell.
 FROM gcr.io/distroless/static-debian12:nonroot
@@ -42,6 +44,7 @@ LABEL org.opencontainers.image.title="m3o-operator" \
       org.opencontainers.image.description="Kubernetes operator for the M3O platform's customer backend" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /m3o-operator /usr/local/bin/m3o-operator
+COPY --from=build /m3o-gateway-auth /usr/local/bin/m3o-gateway-auth
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/m3o-operator"]

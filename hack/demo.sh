@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo, run inside the local environment: `hack/env.sh run -- hack/demo.sh`
 # (`make demo`). Starts target/debug/m3o-operator, waits for /readyz, applies examples/,
-# waits for the Customers to be Ready and prints what the operator made.
+# waits for the Customers to be Ready and prints what the operator made. Then calls a
+# demo API through nginx, which asks m3o-gateway-auth about every request: alice's key
+# (200), mallory's (401), and alice's again once it is blocked (401).
 # M3O_DEMO_HOLD=1 keeps the operator running until Ctrl-C.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +22,17 @@ operator="${M3O_OPERATOR_BIN:-$root/target/debug/m3o-operator}"
 port="$(free_ports 1)"
 oplog="$M3O_ENV_DIR/logs/m3o-operator.log"
 op_pid=""
+gateway_pids=()
+stop_gateway() {
+  local pid
+  for pid in "${gateway_pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  gateway_pids=()
+}
 stop_operator() {
+  stop_gateway
   [[ -n "$op_pid" ]] || return 0
   kill -TERM "$op_pid" 2>/dev/null || true
   local deadline=$((SECONDS + 15))
@@ -113,6 +125,79 @@ if grep -qsE '^kind:' "$examples"/*.yaml "$examples"/*.yml; then
   summary
 else
   log "examples/ has no manifests; nothing to apply"
+fi
+
+# The gateway side: nginx in front of a demo API, asking m3o-gateway-auth (auth_request).
+call() { # call KEY: "<status> <body>" of GET /v1/helloworld/Call through nginx (a refusal: its challenge)
+  local status out="$M3O_ENV_DIR/demo-response"
+  status="$(curl -sS -o "$out.body" -D "$out.headers" -w '%{http_code}' -H "Authorization: Bearer $1" \
+    "http://127.0.0.1:$nginx_port/v1/helloworld/Call?name=demo" || true)"
+  if [[ "$status" == 200 ]]; then
+    echo "$status $(head -c 300 "$out.body")"
+  else
+    echo "$status $(grep -i '^www-authenticate:' "$out.headers" | tr -d '\r')"
+  fi
+}
+secret_key() { kubectl get secret -n m3o-demo "$1" -o jsonpath='{.data.apiKey}' | base64 -d; }
+expect() { # expect WHAT STATUS RESULT
+  echo "$1: $3"
+  [[ "$3" == "$2 "* ]] || fail "$1: expected HTTP $2"
+}
+gateway_demo() {
+  local gateway="${M3O_GATEWAY_BIN:-$root/target/debug/m3o-gateway-auth}"
+  [[ -x "$gateway" ]] || fail "$gateway not built (cargo build -p m3o-gateway)"
+  [[ -x /usr/sbin/nginx ]] || fail "nginx not installed (hack/install-deps.sh installs nginx-light)"
+  local ports auth_port gw_ops api_port ngx="$M3O_ENV_DIR/nginx"
+  mapfile -t ports < <(free_ports 4)
+  auth_port="${ports[0]}" gw_ops="${ports[1]}" api_port="${ports[2]}" nginx_port="${ports[3]}"
+  log "starting $gateway (log: $M3O_ENV_DIR/logs/m3o-gateway-auth.log)"
+  "$gateway" --listen "127.0.0.1:$auth_port" --metrics-addr "127.0.0.1:$gw_ops" \
+    --replica-id demo-1 >"$M3O_ENV_DIR/logs/m3o-gateway-auth.log" 2>&1 &
+  gateway_pids+=($!)
+  python3 - "$api_port" <<'PY' &
+import http.server, json, sys
+class DemoApi(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"message": "hello from the demo API",
+                           "customerId": self.headers.get("X-M3O-Customer-Id"),
+                           "keyId": self.headers.get("X-M3O-Key-Id")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), DemoApi).serve_forever()
+PY
+  gateway_pids+=($!)
+  mkdir -p "$ngx/tmp"
+  "$gateway" nginx-config --listen "127.0.0.1:$nginx_port" --auth "127.0.0.1:$auth_port" \
+    --upstream "127.0.0.1:$api_port" --standalone-dir "$ngx" >"$ngx/nginx.conf"
+  /usr/sbin/nginx -p "$ngx" -c "$ngx/nginx.conf" -e "$ngx/error.log" &
+  gateway_pids+=($!)
+  local deadline=$((SECONDS + 30))
+  until http_ok 127.0.0.1 "$gw_ops" /readyz && http_status 127.0.0.1 "$nginx_port" / >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || fail "gateway or nginx not up after 30s (see $M3O_ENV_DIR/logs/m3o-gateway-auth.log, $ngx/error.log)"
+    sleep 0.2
+  done
+  echo "== nginx (auth_request -> m3o-gateway-auth) on 127.0.0.1:$nginx_port in front of the demo API"
+  local alice mallory
+  alice="$(secret_key alice-all-api-key)"
+  mallory="$(secret_key mallory-key-api-key)"
+  expect "alice's key" 200 "$(call "$alice")"
+  expect "mallory's key (blocked)" 401 "$(call "$mallory")"
+  echo "== kubectl patch apikey alice-all blocked: true; wait for GatewaySynced"
+  kubectl patch apikeys.m3o.com -n m3o-demo alice-all --type merge \
+    -p '{"spec":{"blocked":true,"blockedMessage":"blocked in the demo"}}'
+  kubectl wait --for=jsonpath='{.status.state}'=blocked apikeys.m3o.com/alice-all -n m3o-demo --timeout=60s
+  kubectl wait --for=condition=GatewaySynced apikeys.m3o.com/alice-all -n m3o-demo --timeout=60s
+  kubectl get apikeys.m3o.com -n m3o-demo alice-all \
+    -o jsonpath='{range .status.conditions[?(@.type=="GatewaySynced")]}GatewaySynced={.status}: {.message}{"\n"}{end}'
+  expect "alice's key, blocked" 401 "$(call "$alice")"
+}
+if [[ -f "$examples/apikey-alice-all.yaml" ]]; then
+  gateway_demo
 fi
 
 if [[ "${M3O_DEMO_HOLD:-}" == 1 ]]; then

@@ -23,7 +23,8 @@ requirements=(
   "openssl openssl"                                          # the test PKI
   "/etc/ssl/certs/ca-certificates.crt ca-certificates"
   "setpriv util-linux"                                       # postgres refuses to run as root
-  "nginx nginx-light"                                        # the gateway's end-to-end test
+  "nginx nginx-light"                                        # the gateway's end-to-end test and the demo
+  "curl curl"                                                # the demo's calls through nginx
   "/bin/kill procps"                                         # tests signal operators (SIGSTOP, SIGTERM)
   "curl curl"                                                # hack/env.sh M3O_TLS=1: etcd auth set-up
 )

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType as K8sEventType;
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::context::Context;
@@ -39,6 +39,42 @@ pub fn watch_config(ctx: &Context) -> watcher::Config {
         Some(shard) => watcher::Config::default().labels(shard.as_str()),
         None => watcher::Config::default(),
     }
+}
+
+/// Changes of Customers that matter to their dependents (Subscriptions, ApiKeys): the
+/// spec, the generation its record was last written for (a dependent reads the record,
+/// so it must look again once a change reached it), readiness, state, the record id,
+/// labels and finalizers, and the object itself (uid) - not every status write of the
+/// Customer controller. Deletions pass (the API server
+/// stamps a new resource version on the deleted object, but the final object's fields
+/// are those of its last update, so its removal is caught by the finalizer change).
+pub fn customer_changes(
+    api: Api<m3o_crds::Customer>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<m3o_crds::Customer, watcher::Error>> + Send + 'static {
+    fn meaningful(c: &m3o_crds::Customer) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let status = c.status.as_ref();
+        let ready = status
+            .and_then(|s| status::ready(&s.conditions))
+            .map(|r| r.status.clone());
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &c.metadata.uid,
+            c.metadata.generation,
+            &c.metadata.labels,
+            &c.metadata.finalizers,
+            ready,
+            status.and_then(|s| s.observed_generation),
+            status.and_then(|s| s.state.map(|st| st.as_str())),
+            status.and_then(|s| s.customer_id.as_ref()),
+        )
+            .hash(&mut h);
+        Some(h.finish())
+    }
+    watcher(api, config)
+        .touched_objects()
+        .predicate_filter(meaningful, Default::default())
 }
 
 /// The backoff key of an object: kinds share names, not failure counts.
@@ -92,8 +128,18 @@ pub async fn run_with<K, F, Fut>(
             watching.mark(kind);
         }
     });
-    let controller =
-        Controller::for_stream(reflector(writer, events).applied_objects(), cache.clone());
+    // The operator's own status writes (and anything else that leaves the spec, the
+    // finalizers and the labels alone) trigger nothing: generation also moves when a
+    // deletion starts, finalizers when one is added, labels when an object changes shard.
+    let changes = reflector(writer, events)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::labels),
+            Default::default(),
+        );
+    let controller = Controller::for_stream(changes, cache.clone());
     ctx.metrics.init_kind(kind);
     ctx.metrics.track_resources(kind, move || {
         let objects = cache.state();

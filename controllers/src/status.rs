@@ -21,6 +21,8 @@ pub mod types {
     pub const DATABASE_SYNCED: &str = "DatabaseSynced";
     /// The etcd platform config matches the record.
     pub const CONFIG_SYNCED: &str = "ConfigSynced";
+    /// ApiKey: every live gateway replica has applied the key's latest entry write.
+    pub const GATEWAY_SYNCED: &str = "GatewaySynced";
 }
 
 /// Condition reasons (CamelCase, specific).
@@ -55,7 +57,8 @@ pub mod reasons {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cond {
     pub type_: &'static str,
-    pub ok: bool,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
     pub reason: &'static str,
     pub message: String,
 }
@@ -69,7 +72,17 @@ impl Cond {
     ) -> Self {
         Self {
             type_,
-            ok,
+            status: if ok { "True" } else { "False" },
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// A condition that cannot be decided yet (status `Unknown`).
+    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status: "Unknown",
             reason,
             message: message.into(),
         }
@@ -82,7 +95,7 @@ pub fn merge(existing: &[Condition], updates: &[Cond], generation: Option<i64>) 
     let now = Time(Timestamp::now());
     let mut out: Vec<Condition> = existing.to_vec();
     for update in updates {
-        let status = if update.ok { "True" } else { "False" };
+        let status = update.status;
         let previous = out.iter().position(|c| c.type_ == update.type_);
         let last_transition_time = previous
             .map(|i| &out[i])

@@ -62,3 +62,23 @@ app.kubernetes.io/component: operator
 {{- define "m3o-operator.leaseName" -}}
 {{- .Values.leaderElection.leaseName }}
 {{- end }}
+
+{{/* Labels selecting the gateway's pods (m3o-gateway-auth). */}}
+{{- define "m3o-operator.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "m3o-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* Labels of the gateway's objects. */}}
+{{- define "m3o-operator.gatewayLabels" -}}
+helm.sh/chart: {{ include "m3o-operator.chart" . }}
+{{ include "m3o-operator.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: m3o
+{{- end }}
+
+{{- define "m3o-operator.gatewayName" -}}
+{{- printf "%s-gateway" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}

@@ -2,6 +2,7 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod gateway_sync;
 pub mod plan;
 pub mod reconcile;
 pub mod secret;
@@ -56,19 +57,25 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let customers: Api<Customer> = runner::scoped_api(&ctx);
     let managed = format!("{}={}", secret::MANAGED_BY.0, secret::MANAGED_BY.1);
     let watch_config = runner::watch_config(&ctx);
+    let sync_ctx = ctx.clone();
     runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, move |controller| {
         let keys = controller.store();
+        let report_changes = gateway_sync::report_changes(sync_ctx, keys.clone());
         controller
+            .reconcile_on(report_changes)
             .owns(secrets, watcher::Config::default().labels(&managed))
-            .watches(customers, watch_config, move |customer: Customer| {
-                let ns = customer.namespace();
-                let name = customer.name_any();
-                keys.state()
-                    .into_iter()
-                    .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
-                    .map(|k| ObjectRef::from_obj(k.as_ref()))
-                    .collect::<Vec<_>>()
-            })
+            .watches_stream(
+                runner::customer_changes(customers, watch_config),
+                move |customer: Customer| {
+                    let ns = customer.namespace();
+                    let name = customer.name_any();
+                    keys.state()
+                        .into_iter()
+                        .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
+                        .map(|k| ObjectRef::from_obj(k.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            )
     })
     .await;
 }

@@ -13,6 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyState, Customer};
 use m3o_events::outbox::{self, OutboxMessage};
 
+use super::gateway_sync;
 use super::plan::{self, KeyPlan, Observed};
 use super::secret::{self, IssuedKey, SecretState};
 use crate::context::Context;
@@ -82,11 +83,14 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
             issued.key_id
         ))
     })?;
-    let status = plan::synced_status(&key, current, &secret::secret_name(&key));
+    let mut status = plan::synced_status(&key, current, &secret::secret_name(&key));
+    let gateway = gateway_sync::condition(ctx, &key, Some(&current.key_hash)).await?;
+    let wake_at = gateway_sync::wake_at(gateway.as_ref(), key_plan.wake_at);
+    gateway_sync::set(&mut status, gateway, key.metadata.generation);
     let was = key.status.as_ref().and_then(|s| s.state);
     status::apply(&api, &key, &status).await?;
     announce(ctx, &key, was, status.state, current).await;
-    Ok(requeue_at(ctx, key_plan.wake_at))
+    Ok(requeue_at(ctx, wake_at))
 }
 
 /// The key in the Secret for the current rotation generation, issuing one if there is
@@ -208,15 +212,11 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
         "Customer {} was deleted; its keys are revoked",
         key.spec.customer_ref.name
     );
-    wait_with_state(
-        api,
-        key,
-        ctx,
-        reasons::CUSTOMER_NOT_FOUND,
-        message,
-        Some(ApiKeyState::Revoked),
-    )
-    .await
+    let reason = reasons::CUSTOMER_NOT_FOUND;
+    let mut status = plan::waiting_status(key, reason, message.clone(), Some(ApiKeyState::Revoked));
+    let gateway = gateway_sync::condition(ctx, key, None).await?;
+    gateway_sync::set(&mut status, gateway, key.metadata.generation);
+    lifecycle::report_blocked(ctx, api, key, &status, reason, message).await
 }
 
 /// Revokes every unrevoked key of the resource (events included) and removes their entries.
@@ -243,18 +243,7 @@ async fn wait(
     reason: &'static str,
     message: String,
 ) -> Result<Action, Error> {
-    wait_with_state(api, key, ctx, reason, message, None).await
-}
-
-async fn wait_with_state(
-    api: &Api<ApiKey>,
-    key: &ApiKey,
-    ctx: &Context,
-    reason: &'static str,
-    message: String,
-    state: Option<ApiKeyState>,
-) -> Result<Action, Error> {
-    let status = plan::waiting_status(key, reason, message.clone(), state);
+    let status = plan::waiting_status(key, reason, message.clone(), None);
     lifecycle::report_blocked(ctx, api, key, &status, reason, message).await
 }
 

@@ -65,6 +65,15 @@ pub enum KeyOwner {
     Unowned,
 }
 
+/// Where gateway replicas report their applied revision (`gateways/<replica>`, under
+/// their own leases): written by the gateways, read by the operator, never pruned.
+pub const GATEWAYS_DIR: &str = "gateways/";
+
+/// True for a gateway replica's report: not the operator's to restore or remove.
+pub fn is_gateway_report(relative: &str) -> bool {
+    relative.starts_with(GATEWAYS_DIR)
+}
+
 /// Classifies a key relative to the prefix. Only the canonical form of an id (lowercase,
 /// hyphenated: what the operator writes) is owned; any other spelling of the same id
 /// (upper case, braces, no hyphens) is a key nothing owns, and is pruned.
@@ -211,5 +220,6 @@ mod tests {
             classify(&format!("quotas/{}", id.simple())),
             KeyOwner::Unowned
         );
+        assert!(is_gateway_report("gateways/replica-1") && !is_gateway_report("customers/x"));
     }
 }

@@ -51,6 +51,7 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     let actual: BTreeMap<String, Vec<u8>> = actual
         .into_iter()
         .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
+        .filter(|(relative, _)| !desired::is_gateway_report(relative))
         .collect();
     let differs = |relative: &String| match (actual.get(relative), wanted.get(relative)) {
         (Some(v), Some(entry)) => !same_value(v, &entry.value),
@@ -112,6 +113,9 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
             else {
                 continue;
             };
+            if desired::is_gateway_report(&relative) {
+                continue;
+            }
             let current = (event.event_type() == EventType::Put).then(|| kv.value().to_vec());
             correct(ctx, &relative, current.as_deref()).await?;
         }
@@ -179,7 +183,7 @@ async fn prune(ctx: &Context, relative: &str) -> Result<(), Error> {
     let fenced = ctx.begin_write().await?;
     let removed = ctx.platform.remove(&key).await?;
     fenced.commit().await?;
-    if removed {
+    if removed.is_some() {
         ctx.metrics.drift_corrected("unowned");
         tracing::info!(%key, "removed etcd key that no resource owns");
     }

@@ -6,6 +6,7 @@
 
 pub mod desired;
 pub mod drift;
+pub mod gateways;
 pub mod sync;
 
 use std::collections::{HashSet, VecDeque};
@@ -140,9 +141,10 @@ impl PlatformConfig {
         format!("{}/{}", self.prefix, relative)
     }
 
-    /// Writes `value` at `key` unless it already holds exactly that; true when written.
-    /// One compare-and-put transaction, so a repeat costs no write.
-    pub async fn ensure(&self, key: &str, value: &serde_json::Value) -> Result<bool, Error> {
+    /// Writes `value` at `key` unless it already holds exactly that; the revision of the
+    /// write, `None` when nothing was written. One compare-and-put transaction, so a
+    /// repeat costs no write; fenced like every write.
+    pub async fn ensure(&self, key: &str, value: &serde_json::Value) -> Result<Option<i64>, Error> {
         let bytes = serde_json::to_vec(value).unwrap_or_default();
         let put_if_different = Txn::new()
             .when([Compare::value(key, CompareOp::Equal, bytes.clone())])
@@ -154,34 +156,37 @@ impl PlatformConfig {
             ));
         };
         if inner.succeeded() {
-            return Ok(false);
+            return Ok(None);
         }
         self.remember(revision);
-        Ok(true)
+        Ok(Some(revision.unwrap_or_default()))
     }
 
-    /// Deletes `key`; true when something was deleted.
-    pub async fn remove(&self, key: &str) -> Result<bool, Error> {
+    /// Deletes `key`; the revision of the deletion, `None` when there was nothing to
+    /// delete. Fenced like every write.
+    pub async fn remove(&self, key: &str) -> Result<Option<i64>, Error> {
         let (resp, revision) = self.fenced(TxnOp::delete(key, None)).await?;
-        let deleted = matches!(resp, TxnOpResponse::Delete(d) if d.deleted() > 0);
-        if deleted {
-            self.remember(revision);
+        if !matches!(resp, TxnOpResponse::Delete(d) if d.deleted() > 0) {
+            return Ok(None);
         }
-        Ok(deleted)
+        self.remember(revision);
+        Ok(Some(revision.unwrap_or_default()))
     }
 
-    /// Makes each relative key hold its desired entry, or removes it; true if anything changed.
+    /// Makes each relative key hold its desired entry, or removes it. Returns the keys
+    /// that changed (relative) with the revision of their write.
     pub async fn converge(
         &self,
         entries: &[(String, Option<desired::DesiredEntry>)],
-    ) -> Result<bool, Error> {
-        let mut changed = false;
+    ) -> Result<Vec<(String, i64)>, Error> {
+        let mut changed = Vec::new();
         for (relative, entry) in entries {
             let key = self.key(relative);
-            changed |= match entry {
+            let written = match entry {
                 Some(entry) => self.ensure(&key, &entry.value).await?,
                 None => self.remove(&key).await?,
             };
+            changed.extend(written.map(|revision| (relative.clone(), revision)));
         }
         Ok(changed)
     }

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::desired;
 use crate::context::Context;
 use crate::error::Error;
+use crate::store::api_keys;
 
 /// Advisory lock class of etcd convergence ("m3oc").
 const LOCK_CLASS: i32 = 0x6d33_6f63;
@@ -36,8 +37,14 @@ pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool,
     // Tests hang the process here: fenced transaction open, etcd write pending.
     crate::failpoint::stop_once("stop-before-etcd-write");
     let changed = ctx.platform.converge(&entries).await?;
+    // The revision of the last write to each key entry, for `GatewaySynced`.
+    for (relative, revision) in &changed {
+        if let desired::KeyOwner::ApiKey(hash) = desired::classify(relative) {
+            api_keys::record_config_revision(&mut lock, &hash, *revision).await?;
+        }
+    }
     lock.commit().await?;
-    Ok(changed)
+    Ok(!changed.is_empty())
 }
 
 #[cfg(test)]

@@ -206,3 +206,32 @@ pub async fn next_clock_change(db: &PgPool) -> Result<Option<DateTime<Utc>>, sql
         .fetch_optional(db)
         .await
 }
+
+/// Records the etcd revision of the last write to a key's gateway entry (for `GatewaySynced`).
+pub async fn record_config_revision(
+    tx: &mut PgConnection,
+    hash: &str,
+    revision: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE api_keys SET config_revision = $2 WHERE key_hash = $1")
+        .bind(hash)
+        .bind(revision)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// The latest recorded entry write of any key (rotated-out ones included) of a resource.
+pub async fn max_config_revision_for_resource(
+    db: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT max(config_revision) FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2",
+    )
+    .bind(namespace)
+    .bind(name)
+    .fetch_one(db)
+    .await
+}

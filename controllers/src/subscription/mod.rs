@@ -77,10 +77,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         let store = controller.store();
         let by_customer = store.clone();
         controller
-            .watches(customers, watch_config.clone(), move |c: Customer| {
-                let namespace = c.namespace().unwrap_or_default();
-                referencing(&by_customer, &namespace, &c.name_any(), None)
-            })
+            .watches_stream(
+                runner::customer_changes(customers, watch_config.clone()),
+                move |c: Customer| {
+                    let namespace = c.namespace().unwrap_or_default();
+                    referencing(&by_customer, &namespace, &c.name_any(), None)
+                },
+            )
             .watches(subscriptions, watch_config, move |s: Subscription| {
                 let namespace = s.namespace().unwrap_or_default();
                 let name = s.name_any();

@@ -7,6 +7,7 @@ mod customer;
 mod customer_faults;
 mod examples;
 mod fencing;
+mod gateway;
 mod hardening;
 mod manifests;
 mod outbox;

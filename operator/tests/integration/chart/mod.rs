@@ -7,6 +7,7 @@
 //! The chart's Deployment never runs here (the test control plane has no kubelet); the
 //! operator binary is run by the test instead, with the ServiceAccount's identity.
 
+mod gateway;
 mod install;
 mod rbac;
 mod render;
@@ -34,6 +35,22 @@ pub async fn helm(args: &[&str]) -> String {
 
 pub async fn kubectl(args: &[&str]) -> String {
     ok("kubectl", args, None).await
+}
+
+/// A server-side dry run of `rendered`: accepted, with no warning (Pod Security included).
+pub async fn assert_applies(case: &str, rendered: &str) {
+    let out = crate::support::cli::run(
+        "kubectl",
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(rendered),
+    )
+    .await;
+    let output = crate::support::cli::text(&out);
+    assert!(out.status.success(), "{case}: {output}");
+    assert!(
+        !output.contains("PodSecurity") && !output.contains("Warning"),
+        "{case}: warnings: {output}"
+    );
 }
 
 /// `helm template` of the chart with `--set` values.

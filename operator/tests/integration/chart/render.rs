@@ -139,18 +139,7 @@ async fn rendered_chart_applies_server_side_under_restricted_pod_security() {
     ];
     for (case, sets) in cases {
         let rendered = render(&format!("dry-{id}"), &release_ns, &sets).await;
-        let out = run(
-            "kubectl",
-            &["apply", "--dry-run=server", "-f", "-"],
-            Some(&rendered),
-        )
-        .await;
-        let output = text(&out);
-        assert!(out.status.success(), "{case}: {output}");
-        assert!(
-            !output.contains("PodSecurity") && !output.contains("Warning"),
-            "{case}: warnings: {output}"
-        );
+        assert_applies(case, &rendered).await;
         let docs = documents(&rendered);
         let kinds: Vec<(String, String)> = docs.iter().map(kind_name).collect();
         let has = |kind: &str| kinds.iter().any(|(k, _)| k == kind);

@@ -6,12 +6,16 @@
 
 pub mod batch;
 pub mod cli;
+pub mod gateway;
+pub mod nginx;
 pub mod operator;
+pub mod private_etcd;
 pub mod private_redis;
 pub mod proxy;
 pub mod tls_backends;
 
 pub use operator::{Backends, Operator, exit_log, http_get};
+pub use private_etcd::PrivateEtcd;
 pub use private_redis::PrivateRedis;
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,174 @@
+//! m3o-gateway-auth: the gateway side of the M3O platform config (DESIGN.md section 10).
+//! Forward-auth checks answered from an in-memory index of the operator's etcd prefix,
+//! quotas and usage shared by all replicas through Redis, and each replica's applied
+//! revision reported back for the operator's `GatewaySynced` condition.
+
+pub mod decision;
+pub mod entries;
+pub mod follow;
+pub mod http;
+pub mod index;
+pub mod limits;
+pub mod metrics;
+pub mod nginx;
+pub mod report;
+pub mod settings;
+pub mod usage;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::follow::IndexState;
+use crate::http::Checker;
+use crate::limits::Limiter;
+use crate::metrics::Metrics;
+use crate::settings::RunArgs;
+
+/// A start-up failure: one line naming the flag to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {message}")]
+pub struct StartError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn start_error(flag: &'static str, message: impl ToString) -> StartError {
+    StartError {
+        flag,
+        message: message.to_string(),
+    }
+}
+
+/// A running gateway: its bound addresses and tasks.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub index: Arc<IndexState>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Gateway {
+    /// Stops serving and withdraws this replica's report.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when any task ends (a server failed) or `stop` was called elsewhere.
+    pub async fn wait(&mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+/// Validates the configuration, binds both addresses and starts following etcd. Returns
+/// at once: checks answer 503 until the first list has loaded. etcd and Redis may be
+/// down at start (the index loads when etcd answers; limits follow the fail mode).
+pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
+    if args.etcd_endpoints.is_empty() {
+        return Err(start_error(
+            "--etcd-endpoints",
+            "required (or ETCD_ENDPOINTS)",
+        ));
+    }
+    let limiter = if args.no_limits {
+        None
+    } else {
+        let redis_url = args.redis.redis_url.as_deref().ok_or_else(|| {
+            start_error(
+                "--redis-url",
+                "required (or REDIS_URL; --no-limits to run without)",
+            )
+        })?;
+        let redis = redis::Client::open(redis_url).map_err(|e| start_error("--redis-url", e))?;
+        let limiter = Limiter::new(redis, &args.redis.redis_prefix, args.redis_timeout)
+            .map_err(|e| start_error("--redis-url", e))?;
+        Some(limiter)
+    };
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(3))
+        .with_keep_alive(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(2),
+        );
+    let etcd = etcd_client::Client::connect(&args.etcd_endpoints, Some(options))
+        .await
+        .map_err(|e| start_error("--etcd-endpoints", e))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| start_error("--listen", format!("cannot bind {}: {e}", args.listen)))?;
+    let ops = TcpListener::bind(args.metrics_addr).await.map_err(|e| {
+        start_error(
+            "--metrics-addr",
+            format!("cannot bind {}: {e}", args.metrics_addr),
+        )
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| start_error("--listen", e))?;
+    let metrics_addr = ops
+        .local_addr()
+        .map_err(|e| start_error("--metrics-addr", e))?;
+
+    let prefix = args.etcd_prefix.trim_end_matches('/').to_owned();
+    let replica = args
+        .replica_id
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let index = Arc::new(IndexState::default());
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(follow::run(
+        etcd.clone(),
+        prefix.clone(),
+        index.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(report::run(
+        etcd,
+        report::report_key(&prefix, &replica),
+        index.clone(),
+        shutdown.clone(),
+    ));
+    let checker = Arc::new(Checker {
+        index: index.clone(),
+        limiter,
+        metrics: metrics.clone(),
+        path_prefix: args.path_prefix.clone(),
+        fail_open: args.rate_limit_fail_open,
+    });
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, http::check_router(checker))
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "forward-auth server failed");
+        }
+    });
+    let stop = shutdown.clone();
+    let ops_app = http::ops_router(index.clone(), metrics);
+    tasks.spawn(async move {
+        let served = axum::serve(ops, ops_app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "metrics server failed");
+        }
+    });
+    tracing::info!(%addr, %metrics_addr, replica, prefix, "m3o-gateway-auth listening");
+    Ok(Gateway {
+        addr,
+        metrics_addr,
+        index,
+        shutdown,
+        tasks,
+    })
+}

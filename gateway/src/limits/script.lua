@@ -1,0 +1,48 @@
+-- One atomic check-and-count per request, shared by every gateway replica.
+-- KEYS[1] rate (GCRA theoretical arrival time, microseconds), KEYS[2] this month's
+-- count, KEYS[3] today's usage hash.
+-- ARGV[1] requests per second (-1: none), ARGV[2] monthly requests (-1: none),
+-- ARGV[3] TTL of the month key (s), ARGV[4] usage field, ARGV[5] TTL of usage (s).
+-- Returns {allowed, exceeded ("rate"|"monthly"|""), retry_after_us, rate_remaining,
+--          month_used, rate_reset_us}.
+local rps = tonumber(ARGV[1])
+local monthly = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local used = 0
+if monthly >= 0 then
+  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used >= monthly then
+    return {0, 'monthly', 0, 0, used, 0}
+  end
+end
+
+local remaining = -1
+local reset = 0
+if rps == 0 then
+  return {0, 'rate', 1000000, 0, used, 1000000}
+elseif rps > 0 then
+  -- GCRA with a burst of one second's worth of requests.
+  local interval = 1000000 / rps
+  local tolerance = 1000000
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - tolerance
+  if now < allow_at then
+    return {0, 'rate', math.ceil(allow_at - now), 0, used, math.ceil(tat - now)}
+  end
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+  remaining = math.floor((tolerance - (new_tat - now)) / interval)
+  reset = math.ceil(new_tat - now)
+end
+
+if monthly >= 0 then
+  used = redis.call('INCR', KEYS[2])
+  if used == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+end
+if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
+return {1, '', 0, remaining, used, reset}

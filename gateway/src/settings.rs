@@ -1,0 +1,155 @@
+//! Command line of `m3o-gateway-auth` (DESIGN.md section 10), with the same
+//! environment fallbacks as the operator's.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "m3o-gateway-auth",
+    version,
+    about = "Forward-auth for the M3O API gateway (Envoy ext_authz HTTP, nginx auth_request, Traefik ForwardAuth)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve forward-auth checks (the default).
+    Run(RunArgs),
+    /// Print a customer's metered requests per day, key and API.
+    Usage(UsageArgs),
+    /// Print an nginx configuration that asks these replicas about every request.
+    NginxConfig(NginxArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NginxArgs {
+    /// Where nginx listens (host:port).
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    pub listen: String,
+    /// A gateway replica's forward-auth address (host:port); repeat for each replica.
+    #[arg(long = "auth", required = true)]
+    pub auth: Vec<String>,
+    /// The API behind nginx (host:port).
+    #[arg(long)]
+    pub upstream: String,
+    /// Print a whole nginx.conf (pid, logs, temp files under this directory) rather
+    /// than the body of an `http {}` block.
+    #[arg(long)]
+    pub standalone_dir: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis URL of the limits and usage counters, e.g. redis://host:6379.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of the gateway's Redis keys.
+    #[arg(long, env = "M3O_GATEWAY_REDIS_PREFIX", default_value = "m3o:gateway:")]
+    pub redis_prefix: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// etcd endpoints of the platform config, comma separated.
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Prefix of the platform config in etcd.
+    #[arg(long, env = "M3O_ETCD_PREFIX", default_value = "/m3o")]
+    pub etcd_prefix: String,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Address of the forward-auth service (every path is a check).
+    #[arg(long, env = "M3O_GATEWAY_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+
+    /// Address serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Stripped from a check's own path to get the original path (Envoy ext_authz HTTP
+    /// mode's path_prefix), when neither X-Original-URI nor X-Forwarded-Uri is sent.
+    #[arg(long, env = "M3O_GATEWAY_PATH_PREFIX", default_value = "")]
+    pub path_prefix: String,
+
+    /// When Redis does not answer: let requests through (true) or refuse them with 503 (false).
+    #[arg(long, env = "M3O_GATEWAY_RATE_LIMIT_FAIL_OPEN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub rate_limit_fail_open: bool,
+
+    /// Authenticate only: no quotas and no usage metering (Redis is not used).
+    #[arg(long, env = "M3O_GATEWAY_NO_LIMITS")]
+    pub no_limits: bool,
+
+    /// How long a check waits for Redis before the fail mode decides.
+    #[arg(long, env = "M3O_GATEWAY_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// This replica's name under <prefix>/gateways/ (default: $HOSTNAME, else random).
+    #[arg(long, env = "M3O_GATEWAY_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "M3O_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UsageArgs {
+    /// Customer id (status.customerId of the Customer).
+    #[arg(long)]
+    pub customer: String,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// `250ms`, `2s`, `1m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let cli = Cli::parse_from(["m3o-gateway-auth", "--etcd-endpoints", "a,b"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.etcd_endpoints, ["a", "b"]);
+        assert!(cli.run.rate_limit_fail_open);
+        assert_eq!(cli.run.redis_timeout, Duration::from_millis(250));
+        let cli = Cli::parse_from(["m3o-gateway-auth", "--rate-limit-fail-open=false"]);
+        assert!(!cli.run.rate_limit_fail_open);
+        let cli = Cli::parse_from(["m3o-gateway-auth", "usage", "--customer", "c"]);
+        assert!(matches!(cli.command, Some(Command::Usage(u)) if u.customer == "c"));
+        assert!(parse_duration("5x").is_err());
+    }
+}

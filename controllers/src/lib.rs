@@ -8,13 +8,11 @@
 //! - `apikey/`: the ApiKey kind (`secret.rs` issues keys, `config.rs` is the gateway entry).
 //! - `store/`: Postgres (system of record) and migrations.
 //! - `platform/`: etcd platform config and drift correction.
-//! - `connect/`: the etcd and Redis client flags (TLS, credentials), shared with the gateway.
 //! - `status.rs`, `finalizer.rs`, `backoff.rs`, `metrics.rs`: mechanics every kind shares.
 
 pub mod apikey;
 pub mod backoff;
 pub mod blocker;
-pub mod connect;
 pub mod context;
 pub mod customer;
 pub mod duration;

@@ -69,22 +69,24 @@ impl Gateway {
 /// at once: checks answer 503 until the first list has loaded. etcd and Redis may be
 /// down at start (the index loads when etcd answers; limits follow the fail mode).
 pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
-    if args.etcd_endpoints.is_empty() {
-        return Err(start_error(
-            "--etcd-endpoints",
-            "required (or ETCD_ENDPOINTS)",
-        ));
-    }
+    let setting = |e: m3o_connect::SettingError| start_error(e.flag, e.message);
+    let endpoints = args.etcd.endpoints().map_err(setting)?;
+    let prefix = args
+        .etcd
+        .prefix()
+        .map_err(setting)?
+        .trim_end_matches('/')
+        .to_owned();
     let limiter = if args.no_limits {
         None
     } else {
-        let redis_url = args.redis.redis_url.as_deref().ok_or_else(|| {
-            start_error(
+        if args.redis.connection.url().is_err() {
+            return Err(start_error(
                 "--redis-url",
                 "required (or REDIS_URL; --no-limits to run without)",
-            )
-        })?;
-        let redis = redis::Client::open(redis_url).map_err(|e| start_error("--redis-url", e))?;
+            ));
+        }
+        let redis = args.redis.connection.client().map_err(setting)?;
         let limiter = Limiter::new(redis, &args.redis.redis_prefix, args.redis_timeout)
             .map_err(|e| start_error("--redis-url", e))?;
         Some(limiter)
@@ -95,7 +97,8 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             std::time::Duration::from_secs(2),
             std::time::Duration::from_secs(2),
         );
-    let etcd = etcd_client::Client::connect(&args.etcd_endpoints, Some(options))
+    let options = args.etcd.connect_options(options).map_err(setting)?;
+    let etcd = etcd_client::Client::connect(&endpoints, Some(options))
         .await
         .map_err(|e| start_error("--etcd-endpoints", e))?;
     let listener = TcpListener::bind(args.listen)
@@ -114,7 +117,6 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         .local_addr()
         .map_err(|e| start_error("--metrics-addr", e))?;
 
-    let prefix = args.etcd_prefix.trim_end_matches('/').to_owned();
     let replica = args
         .replica_id
         .clone()

@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Usage(args)) => usage(args).await,
-        Some(Command::Run(args)) => run(args).await,
+        Some(Command::Run(args)) => run(*args).await,
         Some(Command::NginxConfig(args)) => {
             let site = m3o_gateway::nginx::site(&args.listen, &args.auth, &args.upstream);
             match args.standalone_dir {
@@ -61,11 +61,10 @@ async fn run(args: m3o_gateway::settings::RunArgs) -> Result<(), String> {
 
 async fn usage(args: UsageArgs) -> Result<(), String> {
     let RedisArgs {
-        redis_url,
+        connection,
         redis_prefix,
     } = args.redis;
-    let url = redis_url.ok_or("--redis-url: required (or REDIS_URL)")?;
-    let client = redis::Client::open(url.as_str()).map_err(|e| format!("--redis-url: {e}"))?;
+    let client = connection.client().map_err(|e| e.to_string())?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve forward-auth checks (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a customer's metered requests per day, key and API.
     Usage(UsageArgs),
     /// Print an nginx configuration that asks these replicas about every request.
@@ -49,9 +49,10 @@ pub struct NginxArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
-    /// Redis URL of the limits and usage counters, e.g. redis://host:6379.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    /// Redis of the limits and usage counters: URL (rediss:// for TLS, ACL user in it),
+    /// TLS files; the same flags as the operator's.
+    #[command(flatten)]
+    pub connection: m3o_connect::redis::RedisArgs,
 
     /// Prefix of the gateway's Redis keys.
     #[arg(long, env = "M3O_GATEWAY_REDIS_PREFIX", default_value = "m3o:gateway:")]
@@ -60,13 +61,10 @@ pub struct RedisArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// etcd endpoints of the platform config, comma separated.
-    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
-
-    /// Prefix of the platform config in etcd.
-    #[arg(long, env = "M3O_ETCD_PREFIX", default_value = "/m3o")]
-    pub etcd_prefix: String,
+    /// etcd of the platform config: endpoints, prefix, TLS files, user; the same flags
+    /// as the operator's.
+    #[command(flatten)]
+    pub etcd: m3o_connect::etcd::EtcdArgs,
 
     #[command(flatten)]
     pub redis: RedisArgs,
@@ -143,7 +141,7 @@ mod tests {
     fn flags_parse_with_defaults() {
         let cli = Cli::parse_from(["m3o-gateway-auth", "--etcd-endpoints", "a,b"]);
         assert!(cli.command.is_none());
-        assert_eq!(cli.run.etcd_endpoints, ["a", "b"]);
+        assert_eq!(cli.run.etcd.etcd_endpoints, ["a", "b"]);
         assert!(cli.run.rate_limit_fail_open);
         assert_eq!(cli.run.redis_timeout, Duration::from_millis(250));
         let cli = Cli::parse_from(["m3o-gateway-auth", "--rate-limit-fail-open=false"]);

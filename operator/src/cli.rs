@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use m3o_controllers::connect::etcd::EtcdArgs;
-use m3o_controllers::connect::redis::RedisArgs;
+use m3o_connect::etcd::EtcdArgs;
+use m3o_connect::redis::RedisArgs;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -9,9 +9,9 @@ use std::time::Duration;
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, Resource};
-use m3o_controllers::connect::SettingError;
-use m3o_controllers::connect::etcd::EtcdArgs;
-use m3o_controllers::connect::redis::RedisArgs;
+use m3o_connect::SettingError;
+use m3o_connect::etcd::EtcdArgs;
+use m3o_connect::redis::RedisArgs;
 use m3o_controllers::platform::PlatformConfig;
 use m3o_crds::{ApiKey, Customer, Subscription};
 use sqlx::PgPool;
@@ -126,7 +126,9 @@ pub async fn redis(args: &RedisArgs) -> Result<redis::Client, StartupError> {
 pub async fn etcd(args: &EtcdArgs) -> Result<PlatformConfig, StartupError> {
     let endpoints = args.endpoints().map_err(setting)?;
     let prefix = args.prefix().map_err(setting)?;
-    let options = args.connect_options().map_err(setting)?;
+    let options = args
+        .connect_options(PlatformConfig::connect_timeouts())
+        .map_err(setting)?;
     bounded(
         "--etcd-endpoints",
         &endpoints.join(","),

@@ -12,6 +12,7 @@ pub mod sync;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
@@ -55,7 +56,15 @@ fn epoch_value(epoch: i64) -> String {
 }
 
 impl PlatformConfig {
-    /// Connects to etcd with `options` (see [`crate::connect::etcd::EtcdArgs`]);
+    /// The operator's etcd timeouts and keepalives (TLS and the user come on top).
+    pub fn connect_timeouts() -> ConnectOptions {
+        ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+    }
+
+    /// Connects to etcd with `options` (see `m3o_connect::etcd::EtcdArgs`);
     /// `prefix` is normalised to have no trailing slash.
     pub async fn connect(
         endpoints: &[String],

@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use etcd_client::Permission;
-use m3o_controllers::connect::etcd::EtcdArgs;
-use m3o_controllers::connect::redis::RedisArgs;
+use m3o_connect::etcd::EtcdArgs;
+use m3o_connect::redis::RedisArgs;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
@@ -425,7 +425,9 @@ impl Drop for Servers {
 }
 
 async fn connect_etcd(args: &EtcdArgs) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = args.connect_options().expect("etcd options");
+    let options = args
+        .connect_options(etcd_client::ConnectOptions::new())
+        .expect("etcd options");
     etcd_client::Client::connect(args.endpoints().expect("endpoints"), Some(options)).await
 }
 

@@ -9,6 +9,7 @@ use super::{SettingError, client_pair, first_given, read_file};
 
 /// The flags of a Redis client.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[group(skip)] // flattened into structs of any name (the gateway has its own RedisArgs)
 pub struct RedisArgs {
     /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]

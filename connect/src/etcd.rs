@@ -1,7 +1,6 @@
 //! etcd: endpoints, prefix, TLS and user credentials (etcdctl's names for the files).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
@@ -11,6 +10,7 @@ use super::{SettingError, client_pair, first_given, read_file};
 /// start with `M3O_`: etcd itself reads `ETCD_CERT_FILE` and the like as its own
 /// server flags.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[group(skip)] // flattened into structs of any name (the gateway has its own RedisArgs)
 pub struct EtcdArgs {
     /// etcd endpoints of the platform config, comma separated (https:// for TLS).
     #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
@@ -83,14 +83,13 @@ impl EtcdArgs {
         Ok(prefix)
     }
 
-    /// Connection options: timeouts and keepalives, TLS when the endpoints are
-    /// https://, and the user when one is given. Reads the files named by the flags.
-    pub fn connect_options(&self) -> Result<ConnectOptions, SettingError> {
+    /// `options` (the caller's timeouts and keepalives) with TLS when the endpoints
+    /// are https://, and the user when one is given. Reads the files named by the flags.
+    pub fn connect_options(
+        &self,
+        mut options: ConnectOptions,
+    ) -> Result<ConnectOptions, SettingError> {
         let tls = self.endpoints()?.iter().any(|e| e.starts_with("https://"));
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         let client = client_pair(
             self.etcd_cert_file.as_deref(),
             self.etcd_key_file.as_deref(),
@@ -170,7 +169,7 @@ mod tests {
     }
 
     fn flag_of(args: &EtcdArgs) -> &'static str {
-        args.connect_options()
+        args.connect_options(ConnectOptions::new())
             .map(|_| "")
             .unwrap_or_else(|e| e.flag)
     }

@@ -1,6 +1,7 @@
-//! How a process reaches the platform's etcd and Redis: the flags (TLS files,
-//! credentials), checked and turned into clients. Shared by every binary that talks to
-//! them (the operator, the gateway), so they take the same flags with the same meaning.
+//! How an m3o process reaches the platform's etcd and Redis: the flags (TLS files,
+//! credentials), checked and turned into client settings. Every binary that talks to
+//! them (the operator, the gateway) flattens these into its command line, so they take
+//! the same flags with the same meaning.
 //! PostgreSQL needs nothing here: its URL carries libpq's `sslmode`, `sslrootcert`,
 //! `sslcert` and `sslkey`.
 

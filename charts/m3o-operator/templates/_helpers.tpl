@@ -82,3 +82,75 @@ app.kubernetes.io/part-of: m3o
 {{- define "m3o-operator.gatewayName" -}}
 {{- printf "%s-gateway" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+
+{{/*
+Flags of the etcd and Redis clients' TLS files (tls.redis, tls.etcd; mounted by
+m3o-operator.tlsMounts) and of the etcd user (`auth`: etcdAuth or gateway.etcdAuth).
+Usage: include "m3o-operator.connectArgs" (dict "root" . "auth" .Values.etcdAuth)
+*/}}
+{{- define "m3o-operator.connectArgs" -}}
+{{- $tls := .root.Values.tls -}}
+{{- if $tls.redis.existingSecret }}
+- --redis-ca-file=/etc/m3o-operator/tls/redis/ca.crt
+{{- if $tls.redis.clientCertificate }}
+- --redis-cert-file=/etc/m3o-operator/tls/redis/tls.crt
+- --redis-key-file=/etc/m3o-operator/tls/redis/tls.key
+{{- end }}
+{{- end }}
+{{- if $tls.etcd.existingSecret }}
+- --etcd-ca-file=/etc/m3o-operator/tls/etcd/ca.crt
+{{- if $tls.etcd.clientCertificate }}
+- --etcd-cert-file=/etc/m3o-operator/tls/etcd/tls.crt
+- --etcd-key-file=/etc/m3o-operator/tls/etcd/tls.key
+{{- end }}
+{{- end }}
+{{- if .auth.username }}
+- {{ printf "--etcd-username=%s" .auth.username | quote }}
+- --etcd-password-file=/etc/m3o-operator/etcd-auth/password
+{{- end }}
+{{- end }}
+
+{{/*
+Read-only mounts of the TLS Secrets of `backends` (names under tls) and of the etcd
+password (`auth`). Usage: include "m3o-operator.tlsMounts" (dict "root" . "backends"
+(list "redis" "etcd") "auth" .Values.etcdAuth)
+*/}}
+{{- define "m3o-operator.tlsMounts" -}}
+{{- range $backend := .backends }}
+{{- if (get $.root.Values.tls $backend).existingSecret }}
+- name: {{ printf "tls-%s" $backend }}
+  mountPath: {{ printf "/etc/m3o-operator/tls/%s" $backend }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if .auth.username }}
+- name: etcd-auth
+  mountPath: /etc/m3o-operator/etcd-auth
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+The volumes of m3o-operator.tlsMounts (same arguments): certificates, client keys and
+the etcd password readable by the pod's group (fsGroup) only.
+*/}}
+{{- define "m3o-operator.tlsVolumes" -}}
+{{- range $backend := .backends }}
+{{- with (get $.root.Values.tls $backend).existingSecret }}
+- name: {{ printf "tls-%s" $backend }}
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- if .auth.username }}
+- name: etcd-auth
+  secret:
+    secretName: {{ required "etcdAuth.passwordSecret (or gateway.etcdAuth.passwordSecret) is required with its username" .auth.passwordSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .auth.passwordKey | default "password" }}
+        path: password
+{{- end }}
+{{- end }}

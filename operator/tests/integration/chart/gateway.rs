@@ -20,6 +20,11 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
         "gateway.replicas=3",
         "gateway.rateLimitFailOpen=false",
         "gateway.pathPrefix=/ext-authz",
+        "tls.redis.existingSecret=redis-tls",
+        "tls.etcd.existingSecret=etcd-tls",
+        "tls.etcd.clientCertificate=true",
+        "gateway.etcdAuth.username=m3o-gateway",
+        "gateway.etcdAuth.passwordSecret=gateway-etcd-auth",
     ];
     let rendered = render("t", &release_ns, &sets).await;
     assert_applies("gateway enabled", &rendered).await;
@@ -57,4 +62,19 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
     assert!(!cli.run.rate_limit_fail_open);
     assert_eq!(cli.run.path_prefix, "/ext-authz");
     assert_eq!(cli.run.listen.port(), 8081);
+    // The same TLS flags as the operator's, its own etcd user, the files mounted read-only.
+    let etcd = &cli.run.etcd;
+    assert_eq!(
+        etcd.etcd_ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/m3o-operator/tls/etcd/ca.crt"))
+    );
+    assert!(etcd.etcd_key_file.is_some());
+    assert_eq!(etcd.etcd_username.as_deref(), Some("m3o-gateway"));
+    assert!(etcd.etcd_password_file.is_some());
+    assert!(cli.run.redis.connection.redis_ca_file.is_some());
+    let mounts = container["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts");
+    assert_eq!(mounts.len(), 3, "redis, etcd, etcd-auth: {mounts:?}");
+    assert!(mounts.iter().all(|m| m["readOnly"].as_bool() == Some(true)));
 }

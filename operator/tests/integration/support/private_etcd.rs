@@ -1,13 +1,37 @@
 //! A private etcd, for tests that take the platform config store down without
 //! touching the shared one. `etcd` comes from PATH (hack/env.sh puts the tools there).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
 use super::{eventually, free_port};
+
+/// `etcd` as a one-member cluster on `client` and `peer` URLs, data in `data_dir`.
+pub fn etcd_command(data_dir: &Path, client: &str, peer: &str) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "private", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("private={peer}")])
+        .args(["--unsafe-no-fsync", "--log-level", "warn"])
+        // Its own ETCD_* variables are its flags; the tests' ETCD_ENDPOINTS is not one.
+        .env_remove("ETCD_ENDPOINTS");
+    cmd
+}
 
 pub struct PrivateEtcd {
     child: Option<Child>,
@@ -41,23 +65,7 @@ impl PrivateEtcd {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "private", "--data-dir"])
-            .arg(self.dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("private={peer}")])
-            .args(["--unsafe-no-fsync", "--log-level", "warn"])
+        let child = etcd_command(&self.dir.join("data"), &client, &peer)
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)

@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 use super::operator::Backends;
+use super::private_etcd::etcd_command;
 use super::{TestEnv, eventually, free_port, suffix, wait_redis_answers};
 
 /// The operator's user name in Redis and etcd (and its client certificate's CN).
@@ -345,22 +346,7 @@ impl Servers {
     fn start_etcd(&self) -> Child {
         let client = format!("https://127.0.0.1:{}", self.etcd_port);
         let peer = format!("http://127.0.0.1:{}", free_port());
-        Command::new("etcd")
-            .args(["--name", "tls", "--data-dir"])
-            .arg(self.dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("tls={peer}")])
+        etcd_command(&self.dir.join("etcd"), &client, &peer)
             .args(["--cert-file", &self.file("server.crt")])
             .args(["--key-file", &self.file("server.key")])
             .args([
@@ -368,8 +354,6 @@ impl Servers {
                 &self.file("ca.crt"),
                 "--client-cert-auth",
             ])
-            .args(["--unsafe-no-fsync", "--log-level", "warn"])
-            .env_remove("ETCD_ENDPOINTS")
             .stderr(log_file(&self.dir, "etcd"))
             .kill_on_drop(true)
             .spawn()

@@ -9,6 +9,7 @@ use m3o_events::consumer::read_all;
 use serde_json::json;
 
 use crate::apikey::{key_id, key_spec};
+use crate::support::gateway::check;
 use crate::support::tls_backends::{Backend, OPERATOR_ROLE, TlsBackends};
 use crate::support::{TestEnv, dedupe, eventually, exit_log};
 
@@ -71,6 +72,14 @@ async fn a_customer_and_a_key_reach_every_backend_over_tls_as_least_privileged_u
     )
     .await;
     assert_eq!(types, ["EventTypeCreated", "EventTypeGenerateKey"]);
+
+    // The gateway reads the same etcd over TLS as its own read-mostly user, and keeps
+    // its counters in the same Redis over TLS.
+    let gateway = env.start_gateway(&tls.servers.gateway_config(&env)).await;
+    let reply = check(&gateway, &key, "/v1/helloworld/call").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("X-M3O-Key-Id"), Some(id.as_str()));
+    gateway.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,12 +13,15 @@ use m3o_connect::redis::RedisArgs;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
+use super::gateway::GatewayConfig;
 use super::operator::Backends;
 use super::private_etcd::etcd_command;
 use super::{TestEnv, eventually, free_port, suffix, wait_redis_answers};
 
 /// The operator's user name in Redis and etcd (and its client certificate's CN).
 pub const OPERATOR_USER: &str = "m3o-operator";
+/// The gateway's etcd user.
+pub const GATEWAY_USER: &str = "m3o-gateway";
 /// The operator's PostgreSQL role.
 pub const OPERATOR_ROLE: &str = "m3o_operator";
 const DATABASE: &str = "m3o";
@@ -138,6 +141,35 @@ impl Servers {
             .flat_map(|(flag, value)| [flag.to_owned(), value])
             .collect(),
             extra_env: Vec::new(),
+        }
+    }
+
+    /// A gateway replica's config: etcd as its own user (it reads `<prefix>/` and
+    /// writes its report under `<prefix>/gateways/`), Redis as the admin, both over
+    /// TLS with the client certificate.
+    pub fn gateway_config(&self, env: &TestEnv) -> GatewayConfig {
+        let password_file = self.dir.join("gateway-etcd-password");
+        std::fs::write(&password_file, &self.password).expect("password file");
+        GatewayConfig {
+            etcd_endpoints: format!("https://127.0.0.1:{}", self.etcd_port),
+            redis_url: format!(
+                "rediss://admin:{}@127.0.0.1:{}",
+                self.password, self.redis_port
+            ),
+            redis_prefix: format!("{}gw:", env.stream_prefix),
+            extra_args: [
+                ("--etcd-ca-file", self.file("ca.crt")),
+                ("--etcd-cert-file", self.file("client.crt")),
+                ("--etcd-key-file", self.file("client.key")),
+                ("--etcd-username", GATEWAY_USER.to_owned()),
+                ("--etcd-password-file", password_file.display().to_string()),
+                ("--redis-ca-file", self.file("ca.crt")),
+                ("--redis-cert-file", self.file("client.crt")),
+                ("--redis-key-file", self.file("client.key")),
+            ]
+            .into_iter()
+            .flat_map(|(flag, value)| [flag.to_owned(), value])
+            .collect(),
         }
     }
 
@@ -392,6 +424,21 @@ impl Servers {
         etcd.user_grant_role(OPERATOR_USER, OPERATOR_USER)
             .await
             .expect("user role");
+        etcd.role_add(GATEWAY_USER).await.expect("gateway role");
+        for permission in [
+            Permission::read(format!("{prefix}/")).with_prefix(),
+            Permission::read_write(format!("{prefix}/gateways/")).with_prefix(),
+        ] {
+            etcd.role_grant_permission(GATEWAY_USER, permission)
+                .await
+                .expect("gateway grant");
+        }
+        etcd.user_add(GATEWAY_USER, self.password.clone(), None)
+            .await
+            .expect("gateway user");
+        etcd.user_grant_role(GATEWAY_USER, GATEWAY_USER)
+            .await
+            .expect("gateway user role");
         etcd.auth_enable().await.expect("auth enable");
         connect_etcd(&self.etcd_args(prefix, "root"))
             .await

@@ -73,6 +73,31 @@ pub async fn database(
     schema: &str,
     max_connections: u32,
 ) -> Result<PgPool, StartupError> {
+    let url = database_flags(url, schema)?;
+    bounded(
+        "--database-url",
+        &redact(url),
+        m3o_controllers::store::connect(url, schema, max_connections),
+    )
+    .await
+}
+
+/// Connects to PostgreSQL read only (admin commands): creates nothing, migrates nothing.
+pub async fn database_read_only(
+    url: Option<&str>,
+    schema: &str,
+    max_connections: u32,
+) -> Result<PgPool, StartupError> {
+    let url = database_flags(url, schema)?;
+    bounded(
+        "--database-url",
+        &redact(url),
+        m3o_controllers::store::connect_read_only(url, schema, max_connections),
+    )
+    .await
+}
+
+fn database_flags<'a>(url: Option<&'a str>, schema: &str) -> Result<&'a str, StartupError> {
     let url = required(url, "--database-url", "DATABASE_URL")?;
     if !m3o_controllers::store::valid_schema_name(schema) {
         return Err(fail(
@@ -80,12 +105,7 @@ pub async fn database(
             format!("{schema:?} is not a valid schema name (lowercase letters, digits, _)"),
         ));
     }
-    bounded(
-        "--database-url",
-        &redact(url),
-        m3o_controllers::store::connect(url, schema, max_connections),
-    )
-    .await
+    Ok(url)
 }
 
 /// Opens a Redis client and proves the server answers.

@@ -124,6 +124,43 @@ impl PlatformConfig {
         Ok((kvs, revision))
     }
 
+    /// Up to `limit` keys and values under the prefix after the absolute key `after`
+    /// (from the start when `None`), in key order, read at `revision` (the current one
+    /// when `None`). Returns them, whether more follow, and the revision read at: pass
+    /// it back for the next page so a scan sees one consistent snapshot.
+    pub async fn page(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        revision: Option<i64>,
+    ) -> Result<KeyPage, etcd_client::Error> {
+        let start = match after {
+            // The smallest key greater than `after`.
+            Some(after) => format!("{after}\0"),
+            None => format!("{}/", self.prefix),
+        };
+        // '0' follows '/': the end of the range of every key under "<prefix>/".
+        let end = format!("{}0", self.prefix);
+        let mut options = GetOptions::new().with_range(end).with_limit(limit);
+        if let Some(revision) = revision {
+            options = options.with_revision(revision);
+        }
+        let resp = self.client.kv_client().get(start, Some(options)).await?;
+        let revision = revision
+            .or_else(|| resp.header().map(|h| h.revision()))
+            .unwrap_or_default();
+        let kvs = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec())))
+            .collect();
+        Ok(KeyPage {
+            kvs,
+            more: resp.more(),
+            revision,
+        })
+    }
+
     /// True when the change at `revision` was written by this process.
     pub fn is_own_write(&self, revision: i64) -> bool {
         self.own_revisions
@@ -141,6 +178,17 @@ impl PlatformConfig {
             own.insert(rev);
         }
     }
+}
+
+/// A page of keys under the prefix: see [`PlatformConfig::page`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    /// Absolute keys and raw values, in key order.
+    pub kvs: Vec<(String, Vec<u8>)>,
+    /// Whether more keys follow the last one.
+    pub more: bool,
+    /// The revision the page was read at.
+    pub revision: i64,
 }
 
 /// A bounded set of recent revisions, oldest evicted first.

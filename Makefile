@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench argocd-health
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench argocd-health alert-rules
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -16,6 +16,7 @@ help:
 	@echo 'make build   cargo build (debug, all targets)'
 	@echo 'make test    deps + tools + build, then the whole suite inside hack/env.sh'
 	@echo 'make argocd-health  the Argo CD health checks (Lua) against their test cases'
+	@echo 'make alert-rules  promtool test rules of the chart alerts (hack/alert-rules-test)'
 	@echo 'make demo    run the operator in the local environment and apply examples/'
 	@echo 'make env     bring the local environment up in the foreground (Ctrl-C stops)'
 	@echo 'make lint    cargo fmt --check and clippy -D warnings'
@@ -36,7 +37,7 @@ build: toolchain
 	$(CARGO) build --workspace --all-targets
 
 # Build before any server starts, so the environment only lives while tests run.
-test: deps tools argocd-health
+test: deps tools argocd-health alert-rules
 	$(CARGO) build --workspace --tests --bins
 	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
 
@@ -46,8 +47,13 @@ argocd-health:
 	@command -v go >/dev/null || { echo 'go not found: it runs the Argo CD health check tests' >&2; exit 1; }
 	cd hack/argocd-health-test && GOTOOLCHAIN=local go run . ../../charts/m3o-operator/argocd
 
+# The chart's PrometheusRule alerts, each tested with `promtool test rules` (promtool is
+# built by hack/build-tools.sh like the other tools).
+alert-rules: tools
+	hack/alert-rules-test/run.sh
+
 demo: deps tools
-	$(CARGO) build -p m3o-operator --bins --examples
+	$(CARGO) build -p m3o-operator --bins
 	hack/env.sh run -- hack/demo.sh
 
 # Figures, not a pass/fail: N Customers from apply to all Ready (release build).

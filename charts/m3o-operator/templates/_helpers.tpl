@@ -62,3 +62,12 @@ app.kubernetes.io/component: operator
 {{- define "m3o-operator.leaseName" -}}
 {{- .Values.leaderElection.leaseName }}
 {{- end }}
+
+{{/* The label matchers selecting this release's metrics in PrometheusRule queries. */}}
+{{- define "m3o-operator.metricsSelector" -}}
+{{- if .Values.metrics.prometheusRule.selector }}
+{{- .Values.metrics.prometheusRule.selector }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (printf "%s-metrics" (include "m3o-operator.fullname" .)) .Release.Namespace }}
+{{- end }}
+{{- end }}

@@ -411,7 +411,12 @@ pub fn render(r: &Report) -> String {
         }
         Section::Read(entries) => {
             for e in entries {
-                let _ = writeln!(w, "  {:<8} {}", e.verdict.as_str(), e.key);
+                let owner = e
+                    .owner
+                    .as_ref()
+                    .map(|o| format!(" ({o})"))
+                    .unwrap_or_default();
+                let _ = writeln!(w, "  {:<8} {}{owner}", e.verdict.as_str(), e.key);
                 if e.verdict.is_drift() {
                     let show =
                         |v: &Option<serde_json::Value>| v.as_ref().map_or("-".into(), compact);

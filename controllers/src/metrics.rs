@@ -27,6 +27,12 @@ pub struct ReadyLabels {
     pub ready: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamGroupLabels {
+    pub stream: String,
+    pub group: String,
+}
+
 /// Counts a kind's resources as (Ready, not Ready) from a controller's cache.
 type ResourceCounter = Box<dyn Fn() -> (i64, i64) + Send + Sync>;
 
@@ -42,6 +48,10 @@ pub struct Metrics {
     pub outbox_backlog: Gauge,
     pub outbox_oldest_age: Gauge<f64, AtomicU64>,
     pub events_published: Counter,
+    pub outbox_parked: Gauge,
+    pub outbox_rows_parked: Counter,
+    pub stream_group_lag: Family<StreamGroupLabels, Gauge>,
+    pub stream_group_pending: Family<StreamGroupLabels, Gauge>,
     pub leader: Gauge,
     pub plan_catalog_errors: Counter,
 }
@@ -65,6 +75,10 @@ impl Metrics {
         let outbox_backlog = Gauge::default();
         let outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
         let events_published = Counter::default();
+        let outbox_parked = Gauge::default();
+        let outbox_rows_parked = Counter::default();
+        let stream_group_lag = Family::<StreamGroupLabels, Gauge>::default();
+        let stream_group_pending = Family::<StreamGroupLabels, Gauge>::default();
         let leader = Gauge::default();
         let plan_catalog_errors = Counter::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
@@ -106,6 +120,26 @@ impl Metrics {
             events_published.clone(),
         );
         registry.register(
+            "outbox_parked",
+            "Outbox events parked now (refused by Redis --outbox-max-attempts times; re-drive with `m3o-operator outbox redrive`)",
+            outbox_parked.clone(),
+        );
+        registry.register(
+            "outbox_rows_parked",
+            "Outbox events parked by this replica's relay",
+            outbox_rows_parked.clone(),
+        );
+        registry.register(
+            "stream_consumer_group_lag",
+            "Entries of an event stream not yet delivered to a consumer group (leader only)",
+            stream_group_lag.clone(),
+        );
+        registry.register(
+            "stream_consumer_group_pending",
+            "Entries delivered to a consumer group's consumers and not yet acknowledged (leader only)",
+            stream_group_pending.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica is the leader",
             leader.clone(),
@@ -131,6 +165,10 @@ impl Metrics {
             outbox_backlog,
             outbox_oldest_age,
             events_published,
+            outbox_parked,
+            outbox_rows_parked,
+            stream_group_lag,
+            stream_group_pending,
             leader,
             plan_catalog_errors,
         }

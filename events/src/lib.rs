@@ -14,6 +14,9 @@ pub mod relay;
 /// Default prefix of Redis stream keys: the stream of topic `t` is `events:t`.
 pub const DEFAULT_STREAM_PREFIX: &str = "events:";
 
+/// Every topic, for whatever iterates over the streams (lag metrics).
+pub const TOPICS: &[&str] = &[customers::TOPIC];
+
 /// Value of the `content-type` field of every stream entry.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 

@@ -9,6 +9,8 @@ use uuid::Uuid;
 
 use crate::TopicEvent;
 
+pub mod admin;
+
 /// An event to be written to the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxMessage {
@@ -74,10 +76,12 @@ pub async fn enqueue(conn: &mut PgConnection, msg: &OutboxMessage) -> Result<Uui
 /// Unpublished outbox rows, for metrics and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Backlog {
-    /// Number of rows not yet published.
+    /// Rows waiting to be published (not parked; held rows included).
     pub count: i64,
-    /// `created_at` of the oldest unpublished row, if any.
+    /// `created_at` of the oldest of them, if any.
     pub oldest: Option<DateTime<Utc>>,
+    /// Parked rows (unpublished until re-driven).
+    pub parked: i64,
 }
 
 impl Backlog {
@@ -89,13 +93,21 @@ impl Backlog {
     }
 }
 
-/// Counts the unpublished outbox rows and finds the oldest one's `created_at`.
+/// Counts the rows waiting to be published (and finds the oldest one's `created_at`)
+/// and the parked rows. Each count reads its own partial index.
 pub async fn backlog<'e, E: PgExecutor<'e>>(executor: E) -> Result<Backlog, sqlx::Error> {
-    let (count, oldest): (i64, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL")
-            .fetch_one(executor)
-            .await?;
-    Ok(Backlog { count, oldest })
+    let (count, oldest, parked): (i64, Option<DateTime<Utc>>, i64) = sqlx::query_as(
+        "SELECT count(*), min(created_at), \
+           (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL) \
+         FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
+    )
+    .fetch_one(executor)
+    .await?;
+    Ok(Backlog {
+        count,
+        oldest,
+        parked,
+    })
 }
 
 /// An outbox row as stored, for tests and diagnostics.
@@ -117,8 +129,13 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// When the relay published it, if it did.
     pub published_at: Option<DateTime<Utc>>,
-    /// How many publish attempts were made (failed ones included).
+    /// Times Redis answered a publish of it: the publish, and each refusal (times
+    /// Redis was unreachable are not counted). Reset by a re-drive.
     pub attempts: i32,
+    /// When the relay parked it after repeated refusals (`None`: not parked).
+    pub parked_at: Option<DateTime<Utc>>,
+    /// Redis's last refusal, if any.
+    pub last_error: Option<String>,
 }
 
 /// All outbox rows of `aggregate_id`, in `seq` order (published or not).
@@ -128,7 +145,7 @@ pub async fn rows_for<'e, E: PgExecutor<'e>>(
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, seq, topic, event_type, aggregate_id, payload, created_at, published_at, \
-         attempts FROM outbox WHERE aggregate_id = $1 ORDER BY seq",
+         attempts, parked_at, last_error FROM outbox WHERE aggregate_id = $1 ORDER BY seq",
     )
     .bind(aggregate_id)
     .fetch_all(executor)
@@ -160,11 +177,13 @@ mod tests {
         let future = Backlog {
             count: 1,
             oldest: Some(now + chrono::Duration::seconds(5)),
+            parked: 0,
         };
         assert_eq!(future.age(now), chrono::Duration::zero());
         let past = Backlog {
             count: 1,
             oldest: Some(now - chrono::Duration::seconds(5)),
+            parked: 0,
         };
         assert_eq!(past.age(now), chrono::Duration::seconds(5));
     }

@@ -1,5 +1,5 @@
-//! Command line: `m3o-operator run | migrate | crds | inspect | audit`. Every flag has
-//! an environment fallback so the Helm chart can pass configuration through a Secret.
+//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox`. Every flag
+//! has an environment fallback so the Helm chart can pass configuration through a Secret.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +31,9 @@ pub enum Command {
     Inspect(Box<InspectArgs>),
     /// Compare every resource, etcd key and row; exit 1 when anything differs (read only).
     Audit(Box<AuditArgs>),
+    /// Inspect and re-drive the event outbox (read-only except `redrive`).
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
 }
 
 /// The backends an admin command reads, with the same flags as `run`.
@@ -125,6 +128,59 @@ pub struct AuditArgs {
     pub backends: BackendArgs,
 }
 
+/// What every `outbox` subcommand takes.
+#[derive(Args, Debug, Clone)]
+pub struct OutboxCommon {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum OutboxCommand {
+    /// Events that do not flow: parked, held behind a parked event of the same
+    /// aggregate, retrying after a refusal, or waiting longer than --older-than.
+    List {
+        #[command(flatten)]
+        common: OutboxCommon,
+        /// Also list events unpublished for longer than this (Go duration).
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        older_than: Duration,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
+        limit: i64,
+    },
+    /// Per topic: events waiting to be published, the oldest one's age, parked events.
+    Backlog {
+        #[command(flatten)]
+        common: OutboxCommon,
+    },
+    /// Un-park parked events so that the relay publishes them again (in seq order).
+    Redrive {
+        #[command(flatten)]
+        common: OutboxCommon,
+        /// Event id of a parked event (repeatable).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<uuid::Uuid>,
+        /// Every parked event.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+impl OutboxCommand {
+    pub fn common(&self) -> &OutboxCommon {
+        match self {
+            Self::List { common, .. } | Self::Backlog { common } | Self::Redrive { common, .. } => {
+                common
+            }
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db.
@@ -200,6 +256,19 @@ pub struct RunArgs {
     /// How often the leader renews and a standby retries.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub leader_election_retry_period: Duration,
+
+    /// Refusals of an event by Redis (e.g. WRONGTYPE, NOPERM) before it is parked and
+    /// later events flow past it; an unreachable Redis counts none.
+    #[arg(long, env = "M3O_OUTBOX_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub outbox_max_attempts: u32,
+
+    /// Published outbox rows older than this are deleted (Go duration).
+    #[arg(long, env = "M3O_OUTBOX_RETENTION", default_value = "72h", value_parser = parse_duration)]
+    pub outbox_retention: Duration,
+
+    /// Payload bytes per XADD round trip of the relay, at most (a larger event goes alone).
+    #[arg(long, env = "M3O_OUTBOX_BATCH_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub outbox_batch_bytes: u64,
 
     /// Address of the HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]

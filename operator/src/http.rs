@@ -10,7 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use m3o_controllers::context::Watching;
-use m3o_controllers::metrics::Metrics;
+use m3o_controllers::metrics::{Metrics, StreamGroupLabels};
 use m3o_events::relay::RelayStats;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -54,12 +54,17 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         state.metrics.outbox_backlog.set(backlog.count);
         let age = backlog.age(chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
         state.metrics.outbox_oldest_age.set(age);
+        state.metrics.outbox_parked.set(backlog.parked);
     }
-    let published = state.relay.published_total();
-    let counted = state.metrics.events_published.get();
-    if published > counted {
-        state.metrics.events_published.inc_by(published - counted);
-    }
+    catch_up(
+        &state.metrics.events_published,
+        state.relay.published_total(),
+    );
+    catch_up(
+        &state.metrics.outbox_rows_parked,
+        state.relay.parked_total(),
+    );
+    relay_lags(&state.metrics, &state.relay);
     (
         [(
             header::CONTENT_TYPE,
@@ -67,6 +72,38 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         )],
         state.metrics.encode(),
     )
+}
+
+/// Raises `counter` to the relay's `total` (the relay counts; the registry exports).
+fn catch_up(counter: &prometheus_client::metrics::counter::Counter, total: u64) {
+    let counted = counter.get();
+    if total > counted {
+        counter.inc_by(total - counted);
+    }
+}
+
+/// Replaces the consumer-group series with the relay's last reading, so that a deleted
+/// group's series goes away. Groups whose lag Redis cannot tell have no lag series.
+fn relay_lags(metrics: &Metrics, relay: &RelayStats) {
+    metrics.stream_group_lag.clear();
+    metrics.stream_group_pending.clear();
+    for g in relay.group_lags() {
+        let labels = StreamGroupLabels {
+            stream: g.stream,
+            group: g.group,
+        };
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        if let Some(lag) = g.lag {
+            metrics
+                .stream_group_lag
+                .get_or_create(&labels)
+                .set(gauge(lag));
+        }
+        metrics
+            .stream_group_pending
+            .get_or_create(&labels)
+            .set(gauge(g.pending));
+    }
 }
 
 /// Serves until `shutdown` is cancelled.

@@ -4,6 +4,8 @@ mod admin;
 mod cli;
 mod http;
 mod leader;
+mod outbox;
+mod parked_events;
 mod run;
 mod startup;
 
@@ -39,6 +41,10 @@ async fn main() -> ExitCode {
         Command::Migrate(args) => {
             init_logging(args.logging.log_format);
             run::migrate(args).await
+        }
+        Command::Outbox(command) => {
+            init_logging(command.common().database.logging.log_format);
+            outbox::run(command).await
         }
         Command::Run(args) => {
             init_logging(args.backends.database.logging.log_format);

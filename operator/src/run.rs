@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{DatabaseArgs, RunArgs};
 use crate::http::{self, HttpState};
 use crate::leader::{ElectionConfig, Elector, Ended, Fence};
+use crate::parked_events;
 use crate::startup::{self, StartupError};
 
 /// Database connections of the operator process: one per reconcile that may run at
@@ -44,8 +45,11 @@ struct LeaderWork {
 impl LeaderWork {
     fn spawn(self, stop: CancellationToken) -> Vec<JoinHandle<()>> {
         let ctx = self.ctx;
+        let mut relay = self.relay;
+        let parked = relay.parked_events(64);
         let mut tasks = vec![
-            tokio::spawn(self.relay.run(stop.clone())),
+            tokio::spawn(relay.run(stop.clone())),
+            tokio::spawn(parked_events::report(ctx.clone(), parked)),
             tokio::spawn(platform::drift::run(ctx.clone(), stop.clone())),
             tokio::spawn(customer::run(ctx.clone(), stop.clone().cancelled_owned())),
             tokio::spawn(subscription::run(
@@ -106,6 +110,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let relay_config = RelayConfig {
         stream_prefix: args.backends.stream_prefix.clone(),
         maxlen: args.stream_maxlen,
+        max_attempts: args.outbox_max_attempts,
+        retention: args.outbox_retention,
+        batch_max_bytes: args.outbox_batch_bytes,
         ..RelayConfig::new(schema.clone())
     };
     let relay = Relay::new(db.clone(), redis, relay_config)

@@ -19,7 +19,9 @@ pub enum RelayError {
         #[source]
         source: sqlx::Error,
     },
-    /// `XADD` of a batch failed; its rows stay unpublished and are retried.
+    /// Redis did not take a batch (unreachable, or not accepting writes); its rows stay
+    /// unpublished, in order, and are retried. Refusals of single rows are not errors:
+    /// they are counted on the row (see [`super::BatchOutcome`]).
     #[error(
         "outbox relay: XADD of {count} events (from seq {first_seq}) to Redis failed: {source}"
     )]
@@ -37,4 +39,23 @@ pub enum RelayError {
 /// Maps a database error of step `what` into a [`RelayError::Postgres`].
 pub(crate) fn pg(what: &'static str) -> impl FnOnce(sqlx::Error) -> RelayError {
     move |source| RelayError::Postgres { what, source }
+}
+
+/// A backend the relay can probe while backing off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Redis,
+    Postgres,
+}
+
+impl RelayError {
+    /// Which backend to probe before retrying: one that did not answer at all. `None`
+    /// when the failure came with an answer (e.g. Redis out of memory) or is permanent.
+    pub(crate) fn probe(&self) -> Option<Backend> {
+        match self {
+            Self::Publish { source, .. } if !super::plan::answered(source) => Some(Backend::Redis),
+            Self::Postgres { .. } => Some(Backend::Postgres),
+            _ => None,
+        }
+    }
 }

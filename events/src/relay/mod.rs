@@ -2,11 +2,19 @@
 //!
 //! Run one per schema, on the leader only ([`Relay::run`]). It drains at start, when
 //! woken by `NOTIFY m3o_outbox` carrying its schema, and on a fallback timer. A drain
-//! takes batches in a transaction, `XADD`s them (one `MULTI`/`EXEC` round trip per
-//! batch), marks them published and commits. While Redis or Postgres is down it keeps
-//! the rows unpublished, counts `attempts`, and retries with exponential backoff: no row
-//! is skipped or reordered. Delivery is at least once (a crash between `XADD` and the
-//! commit re-sends the batch); consumers dedupe by the entry's `id` field.
+//! takes batches (bounded by rows and by payload bytes, so one round trip stays well
+//! inside the Redis response timeout) in a transaction, `XADD`s them (one
+//! `MULTI`/`EXEC` round trip per batch), marks them published and commits. Delivery is
+//! at least once (a crash between `XADD` and the commit re-sends the batch); consumers
+//! dedupe by the entry's `id` field.
+//!
+//! Failures are isolated (see [`publish`]): while Redis does not answer, rows stay
+//! unpublished and in order, no attempt is counted, and the relay probes Redis with
+//! `PING` so that it drains again as soon as Redis answers. A row that Redis answers
+//! with a refusal (`WRONGTYPE`, `NOPERM`, ...) has its `attempts` counted and
+//! `last_error` set, is retried with backoff, and after `max_attempts` refusals is
+//! *parked* (`parked_at`): later rows flow past it. Published rows are deleted after
+//! `retention`.
 //!
 //! Ordering across relays: each batch first takes a transaction-scoped advisory lock
 //! for the schema (`pg_try_advisory_xact_lock`), and a relay that does not get it leaves
@@ -14,28 +22,27 @@
 //! (e.g. during a leader hand-over) publish later rows before earlier ones.
 
 mod error;
+mod housekeeping;
+mod plan;
+mod publish;
 mod stats;
 mod wake;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub use error::RelayError;
-use error::pg;
-pub use stats::RelayStats;
+pub use publish::{BatchOutcome, ParkedEvent};
+pub use stats::{GroupLag, RelayStats};
 use wake::Backoff;
 pub use wake::NOTIFY_CHANNEL;
-
-/// Key (first half) of the advisory lock a relay holds while publishing a batch; the
-/// second half is `hashtext(current_schema())`.
-const LOCK_CLASS: i32 = 0x6d33_6f00; // "m3o\0"
 
 /// Configuration of a [`Relay`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,14 +54,29 @@ pub struct RelayConfig {
     pub stream_prefix: String,
     /// Approximate stream length bound (`XADD ... MAXLEN ~ N`). Default 100000.
     pub maxlen: usize,
-    /// Rows per transaction and `XADD` round trip. Default 100.
+    /// Rows per transaction and `XADD` round trip, at most. Default 100.
     pub batch_size: u32,
+    /// Payload bytes per batch, at most (a larger row goes alone). Default 1 MiB.
+    pub batch_max_bytes: u64,
+    /// Refusals of a row by Redis before it is parked. Default 10.
+    pub max_attempts: u32,
+    /// Published rows older than this are deleted. Default 72 h.
+    pub retention: Duration,
+    /// How often expired published rows are deleted. Default 1 min.
+    pub retention_interval: Duration,
+    /// Rows deleted per retention statement (bounded, so no long lock). Default 1000.
+    pub retention_batch: u32,
+    /// How often consumer-group lag is read (`XINFO GROUPS`). Default 15 s.
+    pub lag_interval: Duration,
     /// Drain at least this often even without notifications. Default 5 s.
     pub fallback_interval: Duration,
     /// First retry delay after a failure. Default 100 ms.
     pub backoff_min: Duration,
     /// Cap of the doubling retry delay. Default 10 s.
     pub backoff_max: Duration,
+    /// While backing off from an unreachable backend, how often it is probed (`PING`,
+    /// `SELECT 1`), so that draining resumes within this long of its return. Default 250 ms.
+    pub probe_interval: Duration,
 }
 
 impl RelayConfig {
@@ -65,22 +87,18 @@ impl RelayConfig {
             stream_prefix: crate::DEFAULT_STREAM_PREFIX.to_owned(),
             maxlen: 100_000,
             batch_size: 100,
+            batch_max_bytes: 1024 * 1024,
+            max_attempts: 10,
+            retention: Duration::from_secs(72 * 3600),
+            retention_interval: Duration::from_secs(60),
+            retention_batch: 1000,
+            lag_interval: Duration::from_secs(15),
             fallback_interval: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            probe_interval: Duration::from_millis(250),
         }
     }
-}
-
-/// An unpublished outbox row, as the relay reads it.
-#[derive(Debug, sqlx::FromRow)]
-struct Pending {
-    id: Uuid,
-    seq: i64,
-    topic: String,
-    event_type: String,
-    payload: Vec<u8>,
-    created_at: DateTime<Utc>,
 }
 
 /// Publishes one schema's outbox to Redis Streams. See the module documentation.
@@ -89,6 +107,11 @@ pub struct Relay {
     redis: ConnectionManager,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    /// Aggregates with a refused, not yet parked row, and when to try them again. Their
+    /// rows are left alone until then, so they keep their order (in memory: a new
+    /// leader simply tries them at once; `attempts` is in the row).
+    cooling: HashMap<String, Instant>,
+    parked_tx: Option<mpsc::Sender<ParkedEvent>>,
 }
 
 impl Relay {
@@ -102,6 +125,9 @@ impl Relay {
     ) -> Result<Self, RelayError> {
         if config.batch_size == 0 {
             return Err(RelayError::Config("batch_size must be at least 1".into()));
+        }
+        if config.max_attempts == 0 {
+            return Err(RelayError::Config("max_attempts must be at least 1".into()));
         }
         if config.schema.is_empty() {
             return Err(RelayError::Config("schema must not be empty".into()));
@@ -118,6 +144,8 @@ impl Relay {
             redis,
             config,
             stats: Arc::new(RelayStats::default()),
+            cooling: HashMap::new(),
+            parked_tx: None,
         })
     }
 
@@ -131,134 +159,66 @@ impl Relay {
         &self.config
     }
 
-    /// Publishes up to `batch_size` unpublished rows in `seq` order, in one transaction,
-    /// and returns how many it published (0 if none are pending or another relay holds
-    /// the schema's lock). On a Redis error the rows' `attempts` are incremented and
-    /// committed, and they stay unpublished.
-    pub async fn publish_batch(&mut self) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await.map_err(pg("BEGIN"))?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
-                .bind(LOCK_CLASS)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(pg("taking the relay lock"))?;
-        if !locked {
-            return Ok(0);
-        }
-        let rows: Vec<Pending> = sqlx::query_as(
-            "SELECT id, seq, topic, event_type, payload, created_at FROM outbox \
-             WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE",
-        )
-        .bind(i64::from(self.config.batch_size))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg("selecting unpublished outbox rows"))?;
-        let Some(first) = rows.first() else {
-            return Ok(0);
-        };
-        let first_seq = first.seq;
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-
-        let published = self
-            .xadd_pipeline(&rows)
-            .query_async::<Vec<String>>(&mut self.redis)
-            .await;
-        if let Err(source) = published {
-            // Count the attempt and commit it: the rows stay unpublished, in order.
-            let counted =
-                sqlx::query("UPDATE outbox SET attempts = attempts + 1 WHERE id = ANY($1)")
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await;
-            let committed = match counted {
-                Ok(_) => tx.commit().await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = committed {
-                tracing::debug!(%error, "counting failed outbox publish attempts failed");
-            }
-            return Err(RelayError::Publish {
-                count: rows.len(),
-                first_seq,
-                source,
-            });
-        }
-        sqlx::query(
-            "UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)",
-        )
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg("marking outbox rows published"))?;
-        tx.commit()
-            .await
-            .map_err(pg("committing published outbox rows"))?;
-        self.stats.record_published(rows.len());
-        tracing::debug!(count = rows.len(), first_seq, "published outbox events");
-        Ok(rows.len())
+    /// Returns a receiver of every row the relay parks from now on (for Kubernetes
+    /// Events). The relay never waits for it: when `capacity` notifications are
+    /// unread, further ones are dropped (each is logged by the relay anyway).
+    pub fn parked_events(&mut self, capacity: usize) -> mpsc::Receiver<ParkedEvent> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.parked_tx = Some(tx);
+        rx
     }
 
-    /// Publishes batches until none is pending (or a batch is short); returns the count.
+    /// Deletes published rows older than `retention` (what [`Relay::run`] does every
+    /// `retention_interval`); returns how many.
+    pub async fn delete_expired(&self) -> u64 {
+        housekeeping::delete_expired(&self.pool, &self.config, &CancellationToken::new()).await
+    }
+
+    /// Publishes batches until none is pending (or a batch is short); returns how many
+    /// rows were published.
     pub async fn drain(&mut self) -> Result<usize, RelayError> {
         self.drain_until(&CancellationToken::new()).await
     }
 
     async fn drain_until(&mut self, shutdown: &CancellationToken) -> Result<usize, RelayError> {
-        let full = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
         let mut total = 0;
         while !shutdown.is_cancelled() {
-            let n = self.publish_batch().await?;
-            total += n;
-            if n < full {
+            let outcome = self.publish_batch().await?;
+            total += outcome.published;
+            if !outcome.more {
                 break;
             }
         }
         Ok(total)
     }
 
-    /// One atomic `MULTI`/`EXEC` round trip with an `XADD` per row, in `seq` order.
-    fn xadd_pipeline(&self, rows: &[Pending]) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for row in rows {
-            pipe.cmd("XADD")
-                .arg(crate::stream_key(&self.config.stream_prefix, &row.topic))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.config.maxlen)
-                .arg("*")
-                .arg("id")
-                .arg(row.id.to_string())
-                .arg("type")
-                .arg(&row.event_type)
-                .arg("content-type")
-                .arg(crate::CONTENT_TYPE)
-                .arg("payload")
-                .arg(&row.payload[..])
-                .arg("created")
-                .arg(row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true));
-        }
-        pipe
-    }
-
     /// Runs until `shutdown` is cancelled: drains at start, on each `NOTIFY` for the
-    /// schema, and every `fallback_interval`; retries failures with backoff. Logs a
+    /// schema, every `fallback_interval`, and when a refused row's retry is due; deletes
+    /// expired published rows; reads consumer-group lag. After a failure it backs off,
+    /// probing the failed backend so that it resumes as soon as it answers. Logs a
     /// warning once per outage and an info line on recovery; see [`Relay::stats`].
     ///
     /// Shutdown is cooperative: cancellation is observed between batches, so a batch in
     /// flight completes (or fails) first. Spawn it with `tokio::spawn(relay.run(token))`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
-        let listener_stop = shutdown.child_token();
+        let tasks_stop = shutdown.child_token();
         let listener = tokio::spawn(wake::listen(
             self.pool.connect_options().as_ref().clone(),
             self.config.schema.clone(),
             Arc::clone(&wake),
-            listener_stop.clone(),
+            tasks_stop.clone(),
             Backoff::new(self.config.backoff_min, self.config.backoff_max),
         ));
+        let lag = tokio::spawn(housekeeping::watch_lag(
+            self.redis.clone(),
+            self.config.stream_prefix.clone(),
+            self.config.lag_interval,
+            Arc::clone(&self.stats),
+            tasks_stop.clone(),
+        ));
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
+        let mut next_retention = Instant::now();
         let schema = self.config.schema.clone();
         tracing::info!(schema, prefix = %self.config.stream_prefix, "outbox relay started");
         self.check_search_path().await;
@@ -276,25 +236,69 @@ impl Relay {
                     } else {
                         tracing::debug!(schema, %error, "outbox relay retry failed");
                     }
+                    let delay = backoff.next_delay();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                        _ = self.wait_for_recovery(&error, delay) => continue,
                     }
                 }
+            }
+            if Instant::now() >= next_retention {
+                housekeeping::delete_expired(&self.pool, &self.config, &shutdown).await;
+                next_retention = Instant::now() + self.config.retention_interval;
+            }
+            let mut wake_at = next_retention.min(Instant::now() + self.config.fallback_interval);
+            if let Some(due) = self.cooling.values().min() {
+                wake_at = wake_at.min(*due);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified() => tracing::trace!(schema, "outbox relay woken by NOTIFY"),
-                _ = tokio::time::sleep(self.config.fallback_interval) => {
-                    tracing::trace!(schema, "outbox relay woken by the fallback timer");
+                _ = tokio::time::sleep_until(wake_at) => {
+                    tracing::trace!(schema, "outbox relay woken by a timer");
                 }
             }
         }
-        listener_stop.cancel();
-        if let Err(error) = listener.await {
-            tracing::warn!(%error, "outbox LISTEN task ended abnormally");
+        tasks_stop.cancel();
+        for (task, result) in [("LISTEN", listener.await), ("lag", lag.await)] {
+            if let Err(error) = result {
+                tracing::warn!(%error, task, "outbox relay task ended abnormally");
+            }
         }
         tracing::info!(schema, "outbox relay stopped");
+    }
+
+    /// Waits out `delay` after `error`, returning early once the failed backend answers
+    /// a probe again (Redis `PING`, Postgres `SELECT 1`). A Redis that answers but
+    /// refuses writes (out of memory, loading) is not probed: the full delay applies.
+    async fn wait_for_recovery(&mut self, error: &RelayError, delay: Duration) {
+        let deadline = Instant::now() + delay;
+        let probe_redis = match error.probe() {
+            Some(error::Backend::Redis) => true,
+            Some(error::Backend::Postgres) => false,
+            None => {
+                tokio::time::sleep_until(deadline).await;
+                return;
+            }
+        };
+        while Instant::now() < deadline {
+            tokio::time::sleep(self.config.probe_interval.min(delay)).await;
+            let answered = if probe_redis {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut self.redis)
+                    .await
+                    .is_ok()
+            } else {
+                sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+            };
+            if answered {
+                tracing::debug!(
+                    schema = self.config.schema,
+                    "outbox relay: backend answers again"
+                );
+                return;
+            }
+        }
     }
 }
 

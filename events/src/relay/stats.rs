@@ -9,8 +9,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct RelayStats {
     published_total: AtomicU64,
     failures_total: AtomicU64,
+    parked_total: AtomicU64,
     failing: AtomicBool,
     last_error: Mutex<Option<String>>,
+    group_lags: Mutex<Vec<GroupLag>>,
+}
+
+/// Where one consumer group of one stream stands (from `XINFO GROUPS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLag {
+    /// The stream key.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// Entries not yet delivered to the group; `None` when Redis cannot tell (entries
+    /// deleted from the middle of the stream) or is older than 7.0.
+    pub lag: Option<u64>,
+    /// Entries delivered to the group's consumers and not yet acknowledged.
+    pub pending: u64,
 }
 
 impl RelayStats {
@@ -22,6 +38,31 @@ impl RelayStats {
     /// Failed publish attempts (batches) since start, Redis and Postgres failures alike.
     pub fn failures_total(&self) -> u64 {
         self.failures_total.load(Ordering::Relaxed)
+    }
+
+    /// Rows parked since start.
+    pub fn parked_total(&self) -> u64 {
+        self.parked_total.load(Ordering::Relaxed)
+    }
+
+    /// The consumer groups of every topic's stream, as last read (empty until read).
+    pub fn group_lags(&self) -> Vec<GroupLag> {
+        self.group_lags
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_group_lags(&self, lags: Vec<GroupLag>) {
+        *self
+            .group_lags
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lags;
+    }
+
+    pub(crate) fn record_parked(&self, n: usize) {
+        self.parked_total
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Whether the most recent attempt failed (the relay is retrying with backoff).

@@ -3,6 +3,9 @@
 //! `DATABASE_URL` and `REDIS_URL` must point at running servers (`make test` /
 //! `hack/env.sh` start them); a missing variable fails the test, it never passes silently.
 
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 use std::future::Future;
 use std::process::Stdio;
 use std::str::FromStr;
@@ -12,10 +15,11 @@ use std::time::{Duration, Instant};
 use m3o_events::consumer::{self, DecodedEvent};
 use m3o_events::customers::{Customer, Event, EventType};
 use m3o_events::outbox::{self, OutboxMessage};
-use m3o_events::relay::{Relay, RelayConfig, RelayStats};
+use m3o_events::relay::{ParkedEvent, Relay, RelayConfig, RelayStats};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -86,6 +90,21 @@ impl TestDb {
             .await;
     }
 
+    /// A second pool on the schema whose connections carry `application_name` = `name`
+    /// (so a test can find them in `pg_stat_activity`).
+    pub async fn pool_named(&self, name: &str) -> PgPool {
+        let url = env_url("DATABASE_URL");
+        let options = PgConnectOptions::from_str(&url)
+            .expect("DATABASE_URL parses")
+            .options([("search_path", self.schema.as_str())])
+            .application_name(name);
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .expect("connect with application_name")
+    }
+
     /// Enqueues each event in its own committed transaction; returns the event ids.
     pub async fn enqueue_committed(&self, events: &[(String, Event)]) -> Vec<Uuid> {
         let mut ids = Vec::new();
@@ -122,29 +141,52 @@ pub fn stream_prefix() -> String {
     format!("evtest:{}:", Uuid::new_v4().simple())
 }
 
+/// The relay configuration of the tests: small batches, fast backoff.
+pub fn test_config(db: &TestDb, prefix: &str, fallback: Duration) -> RelayConfig {
+    let mut config = RelayConfig::new(db.schema.clone());
+    config.stream_prefix = prefix.to_owned();
+    config.fallback_interval = fallback;
+    config.batch_size = 7;
+    config.backoff_min = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(500);
+    config
+}
+
+/// A relay on `pool` publishing to `redis_url`, not running.
+pub fn relay(pool: &PgPool, redis_url: &str, config: RelayConfig) -> Relay {
+    let client = redis::Client::open(redis_url).expect("redis url parses");
+    Relay::new(pool.clone(), client, config).expect("relay")
+}
+
 /// A running relay task.
 pub struct RunningRelay {
     stop: CancellationToken,
     task: JoinHandle<()>,
     /// The relay's counters.
     pub stats: Arc<RelayStats>,
+    /// Rows the relay parked.
+    pub parked: mpsc::Receiver<ParkedEvent>,
 }
 
 impl RunningRelay {
-    /// Starts a relay on `db` publishing to `redis_url` with fast test backoff.
+    /// Starts a relay on `db` publishing to `redis_url` with [`test_config`].
     pub fn start(db: &TestDb, redis_url: &str, prefix: &str, fallback: Duration) -> Self {
-        let mut config = RelayConfig::new(db.schema.clone());
-        config.stream_prefix = prefix.to_owned();
-        config.fallback_interval = fallback;
-        config.batch_size = 7;
-        config.backoff_min = Duration::from_millis(50);
-        config.backoff_max = Duration::from_millis(500);
-        let client = redis::Client::open(redis_url).expect("redis url parses");
-        let relay = Relay::new(db.pool.clone(), client, config).expect("relay");
+        Self::start_with(db, redis_url, test_config(db, prefix, fallback))
+    }
+
+    /// Starts a relay on `db` publishing to `redis_url` with `config`.
+    pub fn start_with(db: &TestDb, redis_url: &str, config: RelayConfig) -> Self {
+        let mut relay = relay(&db.pool, redis_url, config);
+        let parked = relay.parked_events(100);
         let stats = relay.stats();
         let stop = CancellationToken::new();
         let task = tokio::spawn(relay.run(stop.clone()));
-        Self { stop, task, stats }
+        Self {
+            stop,
+            task,
+            stats,
+            parked,
+        }
     }
 
     /// Cancels the relay and waits for it to end.
@@ -249,6 +291,30 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             child.kill().await.expect("kill redis-server");
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub async fn pause(&self) {
+        self.signal("-STOP").await;
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub async fn resume(&self) {
+        self.signal("-CONT").await;
+    }
+
+    async fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("redis-server running");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Starts the server again on the same port and waits until it answers PING.

@@ -8,6 +8,7 @@ mod customer;
 mod customer_faults;
 mod examples;
 mod manifests;
+mod outbox;
 mod production;
 mod subscription;
 mod subscription_catalog;

@@ -1,0 +1,285 @@
+//! `m3o-operator outbox list | backlog | redrive`: what does not flow in the event
+//! outbox, and re-driving parked events. Read-only except `redrive`.
+
+use chrono::{DateTime, Utc};
+use m3o_events::outbox::admin::{self, Redrive, Redriven, StuckRow, TopicBacklog};
+use serde_json::json;
+
+use crate::cli::{OutboxCommand, OutputFormat};
+use crate::startup::{self, StartupError};
+
+pub async fn run(command: OutboxCommand) -> Result<(), StartupError> {
+    let common = command.common();
+    let db = startup::database(
+        common.database.database_url.as_deref(),
+        &common.database.database_schema,
+        2,
+    )
+    .await?;
+    let format = common.output;
+    let failed =
+        |what: &str, e: sqlx::Error| StartupError(format!("--database-url: {what} failed: {e}"));
+    let now = Utc::now();
+    let out = match &command {
+        OutboxCommand::List {
+            older_than, limit, ..
+        } => {
+            let rows = admin::stuck_rows(&db, *older_than, *limit)
+                .await
+                .map_err(|e| failed("listing outbox rows", e))?;
+            render_list(&rows, now, format)
+        }
+        OutboxCommand::Backlog { .. } => {
+            let topics = admin::topic_backlog(&db)
+                .await
+                .map_err(|e| failed("reading the outbox backlog", e))?;
+            render_backlog(&topics, now, format)
+        }
+        OutboxCommand::Redrive { ids, all, .. } => {
+            let which = if *all {
+                Redrive::All
+            } else {
+                Redrive::Ids(ids.clone())
+            };
+            let mut tx = db.begin().await.map_err(|e| failed("BEGIN", e))?;
+            let done = admin::redrive(&mut tx, &which)
+                .await
+                .map_err(|e| failed("re-driving outbox rows", e))?;
+            tx.commit().await.map_err(|e| failed("COMMIT", e))?;
+            let missed: Vec<uuid::Uuid> = ids
+                .iter()
+                .filter(|id| !done.iter().any(|r| r.id == **id))
+                .copied()
+                .collect();
+            print!("{}", render_redrive(&done, format));
+            if !missed.is_empty() {
+                let missed: Vec<String> = missed.iter().map(ToString::to_string).collect();
+                return Err(StartupError(format!(
+                    "--id: no parked event with id {} (nothing done for it)",
+                    missed.join(", ")
+                )));
+            }
+            return Ok(());
+        }
+    };
+    print!("{out}");
+    Ok(())
+}
+
+/// `1h2m`, `3m4s`, `5s`: how long ago `t` was, coarse enough to read at a glance.
+fn age(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let secs = (now - t).num_seconds().max(0);
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn age_seconds(t: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
+    (now - t).num_seconds().max(0)
+}
+
+/// Lays out `rows` (the first is the header) in columns separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn render_list(rows: &[StuckRow], now: DateTime<Utc>, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Json => {
+            let items: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "seq": r.seq,
+                        "topic": r.topic,
+                        "type": r.event_type,
+                        "aggregate": r.aggregate_id,
+                        "state": r.state.as_str(),
+                        "attempts": r.attempts,
+                        "lastError": r.last_error,
+                        "createdAt": r.created_at,
+                        "parkedAt": r.parked_at,
+                        "ageSeconds": age_seconds(r.created_at, now),
+                    })
+                })
+                .collect();
+            format!("{}\n", json!(items))
+        }
+        OutputFormat::Text if rows.is_empty() => "no parked or stuck outbox events\n".into(),
+        OutputFormat::Text => {
+            let header = [
+                "ID",
+                "SEQ",
+                "TOPIC",
+                "TYPE",
+                "AGGREGATE",
+                "STATE",
+                "ATTEMPTS",
+                "AGE",
+                "LAST ERROR",
+            ];
+            let mut lines = vec![header.iter().map(|h| (*h).to_owned()).collect()];
+            lines.extend(rows.iter().map(|r| {
+                vec![
+                    r.id.to_string(),
+                    r.seq.to_string(),
+                    r.topic.clone(),
+                    r.event_type.clone(),
+                    r.aggregate_id.clone(),
+                    r.state.as_str().to_owned(),
+                    r.attempts.to_string(),
+                    age(r.created_at, now),
+                    r.last_error.clone().unwrap_or_default(),
+                ]
+            }));
+            table(&lines)
+        }
+    }
+}
+
+fn render_backlog(topics: &[TopicBacklog], now: DateTime<Utc>, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Json => {
+            let items: Vec<_> = topics
+                .iter()
+                .map(|t| {
+                    json!({
+                        "topic": t.topic,
+                        "pending": t.pending,
+                        "oldestPendingAgeSeconds": t.oldest_pending.map(|o| age_seconds(o, now)),
+                        "parked": t.parked,
+                    })
+                })
+                .collect();
+            format!("{}\n", json!(items))
+        }
+        OutputFormat::Text if topics.is_empty() => {
+            "outbox empty: every event is published\n".into()
+        }
+        OutputFormat::Text => {
+            let mut lines = vec![
+                ["TOPIC", "PENDING", "OLDEST", "PARKED"]
+                    .iter()
+                    .map(|h| (*h).to_owned())
+                    .collect::<Vec<_>>(),
+            ];
+            lines.extend(topics.iter().map(|t| {
+                vec![
+                    t.topic.clone(),
+                    t.pending.to_string(),
+                    t.oldest_pending.map_or_else(|| "-".into(), |o| age(o, now)),
+                    t.parked.to_string(),
+                ]
+            }));
+            table(&lines)
+        }
+    }
+}
+
+fn render_redrive(rows: &[Redriven], format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Json => {
+            let items: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "seq": r.seq,
+                        "topic": r.topic,
+                        "type": r.event_type,
+                        "aggregate": r.aggregate_id,
+                    })
+                })
+                .collect();
+            format!("{}\n", json!({ "redriven": items }))
+        }
+        OutputFormat::Text => {
+            let mut out: String = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "re-drove {} (seq {}, {} {}, aggregate {})\n",
+                        r.id, r.seq, r.topic, r.event_type, r.aggregate_id
+                    )
+                })
+                .collect();
+            out.push_str(&format!(
+                "{} parked event(s) re-driven; the relay publishes them now\n",
+                rows.len()
+            ));
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use m3o_events::outbox::admin::StuckState;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0)
+            .single()
+            .expect("valid time")
+    }
+
+    #[test]
+    fn ages_are_coarse() {
+        assert_eq!(age(at(0), at(5)), "5s");
+        assert_eq!(age(at(0), at(125)), "2m5s");
+        assert_eq!(age(at(0), at(3 * 3600 + 120)), "3h2m");
+        assert_eq!(age(at(0), at(2 * 86_400 + 3600)), "2d1h");
+        assert_eq!(age(at(10), at(0)), "0s", "clock skew is not negative");
+    }
+
+    #[test]
+    fn list_renders_columns_and_json() {
+        let row = StuckRow {
+            id: uuid::Uuid::nil(),
+            seq: 7,
+            topic: "customers".into(),
+            event_type: "EventTypeCreated".into(),
+            aggregate_id: "c1".into(),
+            attempts: 3,
+            last_error: Some("WRONGTYPE: Operation against a key".into()),
+            created_at: at(0),
+            parked_at: Some(at(1)),
+            state: StuckState::Parked,
+        };
+        let text = render_list(std::slice::from_ref(&row), at(65), OutputFormat::Text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID  "), "{text}");
+        assert!(
+            lines[1].contains("  7    customers  EventTypeCreated  c1"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("parked  3         1m5s  WRONGTYPE: Operation against a key"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render_list(&[row], at(65), OutputFormat::Json)).expect("json");
+        assert_eq!(json[0]["state"], "parked");
+        assert_eq!(json[0]["ageSeconds"], 65);
+        assert_eq!(json[0]["type"], "EventTypeCreated");
+    }
+}

@@ -73,12 +73,9 @@ pub async fn database(
     schema: &str,
     max_connections: u32,
 ) -> Result<PgPool, StartupError> {
-    let url = database_flags(url, schema)?;
-    bounded(
-        "--database-url",
-        &redact(url),
-        m3o_controllers::store::connect(url, schema, max_connections),
-    )
+    database_with(url, schema, |url| {
+        m3o_controllers::store::connect(url, schema, max_connections)
+    })
     .await
 }
 
@@ -88,16 +85,22 @@ pub async fn database_read_only(
     schema: &str,
     max_connections: u32,
 ) -> Result<PgPool, StartupError> {
-    let url = database_flags(url, schema)?;
-    bounded(
-        "--database-url",
-        &redact(url),
-        m3o_controllers::store::connect_read_only(url, schema, max_connections),
-    )
+    database_with(url, schema, |url| {
+        m3o_controllers::store::connect_read_only(url, schema, max_connections)
+    })
     .await
 }
 
-fn database_flags<'a>(url: Option<&'a str>, schema: &str) -> Result<&'a str, StartupError> {
+/// Checks the flags, then connects with `connect` within the start-up time bound.
+async fn database_with<'a, F, Fut>(
+    url: Option<&'a str>,
+    schema: &str,
+    connect: F,
+) -> Result<PgPool, StartupError>
+where
+    F: FnOnce(&'a str) -> Fut,
+    Fut: Future<Output = Result<PgPool, m3o_controllers::store::StoreSetupError>>,
+{
     let url = required(url, "--database-url", "DATABASE_URL")?;
     if !m3o_controllers::store::valid_schema_name(schema) {
         return Err(fail(
@@ -105,7 +108,7 @@ fn database_flags<'a>(url: Option<&'a str>, schema: &str) -> Result<&'a str, Sta
             format!("{schema:?} is not a valid schema name (lowercase letters, digits, _)"),
         ));
     }
-    Ok(url)
+    bounded("--database-url", &redact(url), connect(url)).await
 }
 
 /// Opens a Redis client and proves the server answers.

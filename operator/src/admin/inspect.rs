@@ -3,8 +3,6 @@
 //! (each with a verdict), its Secret, and its latest events on the stream and in the
 //! outbox.
 
-use std::fmt::Write as _;
-
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Resource, ResourceExt};
 use m3o_controllers::apikey::{config as apikey_config, secret as key_secret};
@@ -18,8 +16,11 @@ use uuid::Uuid;
 use super::compare::{EntryCheck, SecretCheck, Subject, check_entry, check_secret};
 use super::events::{Delivery, OutboxEvent, StreamEvent, from_outbox, from_stream};
 use super::{Backends, Section, print_json, redis};
+
+mod render;
 use crate::cli::{InspectArgs, InspectKind, OutputFormat};
 use crate::startup::StartupError;
+pub use render::render;
 
 /// Everything `inspect` found.
 #[derive(Serialize, Debug)]
@@ -346,7 +347,7 @@ fn error_of<T>(section: &Section<T>) -> Option<&str> {
 }
 
 /// (type, status, reason, message) of each condition in a status.
-fn conditions(status: &serde_json::Value) -> Vec<(String, String, String, String)> {
+pub(super) fn conditions(status: &serde_json::Value) -> Vec<(String, String, String, String)> {
     let field = |c: &serde_json::Value, name: &str| c[name].as_str().unwrap_or("").to_owned();
     status["conditions"]
         .as_array()
@@ -363,145 +364,4 @@ fn conditions(status: &serde_json::Value) -> Vec<(String, String, String, String
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn compact(value: &serde_json::Value) -> String {
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-/// The human output.
-pub fn render(r: &Report) -> String {
-    let mut out = String::new();
-    let w = &mut out;
-    let _ = writeln!(
-        w,
-        "{} {}/{} (generation {})",
-        r.kind,
-        r.namespace,
-        r.name,
-        r.generation.unwrap_or_default()
-    );
-    let _ = writeln!(w, "  spec:   {}", compact(&r.spec));
-    let mut status = r.status.clone();
-    if let Some(map) = status.as_object_mut() {
-        map.remove("conditions");
-    }
-    let _ = writeln!(w, "  status: {}", compact(&status));
-    for (ty, st, reason, message) in conditions(&r.status) {
-        let _ = writeln!(w, "    {ty:<15} {st:<6} {reason:<22} {message}");
-    }
-    let _ = writeln!(w, "postgres:");
-    match &r.postgres {
-        Section::Read(rows) if rows.is_empty() => {
-            let _ = writeln!(w, "  (no row)");
-        }
-        Section::Read(rows) => {
-            for row in rows {
-                let _ = writeln!(w, "  {}", compact(row));
-            }
-        }
-        Section::Unavailable { error } => {
-            let _ = writeln!(w, "  unavailable: {error}");
-        }
-    }
-    let _ = writeln!(w, "etcd:");
-    match &r.etcd {
-        Section::Read(entries) if entries.is_empty() => {
-            let _ = writeln!(w, "  (no keys derived from it)");
-        }
-        Section::Read(entries) => {
-            for e in entries {
-                let owner = e
-                    .owner
-                    .as_ref()
-                    .map(|o| format!(" ({o})"))
-                    .unwrap_or_default();
-                let _ = writeln!(w, "  {:<8} {}{owner}", e.verdict.as_str(), e.key);
-                if e.verdict.is_drift() {
-                    let show =
-                        |v: &Option<serde_json::Value>| v.as_ref().map_or("-".into(), compact);
-                    let _ = writeln!(w, "           desired: {}", show(&e.desired));
-                    let _ = writeln!(w, "           actual:  {}", show(&e.actual));
-                }
-            }
-        }
-        Section::Unavailable { error } => {
-            let _ = writeln!(w, "  unavailable: {error}");
-        }
-    }
-    match &r.secret {
-        Some(Section::Read(s)) => {
-            let what = match (&s.recorded_key_id, &s.recorded_prefix) {
-                (Some(id), Some(prefix)) => {
-                    format!(" (its key hashes to the recorded hash of key {id}, {prefix}...)")
-                }
-                _ => String::new(),
-            };
-            let _ = writeln!(w, "secret:\n  {:<8} {}{what}", s.verdict.as_str(), s.name);
-        }
-        Some(Section::Unavailable { error }) => {
-            let _ = writeln!(w, "secret:\n  unavailable: {error}");
-        }
-        None => {}
-    }
-    let _ = writeln!(w, "events on the stream (newest first):");
-    match &r.stream {
-        Section::Read(events) if events.is_empty() => {
-            let _ = writeln!(w, "  (none)");
-        }
-        Section::Read(events) => {
-            for e in events {
-                let _ = writeln!(
-                    w,
-                    "  {} {:<32} {}  id={}",
-                    e.created, e.event_type, e.detail, e.id
-                );
-            }
-        }
-        Section::Unavailable { error } => {
-            let _ = writeln!(w, "  unavailable: {error}");
-        }
-    }
-    let _ = writeln!(w, "events in the outbox (newest first):");
-    match &r.outbox {
-        Section::Read(events) if events.is_empty() => {
-            let _ = writeln!(w, "  (none)");
-        }
-        Section::Read(events) => {
-            for e in events {
-                let state = match e.delivery {
-                    Delivery::Published => "published".to_owned(),
-                    Delivery::Pending => format!("pending (attempts {})", e.attempts),
-                    Delivery::Parked => format!(
-                        "PARKED (attempts {}): {}",
-                        e.attempts,
-                        e.last_error.as_deref().unwrap_or("")
-                    ),
-                };
-                let _ = writeln!(
-                    w,
-                    "  #{:<6} {} {:<32} {}  {}  id={}",
-                    e.seq,
-                    e.created_at
-                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    e.event_type,
-                    state,
-                    e.detail,
-                    e.id
-                );
-            }
-        }
-        Section::Unavailable { error } => {
-            let _ = writeln!(w, "  unavailable: {error}");
-        }
-    }
-    if r.problems.is_empty() {
-        let _ = writeln!(w, "verdict: in sync");
-    } else {
-        let _ = writeln!(w, "verdict: {} problem(s)", r.problems.len());
-        for p in &r.problems {
-            let _ = writeln!(w, "  - {p}");
-        }
-    }
-    out
 }

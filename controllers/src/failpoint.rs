@@ -18,6 +18,16 @@ fn enabled() -> &'static [String] {
     })
 }
 
+/// Panics inside the reconcile of one object, when `reconcile-panic=<object>` is
+/// enabled (`<object>` as the runner names it: `Kind/namespace/name`). Tests of panic
+/// containment use it: the panic must stay with that object.
+pub fn panic_for(object: &str) {
+    let point = format!("reconcile-panic={object}");
+    if enabled().contains(&point) {
+        panic!("failpoint {point} reached");
+    }
+}
+
 /// Aborts the process if the failpoint `name` is enabled.
 pub fn hit(name: &str) {
     if enabled().iter().any(|p| p == name) {

@@ -12,6 +12,7 @@
 
 pub mod apikey;
 pub mod backoff;
+pub mod blocker;
 pub mod context;
 pub mod customer;
 pub mod duration;
@@ -20,6 +21,8 @@ pub mod failpoint;
 pub mod finalizer;
 pub mod lifecycle;
 pub mod metrics;
+#[cfg(test)]
+mod planner_props;
 pub mod plans;
 pub mod platform;
 pub mod row_plan;

@@ -2,10 +2,11 @@
 //! status, and per-object backoff, in one place.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType as K8sEventType;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
@@ -17,6 +18,9 @@ use crate::status::{self, Cond, HasStatus, types};
 
 /// Changes to one object within this window collapse into one reconcile.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Retry delay after a lost race ([`Error::Transient`]): the winner's write is already
+/// visible, so the next pass resolves it; no growing backoff.
+const TRANSIENT_RETRY: Duration = Duration::from_millis(250);
 
 /// The API of `K` in the watched namespace, or in all namespaces.
 pub fn scoped_api<K>(ctx: &Context) -> Api<K>
@@ -103,8 +107,12 @@ pub async fn run_with<K, F, Fut>(
                 let reconcile = reconcile.clone();
                 async move { observed(obj, ctx, kind, reconcile).await }
             },
-            move |obj: Arc<K>, _err: &Error, ctx: Arc<Context>| {
-                Action::requeue(ctx.backoff.next_delay(&object_key(obj.as_ref())))
+            move |obj: Arc<K>, err: &Error, ctx: Arc<Context>| {
+                if err.is_transient() {
+                    Action::requeue(TRANSIENT_RETRY)
+                } else {
+                    Action::requeue(ctx.backoff.next_delay(&object_key(obj.as_ref())))
+                }
             },
             ctx,
         )
@@ -117,7 +125,9 @@ pub async fn run_with<K, F, Fut>(
 }
 
 /// Times and counts a reconcile; on failure records the error in status (Ready=False
-/// with a specific reason) so admins see an outage without reading logs.
+/// with a specific reason) so admins see an outage without reading logs. A panic stays
+/// with its object: it becomes [`Error::Panicked`] (`InternalError` in status, a metric,
+/// a Warning Event) and the controller goes on with every other object.
 async fn observed<K, F, Fut>(
     obj: Arc<K>,
     ctx: Arc<Context>,
@@ -131,9 +141,19 @@ where
 {
     let _timer = ctx.metrics.reconcile_started(kind);
     let key = object_key(obj.as_ref());
-    let result = reconcile(obj.clone(), ctx.clone()).await;
+    let result = AssertUnwindSafe(async {
+        crate::failpoint::panic_for(&key);
+        reconcile(obj.clone(), ctx.clone()).await
+    })
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|panic| Err(Error::Panicked(panic_message(panic.as_ref()))));
     match &result {
         Ok(_) => ctx.backoff.reset(&key),
+        Err(err) if err.is_transient() => {
+            ctx.metrics.reconcile_failed(kind, err.metric_label());
+            tracing::debug!(kind, object = %key, error = %err, "reconcile lost a race");
+        }
         Err(err) => {
             ctx.metrics.reconcile_failed(kind, err.metric_label());
             tracing::warn!(kind, object = %key, error = %err, "reconcile failed");
@@ -161,4 +181,26 @@ where
         }
     }
     result
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_are_read_from_both_payload_kinds() {
+        let literal = std::panic::catch_unwind(|| panic!("boom")).expect_err("panics");
+        assert_eq!(panic_message(literal.as_ref()), "boom");
+        let formatted = std::panic::catch_unwind(|| panic!("boom {}", 42)).expect_err("panics");
+        assert_eq!(panic_message(formatted.as_ref()), "boom 42");
+    }
 }

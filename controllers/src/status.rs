@@ -38,7 +38,15 @@ pub mod reasons {
     pub const BLOCKED: &str = "Blocked";
     pub const DELETING: &str = "Deleting";
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
-    pub const INVALID: &str = "Invalid";
+    /// The spec passed the schema but the controller cannot act on it (an object stored
+    /// before a schema bound existed, a rule only the controller can check).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A database constraint was violated (named in the message).
+    pub const CONSTRAINT_VIOLATION: &str = "ConstraintViolation";
+    /// The database refused a statement.
+    pub const DATABASE_ERROR: &str = "DatabaseError";
+    /// A bug met while reconciling this object (a panic included): the others go on.
+    pub const INTERNAL_ERROR: &str = "InternalError";
 }
 
 /// A condition as a reconciler decides it; times and generation are filled in by [`merge`].

@@ -19,6 +19,7 @@ use crate::common::{Condition, CustomerRef, DeletionPolicy};
     category = "m3o",
     shortname = "apikey",
     shortname = "ak",
+    selectable = ".spec.customerRef.name",
     doc = "An API key of a customer: the key is issued into a Secret, its hash is published to etcd for the API gateway.",
     printcolumn(
         name = "Customer",
@@ -56,7 +57,7 @@ pub struct ApiKeySpec {
     /// APIs the key may call: `*` for all, or API names such as `helloworld`.
     #[schemars(
         length(min = 1, max = 64),
-        inner(regex(pattern = r"^(\*|[a-z0-9-]+)$"))
+        inner(length(min = 1, max = 63), regex(pattern = r"^(\*|[a-z0-9-]+)$"))
     )]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub scopes: Vec<String>,
@@ -74,7 +75,8 @@ pub struct ApiKeySpec {
     #[serde(default)]
     pub blocked: bool,
 
-    /// Why the key is blocked, for the customer.
+    /// Why the key is blocked, for the customer: shown in status, carried by the
+    /// BlockKey event and the gateway entry (a gateway can show it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
     pub blocked_message: Option<String>,
@@ -88,12 +90,15 @@ pub struct ApiKeySpec {
     #[schemars(range(min = 0))]
     pub rotation_generation: i64,
 
-    /// How long the previous key stays valid after a rotation (Go duration, e.g. `1h`, `90s`).
+    /// How long the previous key stays valid after a rotation (Go duration, e.g. `1h`,
+    /// `90s`; at most `8760h`, one year).
     #[serde(default = "default_grace_period")]
     #[schemars(
         length(min = 2, max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('8760h')")
+        .message("rotationGracePeriod must be at most 8760h (one year)"))]
     pub rotation_grace_period: String,
 
     /// What happens to the external records when this resource is deleted.

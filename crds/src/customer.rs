@@ -61,8 +61,12 @@ pub struct CustomerSpec {
     #[serde(default)]
     pub state: CustomerState,
 
-    /// Free-form metadata carried into the record and events.
+    /// Free-form metadata carried into the record and events: at most 64 entries,
+    /// keys of 1 to 63 characters, values of at most 1024.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "meta_schema")]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 63)")
+        .message("meta keys must be 1 to 63 characters"))]
     pub meta: BTreeMap<String, String>,
 
     /// UUID of an existing customer record to adopt. Immutable once set; when unset
@@ -167,3 +171,18 @@ pub struct CustomerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<CustomerStatusState>,
 }
+
+/// Bounds of `spec.meta`: a map of at most [`META_MAX_ENTRIES`] strings of at most
+/// [`META_MAX_VALUE`] characters (key lengths are checked by a CEL rule).
+fn meta_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": META_MAX_ENTRIES,
+        "additionalProperties": {"type": "string", "maxLength": META_MAX_VALUE},
+    })
+}
+
+/// Most entries in `spec.meta`.
+pub const META_MAX_ENTRIES: usize = 64;
+/// Longest value in `spec.meta`, in characters.
+pub const META_MAX_VALUE: usize = 1024;

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::common::{Condition, CustomerRef, DeletionPolicy, Quota};
 
 /// A customer's subscription to a plan. At most one live Subscription per customer:
-/// the oldest holds it, others report `Ready=False`, reason `Conflict`.
+/// the one whose record is in force keeps it; when none is, the oldest takes it. The
+/// others report `Ready=False`, reason `Conflict`.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "m3o.com",
@@ -17,6 +18,7 @@ use crate::common::{Condition, CustomerRef, DeletionPolicy, Quota};
     status = "SubscriptionStatus",
     category = "m3o",
     shortname = "sub",
+    selectable = ".spec.customerRef.name",
     doc = "A customer's subscription to a plan of the operator's plan catalog; its effective quota is published to etcd for the API gateway.",
     printcolumn(
         name = "Customer",

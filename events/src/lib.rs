@@ -151,7 +151,10 @@ mod tests {
                 scopes: vec!["x".into()],
                 id: "k".into(),
             }),
-            block_key: Some(customers::BlockKey { id: "b".into() }),
+            block_key: Some(customers::BlockKey {
+                id: "b".into(),
+                message: "abuse".into(),
+            }),
             subscription_changed: Some(customers::SubscriptionChanged { tier: "t".into() }),
             project_id: "p".into(),
             key_rotated: Some(customers::KeyRotated {
@@ -167,7 +170,8 @@ mod tests {
             0x08, 0x64,                               // 1 type = KeyRotated (100)
             0x5a, 0x06,                               // 11 generate_key
               0x0a, 0x01, b'x', 0x12, 0x01, b'k',     //    scopes, id
-            0x9a, 0x01, 0x03, 0x0a, 0x01, b'b',       // 19 block_key { id }
+            0x9a, 0x01, 0x0a, 0x0a, 0x01, b'b',       // 19 block_key { id,
+              0x12, 0x05, b'a', b'b', b'u', b's', b'e', //    message (2) }
             0xba, 0x01, 0x03, 0x0a, 0x01, b't',       // 23 subscription_changed { tier }
             0xc2, 0x01, 0x01, b'p',                   // 24 project_id
             0xa2, 0x06, 0x06,                         // 100 key_rotated

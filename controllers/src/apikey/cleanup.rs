@@ -37,7 +37,8 @@ pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = secret::secret_name(&key);
     // Only a Secret this ApiKey owns is deleted, never one it was refused to overwrite.
-    if let SecretState::Ours(_) = secret::inspect(secrets.get_opt(&name).await?.as_ref(), &key) {
+    if let SecretState::Ours { .. } = secret::inspect(secrets.get_opt(&name).await?.as_ref(), &key)
+    {
         match secrets.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -56,7 +57,7 @@ async fn detach_secret(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let Some(found) = secrets.get_opt(&name).await? else {
         return Ok(());
     };
-    if !matches!(secret::inspect(Some(&found), key), SecretState::Ours(_)) {
+    if !matches!(secret::inspect(Some(&found), key), SecretState::Ours { .. }) {
         return Ok(());
     }
     let uid = key.uid().unwrap_or_default();

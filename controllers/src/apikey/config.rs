@@ -6,6 +6,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use m3o_crds::ApiKey;
 use serde::Serialize;
 
+use super::plan::blocked_message;
 use crate::platform::desired::{DesiredEntry, owner_ref};
 use crate::store::api_keys::ApiKeyRow;
 use crate::store::customers::CustomerRow;
@@ -20,6 +21,9 @@ pub struct ApiKeyConfig {
     pub status: String,
     /// RFC 3339; null when the key does not expire.
     pub expires_at: Option<String>,
+    /// Why the key is blocked; present only when `status` is `blocked`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_message: Option<String>,
 }
 
 /// The key of a hash, relative to the prefix.
@@ -66,6 +70,8 @@ pub fn entry(
         scopes: row.scopes.clone(),
         status: status.to_owned(),
         expires_at: expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+        blocked_message: (status == "blocked")
+            .then(|| blocked_message(&row.blocked_message, &customer.status)),
     };
     Some(DesiredEntry {
         value: serde_json::to_value(config).unwrap_or_default(),
@@ -116,6 +122,7 @@ mod tests {
             generation: 1,
             rotation_generation: 0,
             grace_until: None,
+            blocked_message: String::new(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
             revoked_at: None,

@@ -4,14 +4,53 @@
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use m3o_crds::{ApiKey, ApiKeyState, ApiKeyStatus};
+use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, ApiKeyStatus};
 use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
 
-use super::secret::IssuedKey;
+use super::secret::{FoundKey, IssuedKey};
+use crate::blocker::Blocker;
+use crate::duration;
 use crate::status::{Cond, merge, reasons, types};
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
 use crate::store::customers::{CustomerRow, K8sRef};
+
+/// Longest rotation grace period: the schema's bound (`8760h`), checked again here for
+/// objects stored before the schema had it.
+pub const MAX_GRACE: chrono::Duration = chrono::Duration::hours(8760);
+
+/// `spec.rotationGracePeriod` as a duration, or why it cannot be used. Checked before
+/// anything is written (the Secret included).
+pub fn grace_period(spec: &ApiKeySpec) -> Result<chrono::Duration, Blocker> {
+    let invalid = |why: &str| {
+        let message = format!(
+            "spec.rotationGracePeriod {:?} {why}; use a Go duration of at most 8760h, such as 1h",
+            spec.rotation_grace_period
+        );
+        Blocker::new(reasons::INVALID_SPEC, message)
+    };
+    let parsed = duration::parse(&spec.rotation_grace_period)
+        .map_err(|_| invalid("is not a Go duration"))?;
+    chrono::Duration::from_std(parsed)
+        .ok()
+        .filter(|grace| *grace <= MAX_GRACE)
+        .ok_or_else(|| invalid("is longer than one year"))
+}
+
+/// Whether the key found in the Secret is kept (else a fresh one is issued). The tamper
+/// check: a recorded key is kept only while it hashes to its record, whatever its
+/// format (keys issued before the checksum format keep working); a key not recorded
+/// yet (a crash after the Secret was written) only if it is well formed and carries
+/// the operator's hash annotation. A revoked key, or one of an older rotation
+/// generation, is never reused.
+pub fn reusable(found: &FoundKey, rotation_generation: i64, rows: &[ApiKeyRow]) -> bool {
+    let record = rows.iter().find(|r| r.id == found.issued.key_id);
+    let trusted = match record {
+        Some(row) => row.key_hash == found.issued.hash && row.revoked_at.is_none(),
+        None => found.well_formed && found.annotated,
+    };
+    trusted && found.issued.rotation_generation >= rotation_generation
+}
 
 /// The state of a key as the gateway must see it. Precedence: revoked, expired, blocked.
 pub fn effective_state(
@@ -78,6 +117,28 @@ pub struct KeyEvent {
     pub key_id: Uuid,
     pub scopes: Vec<String>,
     pub previous_id: Option<Uuid>,
+    /// Why the key is blocked (BlockKey only).
+    pub message: String,
+}
+
+/// What the row records of `spec.blockedMessage`: the message while the spec blocks the
+/// key, nothing otherwise.
+pub fn recorded_blocked_message(spec: &ApiKeySpec) -> String {
+    if spec.blocked {
+        spec.blocked_message.clone().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+/// Why a blocked key is blocked, as the gateway entry and the BlockKey event say it:
+/// the admin's message, else the cause.
+pub fn blocked_message(recorded: &str, customer_status: &str) -> String {
+    match recorded {
+        "" if customer_status == "banned" => "the customer is banned".to_owned(),
+        "" => "the key is blocked".to_owned(),
+        message => message.to_owned(),
+    }
 }
 
 /// Row writes and events of one reconcile, committed together.
@@ -107,7 +168,25 @@ fn event(kind: EventType, row_id: Uuid, scopes: &[String]) -> KeyEvent {
         key_id: row_id,
         scopes: scopes.to_vec(),
         previous_id: None,
+        message: String::new(),
     }
+}
+
+/// The event of a key's move from `from` to `to`, if any, with the block message on
+/// a BlockKey.
+fn transition(
+    o: &Observed,
+    from: &str,
+    to: &str,
+    row_id: Uuid,
+    scopes: &[String],
+) -> Option<KeyEvent> {
+    let mut e = event(transition_event(from, to)?, row_id, scopes);
+    if e.kind == EventType::BlockKey {
+        let recorded = recorded_blocked_message(&o.key.spec);
+        e.message = blocked_message(&recorded, &o.customer.status);
+    }
+    Some(e)
 }
 
 /// Plans the current key (the one in the Secret) and the previous ones.
@@ -126,6 +205,7 @@ pub fn plan(o: &Observed) -> KeyPlan {
         description: spec.description.clone(),
         expires_at,
         grace_until: None,
+        blocked_message: recorded_blocked_message(spec),
         generation: o.key.metadata.generation.unwrap_or_default(),
     };
     let mut plan = KeyPlan::default();
@@ -149,16 +229,18 @@ pub fn plan(o: &Observed) -> KeyPlan {
                 o.issued.key_id,
                 &fields.scopes,
             ));
-            plan.events.extend(
-                transition_event("active", status)
-                    .map(|t| event(t, o.issued.key_id, &fields.scopes)),
-            );
+            plan.events.extend(transition(
+                o,
+                "active",
+                status,
+                o.issued.key_id,
+                &fields.scopes,
+            ));
         }
         Some(row) => {
             if row.fields() != fields {
-                plan.events.extend(
-                    transition_event(&row.status, status).map(|t| event(t, row.id, &fields.scopes)),
-                );
+                plan.events
+                    .extend(transition(o, &row.status, status, row.id, &fields.scopes));
                 plan.updates.push((row.id, fields.clone()));
             }
         }
@@ -193,13 +275,16 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
             } else {
                 o.grace
             };
-            let until = o.now + grace;
+            // Saturating: the grace period is bounded, but a clock at the end of time
+            // must not panic the controller.
+            let until = o
+                .now
+                .checked_add_signed(grace)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             fields.grace_until = Some(until);
             plan.events.push(KeyEvent {
-                kind: EventType::KeyRotated,
-                key_id: o.issued.key_id,
-                scopes: o.key.spec.scopes.clone(),
                 previous_id: Some(row.id),
+                ..event(EventType::KeyRotated, o.issued.key_id, &o.key.spec.scopes)
             });
             until
         }
@@ -213,9 +298,10 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
     ));
     if status != row.status {
         plan.events
-            .extend(transition_event(&row.status, status).map(|t| event(t, row.id, &row.scopes)));
+            .extend(transition(o, &row.status, status, row.id, &row.scopes));
         fields.status = status.to_owned();
     }
+    fields.blocked_message = recorded_blocked_message(&o.key.spec);
     if fields != row.fields() {
         plan.updates.push((row.id, fields));
     }
@@ -253,7 +339,12 @@ pub fn to_event(e: &KeyEvent, customer: customers::Customer) -> customers::Event
             })
         }
         EventType::DeleteKey => event.delete_key = Some(customers::DeleteKey { id }),
-        EventType::BlockKey => event.block_key = Some(customers::BlockKey { id }),
+        EventType::BlockKey => {
+            event.block_key = Some(customers::BlockKey {
+                id,
+                message: e.message.clone(),
+            })
+        }
         EventType::UnblockKey => event.unblock_key = Some(customers::UnblockKey { id }),
         EventType::KeyExpired => event.key_expired = Some(customers::KeyExpired { id }),
         EventType::KeyRotated => {
@@ -278,7 +369,12 @@ pub fn synced_status(key: &ApiKey, current: &ApiKeyRow, secret_name: &str) -> Ap
         ApiKeyState::Blocked if key.spec.blocked => (
             true,
             reasons::BLOCKED,
-            format!("key {} is blocked by spec.blocked", current.id),
+            match key.spec.blocked_message.as_deref() {
+                Some(m) if !m.is_empty() => {
+                    format!("key {} is blocked by spec.blocked: {m}", current.id)
+                }
+                _ => format!("key {} is blocked by spec.blocked", current.id),
+            },
         ),
         ApiKeyState::Blocked => (
             true,

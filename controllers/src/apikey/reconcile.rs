@@ -18,12 +18,12 @@ use super::secret::{self, IssuedKey, SecretState};
 use crate::context::Context;
 use crate::customer::plan::payload;
 use crate::error::Error;
+use crate::failpoint;
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::status::{self, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
-use crate::{duration, failpoint};
 
 pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();
@@ -56,22 +56,24 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
         return wait(&api, &key, ctx, reason, message).await;
     };
 
+    // Validated before the Secret is touched: an unusable spec issues no key.
+    let grace = match plan::grace_period(&key.spec) {
+        Ok(grace) => grace,
+        Err(b) => return wait(&api, &key, ctx, b.reason, b.message).await,
+    };
     let issued = match current_key(ctx, &key, customer_obj.as_ref(), &rows).await? {
         Ok(issued) => issued,
         Err((reason, message)) => return wait(&api, &key, ctx, reason, message).await,
     };
 
-    let grace = duration::parse(&key.spec.rotation_grace_period).map_err(Error::Invalid)?;
-    let grace = chrono::Duration::from_std(grace)
-        .map_err(|e| Error::Invalid(format!("rotationGracePeriod: {e}")))?;
     let key_plan = record(ctx, &key, &customer, &issued, grace).await?;
 
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
     converge_config(ctx, &rows).await?;
 
     let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
-        Error::Invalid(format!(
-            "key {} vanished after it was recorded",
+        Error::Transient(format!(
+            "key {} was revoked concurrently after it was recorded",
             issued.key_id
         ))
     })?;
@@ -93,14 +95,7 @@ async fn current_key(
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let name = secret::secret_name(key);
-    let revoked = |id| rows.iter().any(|r| r.id == id && r.revoked_at.is_some());
-    // The hash recorded for a key id: a Secret whose key differs was tampered with.
-    let recorded_as = |id| {
-        rows.iter()
-            .find(|r| r.id == id)
-            .map(|r| r.key_hash.as_str())
-    };
-    match secret::inspect(secrets.get_opt(&name).await?.as_ref(), key) {
+    let read_at = match secret::inspect(secrets.get_opt(&name).await?.as_ref(), key) {
         SecretState::Foreign => {
             return Ok(Err((
                 reasons::CONFLICT,
@@ -109,15 +104,16 @@ async fn current_key(
                 ),
             )));
         }
-        SecretState::Ours(Some(issued))
-            if issued.rotation_generation >= key.spec.rotation_generation
-                && !revoked(issued.key_id)
-                && recorded_as(issued.key_id).is_none_or(|h| h == issued.hash) =>
-        {
-            return Ok(Ok(issued));
+        SecretState::Ours {
+            found: Some(found), ..
+        } if plan::reusable(&found, key.spec.rotation_generation, rows) => {
+            return Ok(Ok(found.issued));
         }
-        _ => {}
-    }
+        SecretState::Ours {
+            resource_version, ..
+        } => resource_version,
+        SecretState::Missing => None,
+    };
     // A new key is issued only for a Customer that is Ready now.
     let ready = customer_obj
         .and_then(|c| c.status.as_ref())
@@ -130,7 +126,7 @@ async fn current_key(
         );
         return Ok(Err((reasons::CUSTOMER_NOT_READY, message)));
     }
-    let issued = secret::issue(&secrets, key, key.spec.rotation_generation).await?;
+    let issued = secret::issue(&secrets, key, key.spec.rotation_generation, read_at).await?;
     tracing::info!(apikey = %key.name_any(), key_id = %issued.key_id, prefix = %issued.prefix, "key issued into Secret {name}");
     failpoint::hit("apikey-secret-written");
     Ok(Ok(issued))

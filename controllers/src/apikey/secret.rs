@@ -4,11 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use m3o_crds::ApiKey;
 use rand::TryRngCore;
@@ -20,8 +18,11 @@ use crate::status::FIELD_MANAGER;
 
 /// Recognisable prefix of every key, so a leaked key is easy to spot and scan for.
 pub const KEY_PREFIX: &str = "m3o_";
-/// Bytes of randomness in a key (256 bits).
-const KEY_BYTES: usize = 32;
+/// Base62 characters of randomness in a key: 43 * log2(62) = 256.03 bits.
+const RANDOM_CHARS: usize = 43;
+/// Base62 characters of the CRC-32 checksum (62^6 > 2^32).
+const CHECKSUM_CHARS: usize = 6;
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Data keys of the Secret.
 pub const DATA_API_KEY: &str = "apiKey";
 pub const DATA_KEY_ID: &str = "keyId";
@@ -33,7 +34,9 @@ pub const HASH_ANNOTATION: &str = "m3o.com/key-sha256";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "m3o-operator");
 pub const APIKEY_LABEL: &str = "m3o.com/apikey";
 
-/// A key's plaintext. Its Debug and Display never show the key.
+/// A key's plaintext: `m3o_<43 base62 random>_<6 base62 CRC-32 of what precedes>`.
+/// The checksum lets secret scanners and the tamper check recognise a real key
+/// without a lookup. Its Debug and Display never show the key.
 pub struct Plaintext(String);
 
 impl fmt::Debug for Plaintext {
@@ -43,14 +46,26 @@ impl fmt::Debug for Plaintext {
 }
 
 impl Plaintext {
-    /// A fresh key: the prefix and 256 bits from the OS CSPRNG, base64url.
+    /// A fresh key from the OS CSPRNG.
     pub fn generate() -> Result<Self, rand::rand_core::OsError> {
-        let mut bytes = [0u8; KEY_BYTES];
-        OsRng.try_fill_bytes(&mut bytes)?;
-        Ok(Self(format!(
-            "{KEY_PREFIX}{}",
-            URL_SAFE_NO_PAD.encode(bytes)
-        )))
+        let mut body = String::with_capacity(KEY_PREFIX.len() + RANDOM_CHARS + 1 + CHECKSUM_CHARS);
+        body.push_str(KEY_PREFIX);
+        let mut random = 0;
+        let mut bytes = [0u8; 64];
+        while random < RANDOM_CHARS {
+            OsRng.try_fill_bytes(&mut bytes)?;
+            // Rejection sampling keeps every character uniform: 248 = 4 * 62.
+            for b in bytes
+                .iter()
+                .filter(|b| **b < 248)
+                .take(RANDOM_CHARS - random)
+            {
+                body.push(char::from(BASE62[usize::from(*b % 62)]));
+                random += 1;
+            }
+        }
+        let checksum = checksum(&body);
+        Ok(Self(format!("{body}_{checksum}")))
     }
 
     /// Hex SHA-256, the only form of the key outside the Secret.
@@ -60,13 +75,43 @@ impl Plaintext {
 
     /// The first 8 characters: the prefix and 4 random ones, shown to identify a key.
     pub fn display_prefix(&self) -> String {
-        self.0.chars().take(8).collect()
+        display_prefix(self.0.as_bytes())
     }
+}
+
+/// CRC-32 of `body` in fixed-width base62.
+fn checksum(body: &str) -> String {
+    let mut n = crc32fast::hash(body.as_bytes());
+    let mut out = [b'0'; CHECKSUM_CHARS];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True when `key` has the format of a key this operator issues, checksum included.
+pub fn well_formed(key: &[u8]) -> bool {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return false;
+    };
+    let Some((body, sum)) = key.rsplit_once('_') else {
+        return false;
+    };
+    let random = body.strip_prefix(KEY_PREFIX).unwrap_or_default();
+    random.len() == RANDOM_CHARS
+        && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        && sum.len() == CHECKSUM_CHARS
+        && checksum(body) == sum
 }
 
 /// Hex SHA-256 of key bytes.
 pub fn hash(key: &[u8]) -> String {
     hex::encode(Sha256::digest(key))
+}
+
+fn display_prefix(key: &[u8]) -> String {
+    String::from_utf8_lossy(&key[..key.len().min(8)]).into_owned()
 }
 
 /// What the operator knows of the key in a Secret: everything but the plaintext.
@@ -76,6 +121,16 @@ pub struct IssuedKey {
     pub hash: String,
     pub prefix: String,
     pub rotation_generation: i64,
+}
+
+/// A key read from one of our Secrets, with what the tamper check needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundKey {
+    pub issued: IssuedKey,
+    /// The key has this operator's format and a valid checksum.
+    pub well_formed: bool,
+    /// The hash annotation matches the key (the operator wrote both, or someone edited both).
+    pub annotated: bool,
 }
 
 /// The Secret name of an ApiKey (`spec.secretName`, default `<name>-api-key`).
@@ -91,8 +146,12 @@ pub enum SecretState {
     Missing,
     /// Exists but was not made for this ApiKey: never overwritten.
     Foreign,
-    /// Ours, holding this key (or no readable key, as `None`).
-    Ours(Option<IssuedKey>),
+    /// Ours: the key in it (`None` when unreadable) and the resourceVersion it was read
+    /// at, the precondition for replacing it.
+    Ours {
+        found: Option<FoundKey>,
+        resource_version: Option<String>,
+    },
 }
 
 /// Reads the Secret and identifies its key without keeping the plaintext.
@@ -120,37 +179,41 @@ pub fn inspect(secret: Option<&Secret>, owner: &ApiKey) -> SecretState {
         .annotations()
         .get(ROTATION_ANNOTATION)
         .and_then(|g| g.parse().ok());
-    // A key that is not the one issued (edited by hand) counts as no key: re-issued.
-    let key = key.filter(|k| secret.annotations().get(HASH_ANNOTATION) == Some(&hash(k)));
-    let issued = match (key, key_id, generation) {
-        (Some(key), Some(key_id), Some(rotation_generation)) => Some(IssuedKey {
-            key_id,
-            hash: hash(key),
-            prefix: String::from_utf8_lossy(&key[..key.len().min(8)]).into_owned(),
-            rotation_generation,
-        }),
+    let found = match (key, key_id, generation) {
+        (Some(key), Some(key_id), Some(rotation_generation)) => {
+            let hash = hash(key);
+            Some(FoundKey {
+                well_formed: well_formed(key),
+                annotated: secret.annotations().get(HASH_ANNOTATION) == Some(&hash),
+                issued: IssuedKey {
+                    key_id,
+                    hash,
+                    prefix: display_prefix(key),
+                    rotation_generation,
+                },
+            })
+        }
         _ => None,
     };
-    SecretState::Ours(issued)
+    SecretState::Ours {
+        found,
+        resource_version: secret.resource_version(),
+    }
 }
 
-/// Writes a new key into the ApiKey's Secret (creating it if needed) and returns
-/// what to record. The plaintext is dropped on return.
-pub async fn issue(
-    api: &Api<Secret>,
+/// The Secret carrying a fresh key for `owner` (pure: no I/O).
+pub fn build(
     owner: &ApiKey,
+    plaintext: Plaintext,
+    key_id: Uuid,
     rotation_generation: i64,
-) -> Result<IssuedKey, crate::Error> {
-    let plaintext = Plaintext::generate()
-        .map_err(|e| crate::Error::Invalid(format!("OS random number generator failed: {e}")))?;
-    let key_id = Uuid::now_v7();
+) -> (Secret, IssuedKey) {
     let issued = IssuedKey {
         key_id,
         hash: plaintext.hash(),
         prefix: plaintext.display_prefix(),
         rotation_generation,
     };
-    let name = secret_name(owner);
     let mut secret = Secret {
         data: Some(BTreeMap::from([
             (
@@ -165,7 +228,7 @@ pub async fn issue(
         type_: Some("Opaque".into()),
         ..Default::default()
     };
-    secret.metadata.name = Some(name.clone());
+    secret.metadata.name = Some(secret_name(owner));
     secret.metadata.namespace = owner.namespace();
     secret.metadata.labels = Some(BTreeMap::from([
         (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
@@ -179,16 +242,41 @@ pub async fn issue(
         (HASH_ANNOTATION.to_owned(), issued.hash.clone()),
     ]));
     secret.metadata.owner_references = owner.controller_owner_ref(&()).map(|o| vec![o]);
-    let mut body = serde_json::to_value(&secret)
-        .map_err(|e| crate::Error::Invalid(format!("encoding Secret: {e}")))?;
-    body["apiVersion"] = "v1".into();
-    body["kind"] = "Secret".into();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    (secret, issued)
+}
+
+/// Writes a new key into the ApiKey's Secret and returns what to record; the plaintext
+/// is dropped on return. A missing Secret is created (never applied over an object that
+/// appeared in between); one of ours is replaced only at the resourceVersion it was
+/// read at. Either race is a 409, retried as [`crate::Error::Transient`].
+pub async fn issue(
+    api: &Api<Secret>,
+    owner: &ApiKey,
+    rotation_generation: i64,
+    read_at: Option<String>,
+) -> Result<IssuedKey, crate::Error> {
+    let plaintext = Plaintext::generate()
+        .map_err(|e| crate::Error::Internal(format!("OS random number generator failed: {e}")))?;
+    let (mut secret, issued) = build(owner, plaintext, Uuid::now_v7(), rotation_generation);
+    match read_at {
+        None => {
+            api.create(&PostParams::default(), &secret).await?;
+        }
+        Some(resource_version) => {
+            let name = secret_name(owner);
+            secret.metadata.resource_version = Some(resource_version);
+            let mut body = serde_json::to_value(&secret)
+                .map_err(|e| crate::Error::Internal(format!("encoding Secret: {e}")))?;
+            body["apiVersion"] = "v1".into();
+            body["kind"] = "Secret".into();
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+        }
+    }
     Ok(issued)
 }
 
@@ -197,11 +285,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_long_random_and_prefixed() {
+    fn keys_are_long_random_prefixed_and_checksummed() {
         let a = Plaintext::generate().expect("key");
         let b = Plaintext::generate().expect("key");
         assert!(a.0.starts_with(KEY_PREFIX));
-        assert_eq!(a.0.len(), KEY_PREFIX.len() + 43, "256 bits in base64url");
+        assert_eq!(
+            a.0.len(),
+            KEY_PREFIX.len() + RANDOM_CHARS + 1 + CHECKSUM_CHARS
+        );
+        assert!(well_formed(a.0.as_bytes()), "{}", a.0.len());
         assert_ne!(a.0, b.0);
         assert_eq!(a.hash().len(), 64);
         assert_eq!(a.display_prefix().len(), 8);
@@ -209,6 +301,32 @@ mod tests {
             !format!("{a:?}").contains(&a.0[4..]),
             "Debug never shows the key"
         );
+    }
+
+    #[test]
+    fn the_checksum_catches_edits_and_short_keys() {
+        let key = Plaintext::generate().expect("key").0;
+        let mut edited = key.clone().into_bytes();
+        edited[10] = if edited[10] == b'a' { b'b' } else { b'a' };
+        assert!(!well_formed(&edited), "one character changed");
+        for bad in [
+            "m3o_x",
+            "m3o_",
+            "",
+            "m3o_chosen-by-hand-not-by-the-operator-000000",
+            &key[..key.len() - 1],
+            &format!("{key}0"),
+        ] {
+            assert!(!well_formed(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_legacy_base64_key_is_not_well_formed() {
+        // Keys issued before the checksum format: recognised by their recorded hash only.
+        assert!(!well_formed(
+            b"m3o_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Deleting a Customer: with `Delete`, mark the row deleted (and announce it in the
-//! same transaction), then remove its etcd key; with `Orphan`, leave both in place.
+//! Deleting a Customer: with `Delete`, cancel its subscription in force and mark the
+//! row deleted (announcing both in the same transaction), then remove its etcd keys;
+//! with `Orphan`, leave everything in place.
 //! Every step tolerates having run before, so a crash anywhere just repeats it.
 
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
 use crate::platform::sync;
-use crate::store::customers;
+use crate::store::{customers, subscriptions};
+use crate::subscription;
 
 pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Error> {
     let namespace = customer.namespace().unwrap_or_default();
@@ -37,6 +39,12 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
     let mut tx = ctx.db.begin().await?;
     let deleted = match customers::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
         Some(row) => {
+            // Its subscription ends with it (the quota key goes with the convergence
+            // below); keys are revoked by their own controller, which sees the
+            // customer gone.
+            if let Some(in_force) = subscriptions::lock_live_by_customer(&mut tx, row.id).await? {
+                subscription::cleanup::cancel(&mut tx, &in_force, Some(&row)).await?;
+            }
             let row = customers::mark_deleted(&mut tx, row.id).await?;
             let message = OutboxMessage::from_event(
                 row.id.to_string(),

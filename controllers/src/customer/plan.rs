@@ -6,6 +6,7 @@ use m3o_crds::{Customer, CustomerStatus, CustomerStatusState};
 use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
 
+use crate::blocker::Blocker;
 use crate::status::{Cond, merge, not_synced, reasons, types};
 use crate::store::customers::{CustomerRecord, CustomerRow, K8sRef};
 
@@ -19,11 +20,14 @@ pub struct Desired {
 
 /// Reads the desired record off the resource. The schema already validated the spec;
 /// what remains is what only the controller can tell.
-pub fn desired(customer: &Customer) -> Result<Desired, String> {
+pub fn desired(customer: &Customer) -> Result<Desired, Blocker> {
     let adopt_id = match &customer.spec.id {
-        Some(id) => {
-            Some(Uuid::parse_str(id).map_err(|e| format!("spec.id {id:?} is not a UUID: {e}"))?)
-        }
+        Some(id) => Some(Uuid::parse_str(id).map_err(|e| {
+            Blocker::new(
+                reasons::INVALID_SPEC,
+                format!("spec.id {id:?} is not a UUID: {e}"),
+            )
+        })?),
         None => None,
     };
     let meta = customer.metadata.clone();

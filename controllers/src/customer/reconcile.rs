@@ -33,7 +33,7 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
     );
     let desired = match plan::desired(&customer) {
         Ok(d) => d,
-        Err(message) => return blocked(&api, &customer, ctx, reasons::INVALID, message).await,
+        Err(b) => return blocked(&api, &customer, ctx, b.reason, b.message).await,
     };
 
     let row = match sync_record(ctx, &customer, &desired).await? {
@@ -72,7 +72,7 @@ async fn sync_record(
         (RowWrite::Keep, Some(row)) => return Ok(RecordOutcome::Synced(row.clone())),
         (RowWrite::Insert(id), _) => customers::insert(&mut tx, *id, &desired.record).await,
         (_, Some(row)) => customers::update(&mut tx, row.id, &desired.record).await,
-        (_, None) => return Err(Error::Invalid("planned an update without a row".into())),
+        (_, None) => return Err(Error::Internal("planned an update without a row".into())),
     };
     let row = match written {
         Ok(row) => row,
@@ -156,8 +156,8 @@ async fn email_conflict(
             Ok(RecordOutcome::Blocked(reasons::CONFLICT, message))
         }
         // The holder went away between the insert and this read: just try again.
-        None => Err(Error::Invalid(format!(
-            "email {email} was briefly in use; retrying"
+        None => Err(Error::Transient(format!(
+            "email {email} was briefly in use"
         ))),
     }
 }

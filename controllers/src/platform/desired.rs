@@ -70,18 +70,24 @@ pub enum KeyOwner {
     Unowned,
 }
 
-/// Classifies a key relative to the prefix.
+/// Classifies a key relative to the prefix. Only the canonical form of an id (lowercase,
+/// hyphenated: what the operator writes) is owned; any other spelling of the same id
+/// (upper case, braces, no hyphens) is a key nothing owns, and is pruned.
 pub fn classify(relative: &str) -> KeyOwner {
     match relative.split_once('/') {
-        Some(("customers", id)) => {
-            Uuid::parse_str(id).map_or(KeyOwner::Unowned, KeyOwner::Customer)
-        }
-        Some(("quotas", id)) => Uuid::parse_str(id).map_or(KeyOwner::Unowned, KeyOwner::Quota),
+        Some(("customers", id)) => canonical_uuid(id).map_or(KeyOwner::Unowned, KeyOwner::Customer),
+        Some(("quotas", id)) => canonical_uuid(id).map_or(KeyOwner::Unowned, KeyOwner::Quota),
         Some(("apikeys", hash)) if apikey_config::is_hash(hash) => {
             KeyOwner::ApiKey(hash.to_owned())
         }
         _ => KeyOwner::Unowned,
     }
+}
+
+fn canonical_uuid(s: &str) -> Option<Uuid> {
+    Uuid::parse_str(s)
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == s)
 }
 
 /// Every key derived from customer `id` (its own config and its dependents'), each with
@@ -275,5 +281,11 @@ mod tests {
         assert_eq!(classify("quotas/x"), KeyOwner::Unowned);
         assert_eq!(classify("stray"), KeyOwner::Unowned);
         assert_eq!(classify("other/x"), KeyOwner::Unowned);
+        let upper = id.hyphenated().to_string().to_uppercase();
+        assert_eq!(classify(&format!("customers/{upper}")), KeyOwner::Unowned);
+        assert_eq!(
+            classify(&format!("quotas/{}", id.simple())),
+            KeyOwner::Unowned
+        );
     }
 }

@@ -94,7 +94,7 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
             return Ok(());
         };
         if response.canceled() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Transient(format!(
                 "etcd watch canceled: {}",
                 response.cancel_reason()
             )));

@@ -106,22 +106,40 @@ impl PlatformConfig {
     }
 
     /// Every key and value under the prefix, with the store revision they were read at.
+    /// Read in pages at one revision (a consistent snapshot), so a prefix of any size
+    /// stays under the gRPC message limit (4 MiB, some 15-20k entries in one response).
     pub async fn list(&self) -> Result<(Vec<(String, Vec<u8>)>, i64), etcd_client::Error> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(
-                format!("{}/", self.prefix),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let kvs = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec())))
-            .collect();
-        Ok((kvs, revision))
+        let prefix = format!("{}/", self.prefix);
+        let end = prefix_end(prefix.as_bytes());
+        let mut kv = self.client.kv_client();
+        let mut kvs = Vec::new();
+        let mut from = prefix.clone().into_bytes();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = kv.get(from.clone(), Some(options)).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let page = resp.kvs();
+            kvs.extend(
+                page.iter()
+                    .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec()))),
+            );
+            match page.last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((kvs, revision)),
+            }
+        }
     }
 
     /// Up to `limit` keys and values under the prefix after the absolute key `after`
@@ -215,9 +233,32 @@ impl RecentRevisions {
     }
 }
 
+/// Keys per page of [`PlatformConfig::list`].
+const LIST_PAGE: i64 = 500;
+
+/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/m3o/"), b"/m3o0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
 
     #[test]
     fn recent_revisions_are_bounded() {

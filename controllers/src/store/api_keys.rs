@@ -23,6 +23,7 @@ pub struct ApiKeyRow {
     pub generation: i64,
     pub rotation_generation: i64,
     pub grace_until: Option<DateTime<Utc>>,
+    pub blocked_message: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -48,6 +49,8 @@ pub struct ApiKeyFields {
     pub description: String,
     pub expires_at: Option<DateTime<Utc>>,
     pub grace_until: Option<DateTime<Utc>>,
+    /// `spec.blockedMessage` while the key is blocked by spec, else empty.
+    pub blocked_message: String,
     pub generation: i64,
 }
 
@@ -59,6 +62,7 @@ impl ApiKeyRow {
             description: self.description.clone(),
             expires_at: self.expires_at,
             grace_until: self.grace_until,
+            blocked_message: self.blocked_message.clone(),
             generation: self.generation,
         }
     }
@@ -66,7 +70,15 @@ impl ApiKeyRow {
 
 const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
                        k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, \
-                       created_at, updated_at, revoked_at";
+                       blocked_message, created_at, updated_at, revoked_at";
+
+// Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
+pub(super) const LIVE_FOR_RESOURCE: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL ORDER BY created_at";
+pub(super) const ALL_FOR_RESOURCE: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at";
+pub(super) const LIVE_BY_HASH: &str = "WHERE key_hash = $1 AND revoked_at IS NULL";
+pub(super) const ALL_FOR_CUSTOMER: &str = "WHERE customer_id = $1";
 
 /// The unrevoked keys of a resource, locked for the rest of the transaction.
 pub async fn lock_live_for_resource(
@@ -75,8 +87,7 @@ pub async fn lock_live_for_resource(
     name: &str,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL \
-         ORDER BY created_at FOR UPDATE"
+        "SELECT {COLUMNS} FROM api_keys {LIVE_FOR_RESOURCE} FOR UPDATE"
     ))
     .bind(namespace)
     .bind(name)
@@ -91,7 +102,7 @@ pub async fn all_for_resource(
     name: &str,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at"
+        "SELECT {COLUMNS} FROM api_keys {ALL_FOR_RESOURCE}"
     ))
     .bind(namespace)
     .bind(name)
@@ -120,12 +131,10 @@ pub async fn live_by_hash<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     hash: &str,
 ) -> Result<Option<ApiKeyRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
-    ))
-    .bind(hash)
-    .fetch_optional(db)
-    .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys {LIVE_BY_HASH}"))
+        .bind(hash)
+        .fetch_optional(db)
+        .await
 }
 
 /// Up to `limit` unrevoked keys with a hash above `after`, in byte order of the hash
@@ -152,7 +161,7 @@ pub async fn all_for_customer<'e, E: sqlx::PgExecutor<'e>>(
     customer_id: Uuid,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE customer_id = $1"
+        "SELECT {COLUMNS} FROM api_keys {ALL_FOR_CUSTOMER}"
     ))
     .bind(customer_id)
     .fetch_all(db)
@@ -163,8 +172,8 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     let f = &key.fields;
     sqlx::query_as(&format!(
         "INSERT INTO api_keys (id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
-         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {COLUMNS}"
+         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, blocked_message) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING {COLUMNS}"
     ))
     .bind(key.id)
     .bind(key.customer_id)
@@ -180,6 +189,7 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     .bind(f.generation)
     .bind(key.rotation_generation)
     .bind(f.grace_until)
+    .bind(&f.blocked_message)
     .fetch_one(tx)
     .await
 }
@@ -192,7 +202,7 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, updated_at = now(), \
+         generation = $7, blocked_message = $8, updated_at = now(), \
          revoked_at = CASE WHEN $3 = 'revoked' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -203,17 +213,21 @@ pub async fn update(
     .bind(f.expires_at)
     .bind(f.grace_until)
     .bind(f.generation)
+    .bind(&f.blocked_message)
     .fetch_one(tx)
     .await
 }
 
+/// Served by the expression index `api_keys_next_clock_change` (ORDER BY + LIMIT, not
+/// an aggregate over every live key).
+pub const NEXT_CLOCK_CHANGE: &str = "SELECT least(expires_at, grace_until) FROM api_keys \
+     WHERE revoked_at IS NULL AND least(expires_at, grace_until) > now() \
+     ORDER BY least(expires_at, grace_until) LIMIT 1";
+
 /// The next time a key's gateway entry changes by the clock alone (an expiry or the
 /// end of a rotation's grace period), if any.
 pub async fn next_clock_change(db: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT min(t) FROM (SELECT least(expires_at, grace_until) AS t FROM api_keys \
-         WHERE revoked_at IS NULL) AS changes WHERE t > now()",
-    )
-    .fetch_one(db)
-    .await
+    sqlx::query_scalar(NEXT_CLOCK_CHANGE)
+        .fetch_optional(db)
+        .await
 }

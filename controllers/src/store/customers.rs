@@ -64,6 +64,15 @@ impl CustomerRow {
 const COLUMNS: &str = "id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, \
                        generation, created_at, updated_at, deleted_at";
 
+// Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
+pub(super) const LIVE_BY_K8S_REF: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 AND deleted_at IS NULL";
+pub(super) const BY_ID: &str = "WHERE id = $1";
+pub(super) const LIVE_BY_ID: &str = "WHERE id = $1 AND deleted_at IS NULL";
+pub(super) const LIVE_BY_EMAIL: &str = "WHERE lower(email) = lower($1) AND deleted_at IS NULL";
+pub(super) const LATEST_BY_K8S_REF: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at DESC LIMIT 1";
+
 /// The live row of a resource, locked for the rest of the transaction.
 pub async fn lock_live_by_k8s_ref(
     tx: &mut PgConnection,
@@ -71,8 +80,7 @@ pub async fn lock_live_by_k8s_ref(
     name: &str,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM customers \
-         WHERE k8s_namespace = $1 AND k8s_name = $2 AND deleted_at IS NULL FOR UPDATE"
+        "SELECT {COLUMNS} FROM customers {LIVE_BY_K8S_REF} FOR UPDATE"
     ))
     .bind(namespace)
     .bind(name)
@@ -86,7 +94,7 @@ pub async fn lock_by_id(
     id: Uuid,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE id = $1 FOR UPDATE"
+        "SELECT {COLUMNS} FROM customers {BY_ID} FOR UPDATE"
     ))
     .bind(id)
     .fetch_optional(tx)
@@ -98,12 +106,10 @@ pub async fn live_by_id<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     id: Uuid,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE id = $1 AND deleted_at IS NULL"
-    ))
-    .bind(id)
-    .fetch_optional(db)
-    .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM customers {LIVE_BY_ID}"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
 }
 
 /// Up to `limit` live rows with an id above `after`, in id order (keyset pagination,
@@ -140,7 +146,7 @@ pub async fn live_by_k8s_ref(
     name: &str,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE k8s_namespace = $1 AND k8s_name = $2 AND deleted_at IS NULL"
+        "SELECT {COLUMNS} FROM customers {LIVE_BY_K8S_REF}"
     ))
     .bind(namespace)
     .bind(name)
@@ -150,10 +156,9 @@ pub async fn live_by_k8s_ref(
 
 /// The resource holding an email among live customers, for a Conflict message.
 pub async fn live_email_holder(db: &PgPool, email: &str) -> Result<Option<K8sRef>, sqlx::Error> {
-    let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT k8s_namespace, k8s_name, k8s_uid FROM customers \
-         WHERE lower(email) = lower($1) AND deleted_at IS NULL",
-    )
+    let row: Option<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT k8s_namespace, k8s_name, k8s_uid FROM customers {LIVE_BY_EMAIL}"
+    ))
     .bind(email)
     .fetch_optional(db)
     .await?;
@@ -227,7 +232,7 @@ pub async fn by_id<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     id: Uuid,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM customers WHERE id = $1"))
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM customers {BY_ID}"))
         .bind(id)
         .fetch_optional(db)
         .await
@@ -240,7 +245,7 @@ pub async fn latest_by_k8s_ref(
     name: &str,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at DESC LIMIT 1"
+        "SELECT {COLUMNS} FROM customers {LATEST_BY_K8S_REF}"
     ))
     .bind(namespace)
     .bind(name)

@@ -2,6 +2,7 @@
 
 pub mod api_keys;
 pub mod customers;
+pub mod hot_queries;
 pub mod subscriptions;
 
 use std::time::Duration;

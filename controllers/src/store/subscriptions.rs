@@ -68,6 +68,11 @@ const COLUMNS: &str = "id, customer_id, plan, monthly_requests, requests_per_sec
                        k8s_namespace, k8s_name, k8s_uid, generation, created_at, updated_at, \
                        cancelled_at";
 
+// Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
+pub(super) const LIVE_BY_K8S_REF: &str =
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 AND cancelled_at IS NULL";
+pub(super) const LIVE_BY_CUSTOMER: &str = "WHERE customer_id = $1 AND cancelled_at IS NULL";
+
 /// The live row of a resource, locked for the rest of the transaction.
 pub async fn lock_live_by_k8s_ref(
     tx: &mut PgConnection,
@@ -75,8 +80,7 @@ pub async fn lock_live_by_k8s_ref(
     name: &str,
 ) -> Result<Option<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM subscriptions \
-         WHERE k8s_namespace = $1 AND k8s_name = $2 AND cancelled_at IS NULL FOR UPDATE"
+        "SELECT {COLUMNS} FROM subscriptions {LIVE_BY_K8S_REF} FOR UPDATE"
     ))
     .bind(namespace)
     .bind(name)
@@ -90,8 +94,7 @@ pub async fn lock_live_by_customer(
     customer_id: Uuid,
 ) -> Result<Option<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM subscriptions \
-         WHERE customer_id = $1 AND cancelled_at IS NULL FOR UPDATE"
+        "SELECT {COLUMNS} FROM subscriptions {LIVE_BY_CUSTOMER} FOR UPDATE"
     ))
     .bind(customer_id)
     .fetch_optional(tx)
@@ -104,7 +107,7 @@ pub async fn live_by_customer<'e, E: sqlx::PgExecutor<'e>>(
     customer_id: Uuid,
 ) -> Result<Option<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM subscriptions WHERE customer_id = $1 AND cancelled_at IS NULL"
+        "SELECT {COLUMNS} FROM subscriptions {LIVE_BY_CUSTOMER}"
     ))
     .bind(customer_id)
     .fetch_optional(db)
@@ -150,8 +153,7 @@ pub async fn live_by_k8s_ref(
     name: &str,
 ) -> Result<Option<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM subscriptions \
-         WHERE k8s_namespace = $1 AND k8s_name = $2 AND cancelled_at IS NULL"
+        "SELECT {COLUMNS} FROM subscriptions {LIVE_BY_K8S_REF}"
     ))
     .bind(namespace)
     .bind(name)

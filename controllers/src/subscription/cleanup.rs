@@ -18,7 +18,9 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
 use crate::platform::sync;
-use crate::store::{customers, subscriptions};
+use crate::store::customers::{self, CustomerRow};
+use crate::store::subscriptions::{self, SubscriptionRow};
+use sqlx::PgConnection;
 
 pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
     let namespace = sub.namespace().unwrap_or_default();
@@ -40,13 +42,9 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
     let mut tx = ctx.db.begin().await?;
     let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
         Some(row) => {
-            let row = subscriptions::mark_cancelled(&mut tx, row.id).await?;
             // The customer row may be deleted already: its last state still names it.
             let customer = customers::lock_by_id(&mut tx, row.customer_id).await?;
-            let payload = plan::customer_payload(row.customer_id, customer.as_ref());
-            let event = plan::event(payload, EventType::SubscriptionCancelled, &row.plan);
-            let message = OutboxMessage::from_event(row.customer_id.to_string(), &event);
-            outbox::enqueue(&mut tx, &message).await?;
+            cancel(&mut tx, &row, customer.as_ref()).await?;
             Some(row.customer_id)
         }
         None => None,
@@ -59,6 +57,21 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         tracing::info!(subscription = %name, customer = %customer_id, "subscription cancelled");
     }
     Ok(Action::await_change())
+}
+
+/// Cancels a subscription record in force and announces it (SubscriptionCancelled), in
+/// the caller's transaction: on the Subscription's deletion, and on its Customer's.
+pub async fn cancel(
+    tx: &mut PgConnection,
+    row: &SubscriptionRow,
+    customer: Option<&CustomerRow>,
+) -> Result<(), Error> {
+    let row = subscriptions::mark_cancelled(tx, row.id).await?;
+    let payload = plan::customer_payload(row.customer_id, customer);
+    let event = plan::event(payload, EventType::SubscriptionCancelled, &row.plan);
+    let message = OutboxMessage::from_event(row.customer_id.to_string(), &event);
+    outbox::enqueue(tx, &message).await?;
+    Ok(())
 }
 
 /// The customer a resource was known to belong to, for cleanup when its row is gone.

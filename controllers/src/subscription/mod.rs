@@ -12,10 +12,12 @@
 //!   override or a catalog edit): the event carries only the tier, and consumers that
 //!   need quotas read etcd. `SubscriptionCancelled{tier}` on deletion with policy
 //!   `Delete`; `Orphan` leaves the row, the quota key and the customer's plan in place.
-//! - One per customer: the oldest live Subscription (creationTimestamp, then name) holds
-//!   the slot; the others report `Conflict` naming it. The database enforces the same
-//!   with a partial unique index. A subscription record left in force by a Subscription
-//!   that no longer exists (deleted with `Orphan`) is adopted by the next holder.
+//! - One per customer, by one rule ([`plan::slot_decision`]): the Subscription whose
+//!   record is in force keeps it while it lives; when none is in force (or its
+//!   Subscription is gone, deleted with `Orphan`), the oldest live Subscription
+//!   (creationTimestamp, then name) takes it. The others report `Conflict` naming the
+//!   holder. The decision is made inside the transaction that locks the customer's
+//!   record, and a partial unique index settles two first inserts racing.
 //! - What keeps it converging without waiting for a resync: changes of a Customer
 //!   reconcile the Subscriptions referencing it, changes of a Subscription (notably its
 //!   deletion) reconcile its siblings, and a plan catalog change reconciles them all.

@@ -17,19 +17,7 @@ use crate::status::{Cond, merge, not_synced, reasons, types};
 use crate::store::customers::{CustomerRow, K8sRef};
 use crate::store::subscriptions::{SubscriptionRecord, SubscriptionRow};
 
-/// Why a Subscription cannot be put in force now: a `Ready=False` reason and a message
-/// that says what to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Blocker {
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Blocker {
-    fn new(reason: &'static str, message: String) -> Self {
-        Self { reason, message }
-    }
-}
+pub use crate::blocker::Blocker;
 
 /// The effective quota: the plan's defaults, overridden field by field by `spec.quota`.
 pub fn effective_quota(catalog: &Catalog, spec: &SubscriptionSpec) -> Result<Quota, Blocker> {
@@ -86,8 +74,47 @@ pub fn customer_gate<'a>(
     }
 }
 
-/// The Subscription holding its customer's slot, when it is not `this`: the oldest live
-/// (not being deleted) Subscription of the same customer, by creation time, then name.
+/// Who holds the subscription record in force for a customer, as seen inside the
+/// transaction that locked it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordHolder {
+    /// No record is in force for the customer.
+    Nobody,
+    /// The record in force is this Subscription's own.
+    This,
+    /// Another Subscription (by name) that exists and is not being deleted.
+    Live(String),
+    /// Another Subscription (by name) that is being deleted.
+    Deleting(String),
+    /// The record's Subscription no longer exists (deleted with `Orphan`): adoptable.
+    Gone,
+}
+
+/// The one rule for a customer's slot, used by every decision: the Subscription whose
+/// record is in force keeps it while it lives; when no record is in force, or its
+/// Subscription is gone, the oldest live Subscription of the customer takes it (creation
+/// time, then name). `siblings` are the customer's Subscriptions, needed only in the
+/// second case. `Ok` means this Subscription may write (insert, update or adopt).
+pub fn slot_decision(
+    this: &Subscription,
+    siblings: &[Subscription],
+    holder: &RecordHolder,
+) -> Result<(), Blocker> {
+    let customer = &this.spec.customer_ref.name;
+    match holder {
+        RecordHolder::This => Ok(()),
+        RecordHolder::Live(name) => Err(conflict(customer, name, false)),
+        RecordHolder::Deleting(name) => Err(conflict(customer, name, true)),
+        RecordHolder::Nobody | RecordHolder::Gone => match slot_holder(this, siblings) {
+            Some(older) => Err(conflict(customer, &older.name_any(), false)),
+            None => Ok(()),
+        },
+    }
+}
+
+/// The Subscription next in line for its customer's slot, when it is not `this`: the
+/// oldest live (not being deleted) Subscription of the same customer, by creation time,
+/// then name.
 pub fn slot_holder<'a>(
     this: &Subscription,
     siblings: &'a [Subscription],
@@ -209,11 +236,18 @@ pub fn event(customer: customers::Customer, t: EventType, tier: &str) -> custome
 /// The status fields describing the row in force (or none: pending).
 fn in_force(previous: SubscriptionStatus, row: Option<&SubscriptionRow>) -> SubscriptionStatus {
     let Some(row) = row else {
+        // In force before and not now: cancelled under it (its Customer was deleted).
+        let state = match previous.state {
+            Some(SubscriptionState::Active | SubscriptionState::Cancelled) => {
+                SubscriptionState::Cancelled
+            }
+            _ => SubscriptionState::Pending,
+        };
         return SubscriptionStatus {
             subscription_id: None,
             plan: None,
             quota: None,
-            state: Some(SubscriptionState::Pending),
+            state: Some(state),
             ..previous
         };
     };

@@ -10,7 +10,7 @@ use m3o_crds::{Customer, Subscription};
 use m3o_events::outbox::{self, OutboxMessage};
 
 use super::config::quota_key;
-use super::plan::{self, Blocker, RowWrite};
+use super::plan::{self, Blocker, RecordHolder, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
 use crate::lifecycle;
@@ -32,14 +32,6 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Ok(row) => row,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
-    // A fresh list, not the controller's cache: right after a holder's deletion the
-    // cache may still show it, and this decision must not lag behind.
-    let siblings = api.list(&ListParams::default()).await?.items;
-    if let Some(holder) = plan::slot_holder(&sub, &siblings) {
-        let blocker = plan::conflict(&sub.spec.customer_ref.name, &holder.name_any(), false);
-        return blocked(&api, &sub, ctx, blocker).await;
-    }
-
     let desired = plan::desired_record(&sub, customer_row.id, quota);
     let (row, previous_customer) = match sync_record(ctx, &sub, &desired, &customer_row).await? {
         Ok(synced) => synced,
@@ -89,22 +81,30 @@ async fn sync_record(
 ) -> Result<Result<(SubscriptionRow, Option<uuid::Uuid>), Blocker>, Error> {
     let mut tx = ctx.db.begin().await?;
     let k8s = &desired.k8s;
-    let mut existing =
-        subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
-    if existing.is_none()
-        && let Some(other) = subscriptions::lock_live_by_customer(&mut tx, customer.id).await?
-    {
-        if let Some(deleting) = holder_state(ctx, &other).await? {
-            let holder = &other.k8s_name;
-            return Ok(Err(plan::conflict(
-                &sub.spec.customer_ref.name,
-                holder,
-                deleting,
-            )));
+    let own = subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
+    let existing = match own {
+        Some(own) => Some(own),
+        None => {
+            // The customer's record in force (locked), and who holds it: the slot
+            // decision is made here, under the lock, by the one rule in `plan`.
+            let in_force = subscriptions::lock_live_by_customer(&mut tx, customer.id).await?;
+            let holder = match &in_force {
+                None => RecordHolder::Nobody,
+                Some(row) => holder_of(ctx, row).await?,
+            };
+            let siblings = match holder {
+                RecordHolder::Nobody | RecordHolder::Gone => siblings(ctx, sub).await?,
+                _ => Vec::new(),
+            };
+            if let Err(blocker) = plan::slot_decision(sub, &siblings, &holder) {
+                return Ok(Err(blocker));
+            }
+            if let Some(row) = &in_force {
+                tracing::info!(subscription = %row.id, from = %row.k8s_name, "adopting an orphaned subscription record");
+            }
+            in_force
         }
-        tracing::info!(subscription = %other.id, from = %other.k8s_name, "adopting an orphaned subscription record");
-        existing = Some(other);
-    }
+    };
     let previous_customer = existing.as_ref().map(|r| r.customer_id);
     let row_plan = plan::plan_row(
         existing.as_ref().map(SubscriptionRow::record).as_ref(),
@@ -114,7 +114,7 @@ async fn sync_record(
         (RowWrite::Keep, Some(row)) => return Ok(Ok((row.clone(), previous_customer))),
         (RowWrite::Insert(id), _) => subscriptions::insert(&mut tx, *id, desired).await,
         (_, Some(row)) => subscriptions::update(&mut tx, row.id, desired).await,
-        (_, None) => return Err(Error::Invalid("planned an update without a row".into())),
+        (_, None) => return Err(Error::Internal("planned an update without a row".into())),
     };
     let row = match written {
         Ok(row) => row,
@@ -122,8 +122,8 @@ async fn sync_record(
             if unique_violation(&err).as_deref() == Some(subscriptions::ACTIVE_CUSTOMER_INDEX) =>
         {
             // Another reconcile put a subscription in force for this customer meanwhile.
-            return Err(Error::Invalid(format!(
-                "customer {} got a subscription concurrently; retrying",
+            return Err(Error::Transient(format!(
+                "customer {} got a subscription concurrently",
                 customer.id
             )));
         }
@@ -141,15 +141,32 @@ async fn sync_record(
     Ok(Ok((row, previous_customer)))
 }
 
-/// Whether the Subscription a row points at still exists (same uid): `None` when gone,
-/// `Some(true)` while it is being deleted, `Some(false)` when live.
-async fn holder_state(ctx: &Context, row: &SubscriptionRow) -> Result<Option<bool>, Error> {
+/// Who holds a record in force that is not this Subscription's own.
+async fn holder_of(ctx: &Context, row: &SubscriptionRow) -> Result<RecordHolder, Error> {
     let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &row.k8s_namespace);
-    Ok(api
+    let holder = api
         .get_opt(&row.k8s_name)
         .await?
-        .filter(|s| s.uid().as_deref() == Some(row.k8s_uid.as_str()))
-        .map(|s| s.metadata.deletion_timestamp.is_some()))
+        .filter(|s| s.uid().as_deref() == Some(row.k8s_uid.as_str()));
+    Ok(match holder {
+        None => RecordHolder::Gone,
+        Some(s) if s.metadata.deletion_timestamp.is_some() => RecordHolder::Deleting(s.name_any()),
+        Some(s) => RecordHolder::Live(s.name_any()),
+    })
+}
+
+/// The Subscriptions of the same customer, fresh from the API server (not the cache:
+/// right after a holder's deletion the cache may still show it). Field-selected on
+/// `spec.customerRef.name`, so the cost is the customer's Subscriptions, not the
+/// namespace's.
+async fn siblings(ctx: &Context, sub: &Subscription) -> Result<Vec<Subscription>, Error> {
+    let api: Api<Subscription> =
+        Api::namespaced(ctx.client.clone(), &sub.namespace().unwrap_or_default());
+    let selector = format!("spec.customerRef.name={}", sub.spec.customer_ref.name);
+    Ok(api
+        .list(&ListParams::default().fields(&selector))
+        .await?
+        .items)
 }
 
 /// Writes a Ready=False status for something that resolves by itself or by an admin,

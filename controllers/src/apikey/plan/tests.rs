@@ -79,6 +79,7 @@ fn row_of(new: &NewApiKey) -> ApiKeyRow {
         generation: new.fields.generation,
         rotation_generation: new.rotation_generation,
         grace_until: new.fields.grace_until,
+        blocked_message: new.fields.blocked_message.clone(),
         created_at: now(),
         updated_at: now(),
         revoked_at: None,
@@ -238,6 +239,7 @@ fn events_carry_ids_never_keys() {
         key_id: Uuid::from_u128(1),
         scopes: vec!["*".into()],
         previous_id: None,
+        message: String::new(),
     };
     let event = to_event(&e, crate::customer::plan::payload(&customer("active")));
     assert_eq!(

@@ -56,7 +56,9 @@ fn adopting_keeps_the_given_id() {
 fn a_bad_id_is_reported() {
     let mut c = customer(CustomerState::Active, "a@example.com");
     c.spec.id = Some("nope".into());
-    assert!(desired(&c).unwrap_err().contains("spec.id"));
+    let blocker = desired(&c).unwrap_err();
+    assert!(blocker.message.contains("spec.id"));
+    assert_eq!(blocker.reason, reasons::INVALID_SPEC);
 }
 
 #[test]

@@ -275,7 +275,7 @@ fn status_reports_what_is_in_force() {
 
     let mut provisioned = s.clone();
     provisioned.status = Some(st);
-    let blocker = Blocker::new(reasons::UNKNOWN_PLAN, "no".into());
+    let blocker = Blocker::new(reasons::UNKNOWN_PLAN, "no");
     let still = blocked_status(&provisioned, &blocker, Some(&row));
     assert_eq!(
         still.state,

@@ -25,25 +25,37 @@ async fn block_unblock_and_expire() {
     )
     .await;
     let k = env.wait_apikey("ci", "True", "Blocked").await;
+    let ready = ready_condition(&k);
+    assert!(ready.message.ends_with(": abuse"), "{}", ready.message);
     assert_eq!(
         serde_json::to_value(k.status.and_then(|s| s.state)).expect("state"),
         json!("blocked")
     );
+    let entry = env.gateway_entry(&key).await.expect("entry");
+    assert_eq!(entry["status"], json!("blocked"));
     assert_eq!(
-        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
-        Some(json!("blocked"))
+        entry["blockedMessage"],
+        json!("abuse"),
+        "the gateway can say why"
     );
     assert_eq!(env.key_row_status(&id).await, "blocked");
     env.wait_key_events(&id, &["EventTypeGenerateKey", "EventTypeBlockKey"])
         .await;
+    let block = crate::support::dedupe(env.stream_events().await)
+        .into_iter()
+        .find_map(|e| e.event.block_key)
+        .expect("BlockKey");
+    assert_eq!(
+        (block.id.as_str(), block.message.as_str()),
+        (id.as_str(), "abuse")
+    );
 
     env.apply_apikey("ci", key_spec(json!({"blocked": false})))
         .await;
     env.wait_apikey("ci", "True", "Provisioned").await;
-    assert_eq!(
-        env.gateway_entry(&key).await.map(|e| e["status"].clone()),
-        Some(json!("active"))
-    );
+    let entry = env.gateway_entry(&key).await.expect("entry");
+    assert_eq!(entry["status"], json!("active"));
+    assert!(entry.get("blockedMessage").is_none(), "{entry}");
     assert_eq!(env.key_row_status(&id).await, "active");
     env.wait_key_events(
         &id,
@@ -249,8 +261,14 @@ async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
         },
     )
     .await;
-    let k = env.wait_apikey("ci", "True", "Provisioned").await;
-    assert_ne!(key_id(&k), old_id);
+    // The edit leaves the generation alone: wait for the replacement, not any Ready.
+    env.wait_apikey_where("ci", "True", "Provisioned", "with a new key id", |k| {
+        k.status
+            .as_ref()
+            .and_then(|s| s.key_id.as_deref())
+            .is_some_and(|id| id != old_id)
+    })
+    .await;
     assert_eq!(
         env.gateway_entry(forged).await,
         None,

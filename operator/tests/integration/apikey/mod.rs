@@ -5,6 +5,7 @@
 mod customer;
 mod lifecycle;
 mod secrecy;
+mod tamper;
 
 use std::time::Duration;
 
@@ -39,18 +40,35 @@ impl TestEnv {
 
     /// Waits for Ready=`status` with `reason` at the current generation.
     pub async fn wait_apikey(&self, name: &str, status: &str, reason: &str) -> ApiKey {
-        let api = self.apikeys();
+        self.wait_apikey_where(name, status, reason, "", |_| true)
+            .await
+    }
+
+    /// [`Self::wait_apikey`], and `also` holds of the key. For changes that leave the
+    /// generation alone (a Secret edited, a customer banned), where the status from
+    /// before the change would otherwise already satisfy the wait.
+    pub async fn wait_apikey_where(
+        &self,
+        name: &str,
+        status: &str,
+        reason: &str,
+        also_what: &str,
+        also: impl Fn(&ApiKey) -> bool,
+    ) -> ApiKey {
+        let api = &self.apikeys();
+        let also = &also;
         eventually(
-            &format!("apikey {name} Ready={status} ({reason})"),
+            &format!("apikey {name} Ready={status} ({reason}) {also_what}"),
             Duration::from_secs(60),
-            || async {
+            || async move {
                 let k = api.get_opt(name).await.ok()??;
                 let s = k.status.as_ref()?;
                 let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
                 (s.observed_generation == k.metadata.generation
                     && ready.status == status
-                    && ready.reason == reason)
-                    .then_some(k)
+                    && ready.reason == reason
+                    && also(&k))
+                .then_some(k)
             },
         )
         .await
@@ -130,6 +148,14 @@ pub fn key_spec(extra: Value) -> Value {
         s.extend(e.clone());
     }
     spec
+}
+
+pub fn ready_condition(k: &ApiKey) -> m3o_crds::Condition {
+    k.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .cloned()
+        .expect("Ready condition")
 }
 
 pub fn key_id(k: &ApiKey) -> String {

@@ -75,6 +75,7 @@ fn key_row(key: &str, revoked: bool) -> ApiKeyRow {
         created_at: Utc::now(),
         updated_at: Utc::now(),
         revoked_at: revoked.then(Utc::now),
+        blocked_message: String::new(),
     }
 }
 

@@ -3,9 +3,12 @@
 
 use serde_json::{Value, json};
 
+use super::inspect::read_only_url;
 use super::{AdminBackends, text};
 use crate::apikey::key_spec;
 use crate::support::TestEnv;
+use crate::support::cli::ok;
+use crate::support::kubeconfig::service_account_kubeconfig;
 
 async fn audit(env: &TestEnv, json_output: bool) -> (i32, String) {
     let mut args = vec!["audit", "--namespace", env.ns.as_str(), "--page-size", "2"];
@@ -93,5 +96,84 @@ async fn audit_is_clean_then_names_a_hand_edit_and_an_unowned_key() {
     assert_eq!(
         report["etcd"]["verdicts"],
         json!({"matches": 10, "differs": 1, "unowned": 1})
+    );
+}
+
+/// A ServiceAccount that may only get and list the three kinds and get Secrets in the
+/// test's namespace; a kubeconfig with its token.
+async fn reader_kubeconfig(env: &TestEnv) -> std::path::PathBuf {
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: m3o-reader, namespace: {ns}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: m3o-reader, namespace: {ns}}}
+rules:
+  - apiGroups: [m3o.com]
+    resources: [customers, subscriptions, apikeys]
+    verbs: [get, list]
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: m3o-reader, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: m3o-reader}}
+subjects: [{{kind: ServiceAccount, name: m3o-reader, namespace: {ns}}}]
+"#,
+        ns = env.ns
+    );
+    ok("kubectl", &["apply", "-f", "-"], Some(&manifest)).await;
+    service_account_kubeconfig("m3o-reader", &env.ns, &env.ns).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_and_audit_run_with_read_only_credentials() {
+    let env = TestEnv::new("audit-ro").await;
+    let op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("alice-ci", key_spec(json!({}))).await;
+    env.wait_apikey("alice-ci", "True", "Provisioned").await;
+    op.settle().await;
+    let kubeconfig = reader_kubeconfig(&env).await;
+    let kubeconfig = kubeconfig.to_str().expect("path");
+    let database_url = read_only_url(&env).await;
+    let backends = AdminBackends {
+        database_url: Some(&database_url),
+        ..Default::default()
+    };
+
+    // The context's namespace is the default of `inspect`.
+    let out = env
+        .admin(
+            &["inspect", "apikey", "alice-ci", "--kubeconfig", kubeconfig],
+            &backends,
+        )
+        .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("secret:\n  matches  alice-ci-api-key"),
+        "{human}"
+    );
+    assert!(human.trim_end().ends_with("verdict: in sync"), "{human}");
+
+    let args = ["audit", "--namespace", &env.ns, "--kubeconfig", kubeconfig];
+    let out = env.admin(&args, &backends).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("audit: clean"), "{}", text(&out));
+
+    // The reader cannot list cluster-wide: a one-line error, exit 2.
+    let out = env
+        .admin(&["audit", "--kubeconfig", kubeconfig], &backends)
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("m3o-operator: error: --kubeconfig: cannot list customers"),
+        "{stderr}"
     );
 }

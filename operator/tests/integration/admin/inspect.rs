@@ -14,7 +14,7 @@ use crate::apikey::{key_id, key_spec};
 use crate::support::{Backends, PrivateRedis, TestEnv, eventually, suffix};
 
 /// A role that may only read the test's schema (trust authentication: no password).
-async fn read_only_url(env: &TestEnv) -> String {
+pub async fn read_only_url(env: &TestEnv) -> String {
     let role = format!("ro_{}", suffix());
     for statement in [
         format!("CREATE ROLE {role} LOGIN"),

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod kubeconfig;
 pub mod operator;
 pub mod private_redis;
 pub mod proxy;

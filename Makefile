@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench argocd-health alert-rules
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench argocd-health alert-rules install
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -22,6 +22,7 @@ help:
 	@echo 'make lint    cargo fmt --check and clippy -D warnings'
 	@echo 'make crds    regenerate charts/m3o-operator/crds/crds.yaml'
 	@echo 'make bench   N Customers from apply to all Ready (BENCH_CUSTOMERS=1000)'
+	@echo 'make install m3o-operator and the kubectl plugin kubectl-m3o into $$(PREFIX)/bin (PREFIX=~/.local)'
 
 deps:
 	hack/install-deps.sh
@@ -76,3 +77,10 @@ crds: toolchain
 	mkdir -p charts/m3o-operator/crds
 	$(CARGO) run -q -p m3o-operator -- crds > charts/m3o-operator/crds/crds.yaml.tmp
 	mv charts/m3o-operator/crds/crds.yaml.tmp charts/m3o-operator/crds/crds.yaml
+
+# The binary and its kubectl plugin name (`kubectl m3o inspect ...`): kubectl runs any
+# kubectl-<name> on PATH, and m3o-operator reads its arguments the same either way.
+PREFIX ?= $(HOME)/.local
+install:
+	$(CARGO) install --locked --path operator --root $(PREFIX)
+	ln -sf m3o-operator $(PREFIX)/bin/kubectl-m3o

@@ -82,3 +82,12 @@ app.kubernetes.io/part-of: m3o
 {{- define "m3o-operator.gatewayName" -}}
 {{- printf "%s-gateway" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/* The label matchers selecting this release's metrics in PrometheusRule queries. */}}
+{{- define "m3o-operator.metricsSelector" -}}
+{{- if .Values.metrics.prometheusRule.selector }}
+{{- .Values.metrics.prometheusRule.selector }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (printf "%s-metrics" (include "m3o-operator.fullname" .)) .Release.Namespace }}
+{{- end }}
+{{- end }}

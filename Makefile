@@ -69,9 +69,9 @@ bench: deps tools
 # (with and without the Redis limit), revocation latency through nginx, index memory.
 bench-gateway: deps tools
 	$(CARGO) run --release -q -p m3o-gateway --example index_memory -- 10000
-	$(CARGO) build --release -p m3o-operator --tests --bins
-	hack/env.sh run -- $(CARGO) test --release -p m3o-operator --test integration -- \
-	  --ignored --nocapture --test-threads=1 bench_gateway
+	$(CARGO) build --release -p m3o-operator --features bench --tests --bins
+	hack/env.sh run -- $(CARGO) test --release -p m3o-operator --features bench --test integration -- \
+	  --nocapture --test-threads=1 bench_gateway
 
 env: deps tools
 	hack/env.sh up

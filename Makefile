@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health alert-rules install
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -16,12 +16,14 @@ help:
 	@echo 'make build   cargo build (debug, all targets)'
 	@echo 'make test    deps + tools + build, then the whole suite inside hack/env.sh'
 	@echo 'make argocd-health  the Argo CD health checks (Lua) against their test cases'
+	@echo 'make alert-rules  promtool test rules of the chart alerts (hack/alert-rules-test)'
 	@echo 'make demo    run the operator in the local environment and apply examples/'
 	@echo 'make env     bring the local environment up in the foreground (Ctrl-C stops)'
 	@echo 'make lint    cargo fmt --check and clippy -D warnings'
 	@echo 'make crds    regenerate charts/m3o-operator/crds/crds.yaml'
 	@echo 'make bench   N of each kind from apply to all Ready, with the raw rate (BENCH_N=1000)'
 	@echo 'make bench-gateway  gateway checks/s, latency, revocation latency, index memory'
+	@echo 'make install m3o-operator and the kubectl plugin kubectl-m3o into $$(PREFIX)/bin (PREFIX=~/.local)'
 
 deps:
 	hack/install-deps.sh
@@ -37,7 +39,7 @@ build: toolchain
 	$(CARGO) build --workspace --all-targets
 
 # Build before any server starts, so the environment only lives while tests run.
-test: deps tools argocd-health
+test: deps tools argocd-health alert-rules
 	$(CARGO) build --workspace --tests --bins
 	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
 
@@ -46,6 +48,11 @@ test: deps tools argocd-health
 argocd-health:
 	@command -v go >/dev/null || { echo 'go not found: it runs the Argo CD health check tests' >&2; exit 1; }
 	cd hack/argocd-health-test && GOTOOLCHAIN=local go run . ../../charts/m3o-operator/argocd
+
+# The chart's PrometheusRule alerts, each tested with `promtool test rules` (promtool is
+# built by hack/build-tools.sh like the other tools).
+alert-rules: tools
+	hack/alert-rules-test/run.sh
 
 demo: deps tools
 	$(CARGO) build -p m3o-operator -p m3o-gateway --bins --examples
@@ -62,9 +69,9 @@ bench: deps tools
 # (with and without the Redis limit), revocation latency through nginx, index memory.
 bench-gateway: deps tools
 	$(CARGO) run --release -q -p m3o-gateway --example index_memory -- 10000
-	$(CARGO) build --release -p m3o-operator --tests --bins
-	hack/env.sh run -- $(CARGO) test --release -p m3o-operator --test integration -- \
-	  --ignored --nocapture --test-threads=1 bench_gateway
+	$(CARGO) build --release -p m3o-operator --features bench --tests --bins
+	hack/env.sh run -- $(CARGO) test --release -p m3o-operator --features bench --test integration -- \
+	  --nocapture --test-threads=1 bench_gateway
 
 env: deps tools
 	hack/env.sh up
@@ -80,3 +87,10 @@ crds: toolchain
 	mkdir -p charts/m3o-operator/crds
 	$(CARGO) run -q -p m3o-operator -- crds > charts/m3o-operator/crds/crds.yaml.tmp
 	mv charts/m3o-operator/crds/crds.yaml.tmp charts/m3o-operator/crds/crds.yaml
+
+# The binary and its kubectl plugin name (`kubectl m3o inspect ...`): kubectl runs any
+# kubectl-<name> on PATH, and m3o-operator reads its arguments the same either way.
+PREFIX ?= $(HOME)/.local
+install:
+	$(CARGO) install --locked --path operator --root $(PREFIX)
+	ln -sf m3o-operator $(PREFIX)/bin/kubectl-m3o

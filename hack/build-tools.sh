@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl, etcd and helm from their published Go modules into a
-# cache outside the repository, once per pinned version. Prints the bin directory.
+# Builds kube-apiserver, kubectl, etcd, helm and promtool from their published Go modules
+# into a cache outside the repository, once per pinned version. Prints the bin directory.
 #
 # KUBEBUILDER_ASSETS (the controller-runtime envtest convention) wins when set: its
 # kube-apiserver and etcd are used and only what it lacks is built.
@@ -61,6 +61,20 @@ build_helm() {
   rm -rf "$mod"
 }
 
+# promtool lives in a directory of its own version (so bumping it rebuilds only it) and
+# is linked into $bin, which is what callers put on PATH.
+build_promtool() {
+  local dir="$cache/bin/promtool-$PROMETHEUS_VERSION"
+  if [[ ! -x "$dir/promtool" ]]; then
+    local mod; mod="$(mktemp -d)"
+    mkdir -p "$dir"
+    (cd "$mod" && go mod init m3o.local/promtool >/dev/null 2>&1 && go get "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" >&2)
+    go_build "$mod" "$dir/promtool" github.com/prometheus/prometheus/cmd/promtool
+    rm -rf "$mod"
+  fi
+  ln -sfn "$dir/promtool" "$bin/promtool"
+}
+
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   for b in kube-apiserver etcd; do
     [[ -x "$KUBEBUILDER_ASSETS/$b" ]] || { log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS has no $b"; exit 1; }
@@ -71,4 +85,5 @@ fi
 if [[ ! -x "$bin/kube-apiserver" || ! -x "$bin/kubectl" ]]; then build_kubernetes; fi
 [[ -x "$bin/etcd" ]] || build_etcd
 [[ -x "$bin/helm" ]] || build_helm
+build_promtool
 echo "$bin"

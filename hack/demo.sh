@@ -64,10 +64,8 @@ with urllib.request.urlopen(urllib.request.Request(sys.argv[1] + "/v3/kv/range",
 PY
 }
 
-inspect="${M3O_INSPECT_BIN:-$root/target/debug/examples/inspect}"
-
-# What a platform admin wants to see after the examples: the records, the gateway's
-# config, the latest events, and one key looked up the way a gateway does it.
+# What a platform admin wants to see after the examples: the records and the gateway's
+# config; the demo then ends with one customer's whole story (`m3o-operator inspect`).
 summary() {
   echo "== Postgres: customers, subscriptions, api_keys (hashes only)"
   psql "$DATABASE_URL" -P pager=off -c "SET search_path = m3o" \
@@ -76,18 +74,7 @@ summary() {
     -c "SELECT id, key_prefix, left(key_hash, 16) || '...' AS key_hash, scopes, status FROM api_keys ORDER BY created_at" ||
     log "could not query Postgres"
   echo "== etcd platform config (what the gateway reads)"
-  if [[ -x "$inspect" ]]; then "$inspect" config; else print_platform_config; fi || log "could not read etcd at $ETCD_ENDPOINTS"
-  if [[ -x "$inspect" ]]; then
-    echo "== latest decoded events (Redis stream events:customers)"
-    "$inspect" events 20 || log "could not read the event stream"
-    local key_ref secret
-    key_ref="$(kubectl get apikeys.m3o.com -A -o jsonpath='{range .items[?(@.status.state=="active")]}{.metadata.namespace}/{.status.secretName}{"\n"}{end}' | head -n 1)"
-    if [[ -n "$key_ref" ]]; then
-      secret="${key_ref#*/}"
-      echo "== gateway lookup of the key in Secret $key_ref (sha256 of the key -> etcd)"
-      kubectl get secret -n "${key_ref%%/*}" "$secret" -o jsonpath='{.data.apiKey}' | base64 -d | "$inspect" lookup
-    fi
-  fi
+  print_platform_config || log "could not read etcd at $ETCD_ENDPOINTS"
 }
 
 log "starting $operator (log: $oplog)"
@@ -123,6 +110,8 @@ if grep -qsE '^kind:' "$examples"/*.yaml "$examples"/*.yml; then
   echo "== kubectl get m3o -A"
   kubectl get m3o -A -o wide || true
   summary
+  echo "== m3o-operator inspect customer alice -n m3o-demo (also: kubectl m3o inspect ...)"
+  "$operator" inspect customer alice -n m3o-demo || fail "inspect failed"
 else
   log "examples/ has no manifests; nothing to apply"
 fi

@@ -1,5 +1,5 @@
-//! Command line: `m3o-operator run | migrate | crds | outbox`. Every flag has an environment
-//! fallback so the Helm chart can pass configuration through a Secret.
+//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox`. Every flag
+//! has an environment fallback so the Helm chart can pass configuration through a Secret.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,9 +28,103 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Print the YAML of every CRD.
     Crds,
+    /// Show one resource across Kubernetes, Postgres, etcd, its Secret and its events
+    /// (read only).
+    Inspect(Box<InspectArgs>),
+    /// Compare every resource, etcd key and row; exit 1 when anything differs (read only).
+    Audit(Box<AuditArgs>),
     /// Inspect and re-drive the event outbox (read-only except `redrive`).
     #[command(subcommand)]
     Outbox(OutboxCommand),
+}
+
+/// The backends an admin command reads, with the same flags as `run`.
+#[derive(Args, Debug, Clone)]
+pub struct BackendArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Path of a kubeconfig. Unset: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Redis of the event streams: URL, TLS files.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Prefix of the Redis stream keys (`<prefix><topic>`).
+    #[arg(long, env = "M3O_STREAM_PREFIX", default_value = m3o_events::DEFAULT_STREAM_PREFIX)]
+    pub stream_prefix: String,
+
+    /// etcd of the platform config: endpoints, prefix (the operator owns everything
+    /// under it), TLS files, user.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Output of the admin commands.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// For people.
+    Text,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+/// The kinds `inspect` knows.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InspectKind {
+    Customer,
+    Subscription,
+    #[value(name = "apikey")]
+    ApiKey,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// Kind of the resource.
+    #[arg(value_enum)]
+    pub kind: InspectKind,
+
+    /// Name of the resource.
+    pub name: String,
+
+    /// Namespace of the resource (default: the kubeconfig context's).
+    #[arg(short = 'n', long = "namespace")]
+    pub namespace: Option<String>,
+
+    /// Show at most this many of the latest events (from the stream and the outbox each).
+    #[arg(long, default_value_t = 10)]
+    pub events: usize,
+
+    /// Read at most this many of the newest stream entries looking for its events.
+    #[arg(long, default_value_t = 10_000)]
+    pub stream_scan_limit: usize,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub backends: BackendArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// Audit one namespace's resources (rows and etcd keys are always all audited).
+    #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
+    pub namespace: String,
+
+    /// Objects, rows and etcd keys read per request.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub page_size: i64,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub backends: BackendArgs,
 }
 
 /// What every `outbox` subcommand takes.
@@ -86,12 +180,6 @@ impl OutboxCommand {
     }
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputFormat {
-    Text,
-    Json,
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db; TLS with libpq's
@@ -123,28 +211,11 @@ pub enum LogFormat {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub database: DatabaseArgs,
-
-    /// Path of a kubeconfig. Unset: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
-
-    /// Redis of the event streams: URL, TLS files.
-    #[command(flatten)]
-    pub redis: RedisArgs,
-
-    /// Prefix of the Redis stream keys (`<prefix><topic>`).
-    #[arg(long, env = "M3O_STREAM_PREFIX", default_value = m3o_events::DEFAULT_STREAM_PREFIX)]
-    pub stream_prefix: String,
+    pub backends: BackendArgs,
 
     /// Approximate bound of each stream's length (XADD MAXLEN ~).
     #[arg(long, env = "M3O_STREAM_MAXLEN", default_value_t = 100_000)]
     pub stream_maxlen: usize,
-
-    /// etcd of the platform config: endpoints, prefix (the operator owns everything
-    /// under it), TLS files, user.
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
 
     /// Namespace to watch; empty watches all namespaces.
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]

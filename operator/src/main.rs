@@ -1,5 +1,6 @@
 //! The m3o-operator binary.
 
+mod admin;
 mod cli;
 mod fence;
 mod http;
@@ -47,8 +48,25 @@ async fn main() -> ExitCode {
             outbox::run(command).await
         }
         Command::Run(args) => {
-            init_logging(args.database.logging.log_format);
+            init_logging(args.backends.database.logging.log_format);
             run::run(*args).await
+        }
+        Command::Inspect(args) => {
+            init_logging(args.backends.database.logging.log_format);
+            admin::inspect::run(*args).await
+        }
+        Command::Audit(args) => {
+            init_logging(args.backends.database.logging.log_format);
+            match admin::audit::run(*args).await {
+                // Differences found: the report says which; 1 so a CronJob or CI step fails.
+                Ok(false) => return ExitCode::from(1),
+                Ok(true) => Ok(()),
+                // Could not audit at all: 2, told apart from differences.
+                Err(err) => {
+                    eprintln!("m3o-operator: error: {err}");
+                    return ExitCode::from(2);
+                }
+            }
         }
     };
     match result {

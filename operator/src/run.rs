@@ -128,10 +128,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         StartupError(format!("--plans-file {}: {e}", path.display()))
     })?;
     let namespace = Some(args.namespace.trim().to_owned()).filter(|ns| !ns.is_empty());
-    let schema = args.database.database_schema.clone();
+    let schema = args.backends.database.database_schema.clone();
 
     let db = startup::database(
-        args.database.database_url.as_deref(),
+        args.backends.database.database_url.as_deref(),
         &schema,
         db_pool_size(args.concurrency),
     )
@@ -139,9 +139,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     store::migrate(&db)
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
-    let redis = startup::redis(&args.redis).await?;
-    let platform = startup::etcd(&args.etcd).await?;
-    let client = startup::kube(args.kubeconfig.as_deref()).await?;
+    let redis = startup::redis(&args.backends.redis).await?;
+    let platform = startup::etcd(&args.backends.etcd).await?;
+    let client = startup::kube(args.backends.kubeconfig.as_deref()).await?;
     startup::check_crds(&client, namespace.as_deref()).await?;
     let listener = TcpListener::bind(args.metrics_addr).await.map_err(|e| {
         StartupError(format!(
@@ -156,7 +156,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     tracing::info!(addr = %http_addr, "HTTP server listening");
 
     let relay_config = RelayConfig {
-        stream_prefix: args.stream_prefix.clone(),
+        stream_prefix: args.backends.stream_prefix.clone(),
         maxlen: args.stream_maxlen,
         max_attempts: args.outbox_max_attempts,
         retention: args.outbox_retention,

@@ -95,6 +95,34 @@ pub async fn database(
     schema: &str,
     max_connections: u32,
 ) -> Result<PgPool, StartupError> {
+    database_with(url, schema, |url| {
+        m3o_controllers::store::connect(url, schema, max_connections)
+    })
+    .await
+}
+
+/// Connects to PostgreSQL read only (admin commands): creates nothing, migrates nothing.
+pub async fn database_read_only(
+    url: Option<&str>,
+    schema: &str,
+    max_connections: u32,
+) -> Result<PgPool, StartupError> {
+    database_with(url, schema, |url| {
+        m3o_controllers::store::connect_read_only(url, schema, max_connections)
+    })
+    .await
+}
+
+/// Checks the flags, then connects with `connect` within the start-up time bound.
+async fn database_with<'a, F, Fut>(
+    url: Option<&'a str>,
+    schema: &str,
+    connect: F,
+) -> Result<PgPool, StartupError>
+where
+    F: FnOnce(&'a str) -> Fut,
+    Fut: Future<Output = Result<PgPool, m3o_controllers::store::StoreSetupError>>,
+{
     let url = required(url, "--database-url", "DATABASE_URL")?;
     if !m3o_controllers::store::valid_schema_name(schema) {
         return Err(fail(
@@ -102,12 +130,7 @@ pub async fn database(
             format!("{schema:?} is not a valid schema name (lowercase letters, digits, _)"),
         ));
     }
-    bounded(
-        "--database-url",
-        &redact(url),
-        m3o_controllers::store::connect(url, schema, max_connections),
-    )
-    .await
+    bounded("--database-url", &redact(url), connect(url)).await
 }
 
 /// Opens a Redis client and proves the server answers (TLS and ACL user included).

@@ -83,6 +83,12 @@ app.kubernetes.io/part-of: m3o
 {{- printf "%s-gateway" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The label matchers selecting this release's metrics in PrometheusRule queries. */}}
+{{- define "m3o-operator.metricsSelector" -}}
+{{- if .Values.metrics.prometheusRule.selector }}
+{{- .Values.metrics.prometheusRule.selector }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (printf "%s-metrics" (include "m3o-operator.fullname" .)) .Release.Namespace }}
 
 {{/*
 Flags of the etcd and Redis clients' TLS files (tls.redis, tls.etcd; mounted by

@@ -46,6 +46,11 @@ pub fn customer_value(row: &CustomerRow, plan: String) -> serde_json::Value {
     serde_json::to_value(config).unwrap_or_default()
 }
 
+/// Values are compared as JSON, so formatting differences are not drift.
+pub fn same_value(bytes: &[u8], value: &serde_json::Value) -> bool {
+    serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| &v == value)
+}
+
 /// A desired key: its value and the resource it belongs to (for Events).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredEntry {
@@ -147,31 +152,94 @@ pub async fn desired_for(
     }
 }
 
+/// The families of keys derived from Postgres, in the order of their relative keys
+/// (`apikeys/` < `customers/` < `quotas/`), so paging through them in turn yields every
+/// desired key in etcd's key order.
+pub const FAMILIES: [Family; 3] = [Family::ApiKeys, Family::Customers, Family::Quotas];
+
+/// A family of desired keys, each listed in key order by [`desired_page`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    ApiKeys,
+    Customers,
+    Quotas,
+}
+
+/// Where a [`desired_page`] scan resumes: the last row it read (a row may have no key,
+/// e.g. a key of a deleted customer, so this is not always the last key returned).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageCursor(Option<String>);
+
+/// One page of desired keys of a family, in key order, and the cursor of the next page
+/// (`None` when the family is exhausted). Reads at most `limit` rows, so a scan of the
+/// whole fleet holds one page at a time.
+pub async fn desired_page(
+    db: &PgPool,
+    family: Family,
+    cursor: &PageCursor,
+    limit: i64,
+) -> Result<(Vec<(String, DesiredEntry)>, Option<PageCursor>), sqlx::Error> {
+    let after_id = || cursor.0.as_deref().and_then(|c| Uuid::parse_str(c).ok());
+    let mut out = Vec::new();
+    let (read, last) = match family {
+        Family::Customers => {
+            let rows = customers::live_page(db, after_id(), limit).await?;
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+            let mut plans: HashMap<Uuid, String> = subscriptions::live_by_customers(db, &ids)
+                .await?
+                .into_iter()
+                .map(|s| (s.customer_id, s.plan))
+                .collect();
+            for row in &rows {
+                let plan = plans.remove(&row.id).unwrap_or_default();
+                out.push((customer_key(row.id), customer_entry(row, plan)));
+            }
+            (rows.len(), rows.last().map(|r| r.id.to_string()))
+        }
+        Family::Quotas => {
+            let rows = subscriptions::live_page_of_live_customers(db, after_id(), limit).await?;
+            for sub in &rows {
+                let key = subscription_config::quota_key(sub.customer_id);
+                out.push((key, subscription_config::quota_entry(sub)));
+            }
+            (rows.len(), rows.last().map(|r| r.customer_id.to_string()))
+        }
+        Family::ApiKeys => {
+            let rows = api_keys::live_page(db, cursor.0.as_deref(), limit).await?;
+            let mut ids: Vec<Uuid> = rows.iter().map(|r| r.customer_id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let owners: HashMap<Uuid, CustomerRow> = customers::live_by_ids(db, &ids)
+                .await?
+                .into_iter()
+                .map(|row| (row.id, row))
+                .collect();
+            let now = Utc::now();
+            for row in &rows {
+                if let Some(entry) = apikey_config::entry(row, owners.get(&row.customer_id), now) {
+                    out.push((apikey_config::apikey_key(&row.key_hash), entry));
+                }
+            }
+            (rows.len(), rows.last().map(|r| r.key_hash.clone()))
+        }
+    };
+    let next = (i64::try_from(read).unwrap_or(i64::MAX) >= limit).then_some(PageCursor(last));
+    Ok((out, next))
+}
+
 /// Every desired key (relative) and entry.
 pub async fn desired_all(db: &PgPool) -> Result<BTreeMap<String, DesiredEntry>, sqlx::Error> {
+    const PAGE: i64 = 1000;
     let mut out = BTreeMap::new();
-    // Subscriptions in force of live customers: their quota keys, and each customer's plan.
-    let mut plans = BTreeMap::new();
-    for sub in subscriptions::all_live_of_live_customers(db).await? {
-        let key = subscription_config::quota_key(sub.customer_id);
-        out.insert(key, subscription_config::quota_entry(&sub));
-        plans.insert(sub.customer_id, sub.plan);
-    }
-    let live_customers: HashMap<Uuid, CustomerRow> = customers::all_live(db)
-        .await?
-        .into_iter()
-        .map(|row| (row.id, row))
-        .collect();
-    for row in live_customers.values() {
-        out.insert(
-            customer_key(row.id),
-            customer_entry(row, plans.remove(&row.id).unwrap_or_default()),
-        );
-    }
-    let now = Utc::now();
-    for row in api_keys::all_live(db).await? {
-        if let Some(entry) = apikey_config::entry(&row, live_customers.get(&row.customer_id), now) {
-            out.insert(apikey_config::apikey_key(&row.key_hash), entry);
+    for family in FAMILIES {
+        let mut cursor = PageCursor::default();
+        loop {
+            let (entries, next) = desired_page(db, family, &cursor, PAGE).await?;
+            out.extend(entries);
+            match next {
+                Some(next) => cursor = next,
+                None => break,
+            }
         }
     }
     Ok(out)
@@ -203,6 +271,14 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_compare_as_json() {
+        let v = serde_json::json!({"id": "1", "email": "a@b.c"});
+        assert!(same_value(br#"{ "email":"a@b.c","id":"1" }"#, &v));
+        assert!(!same_value(br#"{"id":"1","email":"x@b.c"}"#, &v));
+        assert!(!same_value(b"not json", &v));
+    }
 
     #[test]
     fn keys_are_classified() {

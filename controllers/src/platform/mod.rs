@@ -210,37 +210,58 @@ impl PlatformConfig {
     /// Read in pages at one revision (a consistent snapshot), so a prefix of any size
     /// stays under the gRPC message limit (4 MiB, some 15-20k entries in one response).
     pub async fn list(&self) -> Result<(Vec<(String, Vec<u8>)>, i64), etcd_client::Error> {
-        let prefix = format!("{}/", self.prefix);
-        let end = prefix_end(prefix.as_bytes());
-        let mut kv = self.client.kv_client();
         let mut kvs = Vec::new();
-        let mut from = prefix.clone().into_bytes();
-        let mut revision = 0;
+        let mut from = None;
+        let mut revision = None;
         loop {
-            let mut options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(LIST_PAGE);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let resp = kv.get(from.clone(), Some(options)).await?;
-            if revision == 0 {
-                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-            }
-            let page = resp.kvs();
-            kvs.extend(
-                page.iter()
-                    .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec()))),
-            );
-            match page.last() {
-                Some(last) if resp.more() => {
-                    // The next page starts just after the last key read.
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok((kvs, revision)),
+            let page = self.page(from.as_deref(), LIST_PAGE, revision).await?;
+            kvs.extend(page.kvs);
+            revision = Some(page.revision);
+            match page.next {
+                Some(next) => from = Some(next),
+                None => return Ok((kvs, page.revision)),
             }
         }
+    }
+
+    /// Up to `limit` keys and values under the prefix from the raw key `from` (from the
+    /// start when `None`), in key order, read at `revision` (the current one when
+    /// `None`). Pass the page's `next` and `revision` back for the next page, so that a
+    /// scan of any size sees one consistent snapshot.
+    pub async fn page(
+        &self,
+        from: Option<&[u8]>,
+        limit: i64,
+        revision: Option<i64>,
+    ) -> Result<KeyPage, etcd_client::Error> {
+        let prefix = format!("{}/", self.prefix);
+        let start = from.map_or_else(|| prefix.clone().into_bytes(), <[u8]>::to_vec);
+        let mut options = GetOptions::new()
+            .with_range(prefix_end(prefix.as_bytes()))
+            .with_limit(limit);
+        if let Some(revision) = revision {
+            options = options.with_revision(revision);
+        }
+        let resp = self.client.kv_client().get(start, Some(options)).await?;
+        let revision = revision
+            .or_else(|| resp.header().map(|h| h.revision()))
+            .unwrap_or_default();
+        let page = resp.kvs();
+        // The next page starts just after the last key read.
+        let next = page.last().filter(|_| resp.more()).map(|last| {
+            let mut key = last.key().to_vec();
+            key.push(0);
+            key
+        });
+        let kvs = page
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec())))
+            .collect();
+        Ok(KeyPage {
+            kvs,
+            next,
+            revision,
+        })
     }
 
     /// True when the change at `revision` was written by this process.
@@ -260,6 +281,17 @@ impl PlatformConfig {
             own.insert(rev);
         }
     }
+}
+
+/// A page of keys under the prefix: see [`PlatformConfig::page`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    /// Absolute keys and raw values, in key order.
+    pub kvs: Vec<(String, Vec<u8>)>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Vec<u8>>,
+    /// The revision the page was read at.
+    pub revision: i64,
 }
 
 /// A bounded set of recent revisions, oldest evicted first.

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::customers::K8sRef;
 
 /// A row of `api_keys`.
-#[derive(sqlx::FromRow, Clone, Debug, PartialEq)]
+#[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
 pub struct ApiKeyRow {
     pub id: Uuid,
     pub customer_id: Uuid,
@@ -110,6 +110,22 @@ pub async fn all_for_resource(
     .await
 }
 
+/// Every key (revoked too) of the resources `namespaces[i]/names[i]`.
+pub async fn all_for_resources(
+    db: &PgPool,
+    namespaces: &[String],
+    names: &[String],
+) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE (k8s_namespace, k8s_name) IN \
+         (SELECT * FROM unnest($1::text[], $2::text[])) ORDER BY created_at"
+    ))
+    .bind(namespaces)
+    .bind(names)
+    .fetch_all(db)
+    .await
+}
+
 /// An unrevoked key by hash.
 pub async fn live_by_hash<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
@@ -121,11 +137,20 @@ pub async fn live_by_hash<'e, E: sqlx::PgExecutor<'e>>(
         .await
 }
 
-/// Every unrevoked key.
-pub async fn all_live(db: &PgPool) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+/// Up to `limit` unrevoked keys with a hash above `after`, in byte order of the hash
+/// (the order of their etcd keys; keyset pagination).
+pub async fn live_page(
+    db: &PgPool,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE revoked_at IS NULL"
+        "SELECT {COLUMNS} FROM api_keys WHERE revoked_at IS NULL \
+         AND ($1::text IS NULL OR key_hash COLLATE \"C\" > $1) \
+         ORDER BY key_hash COLLATE \"C\" LIMIT $2"
     ))
+    .bind(after)
+    .bind(limit)
     .fetch_all(db)
     .await
 }

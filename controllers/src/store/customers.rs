@@ -16,7 +16,7 @@ pub struct K8sRef {
 }
 
 /// A row of `customers`.
-#[derive(sqlx::FromRow, Clone, Debug, PartialEq)]
+#[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
 pub struct CustomerRow {
     pub id: Uuid,
     pub email: String,
@@ -112,11 +112,29 @@ pub async fn live_by_id<'e, E: sqlx::PgExecutor<'e>>(
         .await
 }
 
-/// Every live row.
-pub async fn all_live(db: &PgPool) -> Result<Vec<CustomerRow>, sqlx::Error> {
+/// Up to `limit` live rows with an id above `after`, in id order (keyset pagination,
+/// so a scan of the whole table holds one page at a time).
+pub async fn live_page(
+    db: &PgPool,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE deleted_at IS NULL"
+        "SELECT {COLUMNS} FROM customers WHERE deleted_at IS NULL AND ($1::uuid IS NULL OR id > $1) \
+         ORDER BY id LIMIT $2"
     ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The live rows among `ids`.
+pub async fn live_by_ids(db: &PgPool, ids: &[Uuid]) -> Result<Vec<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE id = ANY($1) AND deleted_at IS NULL"
+    ))
+    .bind(ids)
     .fetch_all(db)
     .await
 }

@@ -25,6 +25,8 @@ pub enum StoreSetupError {
     Connect(#[source] sqlx::Error),
     #[error("cannot create schema: {0}")]
     CreateSchema(#[source] sqlx::Error),
+    #[error("schema {0:?} has no operator tables (wrong --database-schema, or never migrated)")]
+    NotMigrated(String),
     #[error("migration failed: {0}")]
     Migrate(#[source] MigrateError),
 }
@@ -58,24 +60,7 @@ pub async fn connect(
     schema: &str,
     max_connections: u32,
 ) -> Result<PgPool, StoreSetupError> {
-    if !valid_schema_name(schema) {
-        return Err(StoreSetupError::Schema(schema.to_owned()));
-    }
-    let options: PgConnectOptions = url.parse().map_err(StoreSetupError::Url)?;
-    let app = format!(
-        "m3o-operator:{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let options = options
-        .options([("search_path", schema)])
-        .options(SESSION_SETTINGS)
-        .application_name(&app);
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await
-        .map_err(StoreSetupError::Connect)?;
+    let pool = open_pool(url, schema, max_connections, &[]).await?;
     // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
     // exists, so it is only run when it does not: a role that owns just its schema
     // (created by an admin) needs no database privilege.
@@ -92,6 +77,58 @@ pub async fn connect(
             .map_err(StoreSetupError::CreateSchema)?;
     }
     Ok(pool)
+}
+
+/// Opens a pool for readers such as `inspect` and `audit`: every transaction is read
+/// only (the server refuses any write), nothing is created and no migration runs, so
+/// credentials with SELECT alone suffice. Fails when `schema` has no operator tables.
+pub async fn connect_read_only(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+) -> Result<PgPool, StoreSetupError> {
+    let read_only = [("default_transaction_read_only", "on")];
+    let pool = open_pool(url, schema, max_connections, &read_only).await?;
+    let migrated: bool = sqlx::query_scalar("SELECT to_regclass('customers') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .map_err(StoreSetupError::Connect)?;
+    if !migrated {
+        return Err(StoreSetupError::NotMigrated(schema.to_owned()));
+    }
+    Ok(pool)
+}
+
+/// A pool with the session settings and an application_name unique to it.
+async fn open_pool(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+    settings: &[(&str, &str)],
+) -> Result<PgPool, StoreSetupError> {
+    if !valid_schema_name(schema) {
+        return Err(StoreSetupError::Schema(schema.to_owned()));
+    }
+    let options: PgConnectOptions = url.parse().map_err(StoreSetupError::Url)?;
+    let app = format!(
+        "m3o-operator:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let options = options
+        .options(
+            [("search_path", schema)]
+                .iter()
+                .chain(&SESSION_SETTINGS)
+                .chain(settings)
+                .copied(),
+        )
+        .application_name(&app);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(StoreSetupError::Connect)
 }
 
 /// Applies pending migrations; safe to run concurrently (sqlx takes an advisory lock).

@@ -18,7 +18,7 @@ pub const CANCELLED: &str = "cancelled";
 pub const ACTIVE_CUSTOMER_INDEX: &str = "subscriptions_active_customer";
 
 /// A row of `subscriptions`.
-#[derive(sqlx::FromRow, Clone, Debug, PartialEq, Eq)]
+#[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct SubscriptionRow {
     pub id: Uuid,
     pub customer_id: Uuid,
@@ -114,12 +114,34 @@ pub async fn live_by_customer<'e, E: sqlx::PgExecutor<'e>>(
     .await
 }
 
-/// Every subscription in force whose customer is live: what etcd publishes.
-pub async fn all_live_of_live_customers(db: &PgPool) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
+/// Up to `limit` subscriptions in force of live customers (what etcd publishes) with a
+/// customer id above `after`, in customer id order (keyset pagination).
+pub async fn live_page_of_live_customers(
+    db: &PgPool,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM subscriptions s WHERE s.cancelled_at IS NULL AND EXISTS \
-         (SELECT 1 FROM customers c WHERE c.id = s.customer_id AND c.deleted_at IS NULL)"
+        "SELECT {COLUMNS} FROM subscriptions s WHERE s.cancelled_at IS NULL \
+         AND ($1::uuid IS NULL OR s.customer_id > $1) AND EXISTS \
+         (SELECT 1 FROM customers c WHERE c.id = s.customer_id AND c.deleted_at IS NULL) \
+         ORDER BY s.customer_id LIMIT $2"
     ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The subscriptions in force of the customers among `customer_ids`.
+pub async fn live_by_customers(
+    db: &PgPool,
+    customer_ids: &[Uuid],
+) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions WHERE customer_id = ANY($1) AND cancelled_at IS NULL"
+    ))
+    .bind(customer_ids)
     .fetch_all(db)
     .await
 }

@@ -1,6 +1,7 @@
 //! Integration tests against a real kube-apiserver, PostgreSQL, Redis and etcd.
 //! Run with `make test` (which starts them); see `support.rs`.
 
+mod admin;
 mod apikey;
 mod chart;
 mod customer;

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::*;
 use crate::support::cli::{run, text};
+use crate::support::kubeconfig::service_account_kubeconfig;
 use crate::support::{Backends, TestEnv, eventually, suffix};
 
 /// `kubectl auth can-i VERB RESOURCE` as the ServiceAccount `sa` of namespace `sa_ns`.
@@ -242,43 +243,7 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // A kubeconfig with nothing but the ServiceAccount's token.
-    let server = kubectl(&[
-        "config",
-        "view",
-        "--raw",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ])
-    .await;
-    let ca = kubectl(&[
-        "config",
-        "view",
-        "--raw",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
-    ])
-    .await;
-    let token = kubectl(&[
-        "create",
-        "token",
-        &sa,
-        "-n",
-        &release_ns,
-        "--duration",
-        "1h",
-    ])
-    .await;
-    let kubeconfig = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{sa}.kubeconfig"));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: sa\n  user:\n    token: {}\ncontexts:\n- name: sa\n  context: {{cluster: c, user: sa, namespace: {ns}}}\ncurrent-context: sa\n",
-            token.trim()
-        ),
-    )
-    .expect("write kubeconfig");
+    let kubeconfig = service_account_kubeconfig(&sa, &release_ns, ns).await;
     let as_sa = |args: &[&str]| {
         let mut full = vec!["--kubeconfig", kubeconfig.to_str().expect("path")];
         full.extend(args);

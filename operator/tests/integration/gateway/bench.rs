@@ -160,7 +160,6 @@ async fn load(addr: &str, keys: &[String], what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: make bench-gateway"]
 async fn bench_gateway_checks_per_second() {
     let env = TestEnv::new("gw-bench").await;
     let keys = load_keys(&env).await;
@@ -202,7 +201,6 @@ async fn bench_gateway_checks_per_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: make bench-gateway"]
 async fn bench_gateway_revocation_latency() {
     let env = TestEnv::new("gw-bench-revoke").await;
     let _operator = env.start_operator().await;

@@ -2,6 +2,8 @@
 //! m3o-gateway-auth replicas behind a real nginx (`auth_request`) in front of an
 //! upstream; limits shared through Redis; propagation confirmed in `GatewaySynced`.
 
+// Benchmarks, not tests: built only with `--features bench` (`make bench-gateway`).
+#[cfg(feature = "bench")]
 mod bench;
 mod outages;
 

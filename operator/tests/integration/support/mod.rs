@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod cli;
 pub mod gateway;
+pub mod kubeconfig;
 pub mod nginx;
 pub mod operator;
 pub mod private_etcd;

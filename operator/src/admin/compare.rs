@@ -1,0 +1,319 @@
+//! The comparisons behind `inspect` and `audit`, free of I/O: an etcd entry against
+//! the value Postgres implies, a Secret's key against the recorded hash, which events
+//! concern a resource, and the merge of two key-ordered scans.
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use m3o_controllers::apikey::secret::{self, DATA_API_KEY, DATA_KEY_ID};
+use m3o_controllers::platform::desired::{DesiredEntry, same_value};
+use m3o_controllers::store::api_keys::ApiKeyRow;
+use m3o_events::customers::Event;
+use serde::Serialize;
+
+/// How an etcd entry compares with what Postgres says it should be.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Present and equal to the desired value.
+    Matches,
+    /// Present with another value (a hand edit not yet restored).
+    Differs,
+    /// Desired but absent.
+    Missing,
+    /// Present although no record wants it.
+    Unowned,
+    /// Neither desired nor present (e.g. a revoked key): as it should be.
+    Absent,
+}
+
+impl Verdict {
+    /// True when the entry is not as Postgres says.
+    pub fn is_drift(self) -> bool {
+        matches!(self, Self::Differs | Self::Missing | Self::Unowned)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Matches => "matches",
+            Self::Differs => "differs",
+            Self::Missing => "missing",
+            Self::Unowned => "unowned",
+            Self::Absent => "absent",
+        }
+    }
+}
+
+/// Compares an entry's raw value with its desired value (both optional).
+pub fn verdict(desired: Option<&serde_json::Value>, actual: Option<&[u8]>) -> Verdict {
+    match (desired, actual) {
+        (Some(want), Some(have)) if same_value(have, want) => Verdict::Matches,
+        (Some(_), Some(_)) => Verdict::Differs,
+        (Some(_), None) => Verdict::Missing,
+        (None, Some(_)) => Verdict::Unowned,
+        (None, None) => Verdict::Absent,
+    }
+}
+
+/// One etcd key compared: what is there, what should be, and whose it is.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct EntryCheck {
+    pub key: String,
+    pub verdict: Verdict,
+    /// The resource the desired value belongs to (`Kind namespace/name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    pub desired: Option<serde_json::Value>,
+    /// The stored value: JSON when it parses, else the raw text.
+    pub actual: Option<serde_json::Value>,
+}
+
+/// Compares absolute `key`'s raw value with its desired entry.
+pub fn check_entry(
+    key: String,
+    desired: Option<&DesiredEntry>,
+    actual: Option<&[u8]>,
+) -> EntryCheck {
+    EntryCheck {
+        verdict: verdict(desired.map(|d| &d.value), actual),
+        owner: desired.map(|d| describe(&d.owner)),
+        desired: desired.map(|d| d.value.clone()),
+        actual: actual.map(|raw| {
+            serde_json::from_slice(raw)
+                .unwrap_or_else(|_| String::from_utf8_lossy(raw).into_owned().into())
+        }),
+        key,
+    }
+}
+
+/// `Kind namespace/name` of a reference.
+pub fn describe(owner: &ObjectReference) -> String {
+    format!(
+        "{} {}/{}",
+        owner.kind.as_deref().unwrap_or("?"),
+        owner.namespace.as_deref().unwrap_or(""),
+        owner.name.as_deref().unwrap_or("?")
+    )
+}
+
+/// How an ApiKey's Secret compares with the recorded key hashes.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretVerdict {
+    /// The key hashes to the recorded hash of a live key row named by `keyId`.
+    Matches,
+    /// The key hashes to no recorded hash, or to another key than `keyId` names.
+    Differs,
+    /// The key is a revoked one.
+    Revoked,
+    /// No Secret.
+    Missing,
+    /// A Secret without an `apiKey` entry.
+    NoKey,
+}
+
+impl SecretVerdict {
+    pub fn is_drift(self) -> bool {
+        !matches!(self, Self::Matches)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Matches => "matches",
+            Self::Differs => "differs",
+            Self::Revoked => "revoked",
+            Self::Missing => "missing",
+            Self::NoKey => "no-key",
+        }
+    }
+}
+
+/// The Secret check; never holds the key, only what identifies it.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretCheck {
+    pub name: String,
+    pub verdict: SecretVerdict,
+    /// `keyId` as the Secret states it.
+    pub key_id: Option<String>,
+    /// The recorded key whose hash the Secret's key has (its id and display prefix).
+    pub recorded_key_id: Option<String>,
+    pub recorded_prefix: Option<String>,
+}
+
+/// Hashes the Secret's key and looks the hash up among the resource's key rows.
+pub fn check_secret(name: &str, secret: Option<&Secret>, rows: &[ApiKeyRow]) -> SecretCheck {
+    let data = secret.map(|s| s.data.clone().unwrap_or_default());
+    let key_id = data
+        .as_ref()
+        .and_then(|d| d.get(DATA_KEY_ID))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let hash = data
+        .as_ref()
+        .and_then(|d| d.get(DATA_API_KEY))
+        .map(|b| secret::hash(&b.0));
+    let recorded = hash
+        .as_ref()
+        .and_then(|h| rows.iter().find(|r| &r.key_hash == h));
+    let verdict = match (&data, &hash, recorded) {
+        (None, _, _) => SecretVerdict::Missing,
+        (Some(_), None, _) => SecretVerdict::NoKey,
+        (Some(_), Some(_), None) => SecretVerdict::Differs,
+        (Some(_), Some(_), Some(row)) if row.revoked_at.is_some() => SecretVerdict::Revoked,
+        (Some(_), Some(_), Some(row)) if key_id.as_deref() != Some(&row.id.to_string()) => {
+            SecretVerdict::Differs
+        }
+        (Some(_), Some(_), Some(_)) => SecretVerdict::Matches,
+    };
+    SecretCheck {
+        name: name.to_owned(),
+        verdict,
+        key_id,
+        recorded_key_id: recorded.map(|r| r.id.to_string()),
+        recorded_prefix: recorded.map(|r| r.key_prefix.clone()),
+    }
+}
+
+/// Whose events to show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// Every event about the customer (its keys' and subscription's too).
+    Customer { id: String },
+    /// The customer's subscription events.
+    Subscription { customer_id: String },
+    /// Events about any of these keys.
+    ApiKey { key_ids: Vec<String> },
+}
+
+impl Subject {
+    /// True when `event` is about this subject.
+    pub fn concerns(&self, event: &Event) -> bool {
+        let customer_id = event.customer.as_ref().map(|c| c.id.as_str());
+        match self {
+            Self::Customer { id } => customer_id == Some(id.as_str()),
+            Self::Subscription { customer_id: id } => {
+                customer_id == Some(id.as_str())
+                    && (event.subscription_changed.is_some()
+                        || event.subscription_cancelled.is_some())
+            }
+            Self::ApiKey { key_ids } => {
+                key_ids_of(event).any(|k| key_ids.iter().any(|mine| mine == k))
+            }
+        }
+    }
+}
+
+/// The key ids an event names.
+fn key_ids_of(event: &Event) -> impl Iterator<Item = &str> {
+    [
+        event.generate_key.as_ref().map(|k| k.id.as_str()),
+        event.delete_key.as_ref().map(|k| k.id.as_str()),
+        event.block_key.as_ref().map(|k| k.id.as_str()),
+        event.unblock_key.as_ref().map(|k| k.id.as_str()),
+        event.key_expired.as_ref().map(|k| k.id.as_str()),
+        event.key_rotated.as_ref().map(|k| k.id.as_str()),
+        event.key_rotated.as_ref().map(|k| k.previous_id.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|id| !id.is_empty())
+}
+
+/// What an event says beyond its type: the customer's status, key or tier.
+pub fn event_detail(event: &Event) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = &event.customer {
+        parts.push(format!("customer={} status={}", c.id, c.status));
+    }
+    if let Some(key) = key_ids_of(event).next() {
+        parts.push(format!("key={key}"));
+    }
+    let tier = (event.subscription_changed.as_ref().map(|s| &s.tier))
+        .or(event.subscription_cancelled.as_ref().map(|s| &s.tier));
+    if let Some(tier) = tier {
+        parts.push(format!("tier={tier}"));
+    }
+    parts.join(" ")
+}
+
+/// One key of a merge: its desired value and its stored value, either possibly absent.
+pub type Merged<D> = (String, Option<D>, Option<Vec<u8>>);
+
+/// Merges two scans that each yield keys in ascending byte order, a page at a time:
+/// the desired keys (from Postgres) and the stored ones (from etcd). Only the current
+/// pages are held, so a fleet of any size is compared in bounded memory.
+#[derive(Debug)]
+pub struct SortedMerge<D> {
+    desired: VecDeque<(String, D)>,
+    actual: VecDeque<(String, Vec<u8>)>,
+    desired_done: bool,
+    actual_done: bool,
+}
+
+impl<D> Default for SortedMerge<D> {
+    fn default() -> Self {
+        Self {
+            desired: VecDeque::new(),
+            actual: VecDeque::new(),
+            desired_done: false,
+            actual_done: false,
+        }
+    }
+}
+
+impl<D> SortedMerge<D> {
+    /// Adds the next page of desired keys; `last` when the scan is over.
+    pub fn push_desired(&mut self, page: Vec<(String, D)>, last: bool) {
+        self.desired.extend(page);
+        self.desired_done = last;
+    }
+
+    /// Adds the next page of stored keys; `last` when the scan is over.
+    pub fn push_actual(&mut self, page: Vec<(String, Vec<u8>)>, last: bool) {
+        self.actual.extend(page);
+        self.actual_done = last;
+    }
+
+    /// Whether the merge waits for another page of desired keys.
+    pub fn needs_desired(&self) -> bool {
+        self.desired.is_empty() && !self.desired_done
+    }
+
+    /// Whether the merge waits for another page of stored keys.
+    pub fn needs_actual(&self) -> bool {
+        self.actual.is_empty() && !self.actual_done
+    }
+
+    /// True once both scans are over and every key was taken.
+    pub fn finished(&self) -> bool {
+        self.desired_done && self.actual_done && self.desired.is_empty() && self.actual.is_empty()
+    }
+
+    /// Takes every key that can be decided with the pages at hand, in key order.
+    pub fn take(&mut self) -> Vec<Merged<D>> {
+        let mut out = Vec::new();
+        loop {
+            let order = match (self.desired.front(), self.actual.front()) {
+                (Some(d), Some(a)) => d.0.cmp(&a.0),
+                (Some(_), None) if self.actual_done => Ordering::Less,
+                (None, Some(_)) if self.desired_done => Ordering::Greater,
+                _ => return out,
+            };
+            let (desired, actual) = match order {
+                Ordering::Less => (self.desired.pop_front(), None),
+                Ordering::Greater => (None, self.actual.pop_front()),
+                Ordering::Equal => (self.desired.pop_front(), self.actual.pop_front()),
+            };
+            let key = desired
+                .as_ref()
+                .map(|d| d.0.clone())
+                .or_else(|| actual.as_ref().map(|a| a.0.clone()))
+                .unwrap_or_default();
+            out.push((key, desired.map(|d| d.1), actual.map(|a| a.1)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -89,6 +89,8 @@ app.kubernetes.io/part-of: m3o
 {{- .Values.metrics.prometheusRule.selector }}
 {{- else }}
 {{- printf "job=%q,namespace=%q" (printf "%s-metrics" (include "m3o-operator.fullname" .)) .Release.Namespace }}
+{{- end }}
+{{- end }}
 
 {{/*
 Flags of the etcd and Redis clients' TLS files (tls.redis, tls.etcd; mounted by

@@ -44,39 +44,36 @@ impl Servers {
         etcd.user_grant_role("root", "root")
             .await
             .expect("root role");
-        etcd.role_add(OPERATOR_USER).await.expect("role");
-        for permission in [
+        let operator = [
             Permission::read_write(format!("{prefix}/")).with_prefix(),
             Permission::read_write(format!("{prefix}.writer-epoch")).with_prefix(),
-        ] {
-            etcd.role_grant_permission(OPERATOR_USER, permission)
-                .await
-                .expect("grant");
-        }
-        etcd.user_add(OPERATOR_USER, self.password.clone(), None)
-            .await
-            .expect("user");
-        etcd.user_grant_role(OPERATOR_USER, OPERATOR_USER)
-            .await
-            .expect("user role");
-        etcd.role_add(GATEWAY_USER).await.expect("gateway role");
-        for permission in [
+        ];
+        add_user(&mut etcd, OPERATOR_USER, &self.password, operator).await;
+        let gateway = [
             Permission::read(format!("{prefix}/")).with_prefix(),
             Permission::read_write(format!("{prefix}/gateways/")).with_prefix(),
-        ] {
-            etcd.role_grant_permission(GATEWAY_USER, permission)
-                .await
-                .expect("gateway grant");
-        }
-        etcd.user_add(GATEWAY_USER, self.password.clone(), None)
-            .await
-            .expect("gateway user");
-        etcd.user_grant_role(GATEWAY_USER, GATEWAY_USER)
-            .await
-            .expect("gateway user role");
+        ];
+        add_user(&mut etcd, GATEWAY_USER, &self.password, gateway).await;
         etcd.auth_enable().await.expect("auth enable");
         connect_etcd(&self.etcd_args(prefix, "root"))
             .await
             .expect("etcd as root")
     }
+}
+
+/// A user with a role of the same name holding `permissions`.
+async fn add_user(
+    etcd: &mut etcd_client::Client,
+    name: &str,
+    password: &str,
+    permissions: impl IntoIterator<Item = Permission>,
+) {
+    etcd.role_add(name).await.expect("role");
+    for permission in permissions {
+        etcd.role_grant_permission(name, permission)
+            .await
+            .expect("grant");
+    }
+    etcd.user_add(name, password, None).await.expect("user");
+    etcd.user_grant_role(name, name).await.expect("user role");
 }

@@ -114,7 +114,10 @@ impl EtcdArgs {
             ));
         }
         if let Some((user, password)) = self.credentials()? {
-            options = options.with_user(user, password);
+            // etcd's simple tokens expire (5 min by default): log in again when one has.
+            options = options
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
         }
         Ok(options)
     }

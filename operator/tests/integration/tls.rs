@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::apikey::{key_id, key_spec};
 use crate::support::gateway::check;
-use crate::support::tls_backends::{Backend, OPERATOR_ROLE, TlsBackends};
+use crate::support::tls_backends::{Backend, OPERATOR_ROLE, OPERATOR_USER, TlsBackends};
 use crate::support::{TestEnv, dedupe, eventually, exit_log};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,6 +169,26 @@ async fn each_operator_user_is_refused_outside_its_grants() {
             "{outside}: {err}"
         );
     }
+
+    // A token etcd no longer accepts is renewed: changing a user's password drops its
+    // tokens (as their expiry does, 5 min idle by default).
+    let mut stale = tls
+        .servers
+        .operator_etcd_without_token_refresh(&env.etcd_prefix)
+        .await;
+    let mut admin = tls.admin_etcd.clone();
+    admin
+        .user_change_password(OPERATOR_USER, tls.servers.password())
+        .await
+        .expect("same password again");
+    let err = stale
+        .put(format!("{}/probe", env.etcd_prefix), "y", None)
+        .await
+        .expect_err("the dropped token is refused");
+    assert!(err.to_string().contains("invalid auth token"), "{err}");
+    etcd.put(format!("{}/probe", env.etcd_prefix), "z", None)
+        .await
+        .expect("the operator's client logs in again");
 
     // Redis: XADD on the stream keys only, and no other command.
     let redis = tls.servers.operator_redis();

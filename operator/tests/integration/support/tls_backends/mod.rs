@@ -192,6 +192,19 @@ impl Servers {
             .expect("etcd as the operator's user")
     }
 
+    /// The same, but keeping its first token when etcd drops it (what every client
+    /// did before `m3o_connect` turned the refresh on).
+    pub async fn operator_etcd_without_token_refresh(&self, prefix: &str) -> etcd_client::Client {
+        let args = self.etcd_args(prefix, OPERATOR_USER);
+        let options = args
+            .connect_options(etcd_client::ConnectOptions::new())
+            .expect("etcd options")
+            .with_auto_token_refresh(false);
+        etcd_client::Client::connect(args.endpoints().expect("endpoints"), Some(options))
+            .await
+            .expect("etcd as the operator's user")
+    }
+
     /// A Redis client logged in as the operator's user.
     pub fn operator_redis(&self) -> ::redis::Client {
         self.redis_args(OPERATOR_USER)

@@ -227,3 +227,29 @@ mod tests {
         std::fs::remove_file(dir).unwrap();
     }
 }
+
+/// The end of etcd's key range of everything that starts with `prefix` (the first key
+/// after all of them), for paged range reads of a prefix.
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+#[cfg(test)]
+mod prefix_range_tests {
+    use super::prefix_range_end;
+
+    #[test]
+    fn the_range_ends_just_after_the_prefix() {
+        assert_eq!(prefix_range_end(b"/m3o/"), b"/m3o0".to_vec());
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"\xff"), vec![0]);
+    }
+}

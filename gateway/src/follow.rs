@@ -106,18 +106,6 @@ impl IndexState {
     }
 }
 
-/// The end of the key range of everything starting with `prefix`.
-fn range_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// Why a watch ended.
 #[derive(Debug)]
 enum Ended {
@@ -182,7 +170,7 @@ async fn list(
     metrics: &Metrics,
 ) -> Result<(Index, i64), etcd_client::Error> {
     let mut kv = client.kv_client();
-    let end = range_end(dir.as_bytes());
+    let end = m3o_connect::etcd::prefix_range_end(dir.as_bytes());
     let mut index = Index::default();
     let mut from = dir.as_bytes().to_vec();
     let mut revision = 0;
@@ -318,13 +306,6 @@ async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn range_ends_cover_the_prefix() {
-        assert_eq!(range_end(b"/m3o/"), b"/m3o0".to_vec());
-        assert_eq!(range_end(b"a\xff"), b"b".to_vec());
-        assert_eq!(range_end(b"\xff"), vec![0]);
-    }
 
     #[test]
     fn a_replace_is_loaded_and_confirmed() {

@@ -237,7 +237,7 @@ impl PlatformConfig {
         let prefix = format!("{}/", self.prefix);
         let start = from.map_or_else(|| prefix.clone().into_bytes(), <[u8]>::to_vec);
         let mut options = GetOptions::new()
-            .with_range(prefix_end(prefix.as_bytes()))
+            .with_range(m3o_connect::etcd::prefix_range_end(prefix.as_bytes()))
             .with_limit(limit);
         if let Some(revision) = revision {
             options = options.with_revision(revision);
@@ -321,29 +321,9 @@ impl RecentRevisions {
 /// Keys per page of [`PlatformConfig::list`].
 const LIST_PAGE: i64 = 500;
 
-/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte 0xff: to the end of the keyspace.
-    vec![0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_end_is_the_next_key_after_the_prefix() {
-        assert_eq!(prefix_end(b"/m3o/"), b"/m3o0".to_vec());
-        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
-        assert_eq!(prefix_end(b"\xff"), vec![0]);
-    }
 
     #[test]
     fn epochs_order_as_bytes() {

@@ -44,8 +44,15 @@ pub enum Error {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
+        if crate::store::fence::is_unchecked_write(&err) {
+            // A write path without the fence check: a bug, said loudly.
+            return Self::Internal(err.to_string());
+        }
         if crate::store::fence::is_fenced(&err) {
             return Self::Fenced(err.to_string());
+        }
+        if crate::store::is_serialization_failure(&err) {
+            return Self::Transient(format!("database: {err}"));
         }
         if crate::store::is_unavailable(&err) {
             return Self::DatabaseUnavailable(err);

@@ -45,14 +45,13 @@ pub fn watch_config(ctx: &Context) -> watcher::Config {
 /// spec, the generation its record was last written for (a dependent reads the record,
 /// so it must look again once a change reached it), readiness, state, the record id,
 /// labels and finalizers, and the object itself (uid) - not every status write of the
-/// Customer controller. Deletions pass (the API server
-/// stamps a new resource version on the deleted object, but the final object's fields
-/// are those of its last update, so its removal is caught by the finalizer change).
+/// Customer controller. A deletion always passes: the deleted object carries the fields
+/// of its last update, which a filter would take for no change.
 pub fn customer_changes(
     api: Api<m3o_crds::Customer>,
     config: watcher::Config,
 ) -> impl futures::Stream<Item = Result<m3o_crds::Customer, watcher::Error>> + Send + 'static {
-    fn meaningful(c: &m3o_crds::Customer) -> Option<u64> {
+    fn meaningful(c: &m3o_crds::Customer) -> u64 {
         use std::hash::{Hash, Hasher};
         let status = c.status.as_ref();
         let ready = status
@@ -70,11 +69,24 @@ pub fn customer_changes(
             status.and_then(|s| s.customer_id.as_ref()),
         )
             .hash(&mut h);
-        Some(h.finish())
+        h.finish()
     }
-    watcher(api, config)
-        .touched_objects()
-        .predicate_filter(meaningful, Default::default())
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    watcher(api, config).filter_map(move |event| {
+        let passed = match event {
+            Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => {
+                let (key, hash) = (c.metadata.uid.clone().unwrap_or_default(), meaningful(&c));
+                (seen.insert(key, hash) != Some(hash)).then_some(Ok(c))
+            }
+            Ok(watcher::Event::Delete(c)) => {
+                seen.remove(c.metadata.uid.as_deref().unwrap_or_default());
+                Some(Ok(c))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(passed)
+    })
 }
 
 /// The backoff key of an object: kinds share names, not failure counts.

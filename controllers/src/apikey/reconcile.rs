@@ -150,6 +150,17 @@ async fn record(
     grace: chrono::Duration,
 ) -> Result<KeyPlan, Error> {
     let mut tx = ctx.begin_write().await?;
+    // The customer stays live until this commits (its deletion waits for it), or no key
+    // is recorded: the next pass finds it gone and revokes.
+    if customers::lock_live_shared(&mut tx, customer.id)
+        .await?
+        .is_none()
+    {
+        return Err(Error::Transient(format!(
+            "customer {} was deleted meanwhile",
+            customer.id
+        )));
+    }
     let rows = api_keys::lock_live_for_resource(
         &mut tx,
         &key.namespace().unwrap_or_default(),

@@ -102,6 +102,21 @@ pub async fn lock_by_id(
 }
 
 /// A live row by id, unlocked (for readers such as the etcd sync).
+/// Locks a live row against deletion (FOR SHARE) for the rest of the transaction: a
+/// dependent's record is written only while its customer is live. Taken before the
+/// dependent's own rows, the order the customer's cleanup locks them in.
+pub async fn lock_live_shared(
+    tx: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<CustomerRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM customers {LIVE_BY_ID} FOR SHARE"
+    ))
+    .bind(id)
+    .fetch_optional(tx)
+    .await
+}
+
 pub async fn live_by_id<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     id: Uuid,

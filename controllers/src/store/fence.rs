@@ -84,6 +84,13 @@ impl Term {
     }
 }
 
+/// True when `err` is a write that skipped the fence check (a bug in a write path).
+pub fn is_unchecked_write(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == UNCHECKED_WRITE)
+}
+
 /// True when `err` is the fence refusing a write.
 pub fn is_fenced(err: &sqlx::Error) -> bool {
     err.as_database_error()

@@ -136,6 +136,14 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreSetupError> {
     MIGRATOR.run(pool).await.map_err(StoreSetupError::Migrate)
 }
 
+/// True for a deadlock or serialization failure (40P01, 40001): two transactions met,
+/// one was rolled back, and a retry goes through.
+pub fn is_serialization_failure(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
 /// True when the error means the database could not be reached (as opposed to a
 /// statement the database refused), so status says `DatabaseUnavailable`.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {

@@ -43,7 +43,9 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
     let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
         Some(row) => {
             // The customer row may be deleted already: its last state still names it.
-            let customer = customers::lock_by_id(&mut tx, row.customer_id).await?;
+            // Read, not locked: the customer's own cleanup locks customer then
+            // subscription, and the opposite order here could deadlock with it.
+            let customer = customers::by_id(&mut *tx, row.customer_id).await?;
             cancel(&mut tx, &row, customer.as_ref()).await?;
             Some(row.customer_id)
         }

@@ -144,6 +144,13 @@ fn age_order(a: &Subscription, b: &Subscription) -> Ordering {
         .then_with(|| a.name_any().cmp(&b.name_any()))
 }
 
+/// The customer's record was deleted while this Subscription was being written.
+pub fn customer_gone(name: &str) -> Blocker {
+    let message =
+        format!("Customer {name} was deleted; this Subscription follows if it is created again");
+    Blocker::new(reasons::CUSTOMER_NOT_FOUND, message)
+}
+
 /// Conflict with the Subscription named `holder`.
 pub fn conflict(customer: &str, holder: &str, holder_deleting: bool) -> Blocker {
     let message = if holder_deleting {

@@ -86,11 +86,21 @@ async fn sync_record(
     customer: &CustomerRow,
 ) -> Result<Result<(SubscriptionRow, Option<uuid::Uuid>), Blocker>, Error> {
     let mut tx = ctx.begin_write().await?;
+    // The customer stays live until this commits (its deletion waits), or the record
+    // is not written: no subscription in force for a deleted customer.
+    if customers::lock_live_shared(&mut tx, customer.id)
+        .await?
+        .is_none()
+    {
+        return Ok(Err(plan::customer_gone(&sub.spec.customer_ref.name)));
+    }
     let k8s = &desired.k8s;
     let own = subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
     let existing = match own {
-        Some(own) => Some(own),
-        None => {
+        Some(own) if own.customer_id == customer.id => Some(own),
+        // No record of this resource for this customer (none, or one of a customer that
+        // was re-created, which then moves to the new one): the slot rule decides.
+        own => {
             // The customer's record in force (locked), and who holds it: the slot
             // decision is made here, under the lock, by the one rule in `plan`.
             let in_force = subscriptions::lock_live_by_customer(&mut tx, customer.id).await?;
@@ -105,10 +115,12 @@ async fn sync_record(
             if let Err(blocker) = plan::slot_decision(sub, &siblings, &holder) {
                 return Ok(Err(blocker));
             }
-            if let Some(row) = &in_force {
+            if own.is_none()
+                && let Some(row) = &in_force
+            {
                 tracing::info!(subscription = %row.id, from = %row.k8s_name, "adopting an orphaned subscription record");
             }
-            in_force
+            own.or(in_force)
         }
     };
     let previous_customer = existing.as_ref().map(|r| r.customer_id);

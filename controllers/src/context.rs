@@ -95,7 +95,7 @@ impl Context {
             controller: "m3o-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let shard = settings.shard.as_ref().map(|s| s.as_str());
+        let shard = settings.shard.as_ref().map(|s| s.canonical());
         let term = Arc::new(Term::of(fence::fence_name(shard)));
         let platform = platform.fenced_by(term.name(), term.shared_epoch());
         Self {

@@ -33,6 +33,7 @@ pub fn customer_gate(shard: Option<&Shard>, customer: &Customer) -> Result<(), B
 #[derive(Clone, Debug)]
 pub struct Shard {
     raw: String,
+    canonical: String,
     selector: Selector,
 }
 
@@ -40,17 +41,28 @@ impl Shard {
     /// Parses a label selector in the API server's syntax: comma-separated `k=v`,
     /// `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`, `!k`.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut expressions = Vec::new();
+        let (mut expressions, mut canonical) = (Vec::new(), Vec::new());
         for requirement in split_requirements(raw)? {
-            expressions.push(parse_requirement(&requirement)?);
+            let (expression, spelled) = parse_requirement(&requirement)?;
+            expressions.push(expression);
+            canonical.push(spelled);
         }
         if expressions.is_empty() {
             return Err("empty label selector".into());
         }
+        canonical.sort();
+        canonical.dedup();
         Ok(Self {
             raw: raw.trim().to_owned(),
+            canonical: canonical.join(","),
             selector: Selector::from_iter(expressions),
         })
+    }
+
+    /// One spelling per selector (sorted requirements, `==` as `=`, sorted sets): what
+    /// names this shard's writer fence.
+    pub fn canonical(&self) -> &str {
+        &self.canonical
     }
 
     /// The selector as watches send it to the API server.
@@ -64,8 +76,12 @@ impl Shard {
     }
 }
 
-/// Splits on commas outside parentheses.
+/// Splits on commas outside parentheses; an empty requirement is an error, as the API
+/// server has it.
 fn split_requirements(raw: &str) -> Result<Vec<String>, String> {
+    if raw.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let (mut parts, mut current, mut depth) = (Vec::new(), String::new(), 0u32);
     for c in raw.chars() {
         match c {
@@ -83,48 +99,111 @@ fn split_requirements(raw: &str) -> Result<Vec<String>, String> {
         return Err("unbalanced '('".into());
     }
     parts.push(current);
-    Ok(parts
+    parts
         .into_iter()
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
-        .collect())
+        .map(|p| {
+            let p = p.trim();
+            (!p.is_empty())
+                .then(|| p.to_owned())
+                .ok_or_else(|| "empty requirement (a stray comma)".to_owned())
+        })
+        .collect()
 }
 
-fn parse_requirement(r: &str) -> Result<Expression, String> {
-    let key = |k: &str| -> Result<String, String> {
-        let k = k.trim();
-        let valid = !k.is_empty()
-            && k.len() <= 317
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-        valid
-            .then(|| k.to_owned())
-            .ok_or_else(|| format!("invalid label key {k:?}"))
+/// A label name or value segment: alphanumeric at both ends, `-_.` inside, <= 63.
+fn is_name(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !s.is_empty()
+        && s.len() <= 63
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain.
+fn label_key(k: &str) -> Result<String, String> {
+    let k = k.trim();
+    let valid = match k.split_once('/') {
+        Some((prefix, name)) => {
+            prefix.len() <= 253
+                && prefix.split('.').all(|part| {
+                    is_name(part)
+                        && part
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                })
+                && is_name(name)
+        }
+        None => is_name(k),
     };
+    valid
+        .then(|| k.to_owned())
+        .ok_or_else(|| format!("invalid label key {k:?}"))
+}
+
+/// A label value: empty, or a name segment.
+fn label_value(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    (v.is_empty() || is_name(v))
+        .then(|| v.to_owned())
+        .ok_or_else(|| format!("invalid label value {v:?}"))
+}
+
+/// One requirement, and its canonical spelling (`k=v`, `k!=v`, `k in (a,b)` with sorted
+/// values, `k`, `!k`), so that spellings of one selector name one shard.
+fn parse_requirement(r: &str) -> Result<(Expression, String), String> {
     let set = |s: &str| -> Result<Vec<String>, String> {
         let inner = s
             .trim()
             .strip_prefix('(')
             .and_then(|s| s.strip_suffix(')'))
             .ok_or_else(|| format!("expected (values) in {r:?}"))?;
-        Ok(inner.split(',').map(|v| v.trim().to_owned()).collect())
+        let mut values = inner
+            .split(',')
+            .map(|v| {
+                label_value(v).and_then(|v| {
+                    (!v.is_empty())
+                        .then_some(v)
+                        .ok_or_else(|| format!("empty value in {r:?}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        values.sort();
+        values.dedup();
+        Ok(values)
     };
     if let Some(k) = r.strip_prefix('!') {
-        return Ok(Expression::DoesNotExist(key(k)?));
+        let k = label_key(k)?;
+        return Ok((Expression::DoesNotExist(k.clone()), format!("!{k}")));
     }
     if let Some((k, v)) = r.split_once("!=") {
-        return Ok(Expression::NotEqual(key(k)?, v.trim().to_owned()));
+        let (k, v) = (label_key(k)?, label_value(v)?);
+        return Ok((
+            Expression::NotEqual(k.clone(), v.clone()),
+            format!("{k}!={v}"),
+        ));
     }
     if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
-        return Ok(Expression::Equal(key(k)?, v.trim().to_owned()));
+        let (k, v) = (label_key(k)?, label_value(v)?);
+        return Ok((Expression::Equal(k.clone(), v.clone()), format!("{k}={v}")));
     }
-    if let Some((k, v)) = r.split_once(" notin ") {
-        return Ok(Expression::NotIn(key(k)?, set(v)?.into_iter().collect()));
+    for (op, notin) in [(" notin ", true), (" in ", false)] {
+        if let Some((k, v)) = r.split_once(op) {
+            let (k, values) = (label_key(k)?, set(v)?);
+            let canonical = format!("{k}{op}({})", values.join(","));
+            let values = values.into_iter().collect();
+            let expression = if notin {
+                Expression::NotIn(k, values)
+            } else {
+                Expression::In(k, values)
+            };
+            return Ok((expression, canonical));
+        }
     }
-    if let Some((k, v)) = r.split_once(" in ") {
-        return Ok(Expression::In(key(k)?, set(v)?.into_iter().collect()));
-    }
-    Ok(Expression::Exists(key(r)?))
+    let k = label_key(r)?;
+    Ok((Expression::Exists(k.clone()), k))
 }
 
 #[cfg(test)]
@@ -154,8 +233,33 @@ mod tests {
     }
 
     #[test]
+    fn spellings_of_one_selector_have_one_canonical_form() {
+        let canonical = |raw: &str| Shard::parse(raw).expect(raw).canonical().to_owned();
+        assert_eq!(
+            canonical("k==a,tier in (b, a)"),
+            canonical("tier in (a,b), k=a")
+        );
+        assert_ne!(canonical("k=a"), canonical("k=b"));
+        assert_eq!(canonical("k=a"), "k=a");
+    }
+
+    #[test]
     fn bad_selectors_are_errors() {
-        for bad in ["", " , ", "k in (a", "k in a)", "bad key=1", "k notin a"] {
+        for bad in [
+            "",
+            " , ",
+            "k in (a",
+            "k in a)",
+            "bad key=1",
+            "k notin a",
+            "k=v=w",
+            "k=a b",
+            "a=b,,c=d",
+            "a=b,",
+            "k in ()",
+            "UPPER.example/k=v",
+            &format!("{}=v", "k".repeat(64)),
+        ] {
             assert!(Shard::parse(bad).is_err(), "{bad}");
         }
     }

@@ -38,7 +38,8 @@ pub struct Term {
     superseded: CancellationToken,
 }
 
-/// The fence of a shard: one per `--shard-selector` (a short hash of it), `""` without
+/// The fence of a shard: one per `--shard-selector` (a short hash of its canonical
+/// form, so spellings of one selector share a fence), `""` without
 /// one. Shards write disjoint customers of one schema, each under its own fence.
 pub fn fence_name(shard_selector: Option<&str>) -> String {
     use sha2::{Digest, Sha256};

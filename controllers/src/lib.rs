@@ -18,6 +18,7 @@ pub mod customer;
 pub mod duration;
 pub mod error;
 pub mod failpoint;
+pub mod feed;
 pub mod finalizer;
 pub mod lifecycle;
 pub mod metrics;

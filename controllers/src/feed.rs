@@ -63,8 +63,10 @@ impl CustomerFeed {
     }
 
     /// The task that drives the watch (once; later calls return a task that ends at
-    /// once). It ends when every consumer is gone.
+    /// once). It ends when every consumer is gone. Dependents read Customers from its
+    /// cache ([`Context::customer`]) from now on.
     pub fn run(&mut self, ctx: Arc<Context>) -> impl Future<Output = ()> + Send + 'static {
+        ctx.use_customer_cache(self.store.clone());
         let pump = self.task.take();
         async move {
             if let Some(pump) = pump {
@@ -113,6 +115,35 @@ impl Pump {
             }
         }
     }
+}
+
+/// True while a Customer is being provisioned: it exists, is not being deleted, and
+/// has no Ready condition yet (a failure to provision it is reported there). A dependent waits for it
+/// without writing a status: the Customer's next status change wakes it through this
+/// feed (and its periodic retry backs that up), so a bulk apply of customers with their
+/// subscriptions and keys costs no "not ready" status or Event per dependent.
+pub fn being_provisioned(customer: &Customer) -> bool {
+    let reported = customer
+        .status
+        .as_ref()
+        .is_some_and(|s| crate::status::ready(&s.conditions).is_some());
+    customer.metadata.deletion_timestamp.is_none() && !reported
+}
+
+/// For a dependent of Customer `namespace/name`: the retry to wait with, quietly, while
+/// that Customer is [`being_provisioned`]; `None` to go on.
+pub async fn wait_for_customer(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<kube::runtime::controller::Action>, kube::Error> {
+    let customer = ctx.customer(namespace, name).await?;
+    // A Customer of another shard is reported by the caller, whatever its state.
+    let ours = |c: &Customer| crate::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
+    Ok(customer
+        .as_ref()
+        .is_some_and(|c| ours(c) && being_provisioned(c))
+        .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry)))
 }
 
 /// Objects that name a Customer in `spec.customerRef`.

@@ -19,6 +19,7 @@ use super::secret::{self, IssuedKey, SecretState};
 use crate::context::Context;
 use crate::customer::plan::payload;
 use crate::error::Error;
+use crate::feed;
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::status::{self, reasons};
@@ -30,9 +31,10 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
     let customer_name = &key.spec.customer_ref.name;
-    let customer_obj = Api::<Customer>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(customer_name)
-        .await?;
+    if let Some(wait) = feed::wait_for_customer(ctx, &ns, customer_name).await? {
+        return Ok(wait);
+    }
+    let customer_obj = ctx.customer(&ns, customer_name).await?;
     if let Some(customer) = &customer_obj
         && let Err(b) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {

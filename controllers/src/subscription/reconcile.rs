@@ -6,13 +6,14 @@ use std::sync::Arc;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use m3o_crds::{Customer, Subscription};
+use m3o_crds::Subscription;
 use m3o_events::outbox::{self, OutboxMessage};
 
 use super::config::quota_key;
 use super::plan::{self, Blocker, RecordHolder, RowWrite};
 use crate::context::Context;
 use crate::error::Error;
+use crate::feed;
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::shard;
@@ -29,6 +30,11 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Ok(quota) => quota,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
+    if let Some(wait) =
+        feed::wait_for_customer(ctx, &namespace, &sub.spec.customer_ref.name).await?
+    {
+        return Ok(wait);
+    }
     let customer_row = match load_customer(ctx, &sub).await? {
         Ok(row) => row,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
@@ -62,8 +68,7 @@ async fn load_customer(
 ) -> Result<Result<CustomerRow, Blocker>, Error> {
     let namespace = sub.namespace().unwrap_or_default();
     let name = &sub.spec.customer_ref.name;
-    let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
-    let customer = api.get_opt(name).await?;
+    let customer = ctx.customer(&namespace, name).await?;
     if let Some(customer) = &customer
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {

@@ -30,6 +30,16 @@ pub fn panic_for(object: &str) {
     }
 }
 
+/// Never returns from the reconcile of one object, when `reconcile-hang=<object>` is
+/// enabled: tests fill a lane with it (see [`crate::lanes`]).
+pub async fn hang_for(object: &str) {
+    let point = format!("reconcile-hang={object}");
+    if is_enabled(&point) {
+        tracing::error!(failpoint = %point, "failpoint reached: the reconcile hangs");
+        std::future::pending::<()>().await;
+    }
+}
+
 /// True if the failpoint `name` is enabled (for failures other than an abort, such as
 /// a long-running task ending: `task-end:<task>`, `task-panic:<task>`).
 pub fn is_enabled(name: &str) -> bool {

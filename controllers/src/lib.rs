@@ -20,6 +20,7 @@ pub mod error;
 pub mod failpoint;
 pub mod feed;
 pub mod finalizer;
+pub mod lanes;
 pub mod lifecycle;
 pub mod metrics;
 #[cfg(test)]

@@ -157,9 +157,6 @@ pub async fn run_on<K, F, Fut>(
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
-    let config = Config::default()
-        .concurrency(ctx.settings.concurrency)
-        .debounce(DEBOUNCE);
     // The operator's own status writes (and anything else that leaves the spec, the
     // finalizers and the labels alone) trigger nothing: generation also moves when a
     // deletion starts, finalizers when one is added, labels when an object changes shard.
@@ -169,27 +166,91 @@ pub async fn run_on<K, F, Fut>(
             .combine(predicates::labels),
         Default::default(),
     );
-    let controller = Controller::for_stream(changes, cache.clone());
-    ctx.metrics.init_kind(kind);
-    ctx.metrics.track_resources(kind, move || {
-        let objects = cache.state();
-        let ready = objects
-            .iter()
-            .filter(|o| {
-                o.status()
-                    .and_then(|s| status::ready(K::conditions(s)))
-                    .is_some_and(|c| c.status == "True")
-            })
-            .count();
-        (ready as i64, (objects.len() - ready) as i64)
+    // Changes of provisioned objects go to the lane of changes ([`crate::lanes`]); the
+    // rest (new objects, triggers from other kinds, retries) to the bulk lane.
+    let (to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
+    let mut to_changes = Some(to_changes);
+    let bulk = changes.filter_map(move |obj| {
+        let obj = match obj {
+            Ok(o) if crate::lanes::is_change_of_provisioned(&o) => {
+                match to_changes.as_mut().map(|tx| tx.try_send(o)) {
+                    Some(Ok(())) => None,
+                    // The lane is full or gone: the bulk lane takes it.
+                    Some(Err(err)) => Some(Ok(err.into_inner())),
+                    None => None,
+                }
+            }
+            other => Some(other),
+        };
+        std::future::ready(obj)
     });
-    customise(controller)
-        .with_config(config)
-        .graceful_shutdown_on(shutdown)
+    let locks = Arc::new(crate::lanes::ObjectLocks::default());
+    let shutdown = shutdown.shared();
+    ctx.metrics.init_kind(kind);
+    {
+        let cache = cache.clone();
+        ctx.metrics.track_resources(kind, move || {
+            let objects = cache.state();
+            let ready = objects
+                .iter()
+                .filter(|o| {
+                    o.status()
+                        .and_then(|s| status::ready(K::conditions(s)))
+                        .is_some_and(|c| c.status == "True")
+                })
+                .count();
+            (ready as i64, (objects.len() - ready) as i64)
+        });
+    }
+    let bulk_lane = customise(Controller::for_stream(bulk, cache.clone()))
+        .with_config(
+            Config::default()
+                .concurrency(ctx.settings.concurrency)
+                .debounce(DEBOUNCE),
+        )
+        .graceful_shutdown_on(shutdown.clone());
+    let changes_lane = Controller::for_stream(lane_of_changes.map(Ok), cache)
+        .with_config(
+            Config::default()
+                .concurrency(crate::lanes::CHANGES_CONCURRENCY)
+                .debounce(DEBOUNCE),
+        )
+        .graceful_shutdown_on(shutdown);
+    futures::join!(
+        run_lane(
+            bulk_lane,
+            ctx.clone(),
+            kind,
+            reconcile.clone(),
+            locks.clone()
+        ),
+        run_lane(changes_lane, ctx, kind, reconcile, locks)
+    );
+}
+
+/// Runs one lane's controller: reconciles under the object's lock (see
+/// [`crate::lanes`]), failures retried by [`observed`]'s rules.
+async fn run_lane<K, F, Fut>(
+    controller: Controller<K>,
+    ctx: Arc<Context>,
+    kind: &'static str,
+    reconcile: F,
+    locks: Arc<crate::lanes::ObjectLocks>,
+) where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    controller
         .run(
             move |obj, ctx| {
-                let reconcile = reconcile.clone();
-                async move { observed(obj, ctx, kind, reconcile).await }
+                let (reconcile, locks) = (reconcile.clone(), locks.clone());
+                async move {
+                    let key = object_key(obj.as_ref());
+                    let _one_lane_at_a_time = locks.lock(&key).await;
+                    crate::failpoint::hang_for(&key).await;
+                    observed(obj, ctx, kind, reconcile).await
+                }
             },
             move |obj: Arc<K>, err: &Error, ctx: Arc<Context>| {
                 if err.is_transient() {
@@ -207,6 +268,9 @@ pub async fn run_on<K, F, Fut>(
         })
         .await;
 }
+
+/// Changes waiting for the lane of changes before the bulk lane takes more.
+const LANE_BUFFER: usize = 256;
 
 /// Times and counts a reconcile; on failure records the error in status (Ready=False
 /// with a specific reason) so admins see an outage without reading logs. A panic stays

@@ -144,16 +144,16 @@ async fn a_key_expiry_converges_its_own_customer_without_a_full_resync() {
     )
     .await;
     env.wait_apikey("bobs", "True", "Provisioned").await;
+    // Read before any key has a deadline: nothing can cross one before this.
+    let resyncs = metric(&op, "m3o_operator_config_resyncs_total").await;
+    let clock = metric(&op, "m3o_operator_config_clock_converges_total").await;
+    assert!(resyncs >= 1.0, "the start-up resync is counted");
     let at = chrono::Utc::now() + chrono::Duration::seconds(6);
     let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     env.apply_apikey("soon", key_spec(json!({"expiresAt": at})))
         .await;
     env.wait_apikey("soon", "True", "Provisioned").await;
     let soon = env.secret_key("soon-api-key").await.expect("key");
-    op.settle().await;
-    let resyncs = metric(&op, "m3o_operator_config_resyncs_total").await;
-    let clock = metric(&op, "m3o_operator_config_clock_converges_total").await;
-    assert!(resyncs >= 1.0, "the start-up resync is counted");
 
     eventually("the entry expired", Duration::from_secs(30), || async {
         (env.gateway_entry(&soon).await?["status"] == json!("expired")).then_some(())
@@ -173,4 +173,43 @@ async fn a_key_expiry_converges_its_own_customer_without_a_full_resync() {
         resyncs,
         "an expiry does not resync the whole prefix"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_does_not_queue_behind_new_keys() {
+    let env = TestEnv::new("conv-lanes").await;
+    // One ApiKey reconcile at a time in the bulk lane, and that one never ends.
+    let stuck = format!("ApiKey/{}/stuck", env.ns);
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: vec!["--concurrency".into(), "1".into()],
+            extra_env: vec![("M3O_FAILPOINTS".into(), format!("reconcile-hang={stuck}"))],
+            ..Backends::default()
+        })
+        .await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("probe", key_spec(json!({}))).await;
+    env.wait_apikey("probe", "True", "Provisioned").await;
+    let probe = env.secret_key("probe-api-key").await.expect("key");
+
+    env.apply_apikey("stuck", key_spec(json!({}))).await;
+    eventually(
+        "the new key's reconcile hanging in the bulk lane",
+        Duration::from_secs(20),
+        || async {
+            let log = std::fs::read_to_string(&op.log_path).ok()?;
+            log.lines()
+                .any(|l| l.contains("the reconcile hangs") && l.contains(&stuck))
+                .then_some(())
+        },
+    )
+    .await;
+    env.apply_apikey("probe", key_spec(json!({"blocked": true})))
+        .await;
+    eventually(
+        "the block in etcd while the bulk lane is busy",
+        Duration::from_secs(20),
+        || async { (env.gateway_entry(&probe).await?["status"] == json!("blocked")).then_some(()) },
+    )
+    .await;
 }

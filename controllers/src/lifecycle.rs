@@ -51,7 +51,7 @@ pub async fn report_blocked<K: HasStatus>(
     message: String,
 ) -> Result<Action, Error> {
     if status::apply(api, obj, new).await? {
-        tracing::warn!(kind = %K::kind(&()), object = %obj.name_any(), reason, %message, "blocked");
+        tracing::warn!(reason, %message, "blocked");
         ctx.event(
             &obj.object_ref(&()),
             EventType::Warning,

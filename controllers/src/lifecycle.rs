@@ -4,7 +4,7 @@
 
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, ResourceExt};
+use kube::Api;
 use m3o_crds::DeletionPolicy;
 
 use crate::context::Context;

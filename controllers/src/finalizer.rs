@@ -8,7 +8,7 @@ use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event};
 
-use crate::error::Error;
+use crate::error::{Error, Step};
 use crate::status::HasStatus;
 
 /// The finalizer of every m3o resource.
@@ -35,8 +35,14 @@ where
         }
     })
     .await
-    .map_err(|err| match err {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
+    .map_err(|err| {
+        let own = match err {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => return e,
+            finalizer::Error::AddFinalizer(e) => finalizer::Error::AddFinalizer(e),
+            finalizer::Error::RemoveFinalizer(e) => finalizer::Error::RemoveFinalizer(e),
+            finalizer::Error::UnnamedObject => finalizer::Error::UnnamedObject,
+            finalizer::Error::InvalidFinalizer => finalizer::Error::InvalidFinalizer,
+        };
+        Error::Finalizer(own).at(Step::Finalizer)
     })
 }

@@ -21,6 +21,7 @@ pub mod failpoint;
 pub mod finalizer;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pipeline;
 #[cfg(test)]
 mod planner_props;
 pub mod plans;

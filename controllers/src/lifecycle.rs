@@ -8,7 +8,7 @@ use kube::Api;
 use m3o_crds::DeletionPolicy;
 
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::status::{self, Cond, HasStatus, reasons, types};
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
@@ -24,7 +24,7 @@ pub async fn report_provisioned<K: HasStatus>(
         .status()
         .and_then(|s| status::ready(K::conditions(s)))
         .is_some_and(|c| c.status == "True");
-    status::apply(api, obj, new).await?;
+    status::apply(api, obj, new).await.at(Step::Status)?;
     if !was_ready {
         ctx.event(
             &obj.object_ref(&()),
@@ -50,7 +50,7 @@ pub async fn report_blocked<K: HasStatus>(
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
-    if status::apply(api, obj, new).await? {
+    if status::apply(api, obj, new).await.at(Step::Status)? {
         tracing::warn!(reason, %message, "blocked");
         ctx.event(
             &obj.object_ref(&()),
@@ -79,7 +79,9 @@ pub async fn begin_cleanup<K: HasStatus>(
         reasons::DELETING,
         format!("cleaning up (deletionPolicy {policy:?})"),
     );
-    status::apply_failure(api, obj, deleting, &[]).await?;
+    status::apply_failure(api, obj, deleting, &[])
+        .await
+        .at(Step::Status)?;
     if policy == DeletionPolicy::Orphan {
         let note = format!("deletionPolicy Orphan: {kept} are kept");
         ctx.event(

@@ -232,7 +232,7 @@ where
                 tracing::debug!(error = %err, "reconcile lost a race");
             }
             // A replaced writer stays silent: the object is its successor's to report on.
-            Err(err @ Error::Fenced(_)) => {
+            Err(err) if err.is_fenced() => {
                 tracing::debug!(error = %err, "reconcile refused by the writer fence");
             }
             Err(err) => {

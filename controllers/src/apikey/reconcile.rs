@@ -18,7 +18,7 @@ use super::plan::{self, KeyPlan, Observed};
 use super::secret::{self, IssuedKey, SecretState};
 use crate::context::Context;
 use crate::customer::plan::payload;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::status::{self, reasons};
@@ -32,14 +32,19 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let customer_name = &key.spec.customer_ref.name;
     let customer_obj = Api::<Customer>::namespaced(ctx.client.clone(), &ns)
         .get_opt(customer_name)
-        .await?;
+        .await
+        .at(Step::Load("the Customer"))?;
     if let Some(customer) = &customer_obj
         && let Err(b) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {
         return wait(&api, &key, ctx, b.reason, b.message).await;
     }
-    let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name).await?;
-    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
+    let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name)
+        .await
+        .at(Step::Load("the customer record"))?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
+        .await
+        .at(Step::Load("the key records"))?;
 
     // Keys of a customer that is gone are revoked for good.
     let orphaned = rows
@@ -72,10 +77,14 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
         Err((reason, message)) => return wait(&api, &key, ctx, reason, message).await,
     };
 
-    let key_plan = record(ctx, &key, &customer, &issued, grace).await?;
+    let key_plan = record(ctx, &key, &customer, &issued, grace)
+        .await
+        .at(Step::Database)?;
 
-    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
-    converge_config(ctx, &rows).await?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
+        .await
+        .at(Step::Load("the key records"))?;
+    converge_config(ctx, &rows).await.at(Step::ConfigStore)?;
 
     let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
         Error::Transient(format!(
@@ -84,11 +93,13 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
         ))
     })?;
     let mut status = plan::synced_status(&key, current, &secret::secret_name(&key));
-    let gateway = gateway_sync::condition(ctx, &key, Some(&current.key_hash)).await?;
+    let gateway = gateway_sync::condition(ctx, &key, Some(&current.key_hash))
+        .await
+        .at(Step::Load("the gateway reports"))?;
     let wake_at = gateway_sync::wake_at(gateway.as_ref(), key_plan.wake_at);
     gateway_sync::set(&mut status, gateway, key.metadata.generation);
     let was = key.status.as_ref().and_then(|s| s.state);
-    status::apply(&api, &key, &status).await?;
+    status::apply(&api, &key, &status).await.at(Step::Status)?;
     announce(ctx, &key, was, status.state, current).await;
     Ok(requeue_at(ctx, wake_at))
 }
@@ -104,7 +115,8 @@ async fn current_key(
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let name = secret::secret_name(key);
-    let read_at = match secret::inspect(secrets.get_opt(&name).await?.as_ref(), key) {
+    let found = secrets.get_opt(&name).await.at(Step::Secret("reading"))?;
+    let read_at = match secret::inspect(found.as_ref(), key) {
         SecretState::Foreign => {
             return Ok(Err((
                 reasons::CONFLICT,
@@ -135,7 +147,9 @@ async fn current_key(
         );
         return Ok(Err((reasons::CUSTOMER_NOT_READY, message)));
     }
-    let issued = secret::issue(&secrets, key, key.spec.rotation_generation, read_at).await?;
+    let issued = secret::issue(&secrets, key, key.spec.rotation_generation, read_at)
+        .await
+        .at(Step::Secret("writing"))?;
     tracing::info!(apikey = %key.name_any(), key_id = %issued.key_id, prefix = %issued.prefix, "key issued into Secret {name}");
     failpoint::hit("apikey-secret-written");
     Ok(Ok(issued))
@@ -225,7 +239,9 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
     );
     let reason = reasons::CUSTOMER_NOT_FOUND;
     let mut status = plan::waiting_status(key, reason, message.clone(), Some(ApiKeyState::Revoked));
-    let gateway = gateway_sync::condition(ctx, key, None).await?;
+    let gateway = gateway_sync::condition(ctx, key, None)
+        .await
+        .at(Step::Load("the gateway reports"))?;
     gateway_sync::set(&mut status, gateway, key.metadata.generation);
     lifecycle::report_blocked(ctx, api, key, &status, reason, message).await
 }
@@ -233,8 +249,19 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
 /// Revokes every unrevoked key of the resource (events included) and removes their entries.
 pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
+    revoke_rows(ctx, key, &ns, &name)
+        .await
+        .at(Step::Database)?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &name)
+        .await
+        .at(Step::Load("the key records"))?;
+    converge_config(ctx, &rows).await.at(Step::ConfigStore)
+}
+
+/// Revokes the unrevoked rows of the resource, with their events, in one transaction.
+async fn revoke_rows(ctx: &Context, key: &ApiKey, ns: &str, name: &str) -> Result<(), Error> {
     let mut tx = ctx.begin_write().await?;
-    let rows = api_keys::lock_live_for_resource(&mut tx, &ns, &name).await?;
+    let rows = api_keys::lock_live_for_resource(&mut tx, ns, name).await?;
     let generation = key.metadata.generation.unwrap_or_default();
     for row in &rows {
         let Some(customer) = customers::by_id(&mut *tx, row.customer_id).await? else {
@@ -244,7 +271,7 @@ pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
         write(&mut tx, &single, &customer).await?;
     }
     tx.commit().await?;
-    converge_config(ctx, &api_keys::all_for_resource(&ctx.db, &ns, &name).await?).await
+    Ok(())
 }
 
 async fn wait(

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::plan::{self, Desired, RowWrite};
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::platform::desired::customer_key;
 use crate::platform::sync;
@@ -36,7 +36,10 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
         Err(b) => return blocked(&api, &customer, ctx, b.reason, b.message).await,
     };
 
-    let row = match sync_record(ctx, &customer, &desired).await? {
+    let row = match sync_record(ctx, &customer, &desired)
+        .await
+        .at(Step::Database)?
+    {
         RecordOutcome::Synced(row) => row,
         RecordOutcome::Blocked(reason, message) => {
             return blocked(&api, &customer, ctx, reason, message).await;
@@ -44,7 +47,9 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
     };
 
     let key = ctx.platform.key(&customer_key(row.id));
-    sync::converge_customer(ctx, row.id).await?;
+    sync::converge_customer(ctx, row.id)
+        .await
+        .at(Step::ConfigStore)?;
 
     let status = plan::provisioned_status(&customer, &row, &key);
     let note = format!(
@@ -141,7 +146,8 @@ async fn holder_exists(ctx: &Context, row: &CustomerRow) -> Result<bool, Error> 
     let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &row.k8s_namespace);
     Ok(api
         .get_opt(&row.k8s_name)
-        .await?
+        .await
+        .at(Step::Load("the Customer holding the record"))?
         .is_some_and(|c| c.uid().as_deref() == Some(row.k8s_uid.as_str())))
 }
 
@@ -150,7 +156,10 @@ async fn email_conflict(
     customer: &Customer,
     email: &str,
 ) -> Result<RecordOutcome, Error> {
-    match customers::live_email_holder(&ctx.db, email).await? {
+    let holder = customers::live_email_holder(&ctx.db, email)
+        .await
+        .at(Step::Load("the holder of the email"))?;
+    match holder {
         Some(holder) => {
             let message = plan::email_conflict_message(email, &holder, customer);
             Ok(RecordOutcome::Blocked(reasons::CONFLICT, message))

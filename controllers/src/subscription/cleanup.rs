@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::plan;
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::store::customers::{self, CustomerRow};
@@ -39,8 +39,25 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
 
+    let cancelled = cancel_own(ctx, &namespace, &name)
+        .await
+        .at(Step::Database)?;
+
+    // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
+    if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
+        sync::converge_customer(ctx, customer_id)
+            .await
+            .at(Step::ConfigStore)?;
+        tracing::info!(customer = %customer_id, "subscription cancelled");
+    }
+    Ok(Action::await_change())
+}
+
+/// Cancels the resource's row in force, with its event, in one transaction. Returns
+/// its customer (none when no row is in force).
+async fn cancel_own(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Uuid>, Error> {
     let mut tx = ctx.begin_write().await?;
-    let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
+    let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, namespace, name).await? {
         Some(row) => {
             // The customer row may be deleted already: its last state still names it.
             // Read, not locked: the customer's own cleanup locks customer then
@@ -52,13 +69,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         None => None,
     };
     tx.commit().await?;
-
-    // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
-    if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
-        sync::converge_customer(ctx, customer_id).await?;
-        tracing::info!(subscription = %name, customer = %customer_id, "subscription cancelled");
-    }
-    Ok(Action::await_change())
+    Ok(cancelled)
 }
 
 /// Cancels a subscription record in force and announces it (SubscriptionCancelled), in

@@ -12,7 +12,7 @@ use m3o_events::outbox::{self, OutboxMessage};
 use super::config::quota_key;
 use super::plan::{self, Blocker, RecordHolder, RowWrite};
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::platform::sync;
 use crate::shard;
@@ -34,15 +34,22 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
     let desired = plan::desired_record(&sub, customer_row.id, quota);
-    let (row, previous_customer) = match sync_record(ctx, &sub, &desired, &customer_row).await? {
+    let synced = sync_record(ctx, &sub, &desired, &customer_row)
+        .await
+        .at(Step::Database)?;
+    let (row, previous_customer) = match synced {
         Ok(synced) => synced,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
 
-    sync::converge_customer(ctx, row.customer_id).await?;
+    sync::converge_customer(ctx, row.customer_id)
+        .await
+        .at(Step::ConfigStore)?;
     if let Some(previous) = previous_customer.filter(|p| *p != row.customer_id) {
         // The record moved to a re-created customer: the old customer's keys follow.
-        sync::converge_customer(ctx, previous).await?;
+        sync::converge_customer(ctx, previous)
+            .await
+            .at(Step::ConfigStore)?;
     }
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
@@ -63,14 +70,16 @@ async fn load_customer(
     let namespace = sub.namespace().unwrap_or_default();
     let name = &sub.spec.customer_ref.name;
     let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
-    let customer = api.get_opt(name).await?;
+    let customer = api.get_opt(name).await.at(Step::Load("the Customer"))?;
     if let Some(customer) = &customer
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {
         return Ok(Err(blocker));
     }
     let row = match &customer {
-        Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name).await?,
+        Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name)
+            .await
+            .at(Step::Load("the customer record"))?,
         None => None,
     };
     Ok(plan::customer_gate(customer.as_ref(), row.as_ref(), name).cloned())
@@ -164,7 +173,8 @@ async fn holder_of(ctx: &Context, row: &SubscriptionRow) -> Result<RecordHolder,
     let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &row.k8s_namespace);
     let holder = api
         .get_opt(&row.k8s_name)
-        .await?
+        .await
+        .at(Step::Load("the Subscription holding the record"))?
         .filter(|s| s.uid().as_deref() == Some(row.k8s_uid.as_str()));
     Ok(match holder {
         None => RecordHolder::Gone,
@@ -183,7 +193,8 @@ async fn siblings(ctx: &Context, sub: &Subscription) -> Result<Vec<Subscription>
     let selector = format!("spec.customerRef.name={}", sub.spec.customer_ref.name);
     Ok(api
         .list(&ListParams::default().fields(&selector))
-        .await?
+        .await
+        .at(Step::Load("the customer's Subscriptions"))?
         .items)
 }
 
@@ -196,7 +207,9 @@ async fn blocked(
     blocker: Blocker,
 ) -> Result<Action, Error> {
     let namespace = sub.namespace().unwrap_or_default();
-    let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any()).await?;
+    let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any())
+        .await
+        .at(Step::Load("the subscription record"))?;
     let status = plan::blocked_status(sub, &blocker, in_force.as_ref());
     lifecycle::report_blocked(ctx, api, sub, &status, blocker.reason, blocker.message).await
 }

@@ -19,6 +19,7 @@ pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod finalizer;
+pub mod k8s_ref;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pipeline;

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, ApiKeyStatus};
+use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, ApiKeyStatus, CustomerStatusState};
 use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
 
@@ -13,7 +13,8 @@ use crate::blocker::Blocker;
 use crate::duration;
 use crate::status::{Cond, merge, reasons, types};
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
-use crate::store::customers::{CustomerRow, K8sRef};
+use crate::k8s_ref::K8sRef;
+use crate::store::customers::CustomerRow;
 
 /// Longest rotation grace period: the schema's bound (`8760h`), checked again here for
 /// objects stored before the schema had it.
@@ -61,31 +62,16 @@ pub fn effective_state(
 ) -> ApiKeyState {
     if expires_at.is_some_and(|t| t <= now) {
         ApiKeyState::Expired
-    } else if blocked || customer_status == "banned" {
+    } else if blocked || banned(customer_status) {
         ApiKeyState::Blocked
     } else {
         ApiKeyState::Active
     }
 }
 
-pub fn state_str(state: ApiKeyState) -> &'static str {
-    match state {
-        ApiKeyState::Active => "active",
-        ApiKeyState::Blocked => "blocked",
-        ApiKeyState::Expired => "expired",
-        ApiKeyState::Revoked => "revoked",
-    }
-}
-
-pub fn parse_state(s: &str) -> Option<ApiKeyState> {
-    [
-        ApiKeyState::Active,
-        ApiKeyState::Blocked,
-        ApiKeyState::Expired,
-        ApiKeyState::Revoked,
-    ]
-    .into_iter()
-    .find(|v| state_str(*v) == s)
+/// True for a customer row's status `banned`.
+fn banned(customer_status: &str) -> bool {
+    CustomerStatusState::parse(customer_status) == Some(CustomerStatusState::Banned)
 }
 
 /// `spec.expiresAt` in whole seconds, as Kubernetes serialises times (and so Postgres,
@@ -100,13 +86,14 @@ pub fn expiry(key: &ApiKey) -> Option<DateTime<Utc>> {
 /// The event announcing a key's move from one state to another, if any. Becoming
 /// usable again (from blocked or expired) is announced as UnblockKey.
 pub fn transition_event(from: &str, to: &str) -> Option<EventType> {
-    match (from, to) {
-        (a, b) if a == b => None,
-        (_, "revoked") => Some(EventType::DeleteKey),
-        (_, "expired") => Some(EventType::KeyExpired),
-        (_, "blocked") => Some(EventType::BlockKey),
-        (_, "active") => Some(EventType::UnblockKey),
-        _ => None,
+    if from == to {
+        return None;
+    }
+    match ApiKeyState::parse(to)? {
+        ApiKeyState::Revoked => Some(EventType::DeleteKey),
+        ApiKeyState::Expired => Some(EventType::KeyExpired),
+        ApiKeyState::Blocked => Some(EventType::BlockKey),
+        ApiKeyState::Active => Some(EventType::UnblockKey),
     }
 }
 
@@ -135,7 +122,7 @@ pub fn recorded_blocked_message(spec: &ApiKeySpec) -> String {
 /// the admin's message, else the cause.
 pub fn blocked_message(recorded: &str, customer_status: &str) -> String {
     match recorded {
-        "" if customer_status == "banned" => "the customer is banned".to_owned(),
+        "" if banned(customer_status) => "the customer is banned".to_owned(),
         "" => "the key is blocked".to_owned(),
         message => message.to_owned(),
     }
@@ -193,12 +180,7 @@ fn transition(
 pub fn plan(o: &Observed) -> KeyPlan {
     let spec = &o.key.spec;
     let expires_at = expiry(o.key);
-    let status = state_str(effective_state(
-        spec.blocked,
-        &o.customer.status,
-        expires_at,
-        o.now,
-    ));
+    let status = effective_state(spec.blocked, &o.customer.status, expires_at, o.now).as_str();
     let fields = ApiKeyFields {
         scopes: spec.scopes.clone(),
         status: status.to_owned(),
@@ -218,11 +200,7 @@ pub fn plan(o: &Observed) -> KeyPlan {
                 key_prefix: o.issued.prefix.clone(),
                 rotation_generation: o.issued.rotation_generation,
                 fields: fields.clone(),
-                k8s: K8sRef {
-                    namespace: o.key.metadata.namespace.clone().unwrap_or_default(),
-                    name: o.key.metadata.name.clone().unwrap_or_default(),
-                    uid: o.key.metadata.uid.clone().unwrap_or_default(),
-                },
+                k8s: K8sRef::of(&o.key.metadata),
             });
             plan.events.push(event(
                 EventType::GenerateKey,
@@ -231,7 +209,7 @@ pub fn plan(o: &Observed) -> KeyPlan {
             ));
             plan.events.extend(transition(
                 o,
-                "active",
+                ApiKeyState::Active.as_str(),
                 status,
                 o.issued.key_id,
                 &fields.scopes,
@@ -260,7 +238,7 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
     let mut fields = row.fields();
     let grace_until = match row.grace_until {
         Some(until) if until <= o.now => {
-            fields.status = "revoked".into();
+            fields.status = ApiKeyState::Revoked.as_str().into();
             plan.events
                 .push(event(EventType::DeleteKey, row.id, &row.scopes));
             plan.updates.push((row.id, fields));
@@ -290,12 +268,8 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
         }
     };
     plan.wake_at = Some(plan.wake_at.map_or(grace_until, |w| w.min(grace_until)));
-    let status = state_str(effective_state(
-        o.key.spec.blocked,
-        &o.customer.status,
-        row.expires_at,
-        o.now,
-    ));
+    let status =
+        effective_state(o.key.spec.blocked, &o.customer.status, row.expires_at, o.now).as_str();
     if status != row.status {
         plan.events
             .extend(transition(o, &row.status, status, row.id, &row.scopes));
@@ -310,9 +284,10 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
 /// Revokes every row (deletion, or the customer is gone).
 pub fn revoke_all(rows: &[ApiKeyRow], generation: i64) -> KeyPlan {
     let mut plan = KeyPlan::default();
-    for row in rows.iter().filter(|r| r.status != "revoked") {
+    let revoked = ApiKeyState::Revoked.as_str();
+    for row in rows.iter().filter(|r| r.status != revoked) {
         let fields = ApiKeyFields {
-            status: "revoked".into(),
+            status: revoked.into(),
             generation,
             ..row.fields()
         };
@@ -359,7 +334,7 @@ pub fn to_event(e: &KeyEvent, customer: customers::Customer) -> customers::Event
 /// Status once the Secret, Postgres and etcd match: Ready is True for a key in the
 /// state its spec asks for (active or deliberately blocked), False once expired.
 pub fn synced_status(key: &ApiKey, current: &ApiKeyRow, secret_name: &str) -> ApiKeyStatus {
-    let state = parse_state(&current.status).unwrap_or(ApiKeyState::Active);
+    let state = ApiKeyState::parse(&current.status).unwrap_or(ApiKeyState::Active);
     let (ok, reason, message) = match state {
         ApiKeyState::Active => (
             true,

@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::blocker::Blocker;
 use crate::status::{Cond, merge, not_synced, reasons, types};
-use crate::store::customers::{CustomerRecord, CustomerRow, K8sRef};
+use crate::k8s_ref::K8sRef;
+use crate::store::customers::{CustomerRecord, CustomerRow};
 
 /// What the resource asks for.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,18 +31,13 @@ pub fn desired(customer: &Customer) -> Result<Desired, Blocker> {
         })?),
         None => None,
     };
-    let meta = customer.metadata.clone();
     let record = CustomerRecord {
         email: customer.spec.email.trim().to_owned(),
         name: customer.spec.name.clone().unwrap_or_default(),
         status: customer.spec.state.as_m3o().as_str().to_owned(),
         meta: customer.spec.meta.clone(),
-        k8s: K8sRef {
-            namespace: meta.namespace.unwrap_or_default(),
-            name: meta.name.unwrap_or_default(),
-            uid: meta.uid.unwrap_or_default(),
-        },
-        generation: meta.generation.unwrap_or_default(),
+        k8s: K8sRef::of(&customer.metadata),
+        generation: customer.metadata.generation.unwrap_or_default(),
     };
     Ok(Desired { adopt_id, record })
 }
@@ -66,10 +62,13 @@ pub fn plan_row(existing: Option<&CustomerRecord>, desired: &Desired) -> RowPlan
     }
     let mut events = Vec::new();
     if old.status != new.status {
-        events.push(match (old.status.as_str(), new.status.as_str()) {
-            (_, "banned") => EventType::Banned,
-            ("banned", _) => EventType::Unbanned,
-            (_, "verified") => EventType::Verified,
+        use CustomerStatusState::{Banned, Verified};
+        let from = CustomerStatusState::parse(&old.status);
+        let to = CustomerStatusState::parse(&new.status);
+        events.push(match (from, to) {
+            (_, Some(Banned)) => EventType::Banned,
+            (Some(Banned), _) => EventType::Unbanned,
+            (_, Some(Verified)) => EventType::Verified,
             _ => EventType::Updated,
         });
     }

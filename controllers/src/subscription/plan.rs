@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::customer::plan as customer_plan;
 use crate::plans::Catalog;
 use crate::status::{Cond, merge, not_synced, reasons, types};
-use crate::store::customers::{CustomerRow, K8sRef};
+use crate::k8s_ref::K8sRef;
+use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::{SubscriptionRecord, SubscriptionRow};
 
 pub use crate::blocker::Blocker;
@@ -167,18 +168,13 @@ pub fn conflict(customer: &str, holder: &str, holder_deleting: bool) -> Blocker 
 
 /// What the resource asks for, for a customer record and an effective quota.
 pub fn desired_record(sub: &Subscription, customer_id: Uuid, quota: Quota) -> SubscriptionRecord {
-    let meta = &sub.metadata;
     SubscriptionRecord {
         customer_id,
         plan: sub.spec.plan.clone(),
         monthly_requests: quota.monthly_requests,
         requests_per_second: quota.requests_per_second,
-        k8s: K8sRef {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
-            uid: meta.uid.clone().unwrap_or_default(),
-        },
-        generation: meta.generation.unwrap_or_default(),
+        k8s: K8sRef::of(&sub.metadata),
+        generation: sub.metadata.generation.unwrap_or_default(),
     }
 }
 

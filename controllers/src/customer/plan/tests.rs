@@ -171,7 +171,7 @@ fn status_is_ready_with_id_and_lowercase_state() {
 #[test]
 fn conflict_message_names_the_holder() {
     let c = customer(CustomerState::Active, "a@example.com");
-    let holder = K8sRef {
+    let holder = crate::k8s_ref::K8sRef {
         namespace: "team".into(),
         name: "bob".into(),
         uid: "u2".into(),

@@ -261,12 +261,20 @@ mod tests {
         let at = cause().at(Step::Database);
         assert_eq!(at.metric_label(), cause().metric_label());
         assert_eq!(at.condition_reason(), cause().condition_reason());
-        assert!(at.to_string().starts_with("writing the record: database unavailable"));
+        assert!(
+            at.to_string()
+                .starts_with("writing the record: database unavailable")
+        );
         // The innermost step is kept.
         let again = at.at(Step::Status);
         assert_eq!(again.step(), Some(Step::Database));
         let transient: Result<(), Error> = Err(Error::Transient("x".into()));
-        assert!(transient.at(Step::Load("the Customer")).unwrap_err().is_transient());
+        assert!(
+            transient
+                .at(Step::Load("the Customer"))
+                .unwrap_err()
+                .is_transient()
+        );
         assert!(Error::Fenced("x".into()).at(Step::ConfigStore).is_fenced());
     }
 }

@@ -22,6 +22,7 @@ pub mod finalizer;
 pub mod k8s_ref;
 pub mod lifecycle;
 pub mod metrics;
+pub mod outbox_events;
 pub mod pipeline;
 #[cfg(test)]
 mod planner_props;

@@ -2,11 +2,12 @@
 //! provisioned object, an object blocked on something only an admin can fix, and the
 //! start of a deletion.
 
+use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::Api;
 use m3o_crds::DeletionPolicy;
 
+use crate::blocker::Blocker;
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::status::{self, Cond, HasStatus, reasons, types};
@@ -47,9 +48,9 @@ pub async fn report_blocked<K: HasStatus>(
     api: &Api<K>,
     obj: &K,
     new: &K::Status,
-    reason: &str,
-    message: String,
+    blocker: Blocker,
 ) -> Result<Action, Error> {
+    let Blocker { reason, message } = blocker;
     if status::apply(api, obj, new).await.at(Step::Status)? {
         tracing::warn!(reason, %message, "blocked");
         ctx.event(

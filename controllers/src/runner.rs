@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use tracing::Instrument;
 use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType as K8sEventType;
 use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
+use tracing::Instrument;
 
 use crate::context::Context;
 use crate::error::Error;

@@ -135,6 +135,16 @@ pub fn not_synced(
     )
 }
 
+/// The conditions of an object whose record and platform config both match its spec:
+/// `DatabaseSynced` and `ConfigSynced` True with what each says, and `ready`.
+pub fn synced(record: String, config: String, ready: Cond) -> [Cond; 3] {
+    [
+        Cond::new(types::DATABASE_SYNCED, true, reasons::SYNCED, record),
+        Cond::new(types::CONFIG_SYNCED, true, reasons::SYNCED, config),
+        ready,
+    ]
+}
+
 /// The `Ready` condition of a list, if present.
 pub fn ready(conditions: &[Condition]) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == types::READY)

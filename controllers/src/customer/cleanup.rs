@@ -9,13 +9,13 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::Customer;
 use m3o_events::customers::EventType;
-use m3o_events::outbox::{self, OutboxMessage};
 use uuid::Uuid;
 
-use super::{plan, reconcile};
+use super::{build, plan};
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
+use crate::outbox_events;
 use crate::platform::sync;
 use crate::store::{customers, subscriptions};
 use crate::subscription;
@@ -42,7 +42,7 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
         .at(Step::Database)?;
 
     // The key goes whether this pass or an earlier one (that crashed) marked the row.
-    let id = match deleted.or_else(|| reconcile::known_id(&customer)) {
+    let id = match deleted.or_else(|| plan::known_id(&customer)) {
         Some(id) => Some(id),
         // Status lost and the row already marked by a pass that crashed: find it by name.
         None => customers::latest_by_k8s_ref(&ctx.db, &namespace, &name)
@@ -73,11 +73,7 @@ async fn mark_deleted(ctx: &Context, namespace: &str, name: &str) -> Result<Opti
                 subscription::cleanup::cancel(&mut tx, &in_force, Some(&row)).await?;
             }
             let row = customers::mark_deleted(&mut tx, row.id).await?;
-            let message = OutboxMessage::from_event(
-                row.id.to_string(),
-                &plan::event(&row, EventType::Deleted),
-            );
-            outbox::enqueue(&mut tx, &message).await?;
+            outbox_events::enqueue(&mut tx, [build::event(&row, EventType::Deleted)]).await?;
             Some(row.id)
         }
         None => None,

@@ -1,5 +1,10 @@
-//! The Customer controller.
+//! The Customer controller: a Customer becomes a row of `customers` and its key in
+//! etcd. Its files follow the pipeline every kind shares, [`crate::pipeline`]:
+//! `plan.rs` decides (record, row write and events, the adoption rules of `spec.id`,
+//! email conflict), `build.rs` builds (event payloads, status), `reconcile.rs` loads
+//! and applies, `cleanup.rs` deletes.
 
+pub mod build;
 pub mod cleanup;
 pub mod plan;
 pub mod reconcile;

@@ -1,8 +1,8 @@
 //! The `api_keys` table: one row per key ever issued to an ApiKey resource, by hash.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
 use m3o_crds::ApiKeyState;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::k8s_ref::K8sRef;

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::types::Json;
-use sqlx::PgConnection;
 use m3o_crds::CustomerStatusState;
+use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::k8s_ref::K8sRef;
+use crate::row_plan::Recorded;
 
 /// A row of `customers`.
 #[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
@@ -38,9 +39,12 @@ pub struct CustomerRecord {
     pub generation: i64,
 }
 
-impl CustomerRow {
-    /// The record as the operator last wrote it.
-    pub fn record(&self) -> CustomerRecord {
+impl Recorded for CustomerRow {
+    type Record = CustomerRecord;
+    fn id(&self) -> Uuid {
+        self.id
+    }
+    fn record(&self) -> CustomerRecord {
         CustomerRecord {
             email: self.email.clone(),
             name: self.name.clone(),
@@ -136,7 +140,10 @@ pub async fn live_page<'e, E: sqlx::PgExecutor<'e>>(
 }
 
 /// The live rows among `ids`.
-pub async fn live_by_ids<'e, E: sqlx::PgExecutor<'e>>(db: E, ids: &[Uuid]) -> Result<Vec<CustomerRow>, sqlx::Error> {
+pub async fn live_by_ids<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    ids: &[Uuid],
+) -> Result<Vec<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM customers WHERE id = ANY($1) AND deleted_at IS NULL"
     ))
@@ -161,7 +168,10 @@ pub async fn live_by_k8s_ref<'e, E: sqlx::PgExecutor<'e>>(
 }
 
 /// The resource holding an email among live customers, for a Conflict message.
-pub async fn live_email_holder<'e, E: sqlx::PgExecutor<'e>>(db: E, email: &str) -> Result<Option<K8sRef>, sqlx::Error> {
+pub async fn live_email_holder<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    email: &str,
+) -> Result<Option<K8sRef>, sqlx::Error> {
     let row: Option<(String, String, String)> = sqlx::query_as(&format!(
         "SELECT k8s_namespace, k8s_name, k8s_uid FROM customers {LIVE_BY_EMAIL}"
     ))

@@ -5,11 +5,12 @@
 //! the row (`cancelled`, `cancelled_at`) for history.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use m3o_crds::SubscriptionState;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::k8s_ref::K8sRef;
+use crate::row_plan::Recorded;
 
 /// `status` of a subscription in force.
 pub const ACTIVE: &str = SubscriptionState::Active.as_str();
@@ -47,9 +48,12 @@ pub struct SubscriptionRecord {
     pub generation: i64,
 }
 
-impl SubscriptionRow {
-    /// The record as the operator last wrote it.
-    pub fn record(&self) -> SubscriptionRecord {
+impl Recorded for SubscriptionRow {
+    type Record = SubscriptionRecord;
+    fn id(&self) -> Uuid {
+        self.id
+    }
+    fn record(&self) -> SubscriptionRecord {
         SubscriptionRecord {
             customer_id: self.customer_id,
             plan: self.plan.clone(),

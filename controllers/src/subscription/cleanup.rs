@@ -10,13 +10,13 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::Subscription;
 use m3o_events::customers::EventType;
-use m3o_events::outbox::{self, OutboxMessage};
 use uuid::Uuid;
 
-use super::plan;
+use super::{build, plan};
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
+use crate::outbox_events;
 use crate::platform::sync;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRow};
@@ -44,7 +44,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         .at(Step::Database)?;
 
     // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
-    if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
+    if let Some(customer_id) = cancelled.or_else(|| plan::known_customer_id(&sub)) {
         sync::converge_customer(ctx, customer_id)
             .await
             .at(Step::ConfigStore)?;
@@ -80,17 +80,7 @@ pub async fn cancel(
     customer: Option<&CustomerRow>,
 ) -> Result<(), Error> {
     let row = subscriptions::mark_cancelled(tx, row.id).await?;
-    let payload = plan::customer_payload(row.customer_id, customer);
-    let event = plan::event(payload, EventType::SubscriptionCancelled, &row.plan);
-    let message = OutboxMessage::from_event(row.customer_id.to_string(), &event);
-    outbox::enqueue(tx, &message).await?;
-    Ok(())
-}
-
-/// The customer a resource was known to belong to, for cleanup when its row is gone.
-fn known_customer_id(sub: &Subscription) -> Option<Uuid> {
-    sub.status
-        .as_ref()
-        .and_then(|s| s.customer_id.as_deref())
-        .and_then(|id| Uuid::parse_str(id).ok())
+    let payload = build::customer_payload(row.customer_id, customer);
+    let event = build::event(payload, EventType::SubscriptionCancelled, &row.plan);
+    outbox_events::enqueue(tx, [(row.customer_id.to_string(), event)]).await
 }

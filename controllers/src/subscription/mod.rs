@@ -1,10 +1,8 @@
-//! The Subscription controller: a customer's plan and quota.
-//!
-//! Pipeline (as for Customer): *load* the Subscription, its Customer and the customer's
-//! row -> *validate* (known plan, Customer Ready, this Subscription holds the slot) ->
-//! *plan* ([`plan`], pure: effective quota, row write, events, status) -> *apply*
-//! ([`reconcile`]: one transaction for row + outbox, then etcd, then status) ->
-//! *cleanup* ([`cleanup`]).
+//! The Subscription controller: a customer's plan and quota. Its files follow the
+//! pipeline every kind shares, [`crate::pipeline`]: `plan.rs` decides (effective quota,
+//! customer gate, the slot rule, row write and events), `build.rs` builds (event
+//! payloads, status), `reconcile.rs` loads and applies, `cleanup.rs` deletes;
+//! `config.rs` is its etcd entry.
 //!
 //! Semantics chosen here:
 //! - Events: `SubscriptionChanged{tier}` when a subscription comes into force and when
@@ -22,6 +20,7 @@
 //!   reconcile the Subscriptions referencing it, changes of a Subscription (notably its
 //!   deletion) reconcile its siblings, and a plan catalog change reconciles them all.
 
+pub mod build;
 pub mod cleanup;
 pub mod config;
 pub mod plan;

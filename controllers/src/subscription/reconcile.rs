@@ -7,18 +7,21 @@ use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::{Customer, Subscription};
-use m3o_events::outbox::{self, OutboxMessage};
 
 use super::config::quota_key;
-use super::plan::{self, Blocker, RecordHolder, RowWrite};
+use super::{build, plan};
+use crate::blocker::Blocker;
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
+use crate::outbox_events;
 use crate::platform::sync;
+use crate::row_plan::RowWrite;
 use crate::shard;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
+use plan::RecordHolder;
 
 /// Converges Postgres, etcd and status on the Subscription's spec.
 pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
@@ -53,7 +56,7 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
     }
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
-    let status = plan::provisioned_status(&sub, &row, &key);
+    let status = build::provisioned_status(&sub, &row, &key);
     let note = format!(
         "subscription {} on plan {} in force, quota at {key}",
         row.id, row.plan
@@ -106,9 +109,7 @@ async fn sync_record(
     let k8s = &desired.k8s;
     let own = subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
     let existing = match own {
-        Some(own) if own.customer_id == customer.id => Some(own),
-        // No record of this resource for this customer (none, or one of a customer that
-        // was re-created, which then moves to the new one): the slot rule decides.
+        own if plan::keeps_own_record(own.as_ref(), customer.id) => own,
         own => {
             // The customer's record in force (locked), and who holds it: the slot
             // decision is made here, under the lock, by the one rule in `plan`.
@@ -133,15 +134,11 @@ async fn sync_record(
         }
     };
     let previous_customer = existing.as_ref().map(|r| r.customer_id);
-    let row_plan = plan::plan_row(
-        existing.as_ref().map(SubscriptionRow::record).as_ref(),
-        desired,
-    );
-    let written = match (&row_plan.write, &existing) {
-        (RowWrite::Keep, Some(row)) => return Ok(Ok((row.clone(), previous_customer))),
-        (RowWrite::Insert(id), _) => subscriptions::insert(&mut tx, *id, desired).await,
-        (_, Some(row)) => subscriptions::update(&mut tx, row.id, desired).await,
-        (_, None) => return Err(Error::Internal("planned an update without a row".into())),
+    let row_plan = plan::plan_row(existing.as_ref(), desired);
+    let written = match row_plan.write {
+        RowWrite::Keep(row) => return Ok(Ok((row.clone(), previous_customer))),
+        RowWrite::Insert(id) => subscriptions::insert(&mut tx, id, desired).await,
+        RowWrite::Update(row) => subscriptions::update(&mut tx, row.id, desired).await,
     };
     let row = match written {
         Ok(row) => row,
@@ -156,12 +153,16 @@ async fn sync_record(
         }
         Err(err) => return Err(err.into()),
     };
-    for event_type in &row_plan.events {
-        let payload = plan::customer_payload(customer.id, Some(customer));
-        let event = plan::event(payload, *event_type, &row.plan);
-        let message = OutboxMessage::from_event(customer.id.to_string(), &event);
-        outbox::enqueue(&mut tx, &message).await?;
-    }
+    let events: Vec<_> = (row_plan.events.iter())
+        .map(|t| {
+            let payload = build::customer_payload(customer.id, Some(customer));
+            (
+                customer.id.to_string(),
+                build::event(payload, *t, &row.plan),
+            )
+        })
+        .collect();
+    outbox_events::enqueue(&mut tx, events).await?;
     tx.commit().await?;
     tracing::info!(subscription = %row.id, customer = %row.customer_id, plan = %row.plan,
         events = ?row_plan.events, "subscription record written");
@@ -210,6 +211,6 @@ async fn blocked(
     let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any())
         .await
         .at(Step::Load("the subscription record"))?;
-    let status = plan::blocked_status(sub, &blocker, in_force.as_ref());
-    lifecycle::report_blocked(ctx, api, sub, &status, blocker.reason, blocker.message).await
+    let status = build::blocked_status(sub, &blocker, in_force.as_ref());
+    lifecycle::report_blocked(ctx, api, sub, &status, blocker).await
 }

@@ -6,6 +6,7 @@ use m3o_crds::{ApiKeySpec, CustomerRef};
 use sqlx::types::Json;
 
 use super::*;
+use crate::apikey::build::*;
 
 fn now() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).expect("time")
@@ -241,7 +242,7 @@ fn events_carry_ids_never_keys() {
         previous_id: None,
         message: String::new(),
     };
-    let event = to_event(&e, crate::customer::plan::payload(&customer("active")));
+    let event = to_event(&e, crate::customer::build::payload(&customer("active")));
     assert_eq!(
         event.generate_key.as_ref().map(|g| g.id.clone()),
         Some(Uuid::from_u128(1).to_string())

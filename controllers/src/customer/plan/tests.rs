@@ -5,6 +5,9 @@ use m3o_crds::{CustomerSpec, CustomerState};
 use sqlx::types::Json;
 
 use super::*;
+use crate::customer::build::*;
+use crate::status::reasons;
+use m3o_crds::CustomerStatusState;
 
 fn customer(state: CustomerState, email: &str) -> Customer {
     let mut c = Customer::new(
@@ -30,15 +33,23 @@ fn record(state: CustomerState) -> CustomerRecord {
         .expect("desired")
 }
 
-fn plan(old: CustomerState, new: CustomerState) -> RowPlan {
+/// A row as plans see it: an id and the record written.
+type Row = (Uuid, CustomerRecord);
+
+fn written(state: CustomerState) -> Row {
+    (Uuid::nil(), record(state))
+}
+
+/// The events of a change of state.
+fn events(old: CustomerState, new: CustomerState) -> Vec<EventType> {
     let d = desired(&customer(new, "a@example.com")).expect("desired");
-    plan_row(Some(&record(old)), &d)
+    plan_row(Some(&written(old)), &d).events
 }
 
 #[test]
 fn a_new_customer_is_inserted_with_one_created_event() {
     let d = desired(&customer(CustomerState::Active, "a@example.com")).expect("desired");
-    let p = plan_row(None, &d);
+    let p = plan_row::<Row>(None, &d);
     assert!(matches!(p.write, RowWrite::Insert(_)));
     assert_eq!(p.events, vec![EventType::Created]);
 }
@@ -48,7 +59,7 @@ fn adopting_keeps_the_given_id() {
     let mut c = customer(CustomerState::Active, "a@example.com");
     let id = Uuid::new_v4();
     c.spec.id = Some(id.to_string());
-    let p = plan_row(None, &desired(&c).expect("desired"));
+    let p = plan_row::<Row>(None, &desired(&c).expect("desired"));
     assert_eq!(p.write, RowWrite::Insert(id));
 }
 
@@ -63,10 +74,12 @@ fn a_bad_id_is_reported() {
 
 #[test]
 fn a_repeat_writes_nothing_and_emits_nothing() {
+    let old = written(CustomerState::Active);
+    let d = desired(&customer(CustomerState::Active, "a@example.com")).expect("desired");
     assert_eq!(
-        plan(CustomerState::Active, CustomerState::Active),
+        plan_row(Some(&old), &d),
         RowPlan {
-            write: RowWrite::Keep,
+            write: RowWrite::Keep(&old),
             events: vec![]
         }
     );
@@ -75,29 +88,30 @@ fn a_repeat_writes_nothing_and_emits_nothing() {
 #[test]
 fn state_transitions_map_to_m3o_events() {
     use CustomerState::*;
-    assert_eq!(plan(Active, Verified).events, vec![EventType::Verified]);
-    assert_eq!(plan(Unverified, Verified).events, vec![EventType::Verified]);
-    assert_eq!(plan(Active, Banned).events, vec![EventType::Banned]);
-    assert_eq!(plan(Banned, Active).events, vec![EventType::Unbanned]);
-    assert_eq!(plan(Banned, Verified).events, vec![EventType::Unbanned]);
-    assert_eq!(plan(Verified, Active).events, vec![EventType::Updated]);
+    assert_eq!(events(Active, Verified), vec![EventType::Verified]);
+    assert_eq!(events(Unverified, Verified), vec![EventType::Verified]);
+    assert_eq!(events(Active, Banned), vec![EventType::Banned]);
+    assert_eq!(events(Banned, Active), vec![EventType::Unbanned]);
+    assert_eq!(events(Banned, Verified), vec![EventType::Unbanned]);
+    assert_eq!(events(Verified, Active), vec![EventType::Updated]);
 }
 
 #[test]
 fn field_changes_are_one_updated_event() {
     let d = desired(&customer(CustomerState::Active, "b@example.com")).expect("desired");
-    let p = plan_row(Some(&record(CustomerState::Active)), &d);
+    let old = written(CustomerState::Active);
+    let p = plan_row(Some(&old), &d);
     assert_eq!(
         p,
         RowPlan {
-            write: RowWrite::Update,
+            write: RowWrite::Update(&old),
             events: vec![EventType::Updated]
         }
     );
     // A state change and a field change are two transitions, two events.
     let d = desired(&customer(CustomerState::Banned, "b@example.com")).expect("desired");
     assert_eq!(
-        plan_row(Some(&record(CustomerState::Active)), &d).events,
+        plan_row(Some(&old), &d).events,
         vec![EventType::Banned, EventType::Updated]
     );
 }
@@ -106,14 +120,12 @@ fn field_changes_are_one_updated_event() {
 fn bookkeeping_changes_update_without_events() {
     let mut c = customer(CustomerState::Active, "a@example.com");
     c.metadata.generation = Some(7);
-    let p = plan_row(
-        Some(&record(CustomerState::Active)),
-        &desired(&c).expect("desired"),
-    );
+    let old = written(CustomerState::Active);
+    let p = plan_row(Some(&old), &desired(&c).expect("desired"));
     assert_eq!(
         p,
         RowPlan {
-            write: RowWrite::Update,
+            write: RowWrite::Update(&old),
             events: vec![]
         }
     );
@@ -139,7 +151,8 @@ fn row() -> CustomerRow {
 
 #[test]
 fn events_carry_the_m3o_customer_payload() {
-    let e = event(&row(), EventType::Banned);
+    let (aggregate_id, e) = event(&row(), EventType::Banned);
+    assert_eq!(aggregate_id, Uuid::nil().to_string());
     assert_eq!(e.r#type(), EventType::Banned);
     assert!(e.banned.is_some());
     let c = e.customer.expect("customer");
@@ -176,9 +189,13 @@ fn conflict_message_names_the_holder() {
         name: "bob".into(),
         uid: "u2".into(),
     };
-    let m = email_conflict_message("a@example.com", &holder, &c);
-    assert!(m.contains("Customer bob"), "{m}");
-    let s = blocked_status(&c, reasons::CONFLICT, m);
+    let blocker = email_conflict("a@example.com", &holder, &c);
+    assert!(
+        blocker.message.contains("Customer bob"),
+        "{}",
+        blocker.message
+    );
+    let s = blocked_status(&c, &blocker);
     let ready = crate::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),

@@ -7,7 +7,9 @@ use m3o_crds::{CustomerRef, CustomerSpec, CustomerStatus, QuotaOverride, Subscri
 use sqlx::types::Json;
 
 use super::*;
-use crate::status::Cond;
+use crate::status::{Cond, merge, types};
+use crate::subscription::build::*;
+use m3o_crds::SubscriptionState;
 
 fn subscription(name: &str, plan: &str, created: i64) -> Subscription {
     let mut s = Subscription::new(
@@ -196,7 +198,7 @@ fn conflict_names_the_holder() {
 #[test]
 fn a_new_subscription_announces_its_tier() {
     let s = subscription("s", "pro", 1);
-    let p = plan_row(None, &record_for(&s, Uuid::now_v7()));
+    let p = plan_row::<SubscriptionRow>(None, &record_for(&s, Uuid::now_v7()));
     assert!(matches!(p.write, RowWrite::Insert(_)));
     assert_eq!(p.events, vec![EventType::SubscriptionChanged]);
 }
@@ -205,17 +207,17 @@ fn a_new_subscription_announces_its_tier() {
 fn a_repeat_writes_nothing_and_a_plan_change_announces_it() {
     let customer_id = Uuid::now_v7();
     let s = subscription("s", "pro", 1);
-    let old = record_for(&s, customer_id);
+    let old = (Uuid::nil(), record_for(&s, customer_id));
     assert_eq!(
-        plan_row(Some(&old), &old),
+        plan_row(Some(&old), &old.1),
         RowPlan {
-            write: RowWrite::Keep,
+            write: RowWrite::Keep(&old),
             events: vec![]
         }
     );
     let business = record_for(&subscription("s", "business", 1), customer_id);
     let p = plan_row(Some(&old), &business);
-    assert_eq!(p.write, RowWrite::Update);
+    assert_eq!(p.write, RowWrite::Update(&old));
     assert_eq!(p.events, vec![EventType::SubscriptionChanged]);
 }
 
@@ -223,14 +225,14 @@ fn a_repeat_writes_nothing_and_a_plan_change_announces_it() {
 fn quota_only_changes_are_silent_updates() {
     let customer_id = Uuid::now_v7();
     let mut s = subscription("s", "pro", 1);
-    let old = record_for(&s, customer_id);
+    let old = (Uuid::nil(), record_for(&s, customer_id));
     s.spec.quota = Some(QuotaOverride {
         monthly_requests: Some(5),
         requests_per_second: None,
     });
     s.metadata.generation = Some(2);
     let p = plan_row(Some(&old), &record_for(&s, customer_id));
-    assert_eq!(p.write, RowWrite::Update);
+    assert_eq!(p.write, RowWrite::Update(&old));
     assert!(p.events.is_empty());
 }
 

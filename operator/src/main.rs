@@ -19,8 +19,8 @@ use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
     // sqlx's per-statement lines are noise here; its warnings (slow statements) stay.
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter =
+        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal, not in a file or a collector.

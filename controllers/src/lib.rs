@@ -19,6 +19,8 @@ pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod finalizer;
+#[cfg(test)]
+mod fixtures;
 pub mod k8s_ref;
 pub mod lifecycle;
 pub mod metrics;

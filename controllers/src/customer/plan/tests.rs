@@ -202,3 +202,134 @@ fn conflict_message_names_the_holder() {
         ("False", "Conflict")
     );
 }
+
+/// A case of `customer_plan.yaml`.
+#[derive(serde::Deserialize)]
+struct PlanCase {
+    case: String,
+    customer: Customer,
+    /// The spec the row was last written for, as a change of `customer`.
+    written: Option<serde_json::Value>,
+    expect: PlanExpect,
+}
+
+#[derive(serde::Deserialize)]
+struct PlanExpect {
+    write: Option<String>,
+    id: Option<Uuid>,
+    #[serde(default)]
+    events: Vec<String>,
+    email: Option<String>,
+    status: Option<String>,
+    blocked: Option<String>,
+    message: Option<String>,
+}
+
+#[test]
+fn plans_of_the_fixtures() {
+    for c in crate::fixtures::cases::<PlanCase>("customer_plan.yaml") {
+        let name = &c.case;
+        let d = match desired(&c.customer) {
+            Ok(d) => d,
+            Err(blocker) => {
+                assert_eq!(Some(blocker.reason), c.expect.blocked.as_deref(), "{name}");
+                let part = c.expect.message.as_deref().unwrap_or_default();
+                assert!(blocker.message.contains(part), "{name}: {}", blocker.message);
+                continue;
+            }
+        };
+        assert_eq!(c.expect.blocked, None, "{name}: not blocked");
+        let old = c.written.as_ref().map(|overlay| {
+            let previous = crate::fixtures::merged(&c.customer, overlay);
+            (Uuid::nil(), desired(&previous).expect("written spec").record)
+        });
+        let p = plan_row(old.as_ref(), &d);
+        let (write, id) = match p.write {
+            RowWrite::Insert(id) => ("insert", Some(id)),
+            RowWrite::Keep(_) => ("keep", None),
+            RowWrite::Update(_) => ("update", None),
+        };
+        assert_eq!(Some(write), c.expect.write.as_deref(), "{name}");
+        if let Some(expected) = c.expect.id {
+            assert_eq!(id, Some(expected), "{name}");
+        }
+        let events: Vec<String> = p.events.iter().map(|e| format!("{e:?}")).collect();
+        assert_eq!(events, c.expect.events, "{name}");
+        if let Some(email) = &c.expect.email {
+            assert_eq!(&d.record.email, email, "{name}");
+        }
+        if let Some(status) = &c.expect.status {
+            assert_eq!(&d.record.status, status, "{name}");
+        }
+    }
+}
+
+/// A row of `customer_adoption.yaml`.
+#[derive(serde::Deserialize)]
+struct FixtureRow {
+    id: Option<Uuid>,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    deleted: bool,
+}
+
+impl FixtureRow {
+    fn row(&self, default_id: Uuid) -> CustomerRow {
+        CustomerRow {
+            id: self.id.unwrap_or(default_id),
+            k8s_namespace: self.namespace.clone(),
+            k8s_name: self.name.clone(),
+            k8s_uid: format!("u-{}", self.name),
+            deleted_at: self.deleted.then(Utc::now),
+            ..row()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AdoptionCase {
+    case: String,
+    customer: Customer,
+    own: Option<FixtureRow>,
+    target: Option<FixtureRow>,
+    expect: AdoptionExpect,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(untagged)]
+enum AdoptionExpect {
+    Outcome(String),
+    Blocked { blocked: String, message: String },
+}
+
+#[test]
+fn adoption_of_the_fixtures() {
+    for c in crate::fixtures::cases::<AdoptionCase>("customer_adoption.yaml") {
+        let name = &c.case;
+        let d = desired(&c.customer).expect("desired");
+        let adopt_id = d.adopt_id.expect("every case adopts");
+        let own = c.own.as_ref().map(|r| r.row(Uuid::now_v7()));
+        let outcome = match own_row_conflict(adopt_id, own.as_ref()) {
+            Some(blocker) => Err(blocker),
+            None => match &c.target {
+                None => Ok("insert"),
+                Some(target) => match adoption(adopt_id, &d.record.k8s, &target.row(adopt_id)) {
+                    Adoption::Take => Ok("take"),
+                    Adoption::AskHolder => Ok("ask-holder"),
+                    Adoption::Blocked(blocker) => Err(blocker),
+                },
+            },
+        };
+        match (&c.expect, outcome) {
+            (AdoptionExpect::Outcome(want), Ok(got)) => assert_eq!(want, got, "{name}"),
+            (AdoptionExpect::Blocked { blocked, message }, Err(b)) => {
+                assert_eq!(b.reason, blocked, "{name}");
+                assert!(b.message.contains(message.as_str()), "{name}: {}", b.message);
+            }
+            (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+        }
+    }
+}

@@ -295,3 +295,62 @@ fn status_reports_what_is_in_force() {
     assert_eq!(pending.state, Some(SubscriptionState::Pending));
     assert_eq!((pending.subscription_id, pending.quota), (None, None));
 }
+
+#[derive(serde::Deserialize)]
+struct FixtureCase {
+    case: String,
+    subscription: Subscription,
+    holder: Option<String>,
+    #[serde(default)]
+    siblings: Vec<Subscription>,
+    expect: FixtureExpect,
+}
+
+#[derive(serde::Deserialize)]
+struct FixtureExpect {
+    quota: Option<Quota>,
+    slot: Option<String>,
+    blocked: Option<String>,
+    message: Option<String>,
+}
+
+fn fixture_holder(holder: &str) -> RecordHolder {
+    match holder.split_once(' ') {
+        Some(("live", name)) => RecordHolder::Live(name.into()),
+        Some(("deleting", name)) => RecordHolder::Deleting(name.into()),
+        _ => match holder {
+            "nobody" => RecordHolder::Nobody,
+            "this" => RecordHolder::This,
+            "gone" => RecordHolder::Gone,
+            other => panic!("unknown holder {other:?}"),
+        },
+    }
+}
+
+#[test]
+fn decisions_of_the_fixtures() {
+    let catalog = Catalog::builtin();
+    for c in crate::fixtures::cases::<FixtureCase>("subscription_plan.yaml") {
+        let name = &c.case;
+        let decided = match &c.holder {
+            Some(holder) => {
+                slot_decision(&c.subscription, &c.siblings, &fixture_holder(holder)).map(|()| None)
+            }
+            None => effective_quota(&catalog, &c.subscription.spec).map(Some),
+        };
+        match decided {
+            Ok(quota) => {
+                assert_eq!(c.expect.blocked, None, "{name}: not blocked");
+                assert_eq!(quota, c.expect.quota, "{name}");
+                if c.holder.is_some() {
+                    assert_eq!(c.expect.slot.as_deref(), Some("write"), "{name}");
+                }
+            }
+            Err(blocker) => {
+                assert_eq!(Some(blocker.reason), c.expect.blocked.as_deref(), "{name}");
+                let part = c.expect.message.as_deref().unwrap_or_default();
+                assert!(blocker.message.contains(part), "{name}: {}", blocker.message);
+            }
+        }
+    }
+}

@@ -206,13 +206,13 @@ where
     F: Fn(Arc<K>, Arc<Context>) -> Fut,
     Fut: Future<Output = Result<Action, Error>>,
 {
-    // Every log line of this reconcile (the kind's own, the store's, kube-runtime's)
-    // names its object.
+    // Every log line of this reconcile (the kind's own, the store's) names its object
+    // (`object` is its name: a span's own name is `name` in the JSON log).
     let span = tracing::info_span!(
         "reconcile",
         kind,
         namespace = %obj.namespace().unwrap_or_default(),
-        name = %obj.name_any(),
+        object = %obj.name_any(),
         generation = obj.meta().generation.unwrap_or_default(),
     );
     async move {

@@ -234,14 +234,21 @@ fn plans_of_the_fixtures() {
             Err(blocker) => {
                 assert_eq!(Some(blocker.reason), c.expect.blocked.as_deref(), "{name}");
                 let part = c.expect.message.as_deref().unwrap_or_default();
-                assert!(blocker.message.contains(part), "{name}: {}", blocker.message);
+                assert!(
+                    blocker.message.contains(part),
+                    "{name}: {}",
+                    blocker.message
+                );
                 continue;
             }
         };
         assert_eq!(c.expect.blocked, None, "{name}: not blocked");
         let old = c.written.as_ref().map(|overlay| {
             let previous = crate::fixtures::merged(&c.customer, overlay);
-            (Uuid::nil(), desired(&previous).expect("written spec").record)
+            (
+                Uuid::nil(),
+                desired(&previous).expect("written spec").record,
+            )
         });
         let p = plan_row(old.as_ref(), &d);
         let (write, id) = match p.write {
@@ -327,7 +334,11 @@ fn adoption_of_the_fixtures() {
             (AdoptionExpect::Outcome(want), Ok(got)) => assert_eq!(want, got, "{name}"),
             (AdoptionExpect::Blocked { blocked, message }, Err(b)) => {
                 assert_eq!(b.reason, blocked, "{name}");
-                assert!(b.message.contains(message.as_str()), "{name}: {}", b.message);
+                assert!(
+                    b.message.contains(message.as_str()),
+                    "{name}: {}",
+                    b.message
+                );
             }
             (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
         }

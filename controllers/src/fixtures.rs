@@ -40,3 +40,19 @@ fn merge(target: &mut serde_json::Value, overlay: &serde_json::Value) {
         (t, o) => *t = o.clone(),
     }
 }
+
+/// Asserts that case `case` was blocked for `reason`, with a message containing `message`.
+pub fn assert_blocked(
+    case: &str,
+    blocker: &crate::blocker::Blocker,
+    reason: Option<&str>,
+    message: Option<&str>,
+) {
+    assert_eq!(Some(blocker.reason), reason, "{case}: {}", blocker.message);
+    let part = message.unwrap_or_default();
+    assert!(
+        blocker.message.contains(part),
+        "{case}: {}",
+        blocker.message
+    );
+}

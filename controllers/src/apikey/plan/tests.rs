@@ -320,13 +320,8 @@ struct Expected {
 
 impl Expected {
     fn blocker(&self, name: &str, blocker: &Blocker) {
-        assert_eq!(Some(blocker.reason), self.blocked.as_deref(), "{name}");
-        let part = self.message.as_deref().unwrap_or_default();
-        assert!(
-            blocker.message.contains(part),
-            "{name}: {}",
-            blocker.message
-        );
+        let (reason, message) = (self.blocked.as_deref(), self.message.as_deref());
+        crate::fixtures::assert_blocked(name, blocker, reason, message);
     }
 }
 

@@ -13,14 +13,15 @@ use crate::error::{AtStep, Error, Step};
 use crate::status::{self, Cond, HasStatus, reasons, types};
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
-/// Normal `Provisioned` Event with `note`.
+/// Normal `Provisioned` Event with `note`. The object is looked at again after the
+/// resync interval.
 pub async fn report_provisioned<K: HasStatus>(
     ctx: &Context,
     api: &Api<K>,
     obj: &K,
     new: &K::Status,
     note: String,
-) -> Result<(), Error> {
+) -> Result<Action, Error> {
     let was_ready = obj
         .status()
         .and_then(|s| status::ready(K::conditions(s)))
@@ -36,7 +37,7 @@ pub async fn report_provisioned<K: HasStatus>(
         )
         .await;
     }
-    Ok(())
+    Ok(Action::requeue(ctx.settings.resync_interval))
 }
 
 /// Writes the status of an object that waits on something outside it (a conflicting

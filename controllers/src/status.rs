@@ -160,6 +160,31 @@ pub trait HasStatus:
     fn set_conditions(status: &mut Self::Status, conditions: Vec<Condition>);
 }
 
+/// Implements [`HasStatus`] for a kind whose status is `Option<$status>` with a
+/// `conditions` list, as every m3o kind's is.
+macro_rules! has_status {
+    ($kind:ty, $status:ty) => {
+        impl $crate::status::HasStatus for $kind {
+            type Status = $status;
+            fn status(&self) -> Option<&$status> {
+                self.status.as_ref()
+            }
+            fn conditions(
+                status: &$status,
+            ) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+                &status.conditions
+            }
+            fn set_conditions(
+                status: &mut $status,
+                conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+            ) {
+                status.conditions = conditions;
+            }
+        }
+    };
+}
+pub(crate) use has_status;
+
 /// Writes `status` with server-side apply unless the object already has exactly it.
 /// Returns true when a write happened.
 pub async fn apply<K: HasStatus>(

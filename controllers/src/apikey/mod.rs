@@ -20,34 +20,20 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use m3o_crds::{ApiKey, ApiKeyStatus, Condition, Customer};
+use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
 use crate::context::Context;
 use crate::error::Error;
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
-use crate::status::HasStatus;
 
 pub const KIND: &str = "ApiKey";
 
-impl HasStatus for ApiKey {
-    type Status = ApiKeyStatus;
-    fn status(&self) -> Option<&ApiKeyStatus> {
-        self.status.as_ref()
-    }
-    fn conditions(status: &ApiKeyStatus) -> &[Condition] {
-        &status.conditions
-    }
-    fn set_conditions(status: &mut ApiKeyStatus, conditions: Vec<Condition>) {
-        status.conditions = conditions;
-    }
-}
+crate::status::has_status!(ApiKey, ApiKeyStatus);
 
 async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<ApiKey> =
-        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     reconcile_with_finalizer(
-        &api,
+        &ctx,
         key,
         |k| reconcile::apply(k, &ctx),
         |k| cleanup::cleanup(k, &ctx),

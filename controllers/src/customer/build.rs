@@ -40,6 +40,14 @@ pub fn event(row: &CustomerRow, t: EventType) -> (String, customers::Event) {
     (row.id.to_string(), event)
 }
 
+/// The note of the Kubernetes Event of a Customer's first provisioning.
+pub fn provisioned_note(row: &CustomerRow, config_key: &str) -> String {
+    format!(
+        "customer {} provisioned ({}), config at {config_key}",
+        row.id, row.status
+    )
+}
+
 /// Status once Postgres and etcd both match.
 pub fn provisioned_status(
     customer: &Customer,

@@ -12,37 +12,20 @@ pub mod reconcile;
 use std::sync::Arc;
 
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
-use m3o_crds::{Condition, Customer, CustomerStatus};
+use m3o_crds::{Customer, CustomerStatus};
 
 use crate::context::Context;
 use crate::error::Error;
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
-use crate::status::HasStatus;
 
 pub const KIND: &str = "Customer";
 
-impl HasStatus for Customer {
-    type Status = CustomerStatus;
-    fn status(&self) -> Option<&CustomerStatus> {
-        self.status.as_ref()
-    }
-    fn conditions(status: &CustomerStatus) -> &[Condition] {
-        &status.conditions
-    }
-    fn set_conditions(status: &mut CustomerStatus, conditions: Vec<Condition>) {
-        status.conditions = conditions;
-    }
-}
+crate::status::has_status!(Customer, CustomerStatus);
 
 async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<Customer> = Api::namespaced(
-        ctx.client.clone(),
-        &customer.namespace().unwrap_or_default(),
-    );
     reconcile_with_finalizer(
-        &api,
+        &ctx,
         customer,
         |c| reconcile::apply(c, &ctx),
         |c| cleanup::cleanup(c, &ctx),

@@ -45,12 +45,8 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
         .at(Step::ConfigStore)?;
 
     let status = build::provisioned_status(&customer, &row, &key);
-    let note = format!(
-        "customer {} provisioned ({}), config at {key}",
-        row.id, row.status
-    );
-    lifecycle::report_provisioned(ctx, &api, &customer, &status, note).await?;
-    Ok(Action::requeue(ctx.settings.resync_interval))
+    let note = build::provisioned_note(&row, &key);
+    lifecycle::report_provisioned(ctx, &api, &customer, &status, note).await
 }
 
 /// The database step: finds the row (by spec.id, else by namespace/name), writes what

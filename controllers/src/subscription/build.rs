@@ -70,6 +70,14 @@ fn in_force(previous: SubscriptionStatus, row: Option<&SubscriptionRow>) -> Subs
     }
 }
 
+/// The note of the Kubernetes Event of a Subscription's first coming into force.
+pub fn provisioned_note(row: &SubscriptionRow, quota_key: &str) -> String {
+    format!(
+        "subscription {} on plan {} in force, quota at {quota_key}",
+        row.id, row.plan
+    )
+}
+
 /// Status once Postgres and etcd both match.
 pub fn provisioned_status(
     sub: &Subscription,

@@ -31,34 +31,20 @@ use std::sync::Arc;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
-use m3o_crds::{Condition, Customer, Subscription, SubscriptionStatus};
+use m3o_crds::{Customer, Subscription, SubscriptionStatus};
 
 use crate::context::Context;
 use crate::error::Error;
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
-use crate::status::HasStatus;
 
 pub const KIND: &str = "Subscription";
 
-impl HasStatus for Subscription {
-    type Status = SubscriptionStatus;
-    fn status(&self) -> Option<&SubscriptionStatus> {
-        self.status.as_ref()
-    }
-    fn conditions(status: &SubscriptionStatus) -> &[Condition] {
-        &status.conditions
-    }
-    fn set_conditions(status: &mut SubscriptionStatus, conditions: Vec<Condition>) {
-        status.conditions = conditions;
-    }
-}
+crate::status::has_status!(Subscription, SubscriptionStatus);
 
 async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<Subscription> =
-        Api::namespaced(ctx.client.clone(), &sub.namespace().unwrap_or_default());
     reconcile_with_finalizer(
-        &api,
+        &ctx,
         sub,
         |s| reconcile::apply(s, &ctx),
         |s| cleanup::cleanup(s, &ctx),

@@ -57,12 +57,8 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
     let status = build::provisioned_status(&sub, &row, &key);
-    let note = format!(
-        "subscription {} on plan {} in force, quota at {key}",
-        row.id, row.plan
-    );
-    lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await?;
-    Ok(Action::requeue(ctx.settings.resync_interval))
+    let note = build::provisioned_note(&row, &key);
+    lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await
 }
 
 /// The customer's live row, once its Customer is Ready.

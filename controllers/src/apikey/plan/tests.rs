@@ -476,7 +476,7 @@ fn customer_gates_of_the_fixtures() {
         if c.expect.orphaned {
             continue;
         }
-        let object = c.customer.then(|| alice());
+        let object = c.customer.then(alice);
         match customer_gate(&k, object.as_ref(), record) {
             Ok(row) => {
                 assert_eq!(c.expect.gate.as_deref(), Some("open"), "{name}");

@@ -3,13 +3,17 @@
 //! start of a deletion.
 
 use kube::Api;
+use std::collections::BTreeSet;
+
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use m3o_crds::DeletionPolicy;
+use uuid::Uuid;
 
 use crate::blocker::Blocker;
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
+use crate::platform::sync;
 use crate::status::{self, Cond, HasStatus, reasons, types};
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
@@ -48,11 +52,12 @@ pub async fn report_blocked<K: HasStatus>(
     ctx: &Context,
     api: &Api<K>,
     obj: &K,
-    new: &K::Status,
     blocker: Blocker,
+    status_of: impl FnOnce(&Blocker) -> K::Status,
 ) -> Result<Action, Error> {
+    let new = status_of(&blocker);
     let Blocker { reason, message } = blocker;
-    if status::apply(api, obj, new).await.at(Step::Status)? {
+    if status::apply(api, obj, &new).await.at(Step::Status)? {
         tracing::warn!(reason, %message, "blocked");
         ctx.event(
             &obj.object_ref(&()),
@@ -64,6 +69,21 @@ pub async fn report_blocked<K: HasStatus>(
         .await;
     }
     Ok(Action::requeue(ctx.settings.blocked_retry))
+}
+
+/// Converges the platform config of each customer once: the step after a transaction
+/// that changed their records (the kinds' records and their dependents' resolve there).
+pub async fn converge_customers(
+    ctx: &Context,
+    customer_ids: impl IntoIterator<Item = Uuid>,
+) -> Result<(), Error> {
+    let ids: BTreeSet<Uuid> = customer_ids.into_iter().collect();
+    for id in ids {
+        sync::converge_customer(ctx, id)
+            .await
+            .at(Step::ConfigStore)?;
+    }
+    Ok(())
 }
 
 /// Marks an object `Deleting`. Returns false for `Orphan` (after saying what is kept):

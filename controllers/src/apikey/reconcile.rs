@@ -21,7 +21,6 @@ use crate::blocker::Blocker;
 use crate::context::Context;
 use crate::customer::build::payload;
 use crate::error::{AtStep, Error, Step};
-use crate::platform::sync;
 use crate::status::{self, FIELD_MANAGER, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
@@ -30,6 +29,8 @@ use crate::{failpoint, lifecycle, outbox_events, shard};
 pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
+    // Waiting: written to status and retried later.
+    let waiting = |b: &Blocker| build::waiting_status(&key, b, None);
     let customer_name = &key.spec.customer_ref.name;
     let customer_obj = Api::<Customer>::namespaced(ctx.client.clone(), &ns)
         .get_opt(customer_name)
@@ -38,7 +39,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     if let Some(customer) = &customer_obj
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {
-        return wait(&api, &key, ctx, blocker).await;
+        return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
     }
     let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name)
         .await
@@ -52,12 +53,12 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     }
     let customer = match plan::customer_gate(&key, customer_obj.as_ref(), customer) {
         Ok(customer) => customer,
-        Err(blocker) => return wait(&api, &key, ctx, blocker).await,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
     // Validated before the Secret is touched: an unusable spec issues no key.
     let grace = match plan::grace_period(&key.spec) {
         Ok(grace) => grace,
-        Err(blocker) => return wait(&api, &key, ctx, blocker).await,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let found = secrets
@@ -70,7 +71,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
         Ok(SecretAction::Issue { read_at }) => issue(&secrets, &key, read_at)
             .await
             .at(Step::Secret("writing"))?,
-        Err(blocker) => return wait(&api, &key, ctx, blocker).await,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
 
     let key_plan = record(ctx, &key, &customer, &issued, grace)
@@ -80,7 +81,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
         .await
         .at(Step::Load("the key records"))?;
-    converge_config(ctx, &rows).await.at(Step::ConfigStore)?;
+    lifecycle::converge_customers(ctx, rows.iter().map(|r| r.customer_id)).await?;
 
     let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
         Error::Transient(format!(
@@ -193,16 +194,6 @@ async fn write(
     Ok(())
 }
 
-/// Makes the gateway entries of `rows` match Postgres (removing revoked ones), through
-/// each owning customer's serialised convergence.
-pub async fn converge_config(ctx: &Context, rows: &[ApiKeyRow]) -> Result<(), Error> {
-    let customers: std::collections::BTreeSet<_> = rows.iter().map(|r| r.customer_id).collect();
-    for customer_id in customers {
-        sync::converge_customer(ctx, customer_id).await?;
-    }
-    Ok(())
-}
-
 /// Revokes the keys of a resource whose customer was deleted.
 async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Result<Action, Error> {
     revoke_all(ctx, key).await?;
@@ -216,7 +207,7 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
         .await
         .at(Step::Load("the gateway reports"))?;
     gateway_sync::set(&mut status, gateway, key.metadata.generation);
-    lifecycle::report_blocked(ctx, api, key, &status, blocker).await
+    lifecycle::report_blocked(ctx, api, key, blocker, |_| status).await
 }
 
 /// Revokes every unrevoked key of the resource (events included) and removes their entries.
@@ -226,7 +217,9 @@ pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &name)
         .await
         .at(Step::Load("the key records"))?;
-    converge_config(ctx, &rows).await.at(Step::ConfigStore)
+    // The gateway entries follow Postgres (revoked ones are removed), through each
+    // owning customer's serialised convergence.
+    lifecycle::converge_customers(ctx, rows.iter().map(|r| r.customer_id)).await
 }
 
 /// Revokes the unrevoked rows of the resource, with their events, in one transaction.
@@ -243,16 +236,6 @@ async fn revoke_rows(ctx: &Context, key: &ApiKey, ns: &str, name: &str) -> Resul
     }
     tx.commit().await?;
     Ok(())
-}
-
-async fn wait(
-    api: &Api<ApiKey>,
-    key: &ApiKey,
-    ctx: &Context,
-    blocker: Blocker,
-) -> Result<Action, Error> {
-    let status = build::waiting_status(key, &blocker, None);
-    lifecycle::report_blocked(ctx, api, key, &status, blocker).await
 }
 
 /// Kubernetes Events for state changes an admin cares about.

@@ -16,7 +16,6 @@ use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::outbox_events;
-use crate::platform::sync;
 use crate::store::{customers, subscriptions};
 use crate::subscription;
 
@@ -52,9 +51,7 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
     };
     if let Some(id) = id {
         // The row is no longer live, so its key and its dependents' resolve to "absent".
-        sync::converge_customer(ctx, id)
-            .await
-            .at(Step::ConfigStore)?;
+        lifecycle::converge_customers(ctx, [id]).await?;
         tracing::info!(customer = %id, "customer deleted");
     }
     Ok(Action::await_change())

@@ -17,7 +17,6 @@ use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::outbox_events;
 use crate::platform::desired::customer_key;
-use crate::platform::sync;
 use crate::row_plan::RowWrite;
 use crate::store::{self, customers, customers::CustomerRow};
 
@@ -27,22 +26,23 @@ pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Err
         ctx.client.clone(),
         &customer.namespace().unwrap_or_default(),
     );
+    // Blocked: written to status and retried later (an admin may fix what blocks it
+    // without a change to this resource).
+    let blocked = |b: &Blocker| build::blocked_status(&customer, b);
     let desired = match plan::desired(&customer) {
         Ok(d) => d,
-        Err(blocker) => return blocked(&api, &customer, ctx, blocker).await,
+        Err(b) => return lifecycle::report_blocked(ctx, &api, &customer, b, blocked).await,
     };
     let synced = sync_record(ctx, &customer, &desired)
         .await
         .at(Step::Database)?;
     let row = match synced {
         Ok(row) => row,
-        Err(blocker) => return blocked(&api, &customer, ctx, blocker).await,
+        Err(b) => return lifecycle::report_blocked(ctx, &api, &customer, b, blocked).await,
     };
 
     let key = ctx.platform.key(&customer_key(row.id));
-    sync::converge_customer(ctx, row.id)
-        .await
-        .at(Step::ConfigStore)?;
+    lifecycle::converge_customers(ctx, [row.id]).await?;
 
     let status = build::provisioned_status(&customer, &row, &key);
     let note = build::provisioned_note(&row, &key);
@@ -142,16 +142,4 @@ async fn email_conflict(
             "email {email} was briefly in use"
         ))),
     }
-}
-
-/// Writes a Ready=False status for something only an admin can fix and retries later
-/// (the blocker may go away without a change to this resource).
-async fn blocked(
-    api: &Api<Customer>,
-    customer: &Customer,
-    ctx: &Context,
-    blocker: Blocker,
-) -> Result<Action, Error> {
-    let status = build::blocked_status(customer, &blocker);
-    lifecycle::report_blocked(ctx, api, customer, &status, blocker).await
 }

@@ -17,7 +17,6 @@ use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::outbox_events;
-use crate::platform::sync;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRow};
 use sqlx::PgConnection;
@@ -45,9 +44,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
 
     // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
     if let Some(customer_id) = cancelled.or_else(|| plan::known_customer_id(&sub)) {
-        sync::converge_customer(ctx, customer_id)
-            .await
-            .at(Step::ConfigStore)?;
+        lifecycle::converge_customers(ctx, [customer_id]).await?;
         tracing::info!(customer = %customer_id, "subscription cancelled");
     }
     Ok(Action::await_change())

@@ -15,7 +15,6 @@ use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 use crate::outbox_events;
-use crate::platform::sync;
 use crate::row_plan::RowWrite;
 use crate::shard;
 use crate::store::customers::{self, CustomerRow};
@@ -45,15 +44,9 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
 
-    sync::converge_customer(ctx, row.customer_id)
-        .await
-        .at(Step::ConfigStore)?;
-    if let Some(previous) = previous_customer.filter(|p| *p != row.customer_id) {
-        // The record moved to a re-created customer: the old customer's keys follow.
-        sync::converge_customer(ctx, previous)
-            .await
-            .at(Step::ConfigStore)?;
-    }
+    // A record that moved to a re-created customer: the old customer's keys follow.
+    let customers = [Some(row.customer_id), previous_customer];
+    lifecycle::converge_customers(ctx, customers.into_iter().flatten()).await?;
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
     let status = build::provisioned_status(&sub, &row, &key);
@@ -207,6 +200,6 @@ async fn blocked(
     let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any())
         .await
         .at(Step::Load("the subscription record"))?;
-    let status = build::blocked_status(sub, &blocker, in_force.as_ref());
-    lifecycle::report_blocked(ctx, api, sub, &status, blocker).await
+    let status_of = |b: &Blocker| build::blocked_status(sub, b, in_force.as_ref());
+    lifecycle::report_blocked(ctx, api, sub, blocker, status_of).await
 }

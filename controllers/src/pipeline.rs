@@ -12,9 +12,10 @@
 //! 3. **build** (`build.rs`): pure builders of what is written: status, child objects
 //!    (the ApiKey's Secret), M3O events. No I/O, unit-tested.
 //! 4. **apply** (`reconcile.rs`): one Postgres transaction for the records and their
-//!    outbox events ([`crate::row_plan`] for the kinds with one row), then the etcd
-//!    platform config ([`crate::platform::sync::converge_customer`]), then status and
-//!    Kubernetes Events ([`crate::lifecycle`]).
+//!    outbox events ([`crate::row_plan`] for the kinds with one row,
+//!    [`crate::outbox_events`]), then the etcd platform config of the customers whose
+//!    records changed ([`crate::lifecycle::converge_customers`]), then status and
+//!    Kubernetes Events ([`crate::lifecycle::report_provisioned`]).
 //! 5. **report**: a blocker is written to status by [`crate::lifecycle::report_blocked`]
 //!    and retried later; an error names its step ([`crate::error::Step`]) and is
 //!    written to status by [`crate::runner`], which also counts it, backs off and keeps

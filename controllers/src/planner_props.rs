@@ -325,7 +325,7 @@ proptest! {
         };
         let plan = apikey_plan::plan(&observed);
         for event in &plan.events {
-            let _ = apikey_build::to_event(event, customer_build::payload(&customer));
+            let _ = apikey_build::to_event(event, crate::outbox_events::customer_payload(&customer));
         }
         let _ = apikey_plan::revoke_all(&rows, 3);
         for row in &rows {

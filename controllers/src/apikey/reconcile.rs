@@ -19,7 +19,6 @@ use super::secret::{self, IssuedKey, Plaintext};
 use super::{build, gateway_sync};
 use crate::blocker::Blocker;
 use crate::context::Context;
-use crate::customer::build::payload;
 use crate::error::{AtStep, Error, Step};
 use crate::status::{self, FIELD_MANAGER, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
@@ -185,7 +184,12 @@ async fn write(
         api_keys::update(tx, *id, fields).await?;
     }
     let events: Vec<_> = (key_plan.events.iter())
-        .map(|e| (e.key_id.to_string(), build::to_event(e, payload(customer))))
+        .map(|e| {
+            (
+                e.key_id.to_string(),
+                build::to_event(e, outbox_events::customer_payload(customer)),
+            )
+        })
         .collect();
     outbox_events::enqueue(tx, events).await?;
     if !key_plan.events.is_empty() {

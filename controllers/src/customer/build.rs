@@ -5,26 +5,14 @@ use m3o_crds::{Customer, CustomerStatus, CustomerStatusState};
 use m3o_events::customers::{self, EventType};
 
 use crate::blocker::Blocker;
+use crate::outbox_events::customer_payload;
 use crate::status::{self, Cond, merge, not_synced, reasons, types};
 use crate::store::customers::CustomerRow;
-
-/// The M3O customer payload of a row.
-pub fn payload(row: &CustomerRow) -> customers::Customer {
-    customers::Customer {
-        id: row.id.to_string(),
-        status: row.status.clone(),
-        created: row.created_at.timestamp(),
-        email: row.email.clone(),
-        updated: row.updated_at.timestamp(),
-        name: row.name.clone(),
-        meta: row.meta.0.clone().into_iter().collect(),
-    }
-}
 
 /// The event of type `t` about `row`, with its aggregate id (the customer).
 pub fn event(row: &CustomerRow, t: EventType) -> (String, customers::Event) {
     let mut event = customers::Event {
-        customer: Some(payload(row)),
+        customer: Some(customer_payload(row)),
         ..Default::default()
     };
     event.set_type(t);

@@ -6,7 +6,7 @@ use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
 
 use crate::blocker::Blocker;
-use crate::customer::build::payload;
+use crate::outbox_events::customer_payload as payload;
 use crate::status::{self, Cond, merge, not_synced, reasons, types};
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::SubscriptionRow;

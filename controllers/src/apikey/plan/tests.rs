@@ -243,7 +243,10 @@ fn events_carry_ids_never_keys() {
         previous_id: None,
         message: String::new(),
     };
-    let event = to_event(&e, crate::customer::build::payload(&customer("active")));
+    let event = to_event(
+        &e,
+        crate::outbox_events::customer_payload(&customer("active")),
+    );
     assert_eq!(
         event.generate_key.as_ref().map(|g| g.id.clone()),
         Some(Uuid::from_u128(1).to_string())

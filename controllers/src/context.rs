@@ -4,8 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
+use m3o_crds::Customer;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::backoff::Backoff;
@@ -61,6 +63,8 @@ pub struct Context {
     pub watching: Arc<Watching>,
     /// This process's writer term: every write transaction checks it.
     pub term: Arc<Term>,
+    /// The cache of the shared Customer watch of the current term ([`crate::feed`]).
+    customers: std::sync::Mutex<Option<Store<Customer>>>,
     recorder: Recorder,
 }
 
@@ -109,6 +113,7 @@ impl Context {
             plans: Plans::default(),
             watching: Arc::default(),
             term,
+            customers: std::sync::Mutex::default(),
         }
     }
 
@@ -116,6 +121,34 @@ impl Context {
     pub fn with_plans(mut self, plans: Plans) -> Self {
         self.plans = plans;
         self
+    }
+
+    /// Dependents read Customers from `store` (the shared watch's cache) from now on.
+    pub fn use_customer_cache(&self, store: Store<Customer>) {
+        if let Ok(mut customers) = self.customers.lock() {
+            *customers = Some(store);
+        }
+    }
+
+    /// The Customer `namespace/name`: from the shared watch's cache once it has listed
+    /// (a dependent is triggered by that watch, so the cache is never older than the
+    /// change that woke it), else from the API server. A Customer the cache lacks is
+    /// looked up too: it may be outside this shard, which the caller reports.
+    pub async fn customer(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Customer>, kube::Error> {
+        let cache = self.customers.lock().ok().and_then(|c| c.clone());
+        if let Some(cache) = cache
+            && cache.wait_until_ready().await.is_ok()
+            && let Some(customer) = cache.get(&ObjectRef::new(name).within(namespace))
+        {
+            return Ok(Some(Customer::clone(&customer)));
+        }
+        Api::<Customer>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
     }
 
     /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).

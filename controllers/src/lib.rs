@@ -20,6 +20,7 @@ pub mod customer;
 pub mod duration;
 pub mod error;
 pub mod failpoint;
+pub mod feed;
 pub mod finalizer;
 #[cfg(test)]
 mod fixtures;

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub stream_group_pending: Family<StreamGroupLabels, Gauge>,
     pub leader: Gauge,
     pub plan_catalog_errors: Counter,
+    pub config_keys_written: Counter,
+    pub config_resyncs: Counter,
+    pub config_clock_converges: Counter,
 }
 
 impl Default for Metrics {
@@ -81,6 +84,9 @@ impl Metrics {
         let stream_group_pending = Family::<StreamGroupLabels, Gauge>::default();
         let leader = Gauge::default();
         let plan_catalog_errors = Counter::default();
+        let config_keys_written = Counter::default();
+        let config_resyncs = Counter::default();
+        let config_clock_converges = Counter::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -149,6 +155,21 @@ impl Metrics {
             "Edits of --plans-file rejected as invalid (the previous catalog stays in force)",
             plan_catalog_errors.clone(),
         );
+        registry.register(
+            "config_keys_written",
+            "etcd keys written or deleted by convergence (a converged fleet writes none)",
+            config_keys_written.clone(),
+        );
+        registry.register(
+            "config_resyncs",
+            "Full comparisons of the etcd prefix with Postgres (at start and every resync interval)",
+            config_resyncs.clone(),
+        );
+        registry.register(
+            "config_clock_converges",
+            "Customers converged because one of their keys expired or ended its grace period",
+            config_clock_converges.clone(),
+        );
         for key_kind in ["customers", "apikeys", "quotas", "unowned"] {
             let _ = drift_corrections.get_or_create(&KindLabels {
                 kind: key_kind.to_owned(),
@@ -171,6 +192,9 @@ impl Metrics {
             stream_group_pending,
             leader,
             plan_catalog_errors,
+            config_keys_written,
+            config_resyncs,
+            config_clock_converges,
         }
     }
 
@@ -240,6 +264,11 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    pub fn config_keys_written(&self, keys: usize) {
+        self.config_keys_written
+            .inc_by(u64::try_from(keys).unwrap_or(u64::MAX));
     }
 
     pub fn drift_corrected(&self, key_kind: &str) {

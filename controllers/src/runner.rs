@@ -42,6 +42,12 @@ pub fn watch_config(ctx: &Context) -> watcher::Config {
     }
 }
 
+/// Watched objects are kept without `managedFields`: nothing here reads them, and they
+/// are often the larger part of an object held in a cache.
+pub fn strip_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Changes of Customers that matter to their dependents (Subscriptions, ApiKeys): the
 /// spec, the generation its record was last written for (a dependent reads the record,
 /// so it must look again once a change reached it), readiness, state, the record id,
@@ -49,8 +55,9 @@ pub fn watch_config(ctx: &Context) -> watcher::Config {
 /// Customer controller. A deletion always passes: the deleted object carries the fields
 /// of its last update, which a filter would take for no change.
 pub fn customer_changes(
-    api: Api<m3o_crds::Customer>,
-    config: watcher::Config,
+    events: impl futures::Stream<Item = Result<watcher::Event<m3o_crds::Customer>, watcher::Error>>
+    + Send
+    + 'static,
 ) -> impl futures::Stream<Item = Result<m3o_crds::Customer, watcher::Error>> + Send + 'static {
     fn meaningful(c: &m3o_crds::Customer) -> u64 {
         use std::hash::{Hash, Hasher};
@@ -73,7 +80,7 @@ pub fn customer_changes(
         h.finish()
     }
     let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    watcher(api, config).filter_map(move |event| {
+    events.filter_map(move |event| {
         let passed = match event {
             Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => {
                 let (key, hash) = (c.metadata.uid.clone().unwrap_or_default(), meaningful(&c));
@@ -100,27 +107,16 @@ fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     )
 }
 
-/// Runs the controller of `K` with `reconcile` until `shutdown` resolves.
-pub async fn run<K, F, Fut>(
-    ctx: Arc<Context>,
-    kind: &'static str,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-    reconcile: F,
-) where
-    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
-    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
-{
-    run_with(ctx, kind, shutdown, reconcile, |controller| controller).await;
-}
-
-/// [`run`], with `customise` adding triggers to the controller before it starts (for
-/// kinds that depend on other objects: `Controller::watches`, `reconcile_all_on`).
+/// Runs the controller of `K` with `reconcile` until `shutdown` resolves, with
+/// `customise` adding triggers to the controller before it starts (for
+/// kinds that depend on other objects: `Controller::watches`, `reconcile_all_on`), and
+/// `observe` seeing every event of the kind's watch (to keep an index).
 pub async fn run_with<K, F, Fut>(
     ctx: Arc<Context>,
     kind: &'static str,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     reconcile: F,
+    mut observe: impl FnMut(&watcher::Event<K>) + Send + 'static,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
     K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
@@ -128,30 +124,52 @@ pub async fn run_with<K, F, Fut>(
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
     let api: Api<K> = scoped_api(&ctx);
-    let config = Config::default()
-        .concurrency(ctx.settings.concurrency)
-        .debounce(DEBOUNCE);
     // The watch stream is built here (not by Controller::new) to see its InitDone:
     // that is when this kind is listed and watching, which `/readyz` reports.
     let (cache, writer) = reflector::store();
     let watching = ctx.watching.clone();
-    let events = watcher(api, watch_config(&ctx).any_semantic()).inspect(move |event| {
-        if matches!(event, Ok(watcher::Event::InitDone)) {
-            tracing::info!(kind, "listed; watching");
-            watching.mark(kind);
-        }
-    });
+    let events = watcher(api, watch_config(&ctx).any_semantic())
+        .modify(strip_managed_fields)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                observe(event);
+            }
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                tracing::info!(kind, "listed; watching");
+                watching.mark(kind);
+            }
+        });
+    let changes = reflector(writer, events).applied_objects();
+    run_on(ctx, kind, shutdown, reconcile, changes, cache, customise).await;
+}
+
+/// Runs the controller of `K` on `objects` (the kind's applied objects, from a watch
+/// whose reflector fills `cache`).
+pub async fn run_on<K, F, Fut>(
+    ctx: Arc<Context>,
+    kind: &'static str,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+    objects: impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    cache: reflector::Store<K>,
+    customise: impl FnOnce(Controller<K>) -> Controller<K>,
+) where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let config = Config::default()
+        .concurrency(ctx.settings.concurrency)
+        .debounce(DEBOUNCE);
     // The operator's own status writes (and anything else that leaves the spec, the
     // finalizers and the labels alone) trigger nothing: generation also moves when a
     // deletion starts, finalizers when one is added, labels when an object changes shard.
-    let changes = reflector(writer, events)
-        .applied_objects()
-        .predicate_filter(
-            predicates::generation
-                .combine(predicates::finalizers)
-                .combine(predicates::labels),
-            Default::default(),
-        );
+    let changes = objects.predicate_filter(
+        predicates::generation
+            .combine(predicates::finalizers)
+            .combine(predicates::labels),
+        Default::default(),
+    );
     let controller = Controller::for_stream(changes, cache.clone());
     ctx.metrics.init_kind(kind);
     ctx.metrics.track_resources(kind, move || {

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use m3o_controllers::feed::CustomerFeed;
 use m3o_controllers::metrics::Metrics;
 use m3o_controllers::store::fence::Term;
 use m3o_controllers::{
@@ -58,6 +59,9 @@ impl LeaderWork {
             .relay
             .fenced_by(ctx.term.name(), ctx.term.shared_epoch());
         let parked = relay.parked_events(64);
+        // One Customer watch feeds all three controllers.
+        let mut customers = CustomerFeed::new();
+        let customer_watch = customers.run(ctx.clone());
         let mut tasks = vec![
             supervised("outbox-relay", relay.run(stop.clone())),
             supervised(
@@ -68,17 +72,31 @@ impl LeaderWork {
                 "drift-watcher",
                 platform::drift::run(ctx.clone(), stop.clone()),
             ),
+            supervised("customer-watch", until(stop.clone(), customer_watch)),
             supervised(
                 "customer-controller",
-                customer::run(ctx.clone(), stop.clone().cancelled_owned()),
+                customer::run(
+                    ctx.clone(),
+                    customers.store,
+                    customers.for_customers,
+                    stop.clone().cancelled_owned(),
+                ),
             ),
             supervised(
                 "subscription-controller",
-                subscription::run(ctx.clone(), stop.clone().cancelled_owned()),
+                subscription::run(
+                    ctx.clone(),
+                    customers.for_subscriptions,
+                    stop.clone().cancelled_owned(),
+                ),
             ),
             supervised(
                 "apikey-controller",
-                apikey::run(ctx.clone(), stop.clone().cancelled_owned()),
+                apikey::run(
+                    ctx.clone(),
+                    customers.for_apikeys,
+                    stop.clone().cancelled_owned(),
+                ),
             ),
         ];
         if let Some(path) = self.plans_file {
@@ -88,6 +106,14 @@ impl LeaderWork {
             ));
         }
         tasks
+    }
+}
+
+/// `task`, ended when `stop` is cancelled (a task that only stops with its consumers).
+async fn until(stop: CancellationToken, task: impl Future<Output = ()>) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = task => {}
     }
 }
 

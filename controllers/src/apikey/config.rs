@@ -7,7 +7,7 @@ use m3o_crds::ApiKey;
 use serde::Serialize;
 
 use super::plan::blocked_message;
-use crate::platform::desired::{DesiredEntry, owner_ref};
+use crate::platform::entry::{DesiredEntry, owner_ref};
 use crate::store::api_keys::ApiKeyRow;
 use crate::store::customers::CustomerRow;
 
@@ -38,6 +38,12 @@ pub fn is_hash(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// True when a key's entry is gone for good at `now` and can only come back if its row
+/// is written again: revoked, or past the end of its rotation's grace period.
+pub fn is_retired(row: &ApiKeyRow, now: DateTime<Utc>) -> bool {
+    row.revoked_at.is_some() || row.status == "revoked" || row.grace_until.is_some_and(|g| g <= now)
+}
+
 /// The entry of a key row, or `None` when the gateway must not know the key
 /// (revoked, grace period over, customer gone).
 pub fn entry(
@@ -46,10 +52,7 @@ pub fn entry(
     now: DateTime<Utc>,
 ) -> Option<DesiredEntry> {
     let customer = customer.filter(|c| c.deleted_at.is_none())?;
-    if row.revoked_at.is_some()
-        || row.status == "revoked"
-        || row.grace_until.is_some_and(|g| g <= now)
-    {
+    if is_retired(row, now) {
         return None;
     }
     // A rotated-out key stops at the end of its grace period even if it would live longer.

@@ -16,14 +16,15 @@ pub mod secret;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
 use crate::context::Context;
 use crate::error::Error;
+use crate::feed::{self, ByCustomer};
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
 
@@ -42,32 +43,33 @@ async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error>
 }
 
 /// Runs the ApiKey controller until `shutdown` resolves. Besides ApiKeys it watches
-/// the Secrets it wrote (a deleted or edited Secret is repaired) and Customers (a
-/// ban, unban or deletion reaches the keys at once).
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let secrets: Api<Secret> = runner::scoped_api(&ctx);
-    let customers: Api<Customer> = runner::scoped_api(&ctx);
+/// the Secrets it wrote (metadata only: a deleted or edited Secret is repaired, and no
+/// key's plaintext passes through a watch) and Customers, from the shared watch
+/// ([`crate::feed`]): a ban, unban or deletion reaches the keys at once.
+pub async fn run(
+    ctx: Arc<Context>,
+    customers: futures::channel::mpsc::Receiver<watcher::Event<Customer>>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let secrets: Api<PartialObjectMeta<Secret>> = runner::scoped_api(&ctx);
     let managed = format!("{}={}", secret::MANAGED_BY.0, secret::MANAGED_BY.1);
-    let watch_config = runner::watch_config(&ctx);
+    let by_customer = ByCustomer::<ApiKey>::default();
+    let observe = {
+        let by_customer = by_customer.clone();
+        move |event: &watcher::Event<ApiKey>| by_customer.observe(event)
+    };
     let sync_ctx = ctx.clone();
-    runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, move |controller| {
+    runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, observe, move |controller| {
         let keys = controller.store();
-        let report_changes = gateway_sync::report_changes(sync_ctx, keys.clone());
+        let report_changes = gateway_sync::report_changes(sync_ctx, keys);
+        let secrets =
+            watcher(secrets, watcher::Config::default().labels(&managed)).touched_objects();
         controller
             .reconcile_on(report_changes)
-            .owns(secrets, watcher::Config::default().labels(&managed))
-            .watches_stream(
-                runner::customer_changes(customers, watch_config),
-                move |customer: Customer| {
-                    let ns = customer.namespace();
-                    let name = customer.name_any();
-                    keys.state()
-                        .into_iter()
-                        .filter(|k| k.namespace() == ns && k.spec.customer_ref.name == name)
-                        .map(|k| ObjectRef::from_obj(k.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
+            .owns_stream(secrets)
+            .watches_stream(feed::dependent_changes(customers), move |c: Customer| {
+                by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
+            })
     })
     .await;
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use m3o_crds::{ApiKey, ApiKeyState, Customer};
+use m3o_crds::{ApiKey, ApiKeyState};
 use uuid::Uuid;
 
 use super::plan::{self, KeyPlan, Observed, SecretAction};
@@ -20,6 +20,7 @@ use super::{build, gateway_sync};
 use crate::blocker::Blocker;
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
+use crate::feed;
 use crate::status::{self, FIELD_MANAGER, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
@@ -31,8 +32,14 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     // Waiting: written to status and retried later.
     let waiting = |b: &Blocker| build::waiting_status(&key, b, None);
     let customer_name = &key.spec.customer_ref.name;
-    let customer_obj = Api::<Customer>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(customer_name)
+    let wait = feed::wait_for_customer(ctx, &ns, customer_name)
+        .await
+        .at(Step::Load("the Customer"))?;
+    if let Some(wait) = wait {
+        return Ok(wait);
+    }
+    let customer_obj = ctx
+        .customer(&ns, customer_name)
         .await
         .at(Step::Load("the Customer"))?;
     if let Some(customer) = &customer_obj

@@ -2,10 +2,11 @@
 //! etcd. Its files follow the pipeline every kind shares, [`crate::pipeline`]:
 //! `plan.rs` decides (record, row write and events, the adoption rules of `spec.id`,
 //! email conflict), `build.rs` builds (event payloads, status), `reconcile.rs` loads
-//! and applies, `cleanup.rs` deletes.
+//! and applies, `cleanup.rs` deletes; `config.rs` is its etcd entry.
 
 pub mod build;
 pub mod cleanup;
+pub mod config;
 pub mod plan;
 pub mod reconcile;
 
@@ -33,7 +34,15 @@ async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action,
     .await
 }
 
-/// Runs the Customer controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    runner::run::<Customer, _, _>(ctx, KIND, shutdown, reconcile).await;
+/// Runs the Customer controller on the shared Customer watch ([`crate::feed`]) until
+/// `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    customers: kube::runtime::reflector::Store<Customer>,
+    changes: futures::channel::mpsc::Receiver<Customer>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::StreamExt;
+    let changes = changes.map(Ok);
+    runner::run_on(ctx, KIND, shutdown, reconcile, changes, customers, |c| c).await;
 }

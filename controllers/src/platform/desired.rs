@@ -1,62 +1,21 @@
 //! What etcd should hold, derived from Postgres: the single definition shared by the
 //! reconcilers (fast path after a change) and the drift watcher (restore and prune).
+//! Each kind's `config.rs` builds its entries from rows; this module reads the rows.
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::Utc;
-
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Resource;
-use m3o_crds::Customer;
-use serde::Serialize;
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::apikey::config as apikey_config;
+use crate::customer::config::customer_entry;
+pub use crate::customer::config::customer_key;
+pub use crate::platform::entry::{DesiredEntry, owner_ref, same_value};
 use crate::store::api_keys;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions;
 use crate::subscription::config as subscription_config;
-
-/// `<prefix>/customers/<id>`: what the gateway knows of a customer (contract).
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
-pub struct CustomerConfig {
-    pub id: String,
-    pub email: String,
-    pub name: String,
-    pub status: String,
-    /// The plan of the customer's live subscription; empty while it has none.
-    pub plan: String,
-}
-
-/// The key of a customer, relative to the prefix.
-pub fn customer_key(id: Uuid) -> String {
-    format!("customers/{id}")
-}
-
-/// The value of a live customer row whose subscription in force has `plan` ("" if none).
-pub fn customer_value(row: &CustomerRow, plan: String) -> serde_json::Value {
-    let config = CustomerConfig {
-        id: row.id.to_string(),
-        email: row.email.clone(),
-        name: row.name.clone(),
-        status: row.status.clone(),
-        plan,
-    };
-    serde_json::to_value(config).unwrap_or_default()
-}
-
-/// Values are compared as JSON, so formatting differences are not drift.
-pub fn same_value(bytes: &[u8], value: &serde_json::Value) -> bool {
-    serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| &v == value)
-}
-
-/// A desired key: its value and the resource it belongs to (for Events).
-#[derive(Clone, Debug, PartialEq)]
-pub struct DesiredEntry {
-    pub value: serde_json::Value,
-    pub owner: ObjectReference,
-}
 
 /// Which record a key under the prefix belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,25 +58,70 @@ fn canonical_uuid(s: &str) -> Option<Uuid> {
         .filter(|id| id.hyphenated().to_string() == s)
 }
 
+/// Every key derived from one customer's rows, as one convergence needs them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CustomerKeys {
+    /// Each key (relative) with the entry it should have, `None` when it should not exist.
+    pub entries: Vec<(String, Option<DesiredEntry>)>,
+    /// Hashes of keys retired for good (revoked, or past their grace period): once their
+    /// entry is gone, convergence stops reading them ([`api_keys::mark_config_gone`]).
+    pub retired: Vec<String>,
+}
+
 /// Every key derived from customer `id` (its own config and its dependents'), each with
-/// the entry it should have, or `None` when it should not exist. A reconcile that
-/// changes a customer calls [`super::PlatformConfig::converge`] on these, so a ban
-/// reaches the gateway at once.
+/// the entry it should have at `now`. Reads the customer's row, its subscription in
+/// force and those of its keys whose entry may still exist: three indexed statements,
+/// however many keys the customer was ever issued.
 pub async fn customer_keys(
     db: &mut PgConnection,
     id: Uuid,
-) -> Result<Vec<(String, Option<DesiredEntry>)>, sqlx::Error> {
-    let key = customer_key(id);
-    let entry = desired_for(db, &key).await?;
-    let quota = subscription_config::quota_key(id);
-    let quota_entry = desired_for(db, &quota).await?;
-    let mut keys = vec![(key, entry), (quota, quota_entry)];
+    now: DateTime<Utc>,
+) -> Result<CustomerKeys, sqlx::Error> {
     let customer = customers::live_by_id(&mut *db, id).await?;
-    for row in api_keys::all_for_customer(&mut *db, id).await? {
-        let entry = apikey_config::entry(&row, customer.as_ref(), Utc::now());
-        keys.push((apikey_config::apikey_key(&row.key_hash), entry));
+    let subscription = match &customer {
+        Some(_) => subscriptions::live_by_customer(&mut *db, id).await?,
+        None => None,
+    };
+    let keys = api_keys::config_live_for_customer(&mut *db, id).await?;
+    Ok(customer_keys_of(
+        id,
+        customer.as_ref(),
+        subscription.as_ref(),
+        &keys,
+        now,
+    ))
+}
+
+/// [`customer_keys`] from the rows read (pure).
+pub fn customer_keys_of(
+    id: Uuid,
+    customer: Option<&CustomerRow>,
+    subscription: Option<&subscriptions::SubscriptionRow>,
+    keys: &[api_keys::ApiKeyRow],
+    now: DateTime<Utc>,
+) -> CustomerKeys {
+    let plan = subscription_config::customer_plan(subscription);
+    let mut entries = vec![
+        (
+            customer_key(id),
+            customer.map(|row| customer_entry(row, plan)),
+        ),
+        (
+            subscription_config::quota_key(id),
+            customer
+                .and(subscription)
+                .map(subscription_config::quota_entry),
+        ),
+    ];
+    let mut retired = Vec::new();
+    for row in keys {
+        let entry = apikey_config::entry(row, customer, now);
+        if apikey_config::is_retired(row, now) {
+            retired.push(row.key_hash.clone());
+        }
+        entries.push((apikey_config::apikey_key(&row.key_hash), entry));
     }
-    Ok(keys)
+    CustomerKeys { entries, retired }
 }
 
 /// The desired entry for one key, or `None` when the key should not exist.
@@ -245,40 +249,9 @@ pub async fn desired_all(db: &PgPool) -> Result<BTreeMap<String, DesiredEntry>, 
     Ok(out)
 }
 
-fn customer_entry(row: &CustomerRow, plan: String) -> DesiredEntry {
-    DesiredEntry {
-        value: customer_value(row, plan),
-        owner: owner_ref::<Customer>(&row.k8s_namespace, &row.k8s_name, &row.k8s_uid),
-    }
-}
-
-/// A reference to a resource of kind `K`, for Events about it.
-pub fn owner_ref<K: Resource<DynamicType = ()>>(
-    namespace: &str,
-    name: &str,
-    uid: &str,
-) -> ObjectReference {
-    ObjectReference {
-        api_version: Some(K::api_version(&()).into_owned()),
-        kind: Some(K::kind(&()).into_owned()),
-        namespace: Some(namespace.to_owned()),
-        name: Some(name.to_owned()),
-        uid: (!uid.is_empty()).then(|| uid.to_owned()),
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_compare_as_json() {
-        let v = serde_json::json!({"id": "1", "email": "a@b.c"});
-        assert!(same_value(br#"{ "email":"a@b.c","id":"1" }"#, &v));
-        assert!(!same_value(br#"{"id":"1","email":"x@b.c"}"#, &v));
-        assert!(!same_value(b"not json", &v));
-    }
 
     #[test]
     fn keys_are_classified() {

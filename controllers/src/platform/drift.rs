@@ -24,8 +24,10 @@ const RETRY: Duration = Duration::from_secs(2);
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let pass = async {
+            // Deadlines crossed after this are the clock's (the resync saw the rest).
+            let compared_at = chrono::Utc::now();
             let revision = resync(&ctx).await?;
-            watch(&ctx, revision).await
+            watch(&ctx, revision, compared_at).await
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -45,6 +47,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 /// Compares every key under the prefix with Postgres and fixes differences.
 /// Returns the etcd revision the comparison was made at.
 pub async fn resync(ctx: &Context) -> Result<i64, Error> {
+    ctx.metrics.config_resyncs.inc();
     let (actual, revision) = ctx.platform.list().await?;
     let wanted = desired::desired_all(&ctx.db).await?;
     let prefix = format!("{}/", ctx.platform.prefix());
@@ -66,8 +69,14 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
 }
 
 /// Watches the prefix from `after + 1` until the stream ends, the interval for a full
-/// resync elapses, or an error occurs.
-async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
+/// resync elapses, or an error occurs. Meanwhile converges, at each key's expiry or end
+/// of grace, only the customers whose keys crossed it, so an entry stops being active
+/// on time even if its reconcile is late, at a cost independent of the fleet.
+async fn watch(
+    ctx: &Context,
+    after: i64,
+    compared_at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Error> {
     let prefix = format!("{}/", ctx.platform.prefix());
     let options = WatchOptions::new()
         .with_prefix()
@@ -77,18 +86,16 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
         .client()
         .watch(prefix.clone(), Some(options))
         .await?;
-    // Resync at the interval, or earlier when a key expires or a grace period ends, so
-    // the gateway entry stops being active on time even if its reconcile is late.
-    let next_change = api_keys::next_clock_change(&ctx.db).await?;
-    let until_change = next_change.and_then(|t| (t - chrono::Utc::now()).to_std().ok());
-    let wait = until_change.map_or(ctx.settings.resync_interval, |d| {
-        d.min(ctx.settings.resync_interval)
-    });
-    let deadline = tokio::time::sleep(wait + Duration::from_millis(50));
-    tokio::pin!(deadline);
+    let resync = tokio::time::sleep(ctx.settings.resync_interval);
+    tokio::pin!(resync);
+    let mut clock = Clock::start(ctx, compared_at).await?;
     loop {
         let message = tokio::select! {
-            _ = &mut deadline => return Ok(()),
+            _ = &mut resync => return Ok(()),
+            _ = tokio::time::sleep_until(clock.wake) => {
+                clock.converge_crossed(ctx).await?;
+                continue;
+            }
             message = stream.message() => message?,
         };
         let Some(response) = message else {
@@ -100,6 +107,8 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
                 response.cancel_reason()
             )));
         }
+        // A write (ours included) may bring a nearer deadline: a key just issued.
+        clock.look_again_soon(ctx).await?;
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             if ctx.platform.is_own_write(kv.mod_revision()) {
@@ -119,6 +128,68 @@ async fn watch(ctx: &Context, after: i64) -> Result<(), Error> {
             let current = (event.event_type() == EventType::Put).then(|| kv.value().to_vec());
             correct(ctx, &relative, current.as_deref()).await?;
         }
+    }
+}
+
+/// How often the next deadline is looked up again at most while etcd changes.
+const CLOCK_LOOKUP: Duration = Duration::from_secs(1);
+/// Past a deadline by this much before converging, so the entry has changed by then.
+const CLOCK_MARGIN: Duration = Duration::from_millis(50);
+
+/// Converges customers as their keys cross a deadline (expiry, end of grace).
+struct Clock {
+    /// Every deadline up to here was handled.
+    handled_until: chrono::DateTime<chrono::Utc>,
+    /// When to converge next (the next deadline, or a bound for looking again).
+    wake: tokio::time::Instant,
+    looked_at: tokio::time::Instant,
+}
+
+impl Clock {
+    async fn start(
+        ctx: &Context,
+        handled_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, Error> {
+        let mut clock = Self {
+            handled_until,
+            wake: tokio::time::Instant::now(),
+            looked_at: tokio::time::Instant::now(),
+        };
+        clock.look_up(ctx).await?;
+        Ok(clock)
+    }
+
+    /// Sets `wake` at the next deadline after `handled_until` (or a resync interval on).
+    async fn look_up(&mut self, ctx: &Context) -> Result<(), Error> {
+        let next = api_keys::next_clock_change(&ctx.db, self.handled_until).await?;
+        let now = tokio::time::Instant::now();
+        // A deadline already past (crossed while busy) is converged at once.
+        let until = next.map_or(ctx.settings.resync_interval, |t| {
+            let d = (t - chrono::Utc::now()).to_std().unwrap_or_default();
+            d.min(ctx.settings.resync_interval)
+        });
+        self.wake = now + until + CLOCK_MARGIN;
+        self.looked_at = now;
+        Ok(())
+    }
+
+    async fn look_again_soon(&mut self, ctx: &Context) -> Result<(), Error> {
+        if self.looked_at.elapsed() >= CLOCK_LOOKUP {
+            self.look_up(ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// Converges the customers whose keys crossed a deadline since the last pass.
+    async fn converge_crossed(&mut self, ctx: &Context) -> Result<(), Error> {
+        let now = chrono::Utc::now();
+        let customers = api_keys::customers_crossing(&ctx.db, self.handled_until, now).await?;
+        for customer_id in customers {
+            ctx.metrics.config_clock_converges.inc();
+            sync::converge_customer(ctx, customer_id).await?;
+        }
+        self.handled_until = now;
+        self.look_up(ctx).await
     }
 }
 

@@ -5,11 +5,13 @@
 //! watcher ([`drift`]).
 
 pub mod desired;
+pub mod diff;
 pub mod drift;
+pub mod entry;
 pub mod gateways;
 pub mod sync;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +21,7 @@ use etcd_client::{
 };
 
 use crate::error::Error;
+use diff::{Change, Current, Write};
 
 /// How many of our own write revisions are remembered to tell them from hand edits.
 const OWN_REVISIONS: usize = 16_384;
@@ -150,27 +153,6 @@ impl PlatformConfig {
         format!("{}/{}", self.prefix, relative)
     }
 
-    /// Writes `value` at `key` unless it already holds exactly that; the revision of the
-    /// write, `None` when nothing was written. One compare-and-put transaction, so a
-    /// repeat costs no write; fenced like every write.
-    pub async fn ensure(&self, key: &str, value: &serde_json::Value) -> Result<Option<i64>, Error> {
-        let bytes = serde_json::to_vec(value).unwrap_or_default();
-        let put_if_different = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, bytes.clone())])
-            .or_else([TxnOp::put(key, bytes, None)]);
-        let (resp, revision) = self.fenced(TxnOp::txn(put_if_different)).await?;
-        let TxnOpResponse::Txn(inner) = resp else {
-            return Err(Error::Internal(
-                "etcd answered a transaction with another response".into(),
-            ));
-        };
-        if inner.succeeded() {
-            return Ok(None);
-        }
-        self.remember(revision);
-        Ok(Some(revision.unwrap_or_default()))
-    }
-
     /// Deletes `key`; the revision of the deletion, `None` when there was nothing to
     /// delete. Fenced like every write.
     pub async fn remove(&self, key: &str) -> Result<Option<i64>, Error> {
@@ -182,22 +164,68 @@ impl PlatformConfig {
         Ok(Some(revision.unwrap_or_default()))
     }
 
-    /// Makes each relative key hold its desired entry, or removes it. Returns the keys
-    /// that changed (relative) with the revision of their write.
-    pub async fn converge(
-        &self,
-        entries: &[(String, Option<desired::DesiredEntry>)],
-    ) -> Result<Vec<(String, i64)>, Error> {
-        let mut changed = Vec::new();
-        for (relative, entry) in entries {
-            let key = self.key(relative);
-            let written = match entry {
-                Some(entry) => self.ensure(&key, &entry.value).await?,
-                None => self.remove(&key).await?,
-            };
-            changed.extend(written.map(|revision| (relative.clone(), revision)));
+    /// The current values of `relatives` (keys relative to the prefix) that exist, read
+    /// in one request per [`MAX_TXN_OPS`] keys (a transaction of gets, so all of one
+    /// request are read at one revision).
+    pub async fn read(&self, relatives: &[&str]) -> Result<HashMap<String, Current>, Error> {
+        let mut found = HashMap::new();
+        for chunk in relatives.chunks(MAX_TXN_OPS) {
+            let gets = chunk.iter().map(|r| TxnOp::get(self.key(r), None));
+            let resp = self
+                .client
+                .kv_client()
+                .txn(Txn::new().and_then(gets.collect::<Vec<_>>()))
+                .await?;
+            for (relative, op) in chunk.iter().zip(resp.op_responses()) {
+                if let TxnOpResponse::Get(get) = op
+                    && let Some(kv) = get.kvs().first()
+                {
+                    let current = Current {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    };
+                    found.insert((*relative).to_owned(), current);
+                }
+            }
         }
-        Ok(changed)
+        Ok(found)
+    }
+
+    /// Writes `changes` in fenced transactions of up to [`MAX_TXN_OPS`] keys (one for
+    /// any customer with fewer changed keys), each write conditioned on its key's
+    /// revision being the one read. The keys written, with their revision; stops at a
+    /// transaction whose keys changed since they were read ([`Written::conflict`]):
+    /// nothing of that one is written, and the caller reads again.
+    pub async fn write(&self, changes: &[Change]) -> Result<Written, Error> {
+        let mut written = Written::default();
+        for chunk in changes.chunks(MAX_TXN_OPS) {
+            let unchanged = chunk.iter().map(|c| {
+                Compare::mod_revision(self.key(&c.relative), CompareOp::Equal, c.read_revision)
+            });
+            let writes = chunk.iter().map(|c| match &c.write {
+                Write::Put(bytes) => TxnOp::put(self.key(&c.relative), bytes.clone(), None),
+                Write::Delete => TxnOp::delete(self.key(&c.relative), None),
+            });
+            let txn = Txn::new()
+                .when(unchanged.collect::<Vec<_>>())
+                .and_then(writes.collect::<Vec<_>>());
+            let (resp, revision) = self.fenced(TxnOp::txn(txn)).await?;
+            let TxnOpResponse::Txn(inner) = resp else {
+                return Err(Error::Internal(
+                    "etcd answered a transaction with another response".into(),
+                ));
+            };
+            if !inner.succeeded() {
+                written.conflict = true;
+                return Ok(written);
+            }
+            self.remember(revision);
+            let revision = revision.unwrap_or_default();
+            written
+                .keys
+                .extend(chunk.iter().map(|c| (c.relative.clone(), revision)));
+        }
+        Ok(written)
     }
 
     /// The current value of `key`, if any.
@@ -283,6 +311,15 @@ impl PlatformConfig {
     }
 }
 
+/// What [`PlatformConfig::write`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Keys written (relative), each with the revision of its write.
+    pub keys: Vec<(String, i64)>,
+    /// True when it stopped at keys that changed since they were read.
+    pub conflict: bool,
+}
+
 /// A page of keys under the prefix: see [`PlatformConfig::page`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyPage {
@@ -317,6 +354,10 @@ impl RecentRevisions {
         self.set.contains(&rev)
     }
 }
+
+/// Operations per etcd transaction: etcd's default `--max-txn-ops` (128), less the
+/// fence's own.
+pub const MAX_TXN_OPS: usize = 127;
 
 /// Keys per page of [`PlatformConfig::list`].
 const LIST_PAGE: i64 = 500;

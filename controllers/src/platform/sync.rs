@@ -4,9 +4,11 @@
 //! overwriting the new one). Under a per-customer advisory lock, whoever writes last
 //! read last, and every writer converges after committing its own change.
 
+use std::collections::BTreeMap;
+
 use uuid::Uuid;
 
-use super::desired;
+use super::{desired, diff};
 use crate::context::Context;
 use crate::error::Error;
 use crate::store::api_keys;
@@ -20,10 +22,16 @@ fn lock_key(customer_id: Uuid) -> i32 {
     (v as u32 ^ (v >> 32) as u32 ^ (v >> 64) as u32 ^ (v >> 96) as u32) as i32
 }
 
+/// Attempts at reading and writing when keys change between the two (a hand edit);
+/// after that the reconcile is retried as a lost race.
+const ATTEMPTS: usize = 3;
+
 /// Makes every key derived from `customer_id` match Postgres; true if anything changed.
-/// The transaction passes the writer fence first, so the etcd writes happen only while
-/// this process is the schema's writer (a replaced writer cannot write etcd after its
-/// successor has begun: the successor's term waits for, or terminates, this transaction).
+/// Reads the customer's rows and its current entries once, and writes only the
+/// difference in one etcd transaction. The Postgres transaction passes the writer
+/// fence first, so the etcd write happens only while this process is the schema's
+/// writer (a replaced writer cannot write etcd after its successor has begun: the
+/// successor's term waits for, or terminates, this transaction).
 pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool, Error> {
     let mut lock = ctx.begin_write().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
@@ -33,18 +41,54 @@ pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool,
         .await?;
     // Read after the lock is held, on the same connection (one connection per
     // converge: waiters cannot starve the pool of the one they wait for).
-    let entries = desired::customer_keys(&mut lock, customer_id).await?;
-    // Tests hang the process here: fenced transaction open, etcd write pending.
-    crate::failpoint::stop_once("stop-before-etcd-write");
-    let changed = ctx.platform.converge(&entries).await?;
-    // The revision of the last write to each key entry, for `GatewaySynced`.
-    for (relative, revision) in &changed {
-        if let desired::KeyOwner::ApiKey(hash) = desired::classify(relative) {
-            api_keys::record_config_revision(&mut lock, &hash, *revision).await?;
+    let keys = desired::customer_keys(&mut lock, customer_id, chrono::Utc::now()).await?;
+    let relatives: Vec<&str> = keys.entries.iter().map(|(k, _)| k.as_str()).collect();
+    let mut written = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        let current = ctx.platform.read(&relatives).await?;
+        let changes = diff::changes(&keys.entries, &current);
+        if changes.is_empty() {
+            break;
+        }
+        // Tests hang the process here: fenced transaction open, etcd write pending.
+        crate::failpoint::stop_once("stop-before-etcd-write");
+        let outcome = ctx.platform.write(&changes).await?;
+        written.extend(outcome.keys);
+        if !outcome.conflict {
+            break;
+        }
+        if attempt == ATTEMPTS {
+            return Err(Error::Transient(format!(
+                "the etcd keys of customer {customer_id} kept changing while being converged"
+            )));
         }
     }
+    record(&mut lock, &keys.retired, &written).await?;
     lock.commit().await?;
-    Ok(!changed.is_empty())
+    ctx.metrics.config_keys_written(written.len());
+    Ok(!written.is_empty())
+}
+
+/// Records what a convergence did in Postgres: the revision of each key entry written
+/// (for `GatewaySynced`), and the retired keys whose entry is now absent for good.
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    retired: &[String],
+    written: &[(String, i64)],
+) -> Result<(), Error> {
+    let mut by_revision: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for (relative, revision) in written {
+        if let desired::KeyOwner::ApiKey(hash) = desired::classify(relative) {
+            by_revision.entry(*revision).or_default().push(hash);
+        }
+    }
+    for (revision, hashes) in by_revision {
+        api_keys::record_config_revision(&mut *tx, &hashes, revision).await?;
+    }
+    if !retired.is_empty() {
+        api_keys::mark_config_gone(tx, retired).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

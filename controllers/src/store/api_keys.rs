@@ -82,6 +82,7 @@ pub(super) const ALL_FOR_RESOURCE: &str =
     "WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at";
 pub(super) const LIVE_BY_HASH: &str = "WHERE key_hash = $1 AND revoked_at IS NULL";
 pub(super) const ALL_FOR_CUSTOMER: &str = "WHERE customer_id = $1";
+pub(super) const CONFIG_LIVE_FOR_CUSTOMER: &str = "WHERE customer_id = $1 AND NOT config_gone";
 
 /// The unrevoked keys of a resource, locked for the rest of the transaction.
 pub async fn lock_live_for_resource(
@@ -171,6 +172,32 @@ pub async fn all_for_customer<'e, E: sqlx::PgExecutor<'e>>(
     .await
 }
 
+/// The keys of a customer whose gateway entry may still exist: every key but those
+/// [`mark_config_gone`] marked (served by a partial index on `NOT config_gone`).
+pub async fn config_live_for_customer<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    customer_id: Uuid,
+) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys {CONFIG_LIVE_FOR_CUSTOMER}"
+    ))
+    .bind(customer_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Marks keys retired for good whose entry is confirmed absent from etcd: convergence
+/// no longer reads them. A later [`update`] of a row clears its mark.
+pub async fn mark_config_gone(tx: &mut PgConnection, hashes: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE api_keys SET config_gone = true WHERE key_hash = ANY($1) AND NOT config_gone",
+    )
+    .bind(hashes)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow, sqlx::Error> {
     let f = &key.fields;
     sqlx::query_as(&format!(
@@ -205,7 +232,7 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, blocked_message = $8, updated_at = now(), \
+         generation = $7, blocked_message = $8, updated_at = now(), config_gone = false, \
          revoked_at = CASE WHEN $3 = '{REVOKED}' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -224,25 +251,49 @@ pub async fn update(
 /// Served by the expression index `api_keys_next_clock_change` (ORDER BY + LIMIT, not
 /// an aggregate over every live key).
 pub const NEXT_CLOCK_CHANGE: &str = "SELECT least(expires_at, grace_until) FROM api_keys \
-     WHERE revoked_at IS NULL AND least(expires_at, grace_until) > now() \
+     WHERE revoked_at IS NULL AND least(expires_at, grace_until) > $1 \
      ORDER BY least(expires_at, grace_until) LIMIT 1";
 
-/// The next time a key's gateway entry changes by the clock alone (an expiry or the
-/// end of a rotation's grace period), if any.
-pub async fn next_clock_change(db: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+/// The next time after `after` a key's gateway entry changes by the clock alone (an
+/// expiry or the end of a rotation's grace period), if any.
+pub async fn next_clock_change(
+    db: &PgPool,
+    after: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     sqlx::query_scalar(NEXT_CLOCK_CHANGE)
+        .bind(after)
         .fetch_optional(db)
         .await
 }
 
-/// Records the etcd revision of the last write to a key's gateway entry (for `GatewaySynced`).
+/// Served by the same index: the customers with a key whose entry changes by the clock
+/// in `($1, $2]` (an expiry or the end of a grace period).
+pub const CUSTOMERS_CROSSING: &str = "SELECT DISTINCT customer_id FROM api_keys \
+     WHERE revoked_at IS NULL AND least(expires_at, grace_until) > $1 \
+     AND least(expires_at, grace_until) <= $2";
+
+/// The customers with a key whose gateway entry changed by the clock in `(after, until]`.
+pub async fn customers_crossing(
+    db: &PgPool,
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(CUSTOMERS_CROSSING)
+        .bind(after)
+        .bind(until)
+        .fetch_all(db)
+        .await
+}
+
+/// Records the etcd revision of the last write to these keys' gateway entries (one
+/// etcd transaction wrote them all; for `GatewaySynced`).
 pub async fn record_config_revision(
     tx: &mut PgConnection,
-    hash: &str,
+    hashes: &[String],
     revision: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE api_keys SET config_revision = $2 WHERE key_hash = $1")
-        .bind(hash)
+    sqlx::query("UPDATE api_keys SET config_revision = $2 WHERE key_hash = ANY($1)")
+        .bind(hashes)
         .bind(revision)
         .execute(tx)
         .await?;

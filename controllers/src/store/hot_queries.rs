@@ -20,6 +20,8 @@ pub enum Arg {
     Id,
     Hash,
     Email,
+    /// A point in time (the queries of the clock take two).
+    Time,
 }
 
 fn query(name: &'static str, table: &str, filter: &str, args: &'static [Arg]) -> HotQuery {
@@ -59,10 +61,21 @@ pub fn all() -> Vec<HotQuery> {
             api_keys::ALL_FOR_CUSTOMER,
             &[Id],
         ),
+        query(
+            "api_keys::config_live_for_customer",
+            "api_keys",
+            api_keys::CONFIG_LIVE_FOR_CUSTOMER,
+            &[Id],
+        ),
         HotQuery {
             name: "api_keys::next_clock_change",
             sql: api_keys::NEXT_CLOCK_CHANGE.to_owned(),
-            args: &[],
+            args: &[Time],
+        },
+        HotQuery {
+            name: "api_keys::customers_crossing",
+            sql: api_keys::CUSTOMERS_CROSSING.to_owned(),
+            args: &[Time, Time],
         },
         query(
             "customers::live_by_k8s_ref",

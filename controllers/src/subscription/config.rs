@@ -6,7 +6,7 @@ use m3o_crds::Subscription;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::platform::desired::{DesiredEntry, owner_ref};
+use crate::platform::entry::{DesiredEntry, owner_ref};
 use crate::store::subscriptions::SubscriptionRow;
 
 /// `<prefix>/quotas/<customerId>`: what the gateway enforces for a customer (contract).

@@ -28,13 +28,15 @@ pub mod reconcile;
 
 use std::sync::Arc;
 
+use futures::channel::mpsc;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, ResourceExt};
+use kube::runtime::watcher;
 use m3o_crds::{Customer, Subscription, SubscriptionStatus};
 
 use crate::context::Context;
 use crate::error::Error;
+use crate::feed::{self, ByCustomer};
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
 
@@ -52,46 +54,41 @@ async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, 
     .await
 }
 
-/// Runs the Subscription controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let customers: Api<Customer> = runner::scoped_api(&ctx);
-    let subscriptions: Api<Subscription> = runner::scoped_api(&ctx);
+/// Runs the Subscription controller until `shutdown` resolves; `customers` are the
+/// shared Customer watch's events ([`crate::feed`]).
+pub async fn run(
+    ctx: Arc<Context>,
+    customers: mpsc::Receiver<watcher::Event<Customer>>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let catalog_changes = ctx.plans.changes();
-    let watch_config = runner::watch_config(&ctx);
-    runner::run_with(ctx, KIND, shutdown, reconcile, move |controller| {
-        let store = controller.store();
-        let by_customer = store.clone();
-        controller
-            .watches_stream(
-                runner::customer_changes(customers, watch_config.clone()),
-                move |c: Customer| {
-                    let namespace = c.namespace().unwrap_or_default();
-                    referencing(&by_customer, &namespace, &c.name_any(), None)
-                },
-            )
-            .watches(subscriptions, watch_config, move |s: Subscription| {
+    let by_customer = ByCustomer::<Subscription>::default();
+    let (siblings_tx, siblings) = mpsc::unbounded();
+    let observe = {
+        let by_customer = by_customer.clone();
+        let mut changes = feed::SpecChanges::default();
+        move |event: &watcher::Event<Subscription>| {
+            by_customer.observe(event);
+            // A Subscription that changes its spec, starts or ends its deletion frees or
+            // takes the slot its siblings wait for: they look again.
+            if let Some(s) = changes.changed(event) {
                 let namespace = s.namespace().unwrap_or_default();
                 let name = s.name_any();
-                referencing(&store, &namespace, &s.spec.customer_ref.name, Some(&name))
+                for sibling in by_customer.referencing(&namespace, &s.spec.customer_ref.name) {
+                    if sibling.name != name {
+                        let _ = siblings_tx.unbounded_send(sibling);
+                    }
+                }
+            }
+        }
+    };
+    runner::run_with(ctx, KIND, shutdown, reconcile, observe, move |controller| {
+        controller
+            .watches_stream(feed::dependent_changes(customers), move |c: Customer| {
+                by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
             })
+            .reconcile_on(siblings)
             .reconcile_all_on(catalog_changes)
     })
     .await;
-}
-
-/// The Subscriptions (but `except`) that reference Customer `namespace/customer`.
-fn referencing(
-    store: &Store<Subscription>,
-    namespace: &str,
-    customer: &str,
-    except: Option<&str>,
-) -> Vec<ObjectRef<Subscription>> {
-    store
-        .state()
-        .iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace))
-        .filter(|s| s.spec.customer_ref.name == customer)
-        .filter(|s| except != Some(s.name_any().as_str()))
-        .map(|s| ObjectRef::from_obj(s.as_ref()))
-        .collect()
 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use m3o_crds::{Customer, Subscription};
+use m3o_crds::Subscription;
 
 use super::config::quota_key;
 use super::{build, plan};
 use crate::blocker::Blocker;
 use crate::context::Context;
 use crate::error::{AtStep, Error, Step};
+use crate::feed;
 use crate::lifecycle;
 use crate::outbox_events;
 use crate::row_plan::RowWrite;
@@ -31,6 +32,12 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Ok(quota) => quota,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
+    let wait = feed::wait_for_customer(ctx, &namespace, &sub.spec.customer_ref.name)
+        .await
+        .at(Step::Load("the Customer"))?;
+    if let Some(wait) = wait {
+        return Ok(wait);
+    }
     let customer_row = match load_customer(ctx, &sub).await? {
         Ok(row) => row,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
@@ -61,8 +68,10 @@ async fn load_customer(
 ) -> Result<Result<CustomerRow, Blocker>, Error> {
     let namespace = sub.namespace().unwrap_or_default();
     let name = &sub.spec.customer_ref.name;
-    let api: Api<Customer> = Api::namespaced(ctx.client.clone(), &namespace);
-    let customer = api.get_opt(name).await.at(Step::Load("the Customer"))?;
+    let customer = ctx
+        .customer(&namespace, name)
+        .await
+        .at(Step::Load("the Customer"))?;
     if let Some(customer) = &customer
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {

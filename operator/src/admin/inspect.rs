@@ -209,7 +209,9 @@ impl Inspected for Customer {
             });
         };
         let mut conn = backends.db.acquire().await?;
-        let desired = desired::customer_keys(&mut conn, row.id).await?;
+        let desired = desired::customer_keys(&mut conn, row.id, chrono::Utc::now())
+            .await?
+            .entries;
         let keys = api_keys::all_for_customer(&mut *conn, row.id).await?;
         let mut outbox_ids = vec![row.id.to_string()];
         outbox_ids.extend(keys.iter().map(|k| k.id.to_string()));

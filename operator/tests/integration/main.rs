@@ -4,6 +4,7 @@
 mod admin;
 mod apikey;
 mod chart;
+mod convergence;
 mod customer;
 mod customer_faults;
 mod examples;

@@ -50,6 +50,7 @@ fn literal(arg: Arg) -> String {
         Arg::Id => "md5('c357')::uuid".into(),
         Arg::Hash => "md5('h357-3') || md5('x3573')".into(),
         Arg::Email => "'c357@example.com'".into(),
+        Arg::Time => "now() + interval '5 minutes'".into(),
     }
 }
 

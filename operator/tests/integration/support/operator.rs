@@ -75,14 +75,13 @@ impl TestEnv {
                 "--etcd-prefix",
                 &self.etcd_prefix,
             ])
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--resync-interval",
-                "30s",
-                "--log-format",
-                "json",
-            ])
+            .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(
+                (!backends.extra_args.iter().any(|a| a == "--resync-interval"))
+                    .then_some(["--resync-interval", "30s"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&backends.extra_args)
             .envs(backends.extra_env.iter().map(|(k, v)| (k, v)))
             .env(

@@ -1,0 +1,367 @@
+//! One watch of Customers shared by the three controllers, and an index of the
+//! objects that reference each Customer, so a Customer change costs one decode and
+//! reaches exactly its dependents, however large the fleet.
+//!
+//! The watch feeds the Customer controller's cache and fans out to two streams:
+//! the Customer controller gets every event its predicates keep (spec, finalizers,
+//! labels: not its own status writes), the dependents get the changes that matter to
+//! them ([`runner::customer_changes`]) and every deletion.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::channel::mpsc;
+use futures::{SinkExt, Stream, StreamExt};
+use kube::ResourceExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use m3o_crds::{ApiKey, Customer, Subscription};
+
+use crate::context::Context;
+use crate::runner;
+
+/// Events buffered per consumer before the shared watch waits for it.
+const BUFFER: usize = 1024;
+
+/// The shared Customer watch: run [`CustomerFeed::run`] as a task, hand the parts to
+/// the controllers.
+pub struct CustomerFeed {
+    /// Every Customer in the watched scope (the Customer controller's cache).
+    pub store: Store<Customer>,
+    /// What reconciles Customers.
+    pub for_customers: mpsc::Receiver<Customer>,
+    /// Customer changes for the Subscription controller.
+    pub for_subscriptions: mpsc::Receiver<watcher::Event<Customer>>,
+    /// Customer changes for the ApiKey controller.
+    pub for_apikeys: mpsc::Receiver<watcher::Event<Customer>>,
+    task: Option<Pump>,
+}
+
+struct Pump {
+    writer: reflector::store::Writer<Customer>,
+    customers: mpsc::Sender<Customer>,
+    dependents: [mpsc::Sender<watcher::Event<Customer>>; 2],
+}
+
+impl CustomerFeed {
+    pub fn new() -> Self {
+        let (store, writer) = reflector::store();
+        let (customers, for_customers) = mpsc::channel(BUFFER);
+        let (subscriptions, for_subscriptions) = mpsc::channel(BUFFER);
+        let (apikeys, for_apikeys) = mpsc::channel(BUFFER);
+        Self {
+            store,
+            for_customers,
+            for_subscriptions,
+            for_apikeys,
+            task: Some(Pump {
+                writer,
+                customers,
+                dependents: [subscriptions, apikeys],
+            }),
+        }
+    }
+
+    /// The task that drives the watch (once; later calls return a task that ends at
+    /// once). It ends when every consumer is gone. Dependents read Customers from its
+    /// cache ([`Context::customer`]) from now on.
+    pub fn run(&mut self, ctx: Arc<Context>) -> impl Future<Output = ()> + Send + 'static {
+        ctx.use_customer_cache(self.store.clone());
+        let pump = self.task.take();
+        async move {
+            if let Some(pump) = pump {
+                pump.run(ctx).await;
+            }
+        }
+    }
+}
+
+impl Default for CustomerFeed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pump {
+    async fn run(mut self, ctx: Arc<Context>) {
+        let api = runner::scoped_api::<Customer>(&ctx);
+        let events = watcher(api, runner::watch_config(&ctx).any_semantic())
+            .modify(runner::strip_managed_fields);
+        let mut events = std::pin::pin!(reflector::reflector(self.writer, events));
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(err) => {
+                    tracing::warn!(%err, kind = crate::customer::KIND, "watch error; retrying");
+                    continue;
+                }
+            };
+            let object = match &event {
+                watcher::Event::InitDone => {
+                    tracing::info!(kind = crate::customer::KIND, "listed; watching");
+                    ctx.watching.mark(crate::customer::KIND);
+                    continue;
+                }
+                watcher::Event::Init => continue,
+                watcher::Event::Apply(c) | watcher::Event::InitApply(c) => Some(c.clone()),
+                watcher::Event::Delete(_) => None,
+            };
+            // A consumer that is gone (its controller stopped) is not waited for.
+            if let Some(customer) = object {
+                let _ = self.customers.send(customer).await;
+            }
+            for dependents in &mut self.dependents {
+                let _ = dependents.send(event.clone()).await;
+            }
+        }
+    }
+}
+
+/// True while a Customer is being provisioned: it exists, is not being deleted, and
+/// has no Ready condition yet (a failure to provision it is reported there). A dependent waits for it
+/// without writing a status: the Customer's next status change wakes it through this
+/// feed (and its periodic retry backs that up), so a bulk apply of customers with their
+/// subscriptions and keys costs no "not ready" status or Event per dependent.
+pub fn being_provisioned(customer: &Customer) -> bool {
+    let reported = customer
+        .status
+        .as_ref()
+        .is_some_and(|s| crate::status::ready(&s.conditions).is_some());
+    customer.metadata.deletion_timestamp.is_none() && !reported
+}
+
+/// For a dependent of Customer `namespace/name`: the retry to wait with, quietly, while
+/// that Customer is [`being_provisioned`]; `None` to go on.
+pub async fn wait_for_customer(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<kube::runtime::controller::Action>, kube::Error> {
+    let customer = ctx.customer(namespace, name).await?;
+    // A Customer of another shard is reported by the caller, whatever its state.
+    let ours = |c: &Customer| crate::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
+    Ok(customer
+        .as_ref()
+        .is_some_and(|c| ours(c) && being_provisioned(c))
+        .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry)))
+}
+
+/// Objects that name a Customer in `spec.customerRef`.
+pub trait CustomerReferent: kube::Resource<DynamicType = ()> {
+    fn customer_name(&self) -> &str;
+}
+
+impl CustomerReferent for Subscription {
+    fn customer_name(&self) -> &str {
+        &self.spec.customer_ref.name
+    }
+}
+
+impl CustomerReferent for ApiKey {
+    fn customer_name(&self) -> &str {
+        &self.spec.customer_ref.name
+    }
+}
+
+/// (namespace, name)
+type Key = (String, String);
+
+/// Which objects of one kind reference each Customer, kept from that kind's own watch
+/// events: a mapper looks up the referents of a Customer instead of scanning a cache.
+pub struct ByCustomer<K> {
+    inner: Arc<Mutex<Index>>,
+    _kind: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K> Clone for ByCustomer<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<K> Default for ByCustomer<K> {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    /// (namespace, customer) -> names of referents.
+    referents: HashMap<Key, BTreeSet<String>>,
+    /// (namespace, name) -> the customer it references.
+    customer_of: HashMap<Key, String>,
+    /// Objects seen since a relist began (the rest are dropped at its end).
+    relisted: Option<BTreeSet<Key>>,
+}
+
+impl Index {
+    fn insert(&mut self, namespace: String, name: String, customer: String) {
+        let key = (namespace, name);
+        if self.customer_of.get(&key) == Some(&customer) {
+            return;
+        }
+        self.remove(&key);
+        self.referents
+            .entry((key.0.clone(), customer.clone()))
+            .or_default()
+            .insert(key.1.clone());
+        self.customer_of.insert(key, customer);
+    }
+
+    fn remove(&mut self, key: &Key) {
+        let Some(customer) = self.customer_of.remove(key) else {
+            return;
+        };
+        let by = (key.0.clone(), customer);
+        if let Some(names) = self.referents.get_mut(&by) {
+            names.remove(&key.1);
+            if names.is_empty() {
+                self.referents.remove(&by);
+            }
+        }
+    }
+}
+
+impl<K: CustomerReferent> ByCustomer<K> {
+    /// Keeps the index in step with one event of the kind's watch.
+    pub fn observe(&self, event: &watcher::Event<K>) {
+        let Ok(mut index) = self.inner.lock() else {
+            return;
+        };
+        let key_of = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        match event {
+            watcher::Event::Init => index.relisted = Some(BTreeSet::new()),
+            watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
+                let (namespace, name) = key_of(o);
+                if let Some(seen) = index.relisted.as_mut() {
+                    seen.insert((namespace.clone(), name.clone()));
+                }
+                index.insert(namespace, name, o.customer_name().to_owned());
+            }
+            watcher::Event::Delete(o) => index.remove(&key_of(o)),
+            watcher::Event::InitDone => {
+                if let Some(seen) = index.relisted.take() {
+                    let gone: Vec<Key> = index
+                        .customer_of
+                        .keys()
+                        .filter(|k| !seen.contains(*k))
+                        .cloned()
+                        .collect();
+                    for key in &gone {
+                        index.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The objects referencing Customer `namespace/customer`.
+    pub fn referencing(&self, namespace: &str, customer: &str) -> Vec<ObjectRef<K>> {
+        let Ok(index) = self.inner.lock() else {
+            return Vec::new();
+        };
+        index
+            .referents
+            .get(&(namespace.to_owned(), customer.to_owned()))
+            .into_iter()
+            .flatten()
+            .map(|name| ObjectRef::new(name).within(namespace))
+            .collect()
+    }
+}
+
+/// Tells the events of a kind's watch that change an object's spec, finalizers or
+/// deletion (or delete it) from those that only write its status.
+#[derive(Default)]
+pub struct SpecChanges {
+    seen: HashMap<String, u64>,
+}
+
+impl SpecChanges {
+    /// The object of `event` when it changed more than its status.
+    pub fn changed<'e, K: kube::Resource>(
+        &mut self,
+        event: &'e watcher::Event<K>,
+    ) -> Option<&'e K> {
+        use std::hash::{Hash, Hasher};
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                let meta = o.meta();
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (
+                    meta.generation,
+                    &meta.finalizers,
+                    meta.deletion_timestamp.as_ref().map(|t| t.0),
+                )
+                    .hash(&mut h);
+                let uid = meta.uid.clone().unwrap_or_default();
+                (self.seen.insert(uid, h.finish()) != Some(h.finish())).then_some(o)
+            }
+            watcher::Event::Delete(o) => {
+                self.seen
+                    .remove(o.meta().uid.as_deref().unwrap_or_default());
+                Some(o)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        }
+    }
+}
+
+/// The Customer changes that matter to dependents, from the shared feed.
+pub fn dependent_changes(
+    events: mpsc::Receiver<watcher::Event<Customer>>,
+) -> impl Stream<Item = Result<Customer, watcher::Error>> + Send + 'static {
+    runner::customer_changes(events.map(Ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(ns: &str, name: &str, customer: &str) -> Subscription {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "m3o.com/v1alpha1",
+            "kind": "Subscription",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"customerRef": {"name": customer}, "plan": "pro"},
+        }))
+        .expect("a valid Subscription")
+    }
+
+    fn names(index: &ByCustomer<Subscription>, ns: &str, customer: &str) -> Vec<String> {
+        index
+            .referencing(ns, customer)
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    }
+
+    #[test]
+    fn the_index_follows_applies_moves_deletes_and_relists() {
+        let index = ByCustomer::<Subscription>::default();
+        index.observe(&watcher::Event::Apply(sub("a", "s1", "c")));
+        index.observe(&watcher::Event::Apply(sub("a", "s2", "c")));
+        index.observe(&watcher::Event::Apply(sub("b", "s3", "c")));
+        assert_eq!(names(&index, "a", "c"), ["s1", "s2"]);
+        assert_eq!(names(&index, "b", "c"), ["s3"]);
+        // s2 now references d: it leaves c.
+        index.observe(&watcher::Event::Apply(sub("a", "s2", "d")));
+        assert_eq!(names(&index, "a", "c"), ["s1"]);
+        assert_eq!(names(&index, "a", "d"), ["s2"]);
+        index.observe(&watcher::Event::Delete(sub("a", "s1", "c")));
+        assert!(names(&index, "a", "c").is_empty());
+        // A relist that no longer contains s3 drops it.
+        index.observe(&watcher::Event::Init);
+        index.observe(&watcher::Event::InitApply(sub("a", "s2", "d")));
+        index.observe(&watcher::Event::InitDone);
+        assert!(names(&index, "b", "c").is_empty());
+        assert_eq!(names(&index, "a", "d"), ["s2"]);
+    }
+}

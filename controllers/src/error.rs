@@ -1,6 +1,45 @@
-//! The reconcile error, shared by every kind.
+//! The reconcile error, shared by every kind: what went wrong (the variant, which
+//! decides the metric label and the condition reason, both in this one file) and the
+//! step of the pipeline it went wrong in ([`Step`], named in the message). The object
+//! is named by the reconcile's tracing span and by the status the error is written to.
+
+use std::convert::Infallible;
+use std::fmt;
+
+use kube::runtime::finalizer;
 
 use crate::status::reasons;
+
+/// The step of a reconcile an error comes from (see [`crate::pipeline`]). A plan never
+/// fails with an error: what it cannot decide is a [`crate::blocker::Blocker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Reading what the plan decides on; names what was being read.
+    Load(&'static str),
+    /// The transaction writing the object's records and their outbox events.
+    Database,
+    /// Converging the etcd platform config on the records.
+    ConfigStore,
+    /// The ApiKey's Secret; names the action (reading, writing, deleting, detaching).
+    Secret(&'static str),
+    /// Writing the object's status.
+    Status,
+    /// Adding or removing the `m3o.com/cleanup` finalizer.
+    Finalizer,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Load(what) => write!(f, "loading {what}"),
+            Self::Database => f.write_str("writing the record"),
+            Self::ConfigStore => f.write_str("converging the platform config"),
+            Self::Secret(action) => write!(f, "{action} the Secret"),
+            Self::Status => f.write_str("writing status"),
+            Self::Finalizer => f.write_str("updating the finalizer"),
+        }
+    }
+}
 
 /// Why a reconcile failed. Outcomes an admin must act on (a conflict, an unknown
 /// plan, an invalid spec) are not errors: they are [`crate::blocker::Blocker`]s written
@@ -24,8 +63,10 @@ pub enum Error {
     ConfigStoreUnavailable(#[source] etcd_client::Error),
     #[error("Kubernetes API error: {0}")]
     Kube(#[source] kube::Error),
+    /// Adding or removing the finalizer failed (the reconcile's own errors are not
+    /// wrapped in it: they come out as they are).
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] finalizer::Error<Infallible>),
     /// Lost a race with another writer (a concurrent insert, an object that appeared or
     /// changed in between): nothing is wrong, the next pass sees the new state.
     #[error("{0}; retrying")]
@@ -40,6 +81,24 @@ pub enum Error {
     /// nothing about the object is reported (the writer reconciles it).
     #[error("not the writer of this schema: {0}")]
     Fenced(String),
+    /// Any of the above, with the step it happened in.
+    #[error("{step}: {source}")]
+    At {
+        step: Step,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+/// Names the step of a fallible call: `api.get_opt(name).await.at(Step::Load("the Customer"))?`.
+pub trait AtStep<T> {
+    fn at(self, step: Step) -> Result<T, Error>;
+}
+
+impl<T, E: Into<Error>> AtStep<T> for Result<T, E> {
+    fn at(self, step: Step) -> Result<T, Error> {
+        self.map_err(|err| err.into().at(step))
+    }
 }
 
 impl From<sqlx::Error> for Error {
@@ -91,6 +150,34 @@ impl From<kube::Error> for Error {
 }
 
 impl Error {
+    /// The error with the step it happened in; an error that names its step already
+    /// keeps it (the innermost step is the most precise).
+    pub fn at(self, step: Step) -> Self {
+        match self {
+            Self::At { .. } => self,
+            other => Self::At {
+                step,
+                source: Box::new(other),
+            },
+        }
+    }
+
+    /// The step the error happened in, if known.
+    pub fn step(&self) -> Option<Step> {
+        match self {
+            Self::At { step, .. } => Some(*step),
+            _ => None,
+        }
+    }
+
+    /// What went wrong, without the step.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Self::At { source, .. } => source.cause(),
+            other => other,
+        }
+    }
+
     /// Every value of [`Error::metric_label`].
     pub const METRIC_LABELS: &[&str] = &[
         "database_unavailable",
@@ -107,7 +194,7 @@ impl Error {
 
     /// Low-cardinality label for the error metric.
     pub fn metric_label(&self) -> &'static str {
-        match self {
+        match self.cause() {
             Self::DatabaseUnavailable(_) => "database_unavailable",
             Self::Constraint { .. } => "constraint",
             Self::Database(_) => "database",
@@ -118,12 +205,13 @@ impl Error {
             Self::Internal(_) => "internal",
             Self::Panicked(_) => "panic",
             Self::Fenced(_) => "fenced",
+            Self::At { source, .. } => source.metric_label(),
         }
     }
 
     /// The `Ready` condition reason this error shows as.
     pub fn condition_reason(&self) -> &'static str {
-        match self {
+        match self.cause() {
             Self::DatabaseUnavailable(_) => reasons::DATABASE_UNAVAILABLE,
             Self::Constraint { .. } => reasons::CONSTRAINT_VIOLATION,
             Self::Database(_) => reasons::DATABASE_ERROR,
@@ -131,13 +219,19 @@ impl Error {
             Self::Kube(_) | Self::Finalizer(_) | Self::Fenced(_) => reasons::RECONCILE_FAILED,
             Self::Transient(_) => reasons::PROVISIONING,
             Self::Internal(_) | Self::Panicked(_) => reasons::INTERNAL_ERROR,
+            Self::At { source, .. } => source.condition_reason(),
         }
     }
 
     /// True for a lost race: retried at once rather than with growing backoff, and not
     /// reported as a failure in status.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_))
+        matches!(self.cause(), Self::Transient(_))
+    }
+
+    /// True when this process is not the schema's writer (nothing was written).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self.cause(), Self::Fenced(_))
     }
 }
 
@@ -148,7 +242,7 @@ mod tests {
     #[test]
     fn every_error_has_a_listed_label_and_a_reason() {
         let errors = [
-            Error::Finalizer("x".into()),
+            Error::Finalizer(finalizer::Error::UnnamedObject),
             Error::Transient("x".into()),
             Error::Internal("x".into()),
             Error::Panicked("x".into()),
@@ -159,5 +253,28 @@ mod tests {
             assert!(Error::METRIC_LABELS.contains(&e.metric_label()), "{e}");
             assert!(!e.condition_reason().is_empty());
         }
+    }
+
+    #[test]
+    fn a_step_names_itself_and_keeps_the_label_and_reason_of_its_cause() {
+        let cause = || Error::DatabaseUnavailable(sqlx::Error::PoolTimedOut);
+        let at = cause().at(Step::Database);
+        assert_eq!(at.metric_label(), cause().metric_label());
+        assert_eq!(at.condition_reason(), cause().condition_reason());
+        assert!(
+            at.to_string()
+                .starts_with("writing the record: database unavailable")
+        );
+        // The innermost step is kept.
+        let again = at.at(Step::Status);
+        assert_eq!(again.step(), Some(Step::Database));
+        let transient: Result<(), Error> = Err(Error::Transient("x".into()));
+        assert!(
+            transient
+                .at(Step::Load("the Customer"))
+                .unwrap_err()
+                .is_transient()
+        );
+        assert!(Error::Fenced("x".into()).at(Step::ConfigStore).is_fenced());
     }
 }

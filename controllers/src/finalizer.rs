@@ -4,11 +4,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use kube::Api;
+use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event};
+use kube::{Api, Resource, ResourceExt};
 
-use crate::error::Error;
+use crate::context::Context;
+use crate::error::{Error, Step};
 use crate::status::HasStatus;
 
 /// The finalizer of every m3o resource.
@@ -16,27 +18,34 @@ pub const FINALIZER: &str = "m3o.com/cleanup";
 
 /// Runs `apply` for a live object or `cleanup` for one being deleted.
 pub async fn reconcile_with_finalizer<K, A, AF, C, CF>(
-    api: &Api<K>,
+    ctx: &Context,
     obj: Arc<K>,
     apply: A,
     cleanup: C,
 ) -> Result<Action, Error>
 where
-    K: HasStatus,
+    K: HasStatus + Resource<Scope = NamespaceResourceScope>,
     A: FnOnce(Arc<K>) -> AF,
     AF: Future<Output = Result<Action, Error>>,
     C: FnOnce(Arc<K>) -> CF,
     CF: Future<Output = Result<Action, Error>>,
 {
-    finalizer::finalizer(api, FINALIZER, obj, |event| async move {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    finalizer::finalizer(&api, FINALIZER, obj, |event| async move {
         match event {
             Event::Apply(obj) => apply(obj).await,
             Event::Cleanup(obj) => cleanup(obj).await,
         }
     })
     .await
-    .map_err(|err| match err {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
+    .map_err(|err| {
+        let own = match err {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => return e,
+            finalizer::Error::AddFinalizer(e) => finalizer::Error::AddFinalizer(e),
+            finalizer::Error::RemoveFinalizer(e) => finalizer::Error::RemoveFinalizer(e),
+            finalizer::Error::UnnamedObject => finalizer::Error::UnnamedObject,
+            finalizer::Error::InvalidFinalizer => finalizer::Error::InvalidFinalizer,
+        };
+        Error::Finalizer(own).at(Step::Finalizer)
     })
 }

@@ -1,14 +1,16 @@
 //! Controllers of m3o-operator.
 //!
-//! Where things live:
-//! - `customer/`: the Customer kind (`plan.rs` decides, `reconcile.rs` applies,
-//!   `cleanup.rs` deletes). A Customer becomes a Postgres row in
-//!   [`customer::reconcile`] via [`store::customers`].
-//! - `subscription/`: the Subscription kind, same layout; `plans.rs` is its plan catalog.
-//! - `apikey/`: the ApiKey kind (`secret.rs` issues keys, `config.rs` is the gateway entry).
-//! - `store/`: Postgres (system of record) and migrations.
+//! Where things live (the whole picture: ARCHITECTURE.md at the repository root):
+//! - `customer/`, `subscription/`, `apikey/`: one folder per kind, each with the same
+//!   files in the same roles ([`pipeline`]: `plan.rs` decides, `build.rs` builds,
+//!   `reconcile.rs` loads and applies, `cleanup.rs` deletes). A Customer becomes a
+//!   Postgres row in [`customer::reconcile`] via [`store::customers`]; `plans.rs` is the
+//!   Subscription plan catalog; `apikey/secret.rs` is key material.
+//! - `store/`: Postgres (system of record), one module per table.
 //! - `platform/`: etcd platform config and drift correction.
-//! - `status.rs`, `finalizer.rs`, `backoff.rs`, `metrics.rs`: mechanics every kind shares.
+//! - `runner.rs`, `finalizer.rs`, `lifecycle.rs`, `status.rs`, `row_plan.rs`,
+//!   `outbox_events.rs`, `blocker.rs`, `error.rs`, `backoff.rs`, `metrics.rs`:
+//!   mechanics every kind shares.
 
 pub mod apikey;
 pub mod backoff;
@@ -20,9 +22,14 @@ pub mod error;
 pub mod failpoint;
 pub mod feed;
 pub mod finalizer;
+#[cfg(test)]
+mod fixtures;
+pub mod k8s_ref;
 pub mod lanes;
 pub mod lifecycle;
 pub mod metrics;
+pub mod outbox_events;
+pub mod pipeline;
 #[cfg(test)]
 mod planner_props;
 pub mod plans;

@@ -2,29 +2,35 @@
 //! provisioned object, an object blocked on something only an admin can fix, and the
 //! start of a deletion.
 
+use kube::Api;
+use std::collections::BTreeSet;
+
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, ResourceExt};
 use m3o_crds::DeletionPolicy;
+use uuid::Uuid;
 
+use crate::blocker::Blocker;
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
+use crate::platform::sync;
 use crate::status::{self, Cond, HasStatus, reasons, types};
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
-/// Normal `Provisioned` Event with `note`.
+/// Normal `Provisioned` Event with `note`. The object is looked at again after the
+/// resync interval.
 pub async fn report_provisioned<K: HasStatus>(
     ctx: &Context,
     api: &Api<K>,
     obj: &K,
     new: &K::Status,
     note: String,
-) -> Result<(), Error> {
+) -> Result<Action, Error> {
     let was_ready = obj
         .status()
         .and_then(|s| status::ready(K::conditions(s)))
         .is_some_and(|c| c.status == "True");
-    status::apply(api, obj, new).await?;
+    status::apply(api, obj, new).await.at(Step::Status)?;
     if !was_ready {
         ctx.event(
             &obj.object_ref(&()),
@@ -35,7 +41,7 @@ pub async fn report_provisioned<K: HasStatus>(
         )
         .await;
     }
-    Ok(())
+    Ok(Action::requeue(ctx.settings.resync_interval))
 }
 
 /// Writes the status of an object that waits on something outside it (a conflicting
@@ -46,12 +52,13 @@ pub async fn report_blocked<K: HasStatus>(
     ctx: &Context,
     api: &Api<K>,
     obj: &K,
-    new: &K::Status,
-    reason: &str,
-    message: String,
+    blocker: Blocker,
+    status_of: impl FnOnce(&Blocker) -> K::Status,
 ) -> Result<Action, Error> {
-    if status::apply(api, obj, new).await? {
-        tracing::warn!(kind = %K::kind(&()), object = %obj.name_any(), reason, %message, "blocked");
+    let new = status_of(&blocker);
+    let Blocker { reason, message } = blocker;
+    if status::apply(api, obj, &new).await.at(Step::Status)? {
+        tracing::warn!(reason, %message, "blocked");
         ctx.event(
             &obj.object_ref(&()),
             EventType::Warning,
@@ -62,6 +69,21 @@ pub async fn report_blocked<K: HasStatus>(
         .await;
     }
     Ok(Action::requeue(ctx.settings.blocked_retry))
+}
+
+/// Converges the platform config of each customer once: the step after a transaction
+/// that changed their records (the kinds' records and their dependents' resolve there).
+pub async fn converge_customers(
+    ctx: &Context,
+    customer_ids: impl IntoIterator<Item = Uuid>,
+) -> Result<(), Error> {
+    let ids: BTreeSet<Uuid> = customer_ids.into_iter().collect();
+    for id in ids {
+        sync::converge_customer(ctx, id)
+            .await
+            .at(Step::ConfigStore)?;
+    }
+    Ok(())
 }
 
 /// Marks an object `Deleting`. Returns false for `Orphan` (after saying what is kept):
@@ -79,7 +101,9 @@ pub async fn begin_cleanup<K: HasStatus>(
         reasons::DELETING,
         format!("cleaning up (deletionPolicy {policy:?})"),
     );
-    status::apply_failure(api, obj, deleting, &[]).await?;
+    status::apply_failure(api, obj, deleting, &[])
+        .await
+        .at(Step::Status)?;
     if policy == DeletionPolicy::Orphan {
         let note = format!("deletionPolicy Orphan: {kept} are kept");
         ctx.event(

@@ -17,13 +17,15 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::apikey::secret::{FoundKey, IssuedKey};
-use crate::apikey::{config as apikey_config, plan as apikey_plan};
-use crate::customer::plan as customer_plan;
+use crate::apikey::{build as apikey_build, config as apikey_config, plan as apikey_plan};
+use crate::blocker::Blocker;
+use crate::customer::{build as customer_build, plan as customer_plan};
 use crate::plans::Catalog;
 use crate::status::reasons;
 use crate::store::api_keys::ApiKeyRow;
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::SubscriptionRow;
+use crate::subscription::build as subscription_build;
 use crate::subscription::plan::{self as subscription_plan, RecordHolder};
 
 const CASES: u32 = 2_000;
@@ -211,13 +213,13 @@ proptest! {
         let mut previous = Customer::new("alice", other);
         meta_of(&mut previous, "alice".into(), 1, None);
         if let (Ok(desired), Ok(old)) = (customer_plan::desired(&c), customer_plan::desired(&previous)) {
-            let _ = customer_plan::plan_row(None, &desired);
-            let _ = customer_plan::plan_row(Some(&old.record), &desired);
-            let _ = customer_plan::plan_row(Some(&desired.record), &desired);
+            let _ = customer_plan::plan_row::<CustomerRow>(None, &desired);
+            let _ = customer_plan::plan_row(Some(&(Uuid::nil(), old.record)), &desired);
+            let _ = customer_plan::plan_row(Some(&(Uuid::nil(), desired.record.clone())), &desired);
         }
-        let _ = customer_plan::event(&row, m3o_events::customers::EventType::Updated);
-        let _ = customer_plan::provisioned_status(&c, &row, "/m3o/customers/x");
-        let _ = customer_plan::blocked_status(&c, reasons::CONFLICT, "x".into());
+        let _ = customer_build::event(&row, m3o_events::customers::EventType::Updated);
+        let _ = customer_build::provisioned_status(&c, &row, "/m3o/customers/x");
+        let _ = customer_build::blocked_status(&c, &Blocker::new(reasons::CONFLICT, "x"));
     }
 
     #[test]
@@ -269,8 +271,8 @@ proptest! {
         let _ = subscription_plan::customer_gate(Some(&customer), Some(&row), "alice");
         if let Ok(quota) = quota {
             let desired = subscription_plan::desired_record(this, row.id, quota);
-            let _ = subscription_plan::plan_row(None, &desired);
-            let _ = subscription_plan::plan_row(Some(&desired), &desired);
+            let _ = subscription_plan::plan_row::<SubscriptionRow>(None, &desired);
+            let _ = subscription_plan::plan_row(Some(&(Uuid::nil(), desired.clone())), &desired);
             let sub_row = SubscriptionRow {
                 id: Uuid::new_v4(), customer_id: row.id, plan: plan.clone(),
                 monthly_requests: quota.monthly_requests,
@@ -279,10 +281,10 @@ proptest! {
                 k8s_uid: "u".into(), generation: 1, created_at: row.created_at,
                 updated_at: row.updated_at, cancelled_at: None,
             };
-            let _ = subscription_plan::provisioned_status(this, &sub_row, "/m3o/quotas/x");
+            let _ = subscription_build::provisioned_status(this, &sub_row, "/m3o/quotas/x");
             let blocker = subscription_plan::conflict("alice", "s1", false);
-            let _ = subscription_plan::blocked_status(this, &blocker, Some(&sub_row));
-            let _ = subscription_plan::blocked_status(this, &blocker, None);
+            let _ = subscription_build::blocked_status(this, &blocker, Some(&sub_row));
+            let _ = subscription_build::blocked_status(this, &blocker, None);
         }
     }
 
@@ -323,13 +325,13 @@ proptest! {
         };
         let plan = apikey_plan::plan(&observed);
         for event in &plan.events {
-            let _ = apikey_plan::to_event(event, customer_plan::payload(&customer));
+            let _ = apikey_build::to_event(event, crate::outbox_events::customer_payload(&customer));
         }
         let _ = apikey_plan::revoke_all(&rows, 3);
         for row in &rows {
-            let _ = apikey_plan::synced_status(&key, row, "ci-api-key");
+            let _ = apikey_build::synced_status(&key, row, "ci-api-key");
             let _ = apikey_config::entry(row, Some(&customer), now);
         }
-        let _ = apikey_plan::waiting_status(&key, reasons::CUSTOMER_NOT_READY, "x".into(), None);
+        let _ = apikey_build::waiting_status(&key, &Blocker::new(reasons::CUSTOMER_NOT_READY, "x"), None);
     }
 }

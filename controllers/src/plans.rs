@@ -1,4 +1,4 @@
-//! The plan catalog (DESIGN.md section 7): plan name to default quota.
+//! The plan catalog (README, "Configuration"): plan name to default quota.
 //!
 //! It comes from `--plans-file`, a YAML file (in the chart, a mounted ConfigMap):
 //!

@@ -11,6 +11,7 @@ use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType as K8sEventType;
 use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
+use tracing::Instrument;
 
 use crate::context::Context;
 use crate::error::Error;
@@ -287,52 +288,65 @@ where
     F: Fn(Arc<K>, Arc<Context>) -> Fut,
     Fut: Future<Output = Result<Action, Error>>,
 {
-    let _timer = ctx.metrics.reconcile_started(kind);
-    let key = object_key(obj.as_ref());
-    let result = AssertUnwindSafe(async {
-        crate::failpoint::panic_for(&key);
-        reconcile(obj.clone(), ctx.clone()).await
-    })
-    .catch_unwind()
-    .await
-    .unwrap_or_else(|panic| Err(Error::Panicked(panic_message(panic.as_ref()))));
-    match &result {
-        Ok(_) => ctx.backoff.reset(&key),
-        Err(err) if err.is_transient() => {
-            ctx.metrics.reconcile_failed(kind, err.metric_label());
-            tracing::debug!(kind, object = %key, error = %err, "reconcile lost a race");
-        }
-        // A replaced writer stays silent: the object is its successor's to report on.
-        Err(err @ Error::Fenced(_)) => {
-            tracing::debug!(kind, object = %key, error = %err, "reconcile refused by the writer fence");
-        }
-        Err(err) => {
-            ctx.metrics.reconcile_failed(kind, err.metric_label());
-            tracing::warn!(kind, object = %key, error = %err, "reconcile failed");
-            let api: Api<K> =
-                Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-            let message = format!("{err}; retrying with backoff");
-            let ready = Cond::new(types::READY, false, err.condition_reason(), message.clone());
-            match status::apply_failure(&api, obj.as_ref(), ready, &[]).await {
-                Ok(true) => {
-                    let reference = obj.object_ref(&());
-                    ctx.event(
-                        &reference,
-                        K8sEventType::Warning,
-                        err.condition_reason(),
-                        "Reconcile",
-                        message,
-                    )
-                    .await;
-                }
-                Ok(false) => {}
-                Err(status_err) => {
-                    tracing::debug!(%status_err, "could not record the failure in status")
+    // Every log line of this reconcile (the kind's own, the store's) names its object
+    // (`object` is its name: a span's own name is `name` in the JSON log).
+    let span = tracing::info_span!(
+        "reconcile",
+        kind,
+        namespace = %obj.namespace().unwrap_or_default(),
+        object = %obj.name_any(),
+        generation = obj.meta().generation.unwrap_or_default(),
+    );
+    async move {
+        let _timer = ctx.metrics.reconcile_started(kind);
+        let key = object_key(obj.as_ref());
+        let result = AssertUnwindSafe(async {
+            crate::failpoint::panic_for(&key);
+            reconcile(obj.clone(), ctx.clone()).await
+        })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(Error::Panicked(panic_message(panic.as_ref()))));
+        match &result {
+            Ok(_) => ctx.backoff.reset(&key),
+            Err(err) if err.is_transient() => {
+                ctx.metrics.reconcile_failed(kind, err.metric_label());
+                tracing::debug!(error = %err, "reconcile lost a race");
+            }
+            // A replaced writer stays silent: the object is its successor's to report on.
+            Err(err) if err.is_fenced() => {
+                tracing::debug!(error = %err, "reconcile refused by the writer fence");
+            }
+            Err(err) => {
+                ctx.metrics.reconcile_failed(kind, err.metric_label());
+                tracing::warn!(error = %err, "reconcile failed");
+                let api: Api<K> =
+                    Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+                let message = format!("{err}; retrying with backoff");
+                let ready = Cond::new(types::READY, false, err.condition_reason(), message.clone());
+                match status::apply_failure(&api, obj.as_ref(), ready, &[]).await {
+                    Ok(true) => {
+                        let reference = obj.object_ref(&());
+                        ctx.event(
+                            &reference,
+                            K8sEventType::Warning,
+                            err.condition_reason(),
+                            "Reconcile",
+                            message,
+                        )
+                        .await;
+                    }
+                    Ok(false) => {}
+                    Err(status_err) => {
+                        tracing::debug!(%status_err, "could not record the failure in status")
+                    }
                 }
             }
         }
+        result
     }
-    result
+    .instrument(span)
+    .await
 }
 
 /// The text of a panic payload (`panic!` with a literal or a formatted message).

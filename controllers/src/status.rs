@@ -135,6 +135,16 @@ pub fn not_synced(
     )
 }
 
+/// The conditions of an object whose record and platform config both match its spec:
+/// `DatabaseSynced` and `ConfigSynced` True with what each says, and `ready`.
+pub fn synced(record: String, config: String, ready: Cond) -> [Cond; 3] {
+    [
+        Cond::new(types::DATABASE_SYNCED, true, reasons::SYNCED, record),
+        Cond::new(types::CONFIG_SYNCED, true, reasons::SYNCED, config),
+        ready,
+    ]
+}
+
 /// The `Ready` condition of a list, if present.
 pub fn ready(conditions: &[Condition]) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == types::READY)
@@ -149,6 +159,31 @@ pub trait HasStatus:
     fn conditions(status: &Self::Status) -> &[Condition];
     fn set_conditions(status: &mut Self::Status, conditions: Vec<Condition>);
 }
+
+/// Implements [`HasStatus`] for a kind whose status is `Option<$status>` with a
+/// `conditions` list, as every m3o kind's is.
+macro_rules! has_status {
+    ($kind:ty, $status:ty) => {
+        impl $crate::status::HasStatus for $kind {
+            type Status = $status;
+            fn status(&self) -> Option<&$status> {
+                self.status.as_ref()
+            }
+            fn conditions(
+                status: &$status,
+            ) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+                &status.conditions
+            }
+            fn set_conditions(
+                status: &mut $status,
+                conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+            ) {
+                status.conditions = conditions;
+            }
+        }
+    };
+}
+pub(crate) use has_status;
 
 /// Writes `status` with server-side apply unless the object already has exactly it.
 /// Returns true when a write happened.

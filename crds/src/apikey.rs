@@ -124,6 +124,25 @@ pub enum ApiKeyState {
     Revoked,
 }
 
+impl ApiKeyState {
+    /// The string used in Postgres, etcd and status.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Blocked => "blocked",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// Parses the stored string; `None` for anything unknown.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::Blocked, Self::Expired, Self::Revoked]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
 /// Observed state of an ApiKey.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]

@@ -126,7 +126,7 @@ pub enum CustomerStatusState {
 
 impl CustomerStatusState {
     /// The string used in Postgres, etcd and event payloads.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Unverified => "unverified",
             Self::Verified => "verified",

@@ -87,6 +87,17 @@ pub enum SubscriptionState {
     Cancelled,
 }
 
+impl SubscriptionState {
+    /// The string used in Postgres and status.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Observed state of a Subscription.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]

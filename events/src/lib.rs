@@ -1,4 +1,4 @@
-//! Events of the m3o-operator (DESIGN.md section 5).
+//! Events of the m3o-operator (ARCHITECTURE.md, "Where each contract lives").
 //!
 //! * Protobuf schemas under `proto/<topic>/events.proto`, compiled into one module per
 //!   topic ([`customers`]) with a `TOPIC` constant, so nobody hand-types a topic name.

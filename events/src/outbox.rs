@@ -1,5 +1,6 @@
 //! The transactional outbox: events are rows of the `outbox` table, written in the same
-//! Postgres transaction as the change they announce (DESIGN.md sections 4 and 5).
+//! Postgres transaction as the change they announce (ARCHITECTURE.md, "Where each
+//! contract lives").
 //!
 //! All SQL is unqualified: the connection's `search_path` selects the schema.
 

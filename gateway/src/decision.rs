@@ -1,4 +1,4 @@
-//! The authentication and authorisation decision (DESIGN.md section 10): which key,
+//! The authentication and authorisation decision (docs/gateway.md): which key,
 //! which path, and whether the index lets it through. Pure: no I/O, no clock.
 
 use sha2::{Digest, Sha256};

@@ -1,4 +1,4 @@
-//! The platform config values the gateway reads (DESIGN.md section 6, a contract),
+//! The platform config values the gateway reads (a contract: ARCHITECTURE.md),
 //! parsed into compact typed entries. Pure: bytes in, entries out.
 
 use chrono::DateTime;

@@ -1,4 +1,4 @@
-//! m3o-gateway-auth: the gateway side of the M3O platform config (DESIGN.md section 10).
+//! m3o-gateway-auth: the gateway side of the M3O platform config (docs/gateway.md).
 //! Forward-auth checks answered from an in-memory index of the operator's etcd prefix,
 //! quotas and usage shared by all replicas through Redis, and each replica's applied
 //! revision reported back for the operator's `GatewaySynced` condition.

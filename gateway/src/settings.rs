@@ -1,4 +1,4 @@
-//! Command line of `m3o-gateway-auth` (DESIGN.md section 10), with the same
+//! Command line of `m3o-gateway-auth` (docs/gateway.md), with the same
 //! environment fallbacks as the operator's.
 
 use std::net::SocketAddr;

@@ -13,7 +13,7 @@ use m3o_crds::ApiKey;
 use super::reconcile::revoke_all;
 use super::secret::{self, SecretState};
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
 
 pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
@@ -37,12 +37,12 @@ pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = secret::secret_name(&key);
     // Only a Secret this ApiKey owns is deleted, never one it was refused to overwrite.
-    if let SecretState::Ours { .. } = secret::inspect(secrets.get_opt(&name).await?.as_ref(), &key)
-    {
+    let found = secrets.get_opt(&name).await.at(Step::Secret("reading"))?;
+    if let SecretState::Ours { .. } = secret::inspect(found.as_ref(), &key) {
         match secrets.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Error::from(e).at(Step::Secret("deleting"))),
         }
     }
     tracing::info!(apikey = %key.name_any(), "api key revoked");
@@ -54,7 +54,7 @@ async fn detach_secret(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let name = secret::secret_name(key);
-    let Some(found) = secrets.get_opt(&name).await? else {
+    let Some(found) = secrets.get_opt(&name).await.at(Step::Secret("reading"))? else {
         return Ok(());
     };
     if !matches!(secret::inspect(Some(&found), key), SecretState::Ours { .. }) {
@@ -70,6 +70,7 @@ async fn detach_secret(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let patch = serde_json::json!({"metadata": {"ownerReferences": kept}});
     secrets
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+        .await
+        .at(Step::Secret("detaching"))?;
     Ok(())
 }

@@ -1,5 +1,11 @@
-//! The ApiKey controller: keys issued into Secrets, known elsewhere only by hash.
+//! The ApiKey controller: keys issued into Secrets, known elsewhere only by hash. Its
+//! files follow the pipeline every kind shares, [`crate::pipeline`]: `plan.rs` decides
+//! (orphan check, customer gate, Secret reuse, row writes and events), `build.rs`
+//! builds (the Secret, event payloads, status), `reconcile.rs` loads and applies,
+//! `cleanup.rs` deletes; `secret.rs` is key material and reading a Secret,
+//! `config.rs` its gateway entry, `gateway_sync.rs` the `GatewaySynced` condition.
 
+pub mod build;
 pub mod cleanup;
 pub mod config;
 pub mod gateway_sync;
@@ -14,35 +20,21 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use m3o_crds::{ApiKey, ApiKeyStatus, Condition, Customer};
+use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
 use crate::context::Context;
 use crate::error::Error;
 use crate::feed::{self, ByCustomer};
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
-use crate::status::HasStatus;
 
 pub const KIND: &str = "ApiKey";
 
-impl HasStatus for ApiKey {
-    type Status = ApiKeyStatus;
-    fn status(&self) -> Option<&ApiKeyStatus> {
-        self.status.as_ref()
-    }
-    fn conditions(status: &ApiKeyStatus) -> &[Condition] {
-        &status.conditions
-    }
-    fn set_conditions(status: &mut ApiKeyStatus, conditions: Vec<Condition>) {
-        status.conditions = conditions;
-    }
-}
+crate::status::has_status!(ApiKey, ApiKeyStatus);
 
 async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<ApiKey> =
-        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     reconcile_with_finalizer(
-        &api,
+        &ctx,
         key,
         |k| reconcile::apply(k, &ctx),
         |k| cleanup::cleanup(k, &ctx),

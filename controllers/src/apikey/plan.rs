@@ -1,19 +1,102 @@
-//! Pure planning for ApiKeys: from the resource, its customer, the key in its Secret
-//! and its rows to the row writes, the events they announce, the status and when to
-//! look again (expiry, end of a rotation's grace period). No I/O.
+//! Every decision about an ApiKey, pure and unit-tested: the orphan check and the
+//! customer gate, whether the key in the Secret is reused or a new one issued, the
+//! grace period, and from the resource, its customer, the key and its rows to the row
+//! writes, the events they announce and when to look again (expiry, end of a
+//! rotation's grace period). The pipeline: [`crate::pipeline`].
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, ApiKeyStatus};
-use m3o_events::customers::{self, EventType};
+use kube::ResourceExt;
+use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, Customer, CustomerStatusState};
+use m3o_events::customers::EventType;
 use uuid::Uuid;
 
-use super::secret::{FoundKey, IssuedKey};
+use super::secret::{FoundKey, IssuedKey, SecretState, secret_name};
 use crate::blocker::Blocker;
 use crate::duration;
-use crate::status::{Cond, merge, reasons, types};
+use crate::k8s_ref::K8sRef;
+use crate::status::{self, reasons};
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
-use crate::store::customers::{CustomerRow, K8sRef};
+use crate::store::customers::CustomerRow;
+
+/// Keys of a customer that is gone are revoked for good: true when a key is recorded
+/// unrevoked for another customer than the live one (or none is live).
+pub fn orphaned(rows: &[ApiKeyRow], customer: Option<&CustomerRow>) -> bool {
+    rows.iter()
+        .any(|r| r.revoked_at.is_none() && customer.is_none_or(|c| c.id != r.customer_id))
+}
+
+/// The customer's live row, or why no key can be recorded now.
+pub fn customer_gate(
+    key: &ApiKey,
+    customer_obj: Option<&Customer>,
+    row: Option<CustomerRow>,
+) -> Result<CustomerRow, Blocker> {
+    let name = &key.spec.customer_ref.name;
+    match (row, customer_obj) {
+        (Some(row), _) => Ok(row),
+        (None, None) => Err(Blocker::new(
+            reasons::CUSTOMER_NOT_FOUND,
+            format!(
+                "Customer {name} does not exist in namespace {}; create it",
+                key.namespace().unwrap_or_default()
+            ),
+        )),
+        (None, Some(_)) => Err(Blocker::new(
+            reasons::CUSTOMER_NOT_READY,
+            format!("Customer {name} has no record yet; waiting for it to be Ready"),
+        )),
+    }
+}
+
+/// What to do about the key in the ApiKey's Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretAction {
+    /// Keep the key it holds.
+    Reuse(IssuedKey),
+    /// Write a fresh key: create the Secret (`read_at` none) or replace ours at the
+    /// resourceVersion it was read at.
+    Issue { read_at: Option<String> },
+}
+
+/// Reuse the key in the Secret when [`reusable`], else issue one, but only into a
+/// Secret this ApiKey owns and only for a Customer that is Ready now.
+pub fn secret_action(
+    key: &ApiKey,
+    secret: SecretState,
+    rows: &[ApiKeyRow],
+    customer_obj: Option<&Customer>,
+) -> Result<SecretAction, Blocker> {
+    let read_at = match secret {
+        SecretState::Foreign => {
+            let message = format!(
+                "Secret {} exists and is not owned by this ApiKey; delete it or set spec.secretName",
+                secret_name(key)
+            );
+            return Err(Blocker::new(reasons::CONFLICT, message));
+        }
+        SecretState::Ours {
+            found: Some(found), ..
+        } if reusable(&found, key.spec.rotation_generation, rows) => {
+            return Ok(SecretAction::Reuse(found.issued));
+        }
+        SecretState::Ours {
+            resource_version, ..
+        } => resource_version,
+        SecretState::Missing => None,
+    };
+    let ready = customer_obj
+        .and_then(|c| c.status.as_ref())
+        .and_then(|s| status::ready(&s.conditions))
+        .is_some_and(|c| c.status == "True");
+    if !ready {
+        let message = format!(
+            "Customer {} is not Ready; the key is issued once it is",
+            key.spec.customer_ref.name
+        );
+        return Err(Blocker::new(reasons::CUSTOMER_NOT_READY, message));
+    }
+    Ok(SecretAction::Issue { read_at })
+}
 
 /// Longest rotation grace period: the schema's bound (`8760h`), checked again here for
 /// objects stored before the schema had it.
@@ -61,31 +144,16 @@ pub fn effective_state(
 ) -> ApiKeyState {
     if expires_at.is_some_and(|t| t <= now) {
         ApiKeyState::Expired
-    } else if blocked || customer_status == "banned" {
+    } else if blocked || banned(customer_status) {
         ApiKeyState::Blocked
     } else {
         ApiKeyState::Active
     }
 }
 
-pub fn state_str(state: ApiKeyState) -> &'static str {
-    match state {
-        ApiKeyState::Active => "active",
-        ApiKeyState::Blocked => "blocked",
-        ApiKeyState::Expired => "expired",
-        ApiKeyState::Revoked => "revoked",
-    }
-}
-
-pub fn parse_state(s: &str) -> Option<ApiKeyState> {
-    [
-        ApiKeyState::Active,
-        ApiKeyState::Blocked,
-        ApiKeyState::Expired,
-        ApiKeyState::Revoked,
-    ]
-    .into_iter()
-    .find(|v| state_str(*v) == s)
+/// True for a customer row's status `banned`.
+fn banned(customer_status: &str) -> bool {
+    CustomerStatusState::parse(customer_status) == Some(CustomerStatusState::Banned)
 }
 
 /// `spec.expiresAt` in whole seconds, as Kubernetes serialises times (and so Postgres,
@@ -100,13 +168,14 @@ pub fn expiry(key: &ApiKey) -> Option<DateTime<Utc>> {
 /// The event announcing a key's move from one state to another, if any. Becoming
 /// usable again (from blocked or expired) is announced as UnblockKey.
 pub fn transition_event(from: &str, to: &str) -> Option<EventType> {
-    match (from, to) {
-        (a, b) if a == b => None,
-        (_, "revoked") => Some(EventType::DeleteKey),
-        (_, "expired") => Some(EventType::KeyExpired),
-        (_, "blocked") => Some(EventType::BlockKey),
-        (_, "active") => Some(EventType::UnblockKey),
-        _ => None,
+    if from == to {
+        return None;
+    }
+    match ApiKeyState::parse(to)? {
+        ApiKeyState::Revoked => Some(EventType::DeleteKey),
+        ApiKeyState::Expired => Some(EventType::KeyExpired),
+        ApiKeyState::Blocked => Some(EventType::BlockKey),
+        ApiKeyState::Active => Some(EventType::UnblockKey),
     }
 }
 
@@ -135,7 +204,7 @@ pub fn recorded_blocked_message(spec: &ApiKeySpec) -> String {
 /// the admin's message, else the cause.
 pub fn blocked_message(recorded: &str, customer_status: &str) -> String {
     match recorded {
-        "" if customer_status == "banned" => "the customer is banned".to_owned(),
+        "" if banned(customer_status) => "the customer is banned".to_owned(),
         "" => "the key is blocked".to_owned(),
         message => message.to_owned(),
     }
@@ -193,12 +262,7 @@ fn transition(
 pub fn plan(o: &Observed) -> KeyPlan {
     let spec = &o.key.spec;
     let expires_at = expiry(o.key);
-    let status = state_str(effective_state(
-        spec.blocked,
-        &o.customer.status,
-        expires_at,
-        o.now,
-    ));
+    let status = effective_state(spec.blocked, &o.customer.status, expires_at, o.now).as_str();
     let fields = ApiKeyFields {
         scopes: spec.scopes.clone(),
         status: status.to_owned(),
@@ -218,11 +282,7 @@ pub fn plan(o: &Observed) -> KeyPlan {
                 key_prefix: o.issued.prefix.clone(),
                 rotation_generation: o.issued.rotation_generation,
                 fields: fields.clone(),
-                k8s: K8sRef {
-                    namespace: o.key.metadata.namespace.clone().unwrap_or_default(),
-                    name: o.key.metadata.name.clone().unwrap_or_default(),
-                    uid: o.key.metadata.uid.clone().unwrap_or_default(),
-                },
+                k8s: K8sRef::of(&o.key.metadata),
             });
             plan.events.push(event(
                 EventType::GenerateKey,
@@ -231,7 +291,7 @@ pub fn plan(o: &Observed) -> KeyPlan {
             ));
             plan.events.extend(transition(
                 o,
-                "active",
+                ApiKeyState::Active.as_str(),
                 status,
                 o.issued.key_id,
                 &fields.scopes,
@@ -260,7 +320,7 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
     let mut fields = row.fields();
     let grace_until = match row.grace_until {
         Some(until) if until <= o.now => {
-            fields.status = "revoked".into();
+            fields.status = ApiKeyState::Revoked.as_str().into();
             plan.events
                 .push(event(EventType::DeleteKey, row.id, &row.scopes));
             plan.updates.push((row.id, fields));
@@ -290,12 +350,13 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
         }
     };
     plan.wake_at = Some(plan.wake_at.map_or(grace_until, |w| w.min(grace_until)));
-    let status = state_str(effective_state(
+    let status = effective_state(
         o.key.spec.blocked,
         &o.customer.status,
         row.expires_at,
         o.now,
-    ));
+    )
+    .as_str();
     if status != row.status {
         plan.events
             .extend(transition(o, &row.status, status, row.id, &row.scopes));
@@ -310,9 +371,10 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
 /// Revokes every row (deletion, or the customer is gone).
 pub fn revoke_all(rows: &[ApiKeyRow], generation: i64) -> KeyPlan {
     let mut plan = KeyPlan::default();
-    for row in rows.iter().filter(|r| r.status != "revoked") {
+    let revoked = ApiKeyState::Revoked.as_str();
+    for row in rows.iter().filter(|r| r.status != revoked) {
         let fields = ApiKeyFields {
-            status: "revoked".into(),
+            status: revoked.into(),
             generation,
             ..row.fields()
         };
@@ -321,142 +383,6 @@ pub fn revoke_all(rows: &[ApiKeyRow], generation: i64) -> KeyPlan {
         plan.updates.push((row.id, fields));
     }
     plan
-}
-
-/// The M3O event for a key event, with the customer filled in.
-pub fn to_event(e: &KeyEvent, customer: customers::Customer) -> customers::Event {
-    let id = e.key_id.to_string();
-    let mut event = customers::Event {
-        customer: Some(customer),
-        ..Default::default()
-    };
-    event.set_type(e.kind);
-    match e.kind {
-        EventType::GenerateKey => {
-            event.generate_key = Some(customers::GenerateKey {
-                scopes: e.scopes.clone(),
-                id,
-            })
-        }
-        EventType::DeleteKey => event.delete_key = Some(customers::DeleteKey { id }),
-        EventType::BlockKey => {
-            event.block_key = Some(customers::BlockKey {
-                id,
-                message: e.message.clone(),
-            })
-        }
-        EventType::UnblockKey => event.unblock_key = Some(customers::UnblockKey { id }),
-        EventType::KeyExpired => event.key_expired = Some(customers::KeyExpired { id }),
-        EventType::KeyRotated => {
-            let previous_id = e.previous_id.map(|p| p.to_string()).unwrap_or_default();
-            event.key_rotated = Some(customers::KeyRotated { id, previous_id });
-        }
-        _ => {}
-    }
-    event
-}
-
-/// Status once the Secret, Postgres and etcd match: Ready is True for a key in the
-/// state its spec asks for (active or deliberately blocked), False once expired.
-pub fn synced_status(key: &ApiKey, current: &ApiKeyRow, secret_name: &str) -> ApiKeyStatus {
-    let state = parse_state(&current.status).unwrap_or(ApiKeyState::Active);
-    let (ok, reason, message) = match state {
-        ApiKeyState::Active => (
-            true,
-            reasons::PROVISIONED,
-            format!("key {} ({}) is active", current.id, current.key_prefix),
-        ),
-        ApiKeyState::Blocked if key.spec.blocked => (
-            true,
-            reasons::BLOCKED,
-            match key.spec.blocked_message.as_deref() {
-                Some(m) if !m.is_empty() => {
-                    format!("key {} is blocked by spec.blocked: {m}", current.id)
-                }
-                _ => format!("key {} is blocked by spec.blocked", current.id),
-            },
-        ),
-        ApiKeyState::Blocked => (
-            true,
-            reasons::BLOCKED,
-            format!(
-                "key {} is blocked because its customer is banned",
-                current.id
-            ),
-        ),
-        ApiKeyState::Expired => (
-            false,
-            reasons::EXPIRED,
-            format!(
-                "key {} expired; extend spec.expiresAt or bump spec.rotationGeneration",
-                current.id
-            ),
-        ),
-        ApiKeyState::Revoked => (
-            false,
-            reasons::CUSTOMER_NOT_FOUND,
-            format!("key {} is revoked", current.id),
-        ),
-    };
-    let conditions = merge(
-        key.status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default(),
-        &[
-            Cond::new(
-                types::DATABASE_SYNCED,
-                true,
-                reasons::SYNCED,
-                format!("key {} is recorded (hash only)", current.id),
-            ),
-            Cond::new(
-                types::CONFIG_SYNCED,
-                true,
-                reasons::SYNCED,
-                "gateway entry is up to date",
-            ),
-            Cond::new(types::READY, ok, reason, message),
-        ],
-        key.metadata.generation,
-    );
-    ApiKeyStatus {
-        observed_generation: key.metadata.generation,
-        conditions,
-        key_id: Some(current.id.to_string()),
-        customer_id: Some(current.customer_id.to_string()),
-        secret_name: Some(secret_name.to_owned()),
-        key_prefix: Some(current.key_prefix.clone()),
-        state: Some(state),
-        expires_at: expiry(key)
-            .and_then(|t| k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).ok())
-            .map(Time),
-        last_rotated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::from_second(current.created_at.timestamp())
-                .unwrap_or_default(),
-        )),
-    }
-}
-
-/// Status of a key that cannot be issued or used yet (Ready=False, `reason`).
-pub fn waiting_status(
-    key: &ApiKey,
-    reason: &'static str,
-    message: String,
-    state: Option<ApiKeyState>,
-) -> ApiKeyStatus {
-    let previous = key.status.clone().unwrap_or_default();
-    let conditions = merge(
-        &previous.conditions,
-        &[Cond::new(types::READY, false, reason, message)],
-        key.metadata.generation,
-    );
-    ApiKeyStatus {
-        observed_generation: key.metadata.generation,
-        conditions,
-        state: state.or(previous.state),
-        ..previous
-    }
 }
 
 #[cfg(test)]

@@ -1,83 +1,93 @@
-//! Applying an ApiKey: Secret first (the key exists before anything can accept it),
-//! then one Postgres transaction (rows + outbox), then etcd, then status. A crash
-//! between any two steps is repaired by the next pass: the Secret's key is reused,
-//! never re-issued for the same rotation generation, and only its hash is recorded.
+//! Applying an ApiKey: load its Customer, rows and Secret, plan, then the Secret first
+//! (the key exists before anything can accept it), one Postgres transaction (rows +
+//! outbox), etcd, then status. A crash between any two steps is repaired by the next
+//! pass: the Secret's key is reused, never re-issued for the same rotation generation,
+//! and only its hash is recorded. The pipeline: [`crate::pipeline`].
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType as K8sEventType;
 use kube::{Api, Resource, ResourceExt};
-use m3o_crds::{ApiKey, ApiKeyState, Customer};
-use m3o_events::outbox::{self, OutboxMessage};
+use m3o_crds::{ApiKey, ApiKeyState};
+use uuid::Uuid;
 
-use super::gateway_sync;
-use super::plan::{self, KeyPlan, Observed};
-use super::secret::{self, IssuedKey, SecretState};
+use super::plan::{self, KeyPlan, Observed, SecretAction};
+use super::secret::{self, IssuedKey, Plaintext};
+use super::{build, gateway_sync};
+use crate::blocker::Blocker;
 use crate::context::Context;
-use crate::customer::plan::payload;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::feed;
-use crate::lifecycle;
-use crate::platform::sync;
-use crate::status::{self, reasons};
+use crate::status::{self, FIELD_MANAGER, reasons};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
-use crate::{failpoint, shard};
+use crate::{failpoint, lifecycle, outbox_events, shard};
 
 pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
+    // Waiting: written to status and retried later.
+    let waiting = |b: &Blocker| build::waiting_status(&key, b, None);
     let customer_name = &key.spec.customer_ref.name;
-    if let Some(wait) = feed::wait_for_customer(ctx, &ns, customer_name).await? {
+    let wait = feed::wait_for_customer(ctx, &ns, customer_name)
+        .await
+        .at(Step::Load("the Customer"))?;
+    if let Some(wait) = wait {
         return Ok(wait);
     }
-    let customer_obj = ctx.customer(&ns, customer_name).await?;
+    let customer_obj = ctx
+        .customer(&ns, customer_name)
+        .await
+        .at(Step::Load("the Customer"))?;
     if let Some(customer) = &customer_obj
-        && let Err(b) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
+        && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {
-        return wait(&api, &key, ctx, b.reason, b.message).await;
+        return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
     }
-    let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name).await?;
-    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
+    let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name)
+        .await
+        .at(Step::Load("the customer record"))?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
+        .await
+        .at(Step::Load("the key records"))?;
 
-    // Keys of a customer that is gone are revoked for good.
-    let orphaned = rows
-        .iter()
-        .any(|r| r.revoked_at.is_none() && customer.as_ref().is_none_or(|c| c.id != r.customer_id));
-    if orphaned {
+    if plan::orphaned(&rows, customer.as_ref()) {
         return revoke_orphaned(&api, &key, ctx).await;
     }
-    let Some(customer) = customer else {
-        let (reason, message) = match customer_obj {
-            None => (
-                reasons::CUSTOMER_NOT_FOUND,
-                format!("Customer {customer_name} does not exist in namespace {ns}; create it"),
-            ),
-            Some(_) => (
-                reasons::CUSTOMER_NOT_READY,
-                format!("Customer {customer_name} has no record yet; waiting for it to be Ready"),
-            ),
-        };
-        return wait(&api, &key, ctx, reason, message).await;
+    let customer = match plan::customer_gate(&key, customer_obj.as_ref(), customer) {
+        Ok(customer) => customer,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
-
     // Validated before the Secret is touched: an unusable spec issues no key.
     let grace = match plan::grace_period(&key.spec) {
         Ok(grace) => grace,
-        Err(b) => return wait(&api, &key, ctx, b.reason, b.message).await,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
-    let issued = match current_key(ctx, &key, customer_obj.as_ref(), &rows).await? {
-        Ok(issued) => issued,
-        Err((reason, message)) => return wait(&api, &key, ctx, reason, message).await,
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let found = secrets
+        .get_opt(&secret::secret_name(&key))
+        .await
+        .at(Step::Secret("reading"))?;
+    let state = secret::inspect(found.as_ref(), &key);
+    let issued = match plan::secret_action(&key, state, &rows, customer_obj.as_ref()) {
+        Ok(SecretAction::Reuse(issued)) => issued,
+        Ok(SecretAction::Issue { read_at }) => issue(&secrets, &key, read_at)
+            .await
+            .at(Step::Secret("writing"))?,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
 
-    let key_plan = record(ctx, &key, &customer, &issued, grace).await?;
+    let key_plan = record(ctx, &key, &customer, &issued, grace)
+        .await
+        .at(Step::Database)?;
 
-    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any()).await?;
-    converge_config(ctx, &rows).await?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
+        .await
+        .at(Step::Load("the key records"))?;
+    lifecycle::converge_customers(ctx, rows.iter().map(|r| r.customer_id)).await?;
 
     let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
         Error::Transient(format!(
@@ -85,62 +95,47 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
             issued.key_id
         ))
     })?;
-    let mut status = plan::synced_status(&key, current, &secret::secret_name(&key));
-    let gateway = gateway_sync::condition(ctx, &key, Some(&current.key_hash)).await?;
+    let mut status = build::synced_status(&key, current, &secret::secret_name(&key));
+    let gateway = gateway_sync::condition(ctx, &key, Some(&current.key_hash))
+        .await
+        .at(Step::Load("the gateway reports"))?;
     let wake_at = gateway_sync::wake_at(gateway.as_ref(), key_plan.wake_at);
     gateway_sync::set(&mut status, gateway, key.metadata.generation);
     let was = key.status.as_ref().and_then(|s| s.state);
-    status::apply(&api, &key, &status).await?;
+    status::apply(&api, &key, &status).await.at(Step::Status)?;
     announce(ctx, &key, was, status.state, current).await;
     Ok(requeue_at(ctx, wake_at))
 }
 
-/// The key in the Secret for the current rotation generation, issuing one if there is
-/// none yet (`Err` with a reason when it must not be issued now).
-async fn current_key(
-    ctx: &Context,
+/// Writes a fresh key into the ApiKey's Secret and returns what to record; the
+/// plaintext is dropped on return. A missing Secret is created (never applied over an
+/// object that appeared in between); one of ours is replaced only at the
+/// resourceVersion it was read at. Either race is a 409, retried as
+/// [`Error::Transient`].
+async fn issue(
+    secrets: &Api<Secret>,
     key: &ApiKey,
-    customer_obj: Option<&Customer>,
-    rows: &[ApiKeyRow],
-) -> Result<Result<IssuedKey, (&'static str, String)>, Error> {
-    let secrets: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
-    let name = secret::secret_name(key);
-    let read_at = match secret::inspect(secrets.get_opt(&name).await?.as_ref(), key) {
-        SecretState::Foreign => {
-            return Ok(Err((
-                reasons::CONFLICT,
-                format!(
-                    "Secret {name} exists and is not owned by this ApiKey; delete it or set spec.secretName"
-                ),
-            )));
+    read_at: Option<String>,
+) -> Result<IssuedKey, Error> {
+    let plaintext = Plaintext::generate()
+        .map_err(|e| Error::Internal(format!("OS random number generator failed: {e}")))?;
+    let generation = key.spec.rotation_generation;
+    let (manifest, issued) = build::secret(key, plaintext, Uuid::now_v7(), generation);
+    match read_at {
+        None => {
+            secrets.create(&PostParams::default(), &manifest).await?;
         }
-        SecretState::Ours {
-            found: Some(found), ..
-        } if plan::reusable(&found, key.spec.rotation_generation, rows) => {
-            return Ok(Ok(found.issued));
+        Some(resource_version) => {
+            let body = build::secret_replacement(manifest, resource_version)
+                .map_err(|e| Error::Internal(format!("encoding Secret: {e}")))?;
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let name = secret::secret_name(key);
+            secrets.patch(&name, &params, &Patch::Apply(&body)).await?;
         }
-        SecretState::Ours {
-            resource_version, ..
-        } => resource_version,
-        SecretState::Missing => None,
-    };
-    // A new key is issued only for a Customer that is Ready now.
-    let ready = customer_obj
-        .and_then(|c| c.status.as_ref())
-        .and_then(|s| status::ready(&s.conditions))
-        .is_some_and(|c| c.status == "True");
-    if !ready {
-        let message = format!(
-            "Customer {} is not Ready; the key is issued once it is",
-            key.spec.customer_ref.name
-        );
-        return Ok(Err((reasons::CUSTOMER_NOT_READY, message)));
     }
-    let issued = secret::issue(&secrets, key, key.spec.rotation_generation, read_at).await?;
-    tracing::info!(apikey = %key.name_any(), key_id = %issued.key_id, prefix = %issued.prefix, "key issued into Secret {name}");
+    tracing::info!(key_id = %issued.key_id, prefix = %issued.prefix, "key issued into Secret {}", secret::secret_name(key));
     failpoint::hit("apikey-secret-written");
-    Ok(Ok(issued))
+    Ok(issued)
 }
 
 /// The database step: rows and their events in one transaction.
@@ -195,25 +190,17 @@ async fn write(
     for (id, fields) in &key_plan.updates {
         api_keys::update(tx, *id, fields).await?;
     }
-    for event in &key_plan.events {
-        let message = OutboxMessage::from_event(
-            event.key_id.to_string(),
-            &plan::to_event(event, payload(customer)),
-        );
-        outbox::enqueue(tx, &message).await?;
-    }
+    let events: Vec<_> = (key_plan.events.iter())
+        .map(|e| {
+            (
+                e.key_id.to_string(),
+                build::to_event(e, outbox_events::customer_payload(customer)),
+            )
+        })
+        .collect();
+    outbox_events::enqueue(tx, events).await?;
     if !key_plan.events.is_empty() {
         tracing::info!(events = ?key_plan.events.iter().map(|e| e.kind).collect::<Vec<_>>(), "api key records written");
-    }
-    Ok(())
-}
-
-/// Makes the gateway entries of `rows` match Postgres (removing revoked ones), through
-/// each owning customer's serialised convergence.
-pub async fn converge_config(ctx: &Context, rows: &[ApiKeyRow]) -> Result<(), Error> {
-    let customers: std::collections::BTreeSet<_> = rows.iter().map(|r| r.customer_id).collect();
-    for customer_id in customers {
-        sync::converge_customer(ctx, customer_id).await?;
     }
     Ok(())
 }
@@ -225,18 +212,31 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
         "Customer {} was deleted; its keys are revoked",
         key.spec.customer_ref.name
     );
-    let reason = reasons::CUSTOMER_NOT_FOUND;
-    let mut status = plan::waiting_status(key, reason, message.clone(), Some(ApiKeyState::Revoked));
-    let gateway = gateway_sync::condition(ctx, key, None).await?;
+    let blocker = Blocker::new(reasons::CUSTOMER_NOT_FOUND, message);
+    let mut status = build::waiting_status(key, &blocker, Some(ApiKeyState::Revoked));
+    let gateway = gateway_sync::condition(ctx, key, None)
+        .await
+        .at(Step::Load("the gateway reports"))?;
     gateway_sync::set(&mut status, gateway, key.metadata.generation);
-    lifecycle::report_blocked(ctx, api, key, &status, reason, message).await
+    lifecycle::report_blocked(ctx, api, key, blocker, |_| status).await
 }
 
 /// Revokes every unrevoked key of the resource (events included) and removes their entries.
 pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
+    revoke_rows(ctx, key, &ns, &name).await.at(Step::Database)?;
+    let rows = api_keys::all_for_resource(&ctx.db, &ns, &name)
+        .await
+        .at(Step::Load("the key records"))?;
+    // The gateway entries follow Postgres (revoked ones are removed), through each
+    // owning customer's serialised convergence.
+    lifecycle::converge_customers(ctx, rows.iter().map(|r| r.customer_id)).await
+}
+
+/// Revokes the unrevoked rows of the resource, with their events, in one transaction.
+async fn revoke_rows(ctx: &Context, key: &ApiKey, ns: &str, name: &str) -> Result<(), Error> {
     let mut tx = ctx.begin_write().await?;
-    let rows = api_keys::lock_live_for_resource(&mut tx, &ns, &name).await?;
+    let rows = api_keys::lock_live_for_resource(&mut tx, ns, name).await?;
     let generation = key.metadata.generation.unwrap_or_default();
     for row in &rows {
         let Some(customer) = customers::by_id(&mut *tx, row.customer_id).await? else {
@@ -246,18 +246,7 @@ pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
         write(&mut tx, &single, &customer).await?;
     }
     tx.commit().await?;
-    converge_config(ctx, &api_keys::all_for_resource(&ctx.db, &ns, &name).await?).await
-}
-
-async fn wait(
-    api: &Api<ApiKey>,
-    key: &ApiKey,
-    ctx: &Context,
-    reason: &'static str,
-    message: String,
-) -> Result<Action, Error> {
-    let status = plan::waiting_status(key, reason, message.clone(), None);
-    lifecycle::report_blocked(ctx, api, key, &status, reason, message).await
+    Ok(())
 }
 
 /// Kubernetes Events for state changes an admin cares about.
@@ -268,14 +257,8 @@ async fn announce(
     now: Option<ApiKeyState>,
     current: &ApiKeyRow,
 ) {
-    if was == now {
+    let Some((type_, reason)) = build::state_event(was, now) else {
         return;
-    }
-    let (type_, reason) = match now {
-        Some(ApiKeyState::Active) => (K8sEventType::Normal, reasons::PROVISIONED),
-        Some(ApiKeyState::Blocked) => (K8sEventType::Normal, reasons::BLOCKED),
-        Some(ApiKeyState::Expired) => (K8sEventType::Warning, reasons::EXPIRED),
-        _ => return,
     };
     let note = format!(
         "key {} ({}) is {}",

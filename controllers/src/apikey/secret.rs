@@ -1,20 +1,16 @@
-//! Key material: generation from the OS CSPRNG, hashing, and the Secret that is the
-//! only place a key's plaintext ever lives.
+//! Key material: generation from the OS CSPRNG, hashing, and reading the Secret that is
+//! the only place a key's plaintext ever lives (its manifest is built in
+//! [`super::build::secret`]). Pure: no I/O.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use m3o_crds::ApiKey;
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-
-use crate::status::FIELD_MANAGER;
 
 /// Recognisable prefix of every key, so a leaked key is easy to spot and scan for.
 pub const KEY_PREFIX: &str = "m3o_";
@@ -76,6 +72,11 @@ impl Plaintext {
     /// The first 8 characters: the prefix and 4 random ones, shown to identify a key.
     pub fn display_prefix(&self) -> String {
         display_prefix(self.0.as_bytes())
+    }
+
+    /// The key's bytes, for the Secret's data (and nothing else).
+    pub(super) fn into_bytes(self) -> Vec<u8> {
+        self.0.into_bytes()
     }
 }
 
@@ -199,85 +200,6 @@ pub fn inspect(secret: Option<&Secret>, owner: &ApiKey) -> SecretState {
         found,
         resource_version: secret.resource_version(),
     }
-}
-
-/// The Secret carrying a fresh key for `owner` (pure: no I/O).
-pub fn build(
-    owner: &ApiKey,
-    plaintext: Plaintext,
-    key_id: Uuid,
-    rotation_generation: i64,
-) -> (Secret, IssuedKey) {
-    let issued = IssuedKey {
-        key_id,
-        hash: plaintext.hash(),
-        prefix: plaintext.display_prefix(),
-        rotation_generation,
-    };
-    let mut secret = Secret {
-        data: Some(BTreeMap::from([
-            (
-                DATA_API_KEY.to_owned(),
-                ByteString(plaintext.0.into_bytes()),
-            ),
-            (
-                DATA_KEY_ID.to_owned(),
-                ByteString(key_id.to_string().into_bytes()),
-            ),
-        ])),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    };
-    secret.metadata.name = Some(secret_name(owner));
-    secret.metadata.namespace = owner.namespace();
-    secret.metadata.labels = Some(BTreeMap::from([
-        (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
-        (APIKEY_LABEL.to_owned(), owner.name_any()),
-    ]));
-    secret.metadata.annotations = Some(BTreeMap::from([
-        (
-            ROTATION_ANNOTATION.to_owned(),
-            rotation_generation.to_string(),
-        ),
-        (HASH_ANNOTATION.to_owned(), issued.hash.clone()),
-    ]));
-    secret.metadata.owner_references = owner.controller_owner_ref(&()).map(|o| vec![o]);
-    (secret, issued)
-}
-
-/// Writes a new key into the ApiKey's Secret and returns what to record; the plaintext
-/// is dropped on return. A missing Secret is created (never applied over an object that
-/// appeared in between); one of ours is replaced only at the resourceVersion it was
-/// read at. Either race is a 409, retried as [`crate::Error::Transient`].
-pub async fn issue(
-    api: &Api<Secret>,
-    owner: &ApiKey,
-    rotation_generation: i64,
-    read_at: Option<String>,
-) -> Result<IssuedKey, crate::Error> {
-    let plaintext = Plaintext::generate()
-        .map_err(|e| crate::Error::Internal(format!("OS random number generator failed: {e}")))?;
-    let (mut secret, issued) = build(owner, plaintext, Uuid::now_v7(), rotation_generation);
-    match read_at {
-        None => {
-            api.create(&PostParams::default(), &secret).await?;
-        }
-        Some(resource_version) => {
-            let name = secret_name(owner);
-            secret.metadata.resource_version = Some(resource_version);
-            let mut body = serde_json::to_value(&secret)
-                .map_err(|e| crate::Error::Internal(format!("encoding Secret: {e}")))?;
-            body["apiVersion"] = "v1".into();
-            body["kind"] = "Secret".into();
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await?;
-        }
-    }
-    Ok(issued)
 }
 
 #[cfg(test)]

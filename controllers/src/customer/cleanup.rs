@@ -9,13 +9,13 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::Customer;
 use m3o_events::customers::EventType;
-use m3o_events::outbox::{self, OutboxMessage};
+use uuid::Uuid;
 
-use super::{plan, reconcile};
+use super::{build, plan};
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
-use crate::platform::sync;
+use crate::outbox_events;
 use crate::store::{customers, subscriptions};
 use crate::subscription;
 
@@ -36,8 +36,32 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
         return Ok(Action::await_change());
     }
 
+    let deleted = mark_deleted(ctx, &namespace, &name)
+        .await
+        .at(Step::Database)?;
+
+    // The key goes whether this pass or an earlier one (that crashed) marked the row.
+    let id = match deleted.or_else(|| plan::known_id(&customer)) {
+        Some(id) => Some(id),
+        // Status lost and the row already marked by a pass that crashed: find it by name.
+        None => customers::latest_by_k8s_ref(&ctx.db, &namespace, &name)
+            .await
+            .at(Step::Load("the latest customer record"))?
+            .map(|row| row.id),
+    };
+    if let Some(id) = id {
+        // The row is no longer live, so its key and its dependents' resolve to "absent".
+        lifecycle::converge_customers(ctx, [id]).await?;
+        tracing::info!(customer = %id, "customer deleted");
+    }
+    Ok(Action::await_change())
+}
+
+/// Marks the live row deleted, cancelling its subscription in force, with both events,
+/// in one transaction. Returns its id (none when no row is live).
+async fn mark_deleted(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Uuid>, Error> {
     let mut tx = ctx.begin_write().await?;
-    let deleted = match customers::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
+    let deleted = match customers::lock_live_by_k8s_ref(&mut tx, namespace, name).await? {
         Some(row) => {
             // Its subscription ends with it (the quota key goes with the convergence
             // below); keys are revoked by their own controller, which sees the
@@ -46,29 +70,11 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
                 subscription::cleanup::cancel(&mut tx, &in_force, Some(&row)).await?;
             }
             let row = customers::mark_deleted(&mut tx, row.id).await?;
-            let message = OutboxMessage::from_event(
-                row.id.to_string(),
-                &plan::event(&row, EventType::Deleted),
-            );
-            outbox::enqueue(&mut tx, &message).await?;
+            outbox_events::enqueue(&mut tx, [build::event(&row, EventType::Deleted)]).await?;
             Some(row.id)
         }
         None => None,
     };
     tx.commit().await?;
-
-    // The key goes whether this pass or an earlier one (that crashed) marked the row.
-    let id = match deleted.or_else(|| reconcile::known_id(&customer)) {
-        Some(id) => Some(id),
-        // Status lost and the row already marked by a pass that crashed: find it by name.
-        None => customers::latest_by_k8s_ref(&ctx.db, &namespace, &name)
-            .await?
-            .map(|row| row.id),
-    };
-    if let Some(id) = id {
-        // The row is no longer live, so its key and its dependents' resolve to "absent".
-        sync::converge_customer(ctx, id).await?;
-        tracing::info!(customer = %id, "customer deleted");
-    }
-    Ok(Action::await_change())
+    Ok(deleted)
 }

@@ -1,14 +1,17 @@
-//! Pure planning for Customers: from the resource and its row (if any) to the row
-//! write, the events it announces, and the status. No I/O, unit-tested.
+//! Every decision about a Customer, pure and unit-tested: the record it asks for, the
+//! row write and its events, the adoption rules of `spec.id`, the email conflict, and
+//! the id cleanup goes by. The pipeline: [`crate::pipeline`].
 
 use kube::ResourceExt;
-use m3o_crds::{Customer, CustomerStatus, CustomerStatusState};
-use m3o_events::customers::{self, EventType};
+use m3o_crds::{Customer, CustomerStatusState};
+use m3o_events::customers::EventType;
 use uuid::Uuid;
 
 use crate::blocker::Blocker;
-use crate::status::{Cond, merge, not_synced, reasons, types};
-use crate::store::customers::{CustomerRecord, CustomerRow, K8sRef};
+use crate::k8s_ref::K8sRef;
+use crate::row_plan::{self, Recorded, RowPlan, RowWrite};
+use crate::status::reasons;
+use crate::store::customers::{CustomerRecord, CustomerRow};
 
 /// What the resource asks for.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,46 +33,44 @@ pub fn desired(customer: &Customer) -> Result<Desired, Blocker> {
         })?),
         None => None,
     };
-    let meta = customer.metadata.clone();
     let record = CustomerRecord {
         email: customer.spec.email.trim().to_owned(),
         name: customer.spec.name.clone().unwrap_or_default(),
         status: customer.spec.state.as_m3o().as_str().to_owned(),
         meta: customer.spec.meta.clone(),
-        k8s: K8sRef {
-            namespace: meta.namespace.unwrap_or_default(),
-            name: meta.name.unwrap_or_default(),
-            uid: meta.uid.unwrap_or_default(),
-        },
-        generation: meta.generation.unwrap_or_default(),
+        k8s: K8sRef::of(&customer.metadata),
+        generation: customer.metadata.generation.unwrap_or_default(),
     };
     Ok(Desired { adopt_id, record })
 }
 
-pub use crate::row_plan::{RowPlan, RowWrite};
-
 /// Decides the write and the events: one event per transition, none on a repeat.
-pub fn plan_row(existing: Option<&CustomerRecord>, desired: &Desired) -> RowPlan {
-    let new = &desired.record;
-    let Some(old) = existing else {
-        let id = desired.adopt_id.unwrap_or_else(Uuid::now_v7);
-        return RowPlan {
-            write: RowWrite::Insert(id),
-            events: vec![EventType::Created],
-        };
+pub fn plan_row<'a, R: Recorded<Record = CustomerRecord>>(
+    existing: Option<&'a R>,
+    desired: &Desired,
+) -> RowPlan<'a, R> {
+    let new_id = desired.adopt_id.unwrap_or_else(Uuid::now_v7);
+    let write = row_plan::decide(existing, &desired.record, new_id);
+    let events = match &write {
+        RowWrite::Insert(_) => vec![EventType::Created],
+        RowWrite::Keep(_) => vec![],
+        RowWrite::Update(old) => transitions(&old.record(), &desired.record),
     };
-    if old == new {
-        return RowPlan {
-            write: RowWrite::Keep,
-            events: vec![],
-        };
-    }
+    RowPlan { write, events }
+}
+
+/// The events of a changed record. Generation or k8s identity alone (re-applied,
+/// re-adopted) is bookkeeping: no event.
+fn transitions(old: &CustomerRecord, new: &CustomerRecord) -> Vec<EventType> {
+    use CustomerStatusState::{Banned, Verified};
     let mut events = Vec::new();
     if old.status != new.status {
-        events.push(match (old.status.as_str(), new.status.as_str()) {
-            (_, "banned") => EventType::Banned,
-            ("banned", _) => EventType::Unbanned,
-            (_, "verified") => EventType::Verified,
+        let from = CustomerStatusState::parse(&old.status);
+        let to = CustomerStatusState::parse(&new.status);
+        events.push(match (from, to) {
+            (_, Some(Banned)) => EventType::Banned,
+            (Some(Banned), _) => EventType::Unbanned,
+            (_, Some(Verified)) => EventType::Verified,
             _ => EventType::Updated,
         });
     }
@@ -77,114 +78,78 @@ pub fn plan_row(existing: Option<&CustomerRecord>, desired: &Desired) -> RowPlan
     if fields_changed && !events.contains(&EventType::Updated) {
         events.push(EventType::Updated);
     }
-    // Generation or k8s identity alone changed (re-applied, re-adopted): bookkeeping, no event.
-    RowPlan {
-        write: RowWrite::Update,
-        events,
-    }
+    events
 }
 
-/// The M3O customer payload of a row.
-pub fn payload(row: &CustomerRow) -> customers::Customer {
-    customers::Customer {
-        id: row.id.to_string(),
-        status: row.status.clone(),
-        created: row.created_at.timestamp(),
-        email: row.email.clone(),
-        updated: row.updated_at.timestamp(),
-        name: row.name.clone(),
-        meta: row.meta.0.clone().into_iter().collect(),
-    }
-}
-
-/// The event of type `t` about `row`.
-pub fn event(row: &CustomerRow, t: EventType) -> customers::Event {
-    let mut event = customers::Event {
-        customer: Some(payload(row)),
-        ..Default::default()
-    };
-    event.set_type(t);
-    match t {
-        EventType::Created => event.created = Some(Default::default()),
-        EventType::Updated => event.updated = Some(Default::default()),
-        EventType::Deleted => event.deleted = Some(Default::default()),
-        EventType::Verified => event.verified = Some(Default::default()),
-        EventType::Banned => event.banned = Some(Default::default()),
-        EventType::Unbanned => event.unbanned = Some(Default::default()),
-        _ => {}
-    }
-    event
-}
-
-/// Status once Postgres and etcd both match.
-pub fn provisioned_status(
-    customer: &Customer,
-    row: &CustomerRow,
-    config_key: &str,
-) -> CustomerStatus {
-    let generation = customer.metadata.generation;
-    let existing = customer
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    let state = CustomerStatusState::parse(&row.status);
-    let conditions = merge(
-        existing,
-        &[
-            Cond::new(
-                types::DATABASE_SYNCED,
-                true,
-                reasons::SYNCED,
-                format!("record {} is up to date", row.id),
-            ),
-            Cond::new(
-                types::CONFIG_SYNCED,
-                true,
-                reasons::SYNCED,
-                format!("{config_key} is up to date"),
-            ),
-            Cond::new(
-                types::READY,
-                true,
-                reasons::PROVISIONED,
-                format!("customer {} is {}", row.id, row.status),
-            ),
-        ],
-        generation,
+/// The first adoption rule, on the resource's own live row: a Customer that owns a
+/// record cannot adopt another one.
+pub fn own_row_conflict(adopt_id: Uuid, own: Option<&CustomerRow>) -> Option<Blocker> {
+    let own = own.filter(|own| own.id != adopt_id)?;
+    let message = format!(
+        "this Customer already owns record {}; spec.id {adopt_id} names another record",
+        own.id
     );
-    CustomerStatus {
-        observed_generation: generation,
-        conditions,
-        customer_id: Some(row.id.to_string()),
-        state,
+    Some(Blocker::new(reasons::CONFLICT, message))
+}
+
+/// What the record `spec.id` names allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// Adopt it.
+    Take,
+    /// It belongs to another Customer: adoptable only once that one is gone
+    /// ([`holder_conflict`] if it is not).
+    AskHolder,
+    Blocked(Blocker),
+}
+
+/// The rules on the record `spec.id` names (locked): a deleted record is not revived;
+/// one of another Customer is taken only when that Customer is gone.
+pub fn adoption(adopt_id: Uuid, this: &K8sRef, target: &CustomerRow) -> Adoption {
+    if target.deleted_at.is_some() {
+        let message =
+            format!("record {adopt_id} was deleted; remove spec.id to create a new record");
+        return Adoption::Blocked(Blocker::new(reasons::CONFLICT, message));
+    }
+    let same = (target.k8s_namespace.as_str(), target.k8s_name.as_str())
+        == (this.namespace.as_str(), this.name.as_str());
+    if same {
+        Adoption::Take
+    } else {
+        Adoption::AskHolder
     }
 }
 
-/// Status of a Customer that cannot be provisioned as specified (Ready=False, `reason`).
-pub fn blocked_status(
-    customer: &Customer,
-    reason: &'static str,
-    message: String,
-) -> CustomerStatus {
-    let generation = customer.metadata.generation;
-    let previous = customer.status.clone().unwrap_or_default();
-    let conditions = not_synced(&previous.conditions, reason, message, generation);
-    CustomerStatus {
-        observed_generation: generation,
-        conditions,
-        ..previous
-    }
+/// The record `spec.id` names belongs to a Customer that still exists.
+pub fn holder_conflict(adopt_id: Uuid, target: &CustomerRow) -> Blocker {
+    let message = format!(
+        "record {adopt_id} belongs to Customer {}/{}; delete it with deletionPolicy Orphan first",
+        target.k8s_namespace, target.k8s_name
+    );
+    Blocker::new(reasons::CONFLICT, message)
 }
 
-/// Message of an email conflict: names the holder and says what to do.
-pub fn email_conflict_message(email: &str, holder: &K8sRef, this: &Customer) -> String {
+/// An email held by another live customer: names the holder and says what to do.
+pub fn email_conflict(email: &str, holder: &K8sRef, this: &Customer) -> Blocker {
     let who = if holder.namespace == this.namespace().unwrap_or_default() {
         format!("Customer {}", holder.name)
     } else {
         format!("Customer {}/{}", holder.namespace, holder.name)
     };
-    format!("email {email} is already used by {who}; use another email or delete {who}")
+    let message =
+        format!("email {email} is already used by {who}; use another email or delete {who}");
+    Blocker::new(reasons::CONFLICT, message)
+}
+
+/// The customer id a resource is known by, for cleanup when its row is gone.
+pub fn known_id(customer: &Customer) -> Option<Uuid> {
+    let status_id = customer
+        .status
+        .as_ref()
+        .and_then(|s| s.customer_id.as_deref());
+    status_id
+        .or(customer.spec.id.as_deref())
+        .and_then(|id| Uuid::parse_str(id).ok())
 }
 
 #[cfg(test)]

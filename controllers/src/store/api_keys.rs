@@ -1,10 +1,13 @@
 //! The `api_keys` table: one row per key ever issued to an ApiKey resource, by hash.
 
 use chrono::{DateTime, Utc};
+use m3o_crds::ApiKeyState;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::customers::K8sRef;
+use crate::k8s_ref::K8sRef;
+
+const REVOKED: &str = ApiKeyState::Revoked.as_str();
 
 /// A row of `api_keys`.
 #[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
@@ -97,8 +100,8 @@ pub async fn lock_live_for_resource(
 }
 
 /// Every key (revoked too) of a resource, unlocked, newest last.
-pub async fn all_for_resource(
-    db: &PgPool,
+pub async fn all_for_resource<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     namespace: &str,
     name: &str,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
@@ -112,8 +115,8 @@ pub async fn all_for_resource(
 }
 
 /// Every key (revoked too) of the resources `namespaces[i]/names[i]`.
-pub async fn all_for_resources(
-    db: &PgPool,
+pub async fn all_for_resources<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     namespaces: &[String],
     names: &[String],
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
@@ -140,8 +143,8 @@ pub async fn live_by_hash<'e, E: sqlx::PgExecutor<'e>>(
 
 /// Up to `limit` unrevoked keys with a hash above `after`, in byte order of the hash
 /// (the order of their etcd keys; keyset pagination).
-pub async fn live_page(
-    db: &PgPool,
+pub async fn live_page<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
@@ -230,7 +233,7 @@ pub async fn update(
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
          generation = $7, blocked_message = $8, updated_at = now(), config_gone = false, \
-         revoked_at = CASE WHEN $3 = 'revoked' THEN coalesce(revoked_at, now()) ELSE NULL END \
+         revoked_at = CASE WHEN $3 = '{REVOKED}' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
@@ -298,8 +301,8 @@ pub async fn record_config_revision(
 }
 
 /// The latest recorded entry write of any key (rotated-out ones included) of a resource.
-pub async fn max_config_revision_for_resource(
-    db: &PgPool,
+pub async fn max_config_revision_for_resource<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     namespace: &str,
     name: &str,
 ) -> Result<Option<i64>, sqlx::Error> {

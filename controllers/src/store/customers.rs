@@ -3,17 +3,13 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use m3o_crds::CustomerStatusState;
+use sqlx::PgConnection;
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-/// The Kubernetes object a row belongs to; a live row is found again by namespace/name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct K8sRef {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
+use crate::k8s_ref::K8sRef;
+use crate::row_plan::Recorded;
 
 /// A row of `customers`.
 #[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
@@ -43,19 +39,18 @@ pub struct CustomerRecord {
     pub generation: i64,
 }
 
-impl CustomerRow {
-    /// The record as the operator last wrote it.
-    pub fn record(&self) -> CustomerRecord {
+impl Recorded for CustomerRow {
+    type Record = CustomerRecord;
+    fn id(&self) -> Uuid {
+        self.id
+    }
+    fn record(&self) -> CustomerRecord {
         CustomerRecord {
             email: self.email.clone(),
             name: self.name.clone(),
             status: self.status.clone(),
             meta: self.meta.0.clone(),
-            k8s: K8sRef {
-                namespace: self.k8s_namespace.clone(),
-                name: self.k8s_name.clone(),
-                uid: self.k8s_uid.clone(),
-            },
+            k8s: K8sRef::from_columns(&self.k8s_namespace, &self.k8s_name, &self.k8s_uid),
             generation: self.generation,
         }
     }
@@ -129,8 +124,8 @@ pub async fn live_by_id<'e, E: sqlx::PgExecutor<'e>>(
 
 /// Up to `limit` live rows with an id above `after`, in id order (keyset pagination,
 /// so a scan of the whole table holds one page at a time).
-pub async fn live_page(
-    db: &PgPool,
+pub async fn live_page<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<CustomerRow>, sqlx::Error> {
@@ -145,7 +140,10 @@ pub async fn live_page(
 }
 
 /// The live rows among `ids`.
-pub async fn live_by_ids(db: &PgPool, ids: &[Uuid]) -> Result<Vec<CustomerRow>, sqlx::Error> {
+pub async fn live_by_ids<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    ids: &[Uuid],
+) -> Result<Vec<CustomerRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM customers WHERE id = ANY($1) AND deleted_at IS NULL"
     ))
@@ -155,8 +153,8 @@ pub async fn live_by_ids(db: &PgPool, ids: &[Uuid]) -> Result<Vec<CustomerRow>, 
 }
 
 /// The live row of a resource, unlocked.
-pub async fn live_by_k8s_ref(
-    db: &PgPool,
+pub async fn live_by_k8s_ref<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     namespace: &str,
     name: &str,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {
@@ -170,18 +168,17 @@ pub async fn live_by_k8s_ref(
 }
 
 /// The resource holding an email among live customers, for a Conflict message.
-pub async fn live_email_holder(db: &PgPool, email: &str) -> Result<Option<K8sRef>, sqlx::Error> {
+pub async fn live_email_holder<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    email: &str,
+) -> Result<Option<K8sRef>, sqlx::Error> {
     let row: Option<(String, String, String)> = sqlx::query_as(&format!(
         "SELECT k8s_namespace, k8s_name, k8s_uid FROM customers {LIVE_BY_EMAIL}"
     ))
     .bind(email)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|(namespace, name, uid)| K8sRef {
-        namespace,
-        name,
-        uid,
-    }))
+    Ok(row.map(|(namespace, name, uid)| K8sRef::from_columns(&namespace, &name, &uid)))
 }
 
 /// Inserts a new live row.
@@ -234,10 +231,11 @@ pub async fn update(
 /// Marks a row deleted; the row is kept for history.
 pub async fn mark_deleted(tx: &mut PgConnection, id: Uuid) -> Result<CustomerRow, sqlx::Error> {
     sqlx::query_as(&format!(
-        "UPDATE customers SET status = 'deleted', deleted_at = now(), updated_at = now() \
+        "UPDATE customers SET status = $2, deleted_at = now(), updated_at = now() \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
+    .bind(CustomerStatusState::Deleted.as_str())
     .fetch_one(tx)
     .await
 }
@@ -254,8 +252,8 @@ pub async fn by_id<'e, E: sqlx::PgExecutor<'e>>(
 }
 
 /// The newest row of a resource, live or deleted (cleanup after lost status).
-pub async fn latest_by_k8s_ref(
-    db: &PgPool,
+pub async fn latest_by_k8s_ref<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     namespace: &str,
     name: &str,
 ) -> Result<Option<CustomerRow>, sqlx::Error> {

@@ -1,4 +1,10 @@
 //! PostgreSQL, the system of record: connection, migrations, and one module per table.
+//!
+//! One executor style: a function that locks or writes takes `&mut PgConnection` (it
+//! belongs in the caller's transaction); a plain read takes any executor
+//! (`E: sqlx::PgExecutor`: the pool, or `&mut *tx` inside a transaction); only what
+//! opens a transaction (`fence::begin_write`) or scans outside one takes the pool. Statuses are
+//! written with the M3O strings of the `m3o_crds` state enums, never spelled here.
 
 pub mod api_keys;
 pub mod customers;

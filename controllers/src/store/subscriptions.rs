@@ -5,15 +5,17 @@
 //! the row (`cancelled`, `cancelled_at`) for history.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use m3o_crds::SubscriptionState;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::customers::K8sRef;
+use crate::k8s_ref::K8sRef;
+use crate::row_plan::Recorded;
 
 /// `status` of a subscription in force.
-pub const ACTIVE: &str = "active";
+pub const ACTIVE: &str = SubscriptionState::Active.as_str();
 /// `status` of a cancelled subscription.
-pub const CANCELLED: &str = "cancelled";
+pub const CANCELLED: &str = SubscriptionState::Cancelled.as_str();
 /// The unique index that keeps one subscription in force per customer.
 pub const ACTIVE_CUSTOMER_INDEX: &str = "subscriptions_active_customer";
 
@@ -46,19 +48,18 @@ pub struct SubscriptionRecord {
     pub generation: i64,
 }
 
-impl SubscriptionRow {
-    /// The record as the operator last wrote it.
-    pub fn record(&self) -> SubscriptionRecord {
+impl Recorded for SubscriptionRow {
+    type Record = SubscriptionRecord;
+    fn id(&self) -> Uuid {
+        self.id
+    }
+    fn record(&self) -> SubscriptionRecord {
         SubscriptionRecord {
             customer_id: self.customer_id,
             plan: self.plan.clone(),
             monthly_requests: self.monthly_requests,
             requests_per_second: self.requests_per_second,
-            k8s: K8sRef {
-                namespace: self.k8s_namespace.clone(),
-                name: self.k8s_name.clone(),
-                uid: self.k8s_uid.clone(),
-            },
+            k8s: K8sRef::from_columns(&self.k8s_namespace, &self.k8s_name, &self.k8s_uid),
             generation: self.generation,
         }
     }
@@ -116,8 +117,8 @@ pub async fn live_by_customer<'e, E: sqlx::PgExecutor<'e>>(
 
 /// Up to `limit` subscriptions in force of live customers (what etcd publishes) with a
 /// customer id above `after`, in customer id order (keyset pagination).
-pub async fn live_page_of_live_customers(
-    db: &PgPool,
+pub async fn live_page_of_live_customers<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
@@ -134,8 +135,8 @@ pub async fn live_page_of_live_customers(
 }
 
 /// The subscriptions in force of the customers among `customer_ids`.
-pub async fn live_by_customers(
-    db: &PgPool,
+pub async fn live_by_customers<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     customer_ids: &[Uuid],
 ) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
     sqlx::query_as(&format!(
@@ -147,8 +148,8 @@ pub async fn live_by_customers(
 }
 
 /// The live row of a resource, unlocked.
-pub async fn live_by_k8s_ref(
-    db: &PgPool,
+pub async fn live_by_k8s_ref<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     namespace: &str,
     name: &str,
 ) -> Result<Option<SubscriptionRow>, sqlx::Error> {

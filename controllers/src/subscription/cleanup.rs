@@ -10,14 +10,13 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::Subscription;
 use m3o_events::customers::EventType;
-use m3o_events::outbox::{self, OutboxMessage};
 use uuid::Uuid;
 
-use super::plan;
+use super::{build, plan};
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::lifecycle;
-use crate::platform::sync;
+use crate::outbox_events;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRow};
 use sqlx::PgConnection;
@@ -39,8 +38,23 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
 
+    let cancelled = cancel_own(ctx, &namespace, &name)
+        .await
+        .at(Step::Database)?;
+
+    // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
+    if let Some(customer_id) = cancelled.or_else(|| plan::known_customer_id(&sub)) {
+        lifecycle::converge_customers(ctx, [customer_id]).await?;
+        tracing::info!(customer = %customer_id, "subscription cancelled");
+    }
+    Ok(Action::await_change())
+}
+
+/// Cancels the resource's row in force, with its event, in one transaction. Returns
+/// its customer (none when no row is in force).
+async fn cancel_own(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Uuid>, Error> {
     let mut tx = ctx.begin_write().await?;
-    let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, &namespace, &name).await? {
+    let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, namespace, name).await? {
         Some(row) => {
             // The customer row may be deleted already: its last state still names it.
             // Read, not locked: the customer's own cleanup locks customer then
@@ -52,13 +66,7 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
         None => None,
     };
     tx.commit().await?;
-
-    // The keys follow whether this pass or an earlier one (that crashed) cancelled the row.
-    if let Some(customer_id) = cancelled.or_else(|| known_customer_id(&sub)) {
-        sync::converge_customer(ctx, customer_id).await?;
-        tracing::info!(subscription = %name, customer = %customer_id, "subscription cancelled");
-    }
-    Ok(Action::await_change())
+    Ok(cancelled)
 }
 
 /// Cancels a subscription record in force and announces it (SubscriptionCancelled), in
@@ -69,17 +77,7 @@ pub async fn cancel(
     customer: Option<&CustomerRow>,
 ) -> Result<(), Error> {
     let row = subscriptions::mark_cancelled(tx, row.id).await?;
-    let payload = plan::customer_payload(row.customer_id, customer);
-    let event = plan::event(payload, EventType::SubscriptionCancelled, &row.plan);
-    let message = OutboxMessage::from_event(row.customer_id.to_string(), &event);
-    outbox::enqueue(tx, &message).await?;
-    Ok(())
-}
-
-/// The customer a resource was known to belong to, for cleanup when its row is gone.
-fn known_customer_id(sub: &Subscription) -> Option<Uuid> {
-    sub.status
-        .as_ref()
-        .and_then(|s| s.customer_id.as_deref())
-        .and_then(|id| Uuid::parse_str(id).ok())
+    let payload = build::customer_payload(row.customer_id, customer);
+    let event = build::event(payload, EventType::SubscriptionCancelled, &row.plan);
+    outbox_events::enqueue(tx, [(row.customer_id.to_string(), event)]).await
 }

@@ -1,4 +1,4 @@
-//! What a subscription publishes to etcd (DESIGN.md section 6): its quota under
+//! What a subscription publishes to etcd (a contract: ARCHITECTURE.md): its quota under
 //! `quotas/<customerId>`, and its plan in the customer's own value. The platform module
 //! ([`crate::platform::desired`]) wires these into the single definition of etcd.
 

@@ -1,10 +1,8 @@
-//! The Subscription controller: a customer's plan and quota.
-//!
-//! Pipeline (as for Customer): *load* the Subscription, its Customer and the customer's
-//! row -> *validate* (known plan, Customer Ready, this Subscription holds the slot) ->
-//! *plan* ([`plan`], pure: effective quota, row write, events, status) -> *apply*
-//! ([`reconcile`]: one transaction for row + outbox, then etcd, then status) ->
-//! *cleanup* ([`cleanup`]).
+//! The Subscription controller: a customer's plan and quota. Its files follow the
+//! pipeline every kind shares, [`crate::pipeline`]: `plan.rs` decides (effective quota,
+//! customer gate, the slot rule, row write and events), `build.rs` builds (event
+//! payloads, status), `reconcile.rs` loads and applies, `cleanup.rs` deletes;
+//! `config.rs` is its etcd entry.
 //!
 //! Semantics chosen here:
 //! - Events: `SubscriptionChanged{tier}` when a subscription comes into force and when
@@ -22,6 +20,7 @@
 //!   reconcile the Subscriptions referencing it, changes of a Subscription (notably its
 //!   deletion) reconcile its siblings, and a plan catalog change reconciles them all.
 
+pub mod build;
 pub mod cleanup;
 pub mod config;
 pub mod plan;
@@ -30,38 +29,24 @@ pub mod reconcile;
 use std::sync::Arc;
 
 use futures::channel::mpsc;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::watcher;
-use kube::{Api, ResourceExt};
-use m3o_crds::{Condition, Customer, Subscription, SubscriptionStatus};
+use m3o_crds::{Customer, Subscription, SubscriptionStatus};
 
 use crate::context::Context;
 use crate::error::Error;
 use crate::feed::{self, ByCustomer};
 use crate::finalizer::reconcile_with_finalizer;
 use crate::runner;
-use crate::status::HasStatus;
 
 pub const KIND: &str = "Subscription";
 
-impl HasStatus for Subscription {
-    type Status = SubscriptionStatus;
-    fn status(&self) -> Option<&SubscriptionStatus> {
-        self.status.as_ref()
-    }
-    fn conditions(status: &SubscriptionStatus) -> &[Condition] {
-        &status.conditions
-    }
-    fn set_conditions(status: &mut SubscriptionStatus, conditions: Vec<Condition>) {
-        status.conditions = conditions;
-    }
-}
+crate::status::has_status!(Subscription, SubscriptionStatus);
 
 async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<Subscription> =
-        Api::namespaced(ctx.client.clone(), &sub.namespace().unwrap_or_default());
     reconcile_with_finalizer(
-        &api,
+        &ctx,
         sub,
         |s| reconcile::apply(s, &ctx),
         |s| cleanup::cleanup(s, &ctx),

@@ -1,23 +1,21 @@
-//! Pure planning for Subscriptions: from the resource, the plan catalog, its Customer
-//! and its row (if any) to the row write, the events it announces, and the status.
-//! No I/O, unit-tested.
+//! Every decision about a Subscription, pure and unit-tested: the effective quota, the
+//! customer gate, the one rule for a customer's slot, the row write and its events, and
+//! the customer cleanup goes by. The pipeline: [`crate::pipeline`].
 
 use std::cmp::Ordering;
 
 use kube::ResourceExt;
-use m3o_crds::{
-    Customer, Quota, Subscription, SubscriptionSpec, SubscriptionState, SubscriptionStatus,
-};
-use m3o_events::customers::{self, EventType};
+use m3o_crds::{Customer, Quota, Subscription, SubscriptionSpec};
+use m3o_events::customers::EventType;
 use uuid::Uuid;
 
-use crate::customer::plan as customer_plan;
+use crate::blocker::Blocker;
+use crate::k8s_ref::K8sRef;
 use crate::plans::Catalog;
-use crate::status::{Cond, merge, not_synced, reasons, types};
-use crate::store::customers::{CustomerRow, K8sRef};
+use crate::row_plan::{self, Recorded, RowPlan, RowWrite};
+use crate::status::reasons;
+use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::{SubscriptionRecord, SubscriptionRow};
-
-pub use crate::blocker::Blocker;
 
 /// The effective quota: the plan's defaults, overridden field by field by `spec.quota`.
 pub fn effective_quota(catalog: &Catalog, spec: &SubscriptionSpec) -> Result<Quota, Blocker> {
@@ -167,168 +165,52 @@ pub fn conflict(customer: &str, holder: &str, holder_deleting: bool) -> Blocker 
 
 /// What the resource asks for, for a customer record and an effective quota.
 pub fn desired_record(sub: &Subscription, customer_id: Uuid, quota: Quota) -> SubscriptionRecord {
-    let meta = &sub.metadata;
     SubscriptionRecord {
         customer_id,
         plan: sub.spec.plan.clone(),
         monthly_requests: quota.monthly_requests,
         requests_per_second: quota.requests_per_second,
-        k8s: K8sRef {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
-            uid: meta.uid.clone().unwrap_or_default(),
-        },
-        generation: meta.generation.unwrap_or_default(),
+        k8s: K8sRef::of(&sub.metadata),
+        generation: sub.metadata.generation.unwrap_or_default(),
     }
 }
-
-pub use crate::row_plan::{RowPlan, RowWrite};
 
 /// Decides the write and the events. `SubscriptionChanged` announces a tier: it is sent
 /// when a subscription comes into force and when its plan (or customer) changes; quota
 /// overrides, catalog edits and bookkeeping update the row (and etcd) silently.
-pub fn plan_row(existing: Option<&SubscriptionRecord>, desired: &SubscriptionRecord) -> RowPlan {
-    let Some(old) = existing else {
-        return RowPlan {
-            write: RowWrite::Insert(Uuid::now_v7()),
-            events: vec![EventType::SubscriptionChanged],
-        };
-    };
-    if old == desired {
-        return RowPlan {
-            write: RowWrite::Keep,
-            events: vec![],
-        };
-    }
-    let tier_changed = old.plan != desired.plan || old.customer_id != desired.customer_id;
-    RowPlan {
-        write: RowWrite::Update,
-        events: if tier_changed {
-            vec![EventType::SubscriptionChanged]
-        } else {
-            vec![]
-        },
-    }
-}
-
-/// The customer payload of an event: from its row, or just the id when the row is gone.
-pub fn customer_payload(customer_id: Uuid, row: Option<&CustomerRow>) -> customers::Customer {
-    row.map(customer_plan::payload)
-        .unwrap_or_else(|| customers::Customer {
-            id: customer_id.to_string(),
-            ..Default::default()
-        })
-}
-
-/// The event of type `t` (`SubscriptionChanged` or `SubscriptionCancelled`) for `tier`.
-pub fn event(customer: customers::Customer, t: EventType, tier: &str) -> customers::Event {
-    let mut event = customers::Event {
-        customer: Some(customer),
-        ..Default::default()
-    };
-    event.set_type(t);
-    let tier = tier.to_owned();
-    match t {
-        EventType::SubscriptionChanged => {
-            event.subscription_changed = Some(customers::SubscriptionChanged { tier });
+pub fn plan_row<'a, R: Recorded<Record = SubscriptionRecord>>(
+    existing: Option<&'a R>,
+    desired: &SubscriptionRecord,
+) -> RowPlan<'a, R> {
+    let write = row_plan::decide(existing, desired, Uuid::now_v7());
+    let tier_changed = match &write {
+        RowWrite::Insert(_) => true,
+        RowWrite::Keep(_) => false,
+        RowWrite::Update(old) => {
+            let old = old.record();
+            old.plan != desired.plan || old.customer_id != desired.customer_id
         }
-        EventType::SubscriptionCancelled => {
-            event.subscription_cancelled = Some(customers::SubscriptionCancelled { tier });
-        }
-        _ => {}
-    }
-    event
-}
-
-/// The status fields describing the row in force (or none: pending).
-fn in_force(previous: SubscriptionStatus, row: Option<&SubscriptionRow>) -> SubscriptionStatus {
-    let Some(row) = row else {
-        // In force before and not now: cancelled under it (its Customer was deleted).
-        let state = match previous.state {
-            Some(SubscriptionState::Active | SubscriptionState::Cancelled) => {
-                SubscriptionState::Cancelled
-            }
-            _ => SubscriptionState::Pending,
-        };
-        return SubscriptionStatus {
-            subscription_id: None,
-            plan: None,
-            quota: None,
-            state: Some(state),
-            ..previous
-        };
     };
-    SubscriptionStatus {
-        subscription_id: Some(row.id.to_string()),
-        customer_id: Some(row.customer_id.to_string()),
-        plan: Some(row.plan.clone()),
-        quota: Some(Quota {
-            monthly_requests: row.monthly_requests,
-            requests_per_second: row.requests_per_second,
-        }),
-        state: Some(SubscriptionState::Active),
-        ..previous
-    }
+    let events = match tier_changed {
+        true => vec![EventType::SubscriptionChanged],
+        false => vec![],
+    };
+    RowPlan { write, events }
 }
 
-/// Status once Postgres and etcd both match.
-pub fn provisioned_status(
-    sub: &Subscription,
-    row: &SubscriptionRow,
-    quota_key: &str,
-) -> SubscriptionStatus {
-    let generation = sub.metadata.generation;
-    let previous = sub.status.clone().unwrap_or_default();
-    let conditions = merge(
-        &previous.conditions,
-        &[
-            Cond::new(
-                types::DATABASE_SYNCED,
-                true,
-                reasons::SYNCED,
-                format!("record {} is up to date", row.id),
-            ),
-            Cond::new(
-                types::CONFIG_SYNCED,
-                true,
-                reasons::SYNCED,
-                format!("{quota_key} is up to date"),
-            ),
-            Cond::new(
-                types::READY,
-                true,
-                reasons::PROVISIONED,
-                format!(
-                    "plan {} in force: {} requests a month, {} per second",
-                    row.plan, row.monthly_requests, row.requests_per_second
-                ),
-            ),
-        ],
-        generation,
-    );
-    SubscriptionStatus {
-        observed_generation: generation,
-        conditions,
-        ..in_force(previous, Some(row))
-    }
+/// Whether the resource's own record in force stays its record: only while it is of
+/// the customer the resource names now. Otherwise (none, or one of a customer that was
+/// re-created, which then moves to the new one) the slot rule decides.
+pub fn keeps_own_record(own: Option<&SubscriptionRow>, customer_id: Uuid) -> bool {
+    own.is_some_and(|own| own.customer_id == customer_id)
 }
 
-/// Status of a Subscription that cannot be put in force as specified; `row` is what
-/// stays in force meanwhile (if anything), so status never claims more than etcd holds.
-pub fn blocked_status(
-    sub: &Subscription,
-    blocker: &Blocker,
-    row: Option<&SubscriptionRow>,
-) -> SubscriptionStatus {
-    let generation = sub.metadata.generation;
-    let previous = sub.status.clone().unwrap_or_default();
-    let (reason, message) = (blocker.reason, blocker.message.clone());
-    let conditions = not_synced(&previous.conditions, reason, message, generation);
-    SubscriptionStatus {
-        observed_generation: generation,
-        conditions,
-        ..in_force(previous, row)
-    }
+/// The customer a resource was known to belong to, for cleanup when its row is gone.
+pub fn known_customer_id(sub: &Subscription) -> Option<Uuid> {
+    sub.status
+        .as_ref()
+        .and_then(|s| s.customer_id.as_deref())
+        .and_then(|id| Uuid::parse_str(id).ok())
 }
 
 #[cfg(test)]

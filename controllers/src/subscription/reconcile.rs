@@ -7,19 +7,21 @@ use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::Subscription;
-use m3o_events::outbox::{self, OutboxMessage};
 
 use super::config::quota_key;
-use super::plan::{self, Blocker, RecordHolder, RowWrite};
+use super::{build, plan};
+use crate::blocker::Blocker;
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{AtStep, Error, Step};
 use crate::feed;
 use crate::lifecycle;
-use crate::platform::sync;
+use crate::outbox_events;
+use crate::row_plan::RowWrite;
 use crate::shard;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
+use plan::RecordHolder;
 
 /// Converges Postgres, etcd and status on the Subscription's spec.
 pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Error> {
@@ -30,9 +32,10 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Ok(quota) => quota,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
-    if let Some(wait) =
-        feed::wait_for_customer(ctx, &namespace, &sub.spec.customer_ref.name).await?
-    {
+    let wait = feed::wait_for_customer(ctx, &namespace, &sub.spec.customer_ref.name)
+        .await
+        .at(Step::Load("the Customer"))?;
+    if let Some(wait) = wait {
         return Ok(wait);
     }
     let customer_row = match load_customer(ctx, &sub).await? {
@@ -40,25 +43,22 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
     let desired = plan::desired_record(&sub, customer_row.id, quota);
-    let (row, previous_customer) = match sync_record(ctx, &sub, &desired, &customer_row).await? {
+    let synced = sync_record(ctx, &sub, &desired, &customer_row)
+        .await
+        .at(Step::Database)?;
+    let (row, previous_customer) = match synced {
         Ok(synced) => synced,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
 
-    sync::converge_customer(ctx, row.customer_id).await?;
-    if let Some(previous) = previous_customer.filter(|p| *p != row.customer_id) {
-        // The record moved to a re-created customer: the old customer's keys follow.
-        sync::converge_customer(ctx, previous).await?;
-    }
+    // A record that moved to a re-created customer: the old customer's keys follow.
+    let customers = [Some(row.customer_id), previous_customer];
+    lifecycle::converge_customers(ctx, customers.into_iter().flatten()).await?;
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
-    let status = plan::provisioned_status(&sub, &row, &key);
-    let note = format!(
-        "subscription {} on plan {} in force, quota at {key}",
-        row.id, row.plan
-    );
-    lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await?;
-    Ok(Action::requeue(ctx.settings.resync_interval))
+    let status = build::provisioned_status(&sub, &row, &key);
+    let note = build::provisioned_note(&row, &key);
+    lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await
 }
 
 /// The customer's live row, once its Customer is Ready.
@@ -68,14 +68,19 @@ async fn load_customer(
 ) -> Result<Result<CustomerRow, Blocker>, Error> {
     let namespace = sub.namespace().unwrap_or_default();
     let name = &sub.spec.customer_ref.name;
-    let customer = ctx.customer(&namespace, name).await?;
+    let customer = ctx
+        .customer(&namespace, name)
+        .await
+        .at(Step::Load("the Customer"))?;
     if let Some(customer) = &customer
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {
         return Ok(Err(blocker));
     }
     let row = match &customer {
-        Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name).await?,
+        Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name)
+            .await
+            .at(Step::Load("the customer record"))?,
         None => None,
     };
     Ok(plan::customer_gate(customer.as_ref(), row.as_ref(), name).cloned())
@@ -102,9 +107,7 @@ async fn sync_record(
     let k8s = &desired.k8s;
     let own = subscriptions::lock_live_by_k8s_ref(&mut tx, &k8s.namespace, &k8s.name).await?;
     let existing = match own {
-        Some(own) if own.customer_id == customer.id => Some(own),
-        // No record of this resource for this customer (none, or one of a customer that
-        // was re-created, which then moves to the new one): the slot rule decides.
+        own if plan::keeps_own_record(own.as_ref(), customer.id) => own,
         own => {
             // The customer's record in force (locked), and who holds it: the slot
             // decision is made here, under the lock, by the one rule in `plan`.
@@ -129,15 +132,11 @@ async fn sync_record(
         }
     };
     let previous_customer = existing.as_ref().map(|r| r.customer_id);
-    let row_plan = plan::plan_row(
-        existing.as_ref().map(SubscriptionRow::record).as_ref(),
-        desired,
-    );
-    let written = match (&row_plan.write, &existing) {
-        (RowWrite::Keep, Some(row)) => return Ok(Ok((row.clone(), previous_customer))),
-        (RowWrite::Insert(id), _) => subscriptions::insert(&mut tx, *id, desired).await,
-        (_, Some(row)) => subscriptions::update(&mut tx, row.id, desired).await,
-        (_, None) => return Err(Error::Internal("planned an update without a row".into())),
+    let row_plan = plan::plan_row(existing.as_ref(), desired);
+    let written = match row_plan.write {
+        RowWrite::Keep(row) => return Ok(Ok((row.clone(), previous_customer))),
+        RowWrite::Insert(id) => subscriptions::insert(&mut tx, id, desired).await,
+        RowWrite::Update(row) => subscriptions::update(&mut tx, row.id, desired).await,
     };
     let row = match written {
         Ok(row) => row,
@@ -152,12 +151,16 @@ async fn sync_record(
         }
         Err(err) => return Err(err.into()),
     };
-    for event_type in &row_plan.events {
-        let payload = plan::customer_payload(customer.id, Some(customer));
-        let event = plan::event(payload, *event_type, &row.plan);
-        let message = OutboxMessage::from_event(customer.id.to_string(), &event);
-        outbox::enqueue(&mut tx, &message).await?;
-    }
+    let events: Vec<_> = (row_plan.events.iter())
+        .map(|t| {
+            let payload = build::customer_payload(customer.id, Some(customer));
+            (
+                customer.id.to_string(),
+                build::event(payload, *t, &row.plan),
+            )
+        })
+        .collect();
+    outbox_events::enqueue(&mut tx, events).await?;
     tx.commit().await?;
     tracing::info!(subscription = %row.id, customer = %row.customer_id, plan = %row.plan,
         events = ?row_plan.events, "subscription record written");
@@ -169,7 +172,8 @@ async fn holder_of(ctx: &Context, row: &SubscriptionRow) -> Result<RecordHolder,
     let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &row.k8s_namespace);
     let holder = api
         .get_opt(&row.k8s_name)
-        .await?
+        .await
+        .at(Step::Load("the Subscription holding the record"))?
         .filter(|s| s.uid().as_deref() == Some(row.k8s_uid.as_str()));
     Ok(match holder {
         None => RecordHolder::Gone,
@@ -188,7 +192,8 @@ async fn siblings(ctx: &Context, sub: &Subscription) -> Result<Vec<Subscription>
     let selector = format!("spec.customerRef.name={}", sub.spec.customer_ref.name);
     Ok(api
         .list(&ListParams::default().fields(&selector))
-        .await?
+        .await
+        .at(Step::Load("the customer's Subscriptions"))?
         .items)
 }
 
@@ -201,7 +206,9 @@ async fn blocked(
     blocker: Blocker,
 ) -> Result<Action, Error> {
     let namespace = sub.namespace().unwrap_or_default();
-    let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any()).await?;
-    let status = plan::blocked_status(sub, &blocker, in_force.as_ref());
-    lifecycle::report_blocked(ctx, api, sub, &status, blocker.reason, blocker.message).await
+    let in_force = subscriptions::live_by_k8s_ref(&ctx.db, &namespace, &sub.name_any())
+        .await
+        .at(Step::Load("the subscription record"))?;
+    let status_of = |b: &Blocker| build::blocked_status(sub, b, in_force.as_ref());
+    lifecycle::report_blocked(ctx, api, sub, blocker, status_of).await
 }

@@ -41,7 +41,13 @@ fn reconciled(op: &Operator) -> Vec<String> {
     let log = std::fs::read_to_string(&op.log_path).expect("operator log");
     log.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|l| l["span"]["object.ref"].as_str().map(str::to_owned))
+        // kube-runtime's span of the reconcile, among the spans the line is in (the
+        // operator's own `reconcile` span is inside it).
+        .filter_map(|l| {
+            let spans = l["spans"].as_array()?;
+            let object = spans.iter().find_map(|s| s["object.ref"].as_str());
+            object.map(str::to_owned)
+        })
         .collect()
 }
 
@@ -85,6 +91,23 @@ async fn two_shards_split_a_fleet_and_leave_each_other_alone() {
     );
     a.settle().await;
     b.settle().await;
+
+    // A line a reconcile logs names its object, in the operator's `reconcile` span.
+    let log = std::fs::read_to_string(&a.log_path).expect("operator log");
+    let written = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "customer record written" && l["span"]["object"] == "a0")
+        .expect("the record written for a0 is logged in its reconcile span");
+    assert_eq!(
+        (&written["span"]["name"], &written["span"]["kind"]),
+        (&json!("reconcile"), &json!("Customer"))
+    );
+    assert_eq!(written["span"]["namespace"], json!(env.ns), "{written}");
+    assert!(
+        written["span"]["generation"].as_i64().is_some(),
+        "{written}"
+    );
 
     let (by_a, by_b) = (reconciled(&a), reconciled(&b));
     assert!(!by_a.is_empty() && !by_b.is_empty(), "both shards worked");

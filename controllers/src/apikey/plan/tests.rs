@@ -6,6 +6,8 @@ use m3o_crds::{ApiKeySpec, CustomerRef};
 use sqlx::types::Json;
 
 use super::*;
+use crate::apikey::build::*;
+use crate::apikey::secret::hash;
 
 fn now() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).expect("time")
@@ -241,7 +243,10 @@ fn events_carry_ids_never_keys() {
         previous_id: None,
         message: String::new(),
     };
-    let event = to_event(&e, crate::customer::plan::payload(&customer("active")));
+    let event = to_event(
+        &e,
+        crate::outbox_events::customer_payload(&customer("active")),
+    );
     assert_eq!(
         event.generate_key.as_ref().map(|g| g.id.clone()),
         Some(Uuid::from_u128(1).to_string())
@@ -292,4 +297,203 @@ fn a_key_replaced_in_its_own_generation_gets_no_grace() {
         "the unheld key stops at once"
     );
     assert_eq!(p.wake_at, Some(now()));
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretCase {
+    case: String,
+    apikey: ApiKey,
+    secret: String,
+    generation: Option<i64>,
+    customer_ready: bool,
+    expect: Expected,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Expected {
+    action: Option<String>,
+    secret_name: Option<String>,
+    blocked: Option<String>,
+    message: Option<String>,
+    gate: Option<String>,
+    orphaned: bool,
+}
+
+impl Expected {
+    fn blocker(&self, name: &str, blocker: &Blocker) {
+        let (reason, message) = (self.blocked.as_deref(), self.message.as_deref());
+        crate::fixtures::assert_blocked(name, blocker, reason, message);
+    }
+}
+
+/// The Secret of a case as the API server returns it.
+fn found_secret(c: &SecretCase) -> Option<k8s_openapi::api::core::v1::Secret> {
+    let generation = c.generation.unwrap_or(c.apikey.spec.rotation_generation);
+    let built = || {
+        let plaintext = super::super::secret::Plaintext::generate().expect("key");
+        let (mut s, _) = secret(&c.apikey, plaintext, Uuid::now_v7(), generation);
+        s.metadata.resource_version = Some("7".into());
+        s
+    };
+    match c.secret.as_str() {
+        "missing" => None,
+        "ours" => Some(built()),
+        "foreign" => {
+            let mut s = built();
+            s.metadata.owner_references = None;
+            Some(s)
+        }
+        "edited" => {
+            let mut s = built();
+            let other = built().data.expect("data")["apiKey"].clone();
+            s.data
+                .as_mut()
+                .expect("data")
+                .insert("apiKey".into(), other);
+            Some(s)
+        }
+        other => panic!("unknown secret {other:?}"),
+    }
+}
+
+#[test]
+fn secret_actions_of_the_fixtures() {
+    for c in crate::fixtures::cases::<SecretCase>("apikey_secret.yaml") {
+        let name = &c.case;
+        let found = found_secret(&c);
+        let state = super::super::secret::inspect(found.as_ref(), &c.apikey);
+        let mut customer = alice();
+        let ready = crate::status::Cond::new(
+            crate::status::types::READY,
+            c.customer_ready,
+            reasons::PROVISIONED,
+            "",
+        );
+        customer.status = Some(m3o_crds::CustomerStatus {
+            conditions: crate::status::merge(&[], &[ready], Some(1)),
+            ..Default::default()
+        });
+        let action = secret_action(&c.apikey, state, &[], Some(&customer));
+        match action {
+            Err(blocker) => c.expect.blocker(name, &blocker),
+            Ok(action) => {
+                let got = match action {
+                    SecretAction::Reuse(issued) => {
+                        let data = found.as_ref().and_then(|s| s.data.as_ref()).expect("data");
+                        assert_eq!(issued.hash, hash(&data["apiKey"].0), "{name}");
+                        "reuse"
+                    }
+                    SecretAction::Issue { read_at: None } => "create",
+                    SecretAction::Issue { read_at: Some(rv) } => {
+                        assert_eq!(rv, "7", "{name}: replaced at the version read");
+                        "replace"
+                    }
+                };
+                assert_eq!(Some(got), c.expect.action.as_deref(), "{name}");
+                assert_eq!(c.expect.blocked, None, "{name}: not blocked");
+            }
+        }
+        if let Some(want) = &c.expect.secret_name {
+            assert_eq!(&secret_name(&c.apikey), want, "{name}");
+        }
+    }
+}
+
+#[test]
+fn the_secret_manifest_carries_the_key_and_what_identifies_it() {
+    let k = key(false, None);
+    let plaintext = super::super::secret::Plaintext::generate().expect("key");
+    let key_id = Uuid::from_u128(42);
+    let (s, issued) = secret(&k, plaintext, key_id, 3);
+    assert_eq!(s.metadata.name.as_deref(), Some("ci-api-key"));
+    assert_eq!(s.metadata.namespace.as_deref(), Some("team"));
+    assert_eq!(s.type_.as_deref(), Some("Opaque"));
+    let labels = s.metadata.labels.clone().expect("labels");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "m3o-operator");
+    assert_eq!(labels["m3o.com/apikey"], "ci");
+    let annotations = s.metadata.annotations.clone().expect("annotations");
+    assert_eq!(annotations["m3o.com/rotation-generation"], "3");
+    let data = s.data.clone().expect("data");
+    assert_eq!(annotations["m3o.com/key-sha256"], hash(&data["apiKey"].0));
+    assert_eq!(data["keyId"].0, key_id.to_string().into_bytes());
+    let owner = &s.metadata.owner_references.clone().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ApiKey", "uid-k")
+    );
+    assert_eq!(owner.controller, Some(true));
+    // Read back, it is ours, well formed, annotated, and what was recorded of it.
+    match super::super::secret::inspect(Some(&s), &k) {
+        SecretState::Ours {
+            found: Some(found), ..
+        } => {
+            assert!(found.well_formed && found.annotated);
+            assert_eq!(found.issued, issued);
+        }
+        _ => panic!("the built Secret reads back as ours"),
+    }
+    // The replacement body is a server-side apply of a v1 Secret at the version read.
+    let body = secret_replacement(s, "7".into()).expect("body");
+    assert_eq!(
+        (body["apiVersion"].as_str(), body["kind"].as_str()),
+        (Some("v1"), Some("Secret"))
+    );
+    assert_eq!(body["metadata"]["resourceVersion"], "7");
+}
+
+#[derive(serde::Deserialize)]
+struct CustomerCase {
+    case: String,
+    customer: bool,
+    record: Option<Uuid>,
+    #[serde(default)]
+    keys: Vec<Uuid>,
+    expect: Expected,
+}
+
+#[test]
+fn customer_gates_of_the_fixtures() {
+    let k = key(false, None);
+    for c in crate::fixtures::cases::<CustomerCase>("apikey_customer.yaml") {
+        let name = &c.case;
+        let record = c.record.map(|id| CustomerRow {
+            id,
+            ..customer("active")
+        });
+        let rows: Vec<ApiKeyRow> = (c.keys.iter())
+            .map(|id| ApiKeyRow {
+                customer_id: *id,
+                ..row_of(
+                    &(plan_for(&k, &customer("active"), &issued(1, 0), &[], now()).insert)
+                        .expect("insert"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            orphaned(&rows, record.as_ref()),
+            c.expect.orphaned,
+            "{name}"
+        );
+        if c.expect.orphaned {
+            continue;
+        }
+        let object = c.customer.then(alice);
+        match customer_gate(&k, object.as_ref(), record) {
+            Ok(row) => {
+                assert_eq!(c.expect.gate.as_deref(), Some("open"), "{name}");
+                assert_eq!(Some(row.id), c.record, "{name}");
+            }
+            Err(blocker) => c.expect.blocker(name, &blocker),
+        }
+    }
+}
+
+/// The Customer `alice` as a key sees it.
+fn alice() -> m3o_crds::Customer {
+    let spec = serde_json::from_value(
+        serde_json::json!({"email": "alice@example.com", "state": "Active"}),
+    );
+    m3o_crds::Customer::new("alice", spec.expect("spec"))
 }

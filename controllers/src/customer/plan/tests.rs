@@ -5,6 +5,9 @@ use m3o_crds::{CustomerSpec, CustomerState};
 use sqlx::types::Json;
 
 use super::*;
+use crate::customer::build::*;
+use crate::status::reasons;
+use m3o_crds::CustomerStatusState;
 
 fn customer(state: CustomerState, email: &str) -> Customer {
     let mut c = Customer::new(
@@ -30,15 +33,23 @@ fn record(state: CustomerState) -> CustomerRecord {
         .expect("desired")
 }
 
-fn plan(old: CustomerState, new: CustomerState) -> RowPlan {
+/// A row as plans see it: an id and the record written.
+type Row = (Uuid, CustomerRecord);
+
+fn written(state: CustomerState) -> Row {
+    (Uuid::nil(), record(state))
+}
+
+/// The events of a change of state.
+fn events(old: CustomerState, new: CustomerState) -> Vec<EventType> {
     let d = desired(&customer(new, "a@example.com")).expect("desired");
-    plan_row(Some(&record(old)), &d)
+    plan_row(Some(&written(old)), &d).events
 }
 
 #[test]
 fn a_new_customer_is_inserted_with_one_created_event() {
     let d = desired(&customer(CustomerState::Active, "a@example.com")).expect("desired");
-    let p = plan_row(None, &d);
+    let p = plan_row::<Row>(None, &d);
     assert!(matches!(p.write, RowWrite::Insert(_)));
     assert_eq!(p.events, vec![EventType::Created]);
 }
@@ -48,7 +59,7 @@ fn adopting_keeps_the_given_id() {
     let mut c = customer(CustomerState::Active, "a@example.com");
     let id = Uuid::new_v4();
     c.spec.id = Some(id.to_string());
-    let p = plan_row(None, &desired(&c).expect("desired"));
+    let p = plan_row::<Row>(None, &desired(&c).expect("desired"));
     assert_eq!(p.write, RowWrite::Insert(id));
 }
 
@@ -63,10 +74,12 @@ fn a_bad_id_is_reported() {
 
 #[test]
 fn a_repeat_writes_nothing_and_emits_nothing() {
+    let old = written(CustomerState::Active);
+    let d = desired(&customer(CustomerState::Active, "a@example.com")).expect("desired");
     assert_eq!(
-        plan(CustomerState::Active, CustomerState::Active),
+        plan_row(Some(&old), &d),
         RowPlan {
-            write: RowWrite::Keep,
+            write: RowWrite::Keep(&old),
             events: vec![]
         }
     );
@@ -75,29 +88,30 @@ fn a_repeat_writes_nothing_and_emits_nothing() {
 #[test]
 fn state_transitions_map_to_m3o_events() {
     use CustomerState::*;
-    assert_eq!(plan(Active, Verified).events, vec![EventType::Verified]);
-    assert_eq!(plan(Unverified, Verified).events, vec![EventType::Verified]);
-    assert_eq!(plan(Active, Banned).events, vec![EventType::Banned]);
-    assert_eq!(plan(Banned, Active).events, vec![EventType::Unbanned]);
-    assert_eq!(plan(Banned, Verified).events, vec![EventType::Unbanned]);
-    assert_eq!(plan(Verified, Active).events, vec![EventType::Updated]);
+    assert_eq!(events(Active, Verified), vec![EventType::Verified]);
+    assert_eq!(events(Unverified, Verified), vec![EventType::Verified]);
+    assert_eq!(events(Active, Banned), vec![EventType::Banned]);
+    assert_eq!(events(Banned, Active), vec![EventType::Unbanned]);
+    assert_eq!(events(Banned, Verified), vec![EventType::Unbanned]);
+    assert_eq!(events(Verified, Active), vec![EventType::Updated]);
 }
 
 #[test]
 fn field_changes_are_one_updated_event() {
     let d = desired(&customer(CustomerState::Active, "b@example.com")).expect("desired");
-    let p = plan_row(Some(&record(CustomerState::Active)), &d);
+    let old = written(CustomerState::Active);
+    let p = plan_row(Some(&old), &d);
     assert_eq!(
         p,
         RowPlan {
-            write: RowWrite::Update,
+            write: RowWrite::Update(&old),
             events: vec![EventType::Updated]
         }
     );
     // A state change and a field change are two transitions, two events.
     let d = desired(&customer(CustomerState::Banned, "b@example.com")).expect("desired");
     assert_eq!(
-        plan_row(Some(&record(CustomerState::Active)), &d).events,
+        plan_row(Some(&old), &d).events,
         vec![EventType::Banned, EventType::Updated]
     );
 }
@@ -106,14 +120,12 @@ fn field_changes_are_one_updated_event() {
 fn bookkeeping_changes_update_without_events() {
     let mut c = customer(CustomerState::Active, "a@example.com");
     c.metadata.generation = Some(7);
-    let p = plan_row(
-        Some(&record(CustomerState::Active)),
-        &desired(&c).expect("desired"),
-    );
+    let old = written(CustomerState::Active);
+    let p = plan_row(Some(&old), &desired(&c).expect("desired"));
     assert_eq!(
         p,
         RowPlan {
-            write: RowWrite::Update,
+            write: RowWrite::Update(&old),
             events: vec![]
         }
     );
@@ -139,7 +151,8 @@ fn row() -> CustomerRow {
 
 #[test]
 fn events_carry_the_m3o_customer_payload() {
-    let e = event(&row(), EventType::Banned);
+    let (aggregate_id, e) = event(&row(), EventType::Banned);
+    assert_eq!(aggregate_id, Uuid::nil().to_string());
     assert_eq!(e.r#type(), EventType::Banned);
     assert!(e.banned.is_some());
     let c = e.customer.expect("customer");
@@ -171,17 +184,153 @@ fn status_is_ready_with_id_and_lowercase_state() {
 #[test]
 fn conflict_message_names_the_holder() {
     let c = customer(CustomerState::Active, "a@example.com");
-    let holder = K8sRef {
+    let holder = crate::k8s_ref::K8sRef {
         namespace: "team".into(),
         name: "bob".into(),
         uid: "u2".into(),
     };
-    let m = email_conflict_message("a@example.com", &holder, &c);
-    assert!(m.contains("Customer bob"), "{m}");
-    let s = blocked_status(&c, reasons::CONFLICT, m);
+    let blocker = email_conflict("a@example.com", &holder, &c);
+    assert!(
+        blocker.message.contains("Customer bob"),
+        "{}",
+        blocker.message
+    );
+    let s = blocked_status(&c, &blocker);
     let ready = crate::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "Conflict")
     );
+}
+
+/// A case of `customer_plan.yaml`.
+#[derive(serde::Deserialize)]
+struct PlanCase {
+    case: String,
+    customer: Customer,
+    /// The spec the row was last written for, as a change of `customer`.
+    written: Option<serde_json::Value>,
+    expect: PlanExpect,
+}
+
+#[derive(serde::Deserialize)]
+struct PlanExpect {
+    write: Option<String>,
+    id: Option<Uuid>,
+    #[serde(default)]
+    events: Vec<String>,
+    email: Option<String>,
+    status: Option<String>,
+    blocked: Option<String>,
+    message: Option<String>,
+}
+
+#[test]
+fn plans_of_the_fixtures() {
+    for c in crate::fixtures::cases::<PlanCase>("customer_plan.yaml") {
+        let name = &c.case;
+        let d = match desired(&c.customer) {
+            Ok(d) => d,
+            Err(blocker) => {
+                let (reason, message) = (c.expect.blocked.as_deref(), c.expect.message.as_deref());
+                crate::fixtures::assert_blocked(name, &blocker, reason, message);
+                continue;
+            }
+        };
+        assert_eq!(c.expect.blocked, None, "{name}: not blocked");
+        let old = c.written.as_ref().map(|overlay| {
+            let previous = crate::fixtures::merged(&c.customer, overlay);
+            (
+                Uuid::nil(),
+                desired(&previous).expect("written spec").record,
+            )
+        });
+        let p = plan_row(old.as_ref(), &d);
+        let (write, id) = match p.write {
+            RowWrite::Insert(id) => ("insert", Some(id)),
+            RowWrite::Keep(_) => ("keep", None),
+            RowWrite::Update(_) => ("update", None),
+        };
+        assert_eq!(Some(write), c.expect.write.as_deref(), "{name}");
+        if let Some(expected) = c.expect.id {
+            assert_eq!(id, Some(expected), "{name}");
+        }
+        let events: Vec<String> = p.events.iter().map(|e| format!("{e:?}")).collect();
+        assert_eq!(events, c.expect.events, "{name}");
+        if let Some(email) = &c.expect.email {
+            assert_eq!(&d.record.email, email, "{name}");
+        }
+        if let Some(status) = &c.expect.status {
+            assert_eq!(&d.record.status, status, "{name}");
+        }
+    }
+}
+
+/// A row of `customer_adoption.yaml`.
+#[derive(serde::Deserialize)]
+struct FixtureRow {
+    id: Option<Uuid>,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    deleted: bool,
+}
+
+impl FixtureRow {
+    fn row(&self, default_id: Uuid) -> CustomerRow {
+        CustomerRow {
+            id: self.id.unwrap_or(default_id),
+            k8s_namespace: self.namespace.clone(),
+            k8s_name: self.name.clone(),
+            k8s_uid: format!("u-{}", self.name),
+            deleted_at: self.deleted.then(Utc::now),
+            ..row()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AdoptionCase {
+    case: String,
+    customer: Customer,
+    own: Option<FixtureRow>,
+    target: Option<FixtureRow>,
+    expect: AdoptionExpect,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(untagged)]
+enum AdoptionExpect {
+    Outcome(String),
+    Blocked { blocked: String, message: String },
+}
+
+#[test]
+fn adoption_of_the_fixtures() {
+    for c in crate::fixtures::cases::<AdoptionCase>("customer_adoption.yaml") {
+        let name = &c.case;
+        let d = desired(&c.customer).expect("desired");
+        let adopt_id = d.adopt_id.expect("every case adopts");
+        let own = c.own.as_ref().map(|r| r.row(Uuid::now_v7()));
+        let outcome = match own_row_conflict(adopt_id, own.as_ref()) {
+            Some(blocker) => Err(blocker),
+            None => match &c.target {
+                None => Ok("insert"),
+                Some(target) => match adoption(adopt_id, &d.record.k8s, &target.row(adopt_id)) {
+                    Adoption::Take => Ok("take"),
+                    Adoption::AskHolder => Ok("ask-holder"),
+                    Adoption::Blocked(blocker) => Err(blocker),
+                },
+            },
+        };
+        match (&c.expect, outcome) {
+            (AdoptionExpect::Outcome(want), Ok(got)) => assert_eq!(want, got, "{name}"),
+            (AdoptionExpect::Blocked { blocked, message }, Err(b)) => {
+                crate::fixtures::assert_blocked(name, &b, Some(blocked), Some(message));
+            }
+            (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+        }
+    }
 }

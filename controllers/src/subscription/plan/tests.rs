@@ -7,7 +7,9 @@ use m3o_crds::{CustomerRef, CustomerSpec, CustomerStatus, QuotaOverride, Subscri
 use sqlx::types::Json;
 
 use super::*;
-use crate::status::Cond;
+use crate::status::{Cond, merge, types};
+use crate::subscription::build::*;
+use m3o_crds::SubscriptionState;
 
 fn subscription(name: &str, plan: &str, created: i64) -> Subscription {
     let mut s = Subscription::new(
@@ -196,7 +198,7 @@ fn conflict_names_the_holder() {
 #[test]
 fn a_new_subscription_announces_its_tier() {
     let s = subscription("s", "pro", 1);
-    let p = plan_row(None, &record_for(&s, Uuid::now_v7()));
+    let p = plan_row::<SubscriptionRow>(None, &record_for(&s, Uuid::now_v7()));
     assert!(matches!(p.write, RowWrite::Insert(_)));
     assert_eq!(p.events, vec![EventType::SubscriptionChanged]);
 }
@@ -205,17 +207,17 @@ fn a_new_subscription_announces_its_tier() {
 fn a_repeat_writes_nothing_and_a_plan_change_announces_it() {
     let customer_id = Uuid::now_v7();
     let s = subscription("s", "pro", 1);
-    let old = record_for(&s, customer_id);
+    let old = (Uuid::nil(), record_for(&s, customer_id));
     assert_eq!(
-        plan_row(Some(&old), &old),
+        plan_row(Some(&old), &old.1),
         RowPlan {
-            write: RowWrite::Keep,
+            write: RowWrite::Keep(&old),
             events: vec![]
         }
     );
     let business = record_for(&subscription("s", "business", 1), customer_id);
     let p = plan_row(Some(&old), &business);
-    assert_eq!(p.write, RowWrite::Update);
+    assert_eq!(p.write, RowWrite::Update(&old));
     assert_eq!(p.events, vec![EventType::SubscriptionChanged]);
 }
 
@@ -223,14 +225,14 @@ fn a_repeat_writes_nothing_and_a_plan_change_announces_it() {
 fn quota_only_changes_are_silent_updates() {
     let customer_id = Uuid::now_v7();
     let mut s = subscription("s", "pro", 1);
-    let old = record_for(&s, customer_id);
+    let old = (Uuid::nil(), record_for(&s, customer_id));
     s.spec.quota = Some(QuotaOverride {
         monthly_requests: Some(5),
         requests_per_second: None,
     });
     s.metadata.generation = Some(2);
     let p = plan_row(Some(&old), &record_for(&s, customer_id));
-    assert_eq!(p.write, RowWrite::Update);
+    assert_eq!(p.write, RowWrite::Update(&old));
     assert!(p.events.is_empty());
 }
 
@@ -292,4 +294,62 @@ fn status_reports_what_is_in_force() {
     let pending = blocked_status(&s, &blocker, None);
     assert_eq!(pending.state, Some(SubscriptionState::Pending));
     assert_eq!((pending.subscription_id, pending.quota), (None, None));
+}
+
+#[derive(serde::Deserialize)]
+struct FixtureCase {
+    case: String,
+    subscription: Subscription,
+    holder: Option<String>,
+    #[serde(default)]
+    siblings: Vec<Subscription>,
+    expect: FixtureExpect,
+}
+
+#[derive(serde::Deserialize)]
+struct FixtureExpect {
+    quota: Option<Quota>,
+    slot: Option<String>,
+    blocked: Option<String>,
+    message: Option<String>,
+}
+
+fn fixture_holder(holder: &str) -> RecordHolder {
+    match holder.split_once(' ') {
+        Some(("live", name)) => RecordHolder::Live(name.into()),
+        Some(("deleting", name)) => RecordHolder::Deleting(name.into()),
+        _ => match holder {
+            "nobody" => RecordHolder::Nobody,
+            "this" => RecordHolder::This,
+            "gone" => RecordHolder::Gone,
+            other => panic!("unknown holder {other:?}"),
+        },
+    }
+}
+
+#[test]
+fn decisions_of_the_fixtures() {
+    let catalog = Catalog::builtin();
+    for c in crate::fixtures::cases::<FixtureCase>("subscription_plan.yaml") {
+        let name = &c.case;
+        let decided = match &c.holder {
+            Some(holder) => {
+                slot_decision(&c.subscription, &c.siblings, &fixture_holder(holder)).map(|()| None)
+            }
+            None => effective_quota(&catalog, &c.subscription.spec).map(Some),
+        };
+        match decided {
+            Ok(quota) => {
+                assert_eq!(c.expect.blocked, None, "{name}: not blocked");
+                assert_eq!(quota, c.expect.quota, "{name}");
+                if c.holder.is_some() {
+                    assert_eq!(c.expect.slot.as_deref(), Some("write"), "{name}");
+                }
+            }
+            Err(blocker) => {
+                let (reason, message) = (c.expect.blocked.as_deref(), c.expect.message.as_deref());
+                crate::fixtures::assert_blocked(name, &blocker, reason, message);
+            }
+        }
+    }
 }

@@ -17,8 +17,8 @@ use crate::platform::sync;
 use crate::status::{self, Cond, HasStatus, reasons, types};
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
-/// Normal `Provisioned` Event with `note`. The object is looked at again after the
-/// resync interval.
+/// Normal `Provisioned` Event with `note`. The object is looked at again on a change,
+/// or when the bulk resync ([`crate::resync`]) finds it due.
 pub async fn report_provisioned<K: HasStatus>(
     ctx: &Context,
     api: &Api<K>,
@@ -41,7 +41,8 @@ pub async fn report_provisioned<K: HasStatus>(
         )
         .await;
     }
-    Ok(Action::requeue(ctx.settings.resync_interval))
+    // Looked at again on a change, or when the bulk resync finds it due.
+    Ok(Action::await_change())
 }
 
 /// Writes the status of an object that waits on something outside it (a conflicting

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub config_keys_written: Counter,
     pub config_resyncs: Counter,
     pub config_clock_converges: Counter,
+    pub resync_due: Family<KindLabels, Counter>,
+    pub object_resyncs: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -87,6 +89,8 @@ impl Metrics {
         let config_keys_written = Counter::default();
         let config_resyncs = Counter::default();
         let config_clock_converges = Counter::default();
+        let resync_due = Family::<KindLabels, Counter>::default();
+        let object_resyncs = Family::<KindLabels, Counter>::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -170,6 +174,16 @@ impl Metrics {
             "Customers converged because one of their keys expired or ended its grace period",
             config_clock_converges.clone(),
         );
+        registry.register(
+            "resync_due",
+            "Objects the periodic resync found needing a reconcile (no live record, or not Ready at their generation), by kind",
+            resync_due.clone(),
+        );
+        registry.register(
+            "object_resyncs",
+            "Bulk comparisons of a kind's objects with their records (one per resync interval), by kind",
+            object_resyncs.clone(),
+        );
         for key_kind in ["customers", "apikeys", "quotas", "unowned"] {
             let _ = drift_corrections.get_or_create(&KindLabels {
                 kind: key_kind.to_owned(),
@@ -195,6 +209,8 @@ impl Metrics {
             config_keys_written,
             config_resyncs,
             config_clock_converges,
+            resync_due,
+            object_resyncs,
         }
     }
 
@@ -269,6 +285,18 @@ impl Metrics {
     pub fn config_keys_written(&self, keys: usize) {
         self.config_keys_written
             .inc_by(u64::try_from(keys).unwrap_or(u64::MAX));
+    }
+
+    pub fn resync_due(&self, kind: &str, objects: usize) {
+        let labels = KindLabels {
+            kind: kind.to_owned(),
+        };
+        self.object_resyncs.get_or_create(&labels).inc();
+        self.resync_due
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc_by(u64::try_from(objects).unwrap_or(u64::MAX));
     }
 
     pub fn drift_corrected(&self, key_kind: &str) {

@@ -119,7 +119,11 @@ pub async fn run_with<K, F, Fut>(
     mut observe: impl FnMut(&watcher::Event<K>) + Send + 'static,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
-    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    K: crate::resync::Recorded
+        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Send
+        + Sync
+        + 'static,
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
@@ -154,7 +158,11 @@ pub async fn run_on<K, F, Fut>(
     cache: reflector::Store<K>,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
-    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    K: crate::resync::Recorded
+        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Send
+        + Sync
+        + 'static,
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
@@ -203,7 +211,11 @@ pub async fn run_on<K, F, Fut>(
             (ready as i64, (objects.len() - ready) as i64)
         });
     }
+    // The periodic resync is a bulk comparison ([`crate::resync`]): only the objects it
+    // finds due are reconciled.
+    let resync = crate::resync::due(ctx.clone(), kind, cache.clone());
     let bulk_lane = customise(Controller::for_stream(bulk, cache.clone()))
+        .reconcile_on(resync)
         .with_config(
             Config::default()
                 .concurrency(ctx.settings.concurrency)

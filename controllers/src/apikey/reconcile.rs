@@ -104,7 +104,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let was = key.status.as_ref().and_then(|s| s.state);
     status::apply(&api, &key, &status).await.at(Step::Status)?;
     announce(ctx, &key, was, status.state, current).await;
-    Ok(requeue_at(ctx, wake_at))
+    Ok(requeue_at(wake_at))
 }
 
 /// Writes a fresh key into the ApiKey's Secret and returns what to record; the
@@ -268,11 +268,16 @@ async fn announce(
         .await;
 }
 
-/// Requeue at the next clock-driven change, or the resync interval, whichever is first.
-fn requeue_at(ctx: &Context, wake_at: Option<chrono::DateTime<Utc>>) -> Action {
-    let resync = ctx.settings.resync_interval;
-    let until = wake_at
+/// Requeue at the next clock-driven change (an expiry, the end of a grace period);
+/// otherwise only on a change, or when the bulk resync finds the key due.
+fn requeue_at(wake_at: Option<chrono::DateTime<Utc>>) -> Action {
+    wake_at
         .and_then(|t| (t - Utc::now()).to_std().ok())
-        .map(|d| d + std::time::Duration::from_millis(50));
-    Action::requeue(until.map_or(resync, |d| d.min(resync)))
+        .map_or_else(Action::await_change, |d| {
+            // Capped: a timer years ahead is beyond what the scheduler holds.
+            Action::requeue((d + std::time::Duration::from_millis(50)).min(LONGEST_WAIT))
+        })
 }
+
+/// The longest a key's reconcile waits for its clock (it looks again after this).
+const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

@@ -22,6 +22,9 @@ pub enum Arg {
     Email,
     /// A point in time (the queries of the clock take two).
     Time,
+    /// A page of namespaces and one of names (the bulk resync's).
+    Namespaces,
+    Names,
 }
 
 fn query(name: &'static str, table: &str, filter: &str, args: &'static [Arg]) -> HotQuery {
@@ -76,6 +79,21 @@ pub fn all() -> Vec<HotQuery> {
             name: "api_keys::customers_crossing",
             sql: api_keys::CUSTOMERS_CROSSING.to_owned(),
             args: &[Time, Time],
+        },
+        HotQuery {
+            name: "resync::live_refs(customers)",
+            sql: super::resync::live_refs_sql(super::resync::CUSTOMERS),
+            args: &[Namespaces, Names],
+        },
+        HotQuery {
+            name: "resync::live_refs(subscriptions)",
+            sql: super::resync::live_refs_sql(super::resync::SUBSCRIPTIONS),
+            args: &[Namespaces, Names],
+        },
+        HotQuery {
+            name: "resync::live_refs(api_keys)",
+            sql: super::resync::live_refs_sql(super::resync::API_KEYS),
+            args: &[Namespaces, Names],
         },
         query(
             "customers::live_by_k8s_ref",

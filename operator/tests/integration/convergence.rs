@@ -213,3 +213,56 @@ async fn a_block_does_not_queue_behind_new_keys() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resync_reconciles_only_objects_that_lost_their_record() {
+    let env = TestEnv::new("conv-resync").await;
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: vec!["--resync-interval".into(), "2s".into()],
+            ..Backends::default()
+        })
+        .await;
+    env.customer_ready("alice", "Active").await;
+    env.customer_ready("bob", "Active").await;
+    let passes = "m3o_operator_object_resyncs_total{kind=\"Customer\"}";
+    let due = "m3o_operator_resync_due_total{kind=\"Customer\"}";
+    let after_passes = |n: f64| {
+        let op = &op;
+        async move {
+            let from = metric(op, passes).await;
+            eventually("resync passes", Duration::from_secs(20), || async {
+                (metric(op, passes).await >= from + n).then_some(())
+            })
+            .await;
+        }
+    };
+    // Once both are provisioned, a pass finds nothing due.
+    after_passes(1.0).await;
+    let steady = metric(&op, due).await;
+    after_passes(2.0).await;
+    assert_eq!(
+        metric(&op, due).await,
+        steady,
+        "a steady fleet costs no reconcile"
+    );
+
+    // A record gone behind the operator's back (triggers off, as only a superuser can):
+    // the next pass finds alice due, and her record is back.
+    let mut tx = env.db.begin().await.expect("begin");
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .expect("triggers off");
+    sqlx::query("DELETE FROM customers WHERE k8s_name = 'alice'")
+        .execute(&mut *tx)
+        .await
+        .expect("delete the record");
+    tx.commit().await.expect("commit");
+    eventually("alice's record back", Duration::from_secs(30), || async {
+        env.row("alice").await.map(|_| ())
+    })
+    .await;
+    assert!(metric(&op, due).await > steady, "the resync found it due");
+    assert!(env.row("bob").await.is_some());
+}

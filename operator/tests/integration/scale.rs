@@ -51,6 +51,10 @@ fn literal(arg: Arg) -> String {
         Arg::Hash => "md5('h357-3') || md5('x3573')".into(),
         Arg::Email => "'c357@example.com'".into(),
         Arg::Time => "now() + interval '5 minutes'".into(),
+        Arg::Namespaces => {
+            "(SELECT array_agg('ns-' || (i % 50)) FROM generate_series(300, 799) i)".into()
+        }
+        Arg::Names => "(SELECT array_agg('c' || i) FROM generate_series(300, 799) i)".into(),
     }
 }
 

@@ -7,7 +7,9 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
-use m3o_crds::Customer;
+use m3o_crds::{Customer, Subscription};
+
+use crate::referents::ByCustomer;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::backoff::Backoff;
@@ -65,6 +67,8 @@ pub struct Context {
     pub term: Arc<Term>,
     /// The cache of the shared Customer watch of the current term ([`crate::feed`]).
     customers: std::sync::Mutex<Option<Store<Customer>>>,
+    /// The Subscription controller's cache and its index by Customer.
+    subscriptions: std::sync::Mutex<Option<(Store<Subscription>, ByCustomer<Subscription>)>>,
     recorder: Recorder,
 }
 
@@ -114,6 +118,7 @@ impl Context {
             watching: Arc::default(),
             term,
             customers: std::sync::Mutex::default(),
+            subscriptions: std::sync::Mutex::default(),
         }
     }
 
@@ -128,6 +133,36 @@ impl Context {
         if let Ok(mut customers) = self.customers.lock() {
             *customers = Some(store);
         }
+    }
+
+    /// The Subscription controller reads Subscriptions from `store`, found by `index`.
+    pub fn use_subscription_cache(
+        &self,
+        store: Store<Subscription>,
+        index: ByCustomer<Subscription>,
+    ) {
+        if let Ok(mut subscriptions) = self.subscriptions.lock() {
+            *subscriptions = Some((store, index));
+        }
+    }
+
+    /// The Subscriptions referencing Customer `namespace/customer`, from the Subscription
+    /// controller's cache (which holds, in watch order, every Subscription created before
+    /// the one being reconciled); `None` without that cache.
+    pub async fn subscriptions_of(
+        &self,
+        namespace: &str,
+        customer: &str,
+    ) -> Option<Vec<Subscription>> {
+        let (store, index) = self.subscriptions.lock().ok()?.clone()?;
+        store.wait_until_ready().await.ok()?;
+        let found = index
+            .referencing(namespace, customer)
+            .into_iter()
+            .filter_map(|r| store.get(&r))
+            .map(|s| Subscription::clone(&s))
+            .collect();
+        Some(found)
     }
 
     /// The Customer `namespace/name`: from the shared watch's cache once it has listed

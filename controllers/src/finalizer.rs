@@ -41,6 +41,20 @@ where
     .map_err(|err| {
         let own = match err {
             finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => return e,
+            // The finalizer patch tests the finalizers it read (a JSON-patch `test`): a
+            // failed test (422 naming no object: the patch, not the object, was refused)
+            // means the cached copy was older than the object, typically just after our
+            // own patch. The next pass reads it anew. A 422 naming the object is a
+            // validation failure, reported as such.
+            finalizer::Error::AddFinalizer(kube::Error::Api(status))
+            | finalizer::Error::RemoveFinalizer(kube::Error::Api(status))
+                if status.code == 409 || (status.code == 422 && is_patch_refusal(&status)) =>
+            {
+                return Error::Transient(format!(
+                    "the finalizers changed since they were read: {}",
+                    status.message
+                ));
+            }
             finalizer::Error::AddFinalizer(e) => finalizer::Error::AddFinalizer(e),
             finalizer::Error::RemoveFinalizer(e) => finalizer::Error::RemoveFinalizer(e),
             finalizer::Error::UnnamedObject => finalizer::Error::UnnamedObject,
@@ -48,4 +62,13 @@ where
         };
         Error::Finalizer(own).at(Step::Finalizer)
     })
+}
+
+/// True for a 422 about the patch itself (a failed JSON-patch `test`), not about the
+/// object: the API server names no kind, object or field.
+fn is_patch_refusal(status: &kube::core::Status) -> bool {
+    status
+        .details
+        .as_ref()
+        .is_none_or(|d| d.kind.is_empty() && d.name.is_empty() && d.causes.is_empty())
 }

@@ -34,6 +34,7 @@ pub mod pipeline;
 mod planner_props;
 pub mod plans;
 pub mod platform;
+pub mod referents;
 pub mod resync;
 pub mod row_plan;
 pub mod runner;

@@ -195,15 +195,19 @@ pub async fn apply<K: HasStatus>(
     if obj.status() == Some(status) {
         return Ok(false);
     }
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
+    // The whole status in one JSON-patch `add` (which replaces it): the operator owns
+    // every status field, and this costs the API server far less than a server-side
+    // apply (no managed-fields merge) at fleet scale.
+    let replace = serde_json::json!([{"op": "add", "path": "/status", "value": status}]);
+    let patch: json_patch::Patch =
+        serde_json::from_value(replace).map_err(kube::Error::SerdeError)?;
     api.patch_status(
         &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        },
+        &Patch::Json::<()>(patch),
     )
     .await?;
     Ok(true)

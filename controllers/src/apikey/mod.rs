@@ -18,7 +18,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
@@ -62,8 +62,10 @@ pub async fn run(
     runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, observe, move |controller| {
         let keys = controller.store();
         let report_changes = gateway_sync::report_changes(sync_ctx, keys);
-        let secrets =
-            watcher(secrets, watcher::Config::default().labels(&managed)).touched_objects();
+        let secrets = secret_changes(watcher(
+            secrets,
+            watcher::Config::default().labels(&managed),
+        ));
         controller
             .reconcile_on(report_changes)
             .owns_stream(secrets)
@@ -72,4 +74,37 @@ pub async fn run(
             })
     })
     .await;
+}
+
+/// The Secret events that may need a repair: a deletion, or a change of a Secret seen
+/// before. The first sight of a Secret (our own creation, or the initial list) triggers
+/// nothing: its ApiKey is being reconciled anyway.
+fn secret_changes(
+    events: impl futures::Stream<
+        Item = Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>,
+    > + Send
+    + 'static,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static
+{
+    use futures::StreamExt;
+    let mut seen = std::collections::HashSet::<String>::new();
+    events.filter_map(move |event| {
+        let passed = match event {
+            Ok(watcher::Event::InitApply(s)) => {
+                seen.insert(s.metadata.uid.unwrap_or_default());
+                None
+            }
+            Ok(watcher::Event::Apply(s)) => {
+                let uid = s.metadata.uid.clone().unwrap_or_default();
+                (!seen.insert(uid)).then_some(Ok(s))
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                seen.remove(s.metadata.uid.as_deref().unwrap_or_default());
+                Some(Ok(s))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(passed)
+    })
 }

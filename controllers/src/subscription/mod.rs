@@ -82,7 +82,10 @@ pub async fn run(
             }
         }
     };
+    let cache_ctx = ctx.clone();
     runner::run_with(ctx, KIND, shutdown, reconcile, observe, move |controller| {
+        // Siblings for the slot decision come from this cache (no namespace list).
+        cache_ctx.use_subscription_cache(controller.store(), by_customer.clone());
         controller
             .watches_stream(feed::dependent_changes(customers), move |c: Customer| {
                 by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())

@@ -187,9 +187,13 @@ async fn holder_of(ctx: &Context, row: &SubscriptionRow) -> Result<RecordHolder,
 /// `spec.customerRef.name`, so the cost is the customer's Subscriptions, not the
 /// namespace's.
 async fn siblings(ctx: &Context, sub: &Subscription) -> Result<Vec<Subscription>, Error> {
-    let api: Api<Subscription> =
-        Api::namespaced(ctx.client.clone(), &sub.namespace().unwrap_or_default());
-    let selector = format!("spec.customerRef.name={}", sub.spec.customer_ref.name);
+    let namespace = sub.namespace().unwrap_or_default();
+    let customer = &sub.spec.customer_ref.name;
+    if let Some(cached) = ctx.subscriptions_of(&namespace, customer).await {
+        return Ok(cached);
+    }
+    let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = format!("spec.customerRef.name={customer}");
     Ok(api
         .list(&ListParams::default().fields(&selector))
         .await

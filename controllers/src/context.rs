@@ -69,7 +69,7 @@ pub struct Context {
     customers: std::sync::Mutex<Option<Store<Customer>>>,
     /// The Subscription controller's cache and its index by Customer.
     subscriptions: std::sync::Mutex<Option<(Store<Subscription>, ByCustomer<Subscription>)>>,
-    recorder: Recorder,
+    reporter: Reporter,
 }
 
 /// Which kinds' controllers have completed their initial list and are watching.
@@ -107,7 +107,7 @@ impl Context {
         let term = Arc::new(Term::of(fence::fence_name(shard)));
         let platform = platform.fenced_by(term.name(), term.shared_epoch());
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
             client,
             db,
@@ -208,7 +208,13 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(err) = self.recorder.publish(&event, object).await {
+        // A recorder per Event: kube's Recorder caches every Event it published for six
+        // minutes (to count repeats) and scans that cache on each publish, which a bulk
+        // apply of thousands of objects turns into memory and quadratic work. The
+        // operator publishes an Event only when something changed, so there is nothing
+        // to count.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(err) = recorder.publish(&event, object).await {
             tracing::warn!(%err, reason, "could not publish Kubernetes Event");
         }
     }

@@ -27,7 +27,8 @@ pub struct Settings {
     pub shard: Option<crate::shard::Shard>,
     /// Reconciles running at once, per kind.
     pub concurrency: u16,
-    /// Every object is reconciled at least this often, even without changes.
+    /// How often each kind's objects are compared in bulk with their records (only
+    /// those that differ are reconciled, [`crate::resync`]), and the etcd full resync.
     pub resync_interval: Duration,
     /// First retry delay after a failure; doubles per failure up to `backoff_cap`.
     pub backoff_base: Duration,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use futures::channel::mpsc;
 use futures::{SinkExt, Stream, StreamExt};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use m3o_crds::Customer;
 
@@ -39,6 +39,7 @@ pub struct CustomerFeed {
 
 struct Pump {
     writer: reflector::store::Writer<Customer>,
+    store: Store<Customer>,
     customers: mpsc::Sender<Customer>,
     dependents: [mpsc::Sender<watcher::Event<Customer>>; 2],
 }
@@ -50,12 +51,13 @@ impl CustomerFeed {
         let (subscriptions, for_subscriptions) = mpsc::channel(BUFFER);
         let (apikeys, for_apikeys) = mpsc::channel(BUFFER);
         Self {
-            store,
+            store: store.clone(),
             for_customers,
             for_subscriptions,
             for_apikeys,
             task: Some(Pump {
                 writer,
+                store,
                 customers,
                 dependents: [subscriptions, apikeys],
             }),
@@ -86,8 +88,12 @@ impl Pump {
     async fn run(mut self, ctx: Arc<Context>) {
         let api = runner::scoped_api::<Customer>(&ctx);
         let events = watcher(api, runner::watch_config(&ctx).any_semantic())
+            .default_backoff()
             .modify(runner::strip_managed_fields);
         let mut events = std::pin::pin!(reflector::reflector(self.writer, events));
+        // The Customers cached when a relist began: one gone by its end was deleted
+        // while the watch was interrupted, and no Delete event comes for it.
+        let mut before_relist: Option<Vec<Arc<Customer>>> = None;
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(event) => event,
@@ -100,9 +106,22 @@ impl Pump {
                 watcher::Event::InitDone => {
                     tracing::info!(kind = crate::customer::KIND, "listed; watching");
                     ctx.watching.mark(crate::customer::KIND);
+                    let gone = before_relist.take().into_iter().flatten().filter(|c| {
+                        let now = self.store.get(&ObjectRef::from_obj(c.as_ref()));
+                        now.is_none_or(|now| now.metadata.uid != c.metadata.uid)
+                    });
+                    for customer in gone.collect::<Vec<_>>() {
+                        let deleted = watcher::Event::Delete(Customer::clone(&customer));
+                        for dependents in &mut self.dependents {
+                            let _ = dependents.send(deleted.clone()).await;
+                        }
+                    }
                     continue;
                 }
-                watcher::Event::Init => continue,
+                watcher::Event::Init => {
+                    before_relist = Some(self.store.state());
+                    continue;
+                }
                 watcher::Event::Apply(c) | watcher::Event::InitApply(c) => Some(c.clone()),
                 watcher::Event::Delete(_) => None,
             };

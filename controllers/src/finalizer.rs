@@ -31,37 +31,42 @@ where
     CF: Future<Output = Result<Action, Error>>,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    finalizer::finalizer(&api, FINALIZER, obj, |event| async move {
+    let (name, read) = (obj.name_any(), obj.finalizers().to_vec());
+    let result = finalizer::finalizer(&api, FINALIZER, obj, |event| async move {
         match event {
             Event::Apply(obj) => apply(obj).await,
             Event::Cleanup(obj) => cleanup(obj).await,
         }
     })
-    .await
-    .map_err(|err| {
-        let own = match err {
-            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => return e,
-            // The finalizer patch tests the finalizers it read (a JSON-patch `test`): a
-            // failed test (422 naming no object: the patch, not the object, was refused)
-            // means the cached copy was older than the object, typically just after our
-            // own patch. The next pass reads it anew. A 422 naming the object is a
-            // validation failure, reported as such.
-            finalizer::Error::AddFinalizer(kube::Error::Api(status))
-            | finalizer::Error::RemoveFinalizer(kube::Error::Api(status))
-                if status.code == 409 || (status.code == 422 && is_patch_refusal(&status)) =>
-            {
-                return Error::Transient(format!(
-                    "the finalizers changed since they were read: {}",
-                    status.message
-                ));
+    .await;
+    let own = match result {
+        Ok(action) => return Ok(action),
+        Err(finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e)) => {
+            return Err(e);
+        }
+        // The finalizer patch tests the finalizers it read (a JSON-patch `test`): refused
+        // (a 422 naming no object: the patch, not the object) or in conflict, when the
+        // copy read was older than the object, typically just after our own patch. That
+        // is a lost race only if the API server's finalizers really differ from the copy
+        // (or the object is gone); otherwise it is reported like any failure, with
+        // backoff, so a refusal for another reason cannot loop.
+        Err(err) if patch_refused(&err).is_some() => {
+            let stale = match api.get_opt(&name).await {
+                Ok(Some(now)) => now.finalizers() != read.as_slice(),
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            if stale {
+                let message = patch_refused(&err).unwrap_or_default();
+                return Err(Error::Transient(format!(
+                    "the finalizers changed since they were read: {message}"
+                )));
             }
-            finalizer::Error::AddFinalizer(e) => finalizer::Error::AddFinalizer(e),
-            finalizer::Error::RemoveFinalizer(e) => finalizer::Error::RemoveFinalizer(e),
-            finalizer::Error::UnnamedObject => finalizer::Error::UnnamedObject,
-            finalizer::Error::InvalidFinalizer => finalizer::Error::InvalidFinalizer,
-        };
-        Error::Finalizer(own).at(Step::Finalizer)
-    })
+            err_without_source(err)
+        }
+        Err(err) => err_without_source(err),
+    };
+    Err(Error::Finalizer(own).at(Step::Finalizer))
 }
 
 /// True for a 422 about the patch itself (a failed JSON-patch `test`), not about the
@@ -71,4 +76,32 @@ fn is_patch_refusal(status: &kube::core::Status) -> bool {
         .details
         .as_ref()
         .is_none_or(|d| d.kind.is_empty() && d.name.is_empty() && d.causes.is_empty())
+}
+
+/// The API server's message when a finalizer patch was refused as a possible lost race
+/// (409, or a 422 about the patch itself); `None` for any other error.
+fn patch_refused(err: &finalizer::Error<Error>) -> Option<String> {
+    match err {
+        finalizer::Error::AddFinalizer(kube::Error::Api(status))
+        | finalizer::Error::RemoveFinalizer(kube::Error::Api(status))
+            if status.code == 409 || (status.code == 422 && is_patch_refusal(status)) =>
+        {
+            Some(status.message.clone())
+        }
+        _ => None,
+    }
+}
+
+/// A finalizer error that is not the reconcile's own, for [`Error::Finalizer`].
+fn err_without_source(err: finalizer::Error<Error>) -> finalizer::Error<std::convert::Infallible> {
+    match err {
+        finalizer::Error::AddFinalizer(e) => finalizer::Error::AddFinalizer(e),
+        finalizer::Error::RemoveFinalizer(e) => finalizer::Error::RemoveFinalizer(e),
+        finalizer::Error::UnnamedObject => finalizer::Error::UnnamedObject,
+        finalizer::Error::InvalidFinalizer => finalizer::Error::InvalidFinalizer,
+        // Handled by the caller before this point.
+        finalizer::Error::ApplyFailed(_) | finalizer::Error::CleanupFailed(_) => {
+            finalizer::Error::InvalidFinalizer
+        }
+    }
 }

@@ -133,6 +133,7 @@ pub async fn run_with<K, F, Fut>(
     let (cache, writer) = reflector::store();
     let watching = ctx.watching.clone();
     let events = watcher(api, watch_config(&ctx).any_semantic())
+        .default_backoff()
         .modify(strip_managed_fields)
         .inspect(move |event| {
             if let Ok(event) = event {

@@ -1,5 +1,6 @@
 //! Status writing shared by every kind: conditions with stable transition times, and
-//! one server-side apply per change under the `m3o-operator` field manager.
+//! one write per change (the whole status, one JSON-patch replace) under the
+//! `m3o-operator` field manager.
 
 use std::fmt::Debug;
 
@@ -185,7 +186,7 @@ macro_rules! has_status {
 }
 pub(crate) use has_status;
 
-/// Writes `status` with server-side apply unless the object already has exactly it.
+/// Writes `status` (replacing the whole status) unless the object already has exactly it.
 /// Returns true when a write happened.
 pub async fn apply<K: HasStatus>(
     api: &Api<K>,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
@@ -62,10 +62,9 @@ pub async fn run(
     runner::run_with::<ApiKey, _, _>(ctx, KIND, shutdown, reconcile, observe, move |controller| {
         let keys = controller.store();
         let report_changes = gateway_sync::report_changes(sync_ctx, keys);
-        let secrets = secret_changes(watcher(
-            secrets,
-            watcher::Config::default().labels(&managed),
-        ));
+        let secrets = secret_changes(
+            watcher(secrets, watcher::Config::default().labels(&managed)).default_backoff(),
+        );
         controller
             .reconcile_on(report_changes)
             .owns_stream(secrets)
@@ -77,8 +76,9 @@ pub async fn run(
 }
 
 /// The Secret events that may need a repair: a deletion, or a change of a Secret seen
-/// before. The first sight of a Secret (our own creation, or the initial list) triggers
-/// nothing: its ApiKey is being reconciled anyway.
+/// before, including those a relist reveals (changed, or gone, while the watch was
+/// interrupted). The first sight of a Secret (our own creation, or the first list)
+/// triggers nothing: its ApiKey is being reconciled anyway.
 fn secret_changes(
     events: impl futures::Stream<
         Item = Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>,
@@ -87,24 +87,81 @@ fn secret_changes(
 ) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static
 {
     use futures::StreamExt;
-    let mut seen = std::collections::HashSet::<String>::new();
-    events.filter_map(move |event| {
+    let mut seen = SeenSecrets::default();
+    events.flat_map(move |event| {
         let passed = match event {
-            Ok(watcher::Event::InitApply(s)) => {
-                seen.insert(s.metadata.uid.unwrap_or_default());
-                None
-            }
-            Ok(watcher::Event::Apply(s)) => {
-                let uid = s.metadata.uid.clone().unwrap_or_default();
-                (!seen.insert(uid)).then_some(Ok(s))
-            }
-            Ok(watcher::Event::Delete(s)) => {
-                seen.remove(s.metadata.uid.as_deref().unwrap_or_default());
-                Some(Ok(s))
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-            Err(err) => Some(Err(err)),
+            Ok(event) => seen.observe(event).into_iter().map(Ok).collect(),
+            Err(err) => vec![Err(err)],
         };
-        std::future::ready(passed)
+        futures::stream::iter(passed)
     })
+}
+
+/// What [`secret_changes`] remembers of each Secret: its uid, resourceVersion and
+/// owners (enough to trigger its ApiKey), not its data.
+#[derive(Default)]
+struct SeenSecrets {
+    by_uid: std::collections::HashMap<String, PartialObjectMeta<Secret>>,
+    relisted: Option<std::collections::HashSet<String>>,
+}
+
+impl SeenSecrets {
+    /// The Secrets of `event` whose ApiKey must look again.
+    fn observe(
+        &mut self,
+        event: watcher::Event<PartialObjectMeta<Secret>>,
+    ) -> Vec<PartialObjectMeta<Secret>> {
+        match event {
+            watcher::Event::Init => {
+                self.relisted = Some(std::collections::HashSet::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
+                let uid = s.metadata.uid.clone().unwrap_or_default();
+                if let Some(relisted) = self.relisted.as_mut() {
+                    relisted.insert(uid.clone());
+                }
+                let kept = trimmed(&s);
+                let before = self.by_uid.insert(uid, kept);
+                // Changed since seen; the first sight is not a change.
+                let changed = before
+                    .is_some_and(|b| b.metadata.resource_version != s.metadata.resource_version);
+                if changed { vec![s] } else { Vec::new() }
+            }
+            watcher::Event::Delete(s) => {
+                self.by_uid
+                    .remove(s.metadata.uid.as_deref().unwrap_or_default());
+                vec![s]
+            }
+            watcher::Event::InitDone => {
+                let Some(relisted) = self.relisted.take() else {
+                    return Vec::new();
+                };
+                let gone: Vec<String> = self
+                    .by_uid
+                    .keys()
+                    .filter(|uid| !relisted.contains(*uid))
+                    .cloned()
+                    .collect();
+                gone.iter()
+                    .filter_map(|uid| self.by_uid.remove(uid))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// A Secret's identity and owners only.
+fn trimmed(secret: &PartialObjectMeta<Secret>) -> PartialObjectMeta<Secret> {
+    let meta = &secret.metadata;
+    let mut kept = secret.clone();
+    kept.metadata = kube::api::ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        owner_references: meta.owner_references.clone(),
+        ..Default::default()
+    };
+    kept
 }

@@ -268,15 +268,16 @@ async fn announce(
         .await;
 }
 
-/// Requeue at the next clock-driven change (an expiry, the end of a grace period);
-/// otherwise only on a change, or when the bulk resync finds the key due.
+/// Requeue at the next clock-driven change (an expiry, the end of a grace period, a
+/// gateway recheck); one already past (a key replaced with no grace, an expiry during
+/// this reconcile) at once. Otherwise only on a change, or when the bulk resync finds
+/// the key due.
 fn requeue_at(wake_at: Option<chrono::DateTime<Utc>>) -> Action {
-    wake_at
-        .and_then(|t| (t - Utc::now()).to_std().ok())
-        .map_or_else(Action::await_change, |d| {
-            // Capped: a timer years ahead is beyond what the scheduler holds.
-            Action::requeue((d + std::time::Duration::from_millis(50)).min(LONGEST_WAIT))
-        })
+    wake_at.map_or_else(Action::await_change, |t| {
+        let until = (t - Utc::now()).to_std().unwrap_or_default();
+        // Capped: a timer years ahead is beyond what the scheduler holds.
+        Action::requeue((until + std::time::Duration::from_millis(50)).min(LONGEST_WAIT))
+    })
 }
 
 /// The longest a key's reconcile waits for its clock (it looks again after this).

@@ -176,6 +176,9 @@ impl Clock {
     async fn look_again_soon(&mut self, ctx: &Context) -> Result<(), Error> {
         if self.looked_at.elapsed() >= CLOCK_LOOKUP {
             self.look_up(ctx).await?;
+        } else {
+            // Not now (at most once a second), but no later than that.
+            self.wake = self.wake.min(self.looked_at + CLOCK_LOOKUP);
         }
         Ok(())
     }
@@ -211,28 +214,31 @@ async fn repair(ctx: &Context, relative: &str) -> Result<(), Error> {
     let Some(customer_id) = owning_customer(&ctx.db, relative).await? else {
         return prune(ctx, relative).await;
     };
-    if !sync::converge_customer(ctx, customer_id).await? {
-        return Ok(());
-    }
+    let changed = sync::converge_customer(ctx, customer_id).await?;
+    let desired = desired::desired_for(&mut *ctx.db.acquire().await?, relative).await?;
     let key = ctx.platform.key(relative);
-    match desired::desired_for(&mut *ctx.db.acquire().await?, relative).await? {
-        Some(entry) => {
-            ctx.metrics.drift_corrected(key_kind(relative));
-            tracing::info!(%key, "restored etcd key changed outside the operator");
-            let note = format!("{key} was changed or deleted outside the operator; restored it");
-            ctx.event(
-                &entry.owner,
-                K8sEventType::Warning,
-                "DriftCorrected",
-                "SyncConfig",
-                note,
-            )
-            .await;
+    let Some(entry) = desired else {
+        if !changed {
+            // A key its customer's convergence no longer reads (retired for good,
+            // marked gone) that came back by hand: removed here.
+            return prune(ctx, relative).await;
         }
-        None => {
-            ctx.metrics.drift_corrected("unowned");
-            tracing::info!(%key, "removed etcd key that no resource owns");
-        }
+        ctx.metrics.drift_corrected("unowned");
+        tracing::info!(%key, "removed etcd key that no resource owns");
+        return Ok(());
+    };
+    if changed {
+        ctx.metrics.drift_corrected(key_kind(relative));
+        tracing::info!(%key, "restored etcd key changed outside the operator");
+        let note = format!("{key} was changed or deleted outside the operator; restored it");
+        ctx.event(
+            &entry.owner,
+            K8sEventType::Warning,
+            "DriftCorrected",
+            "SyncConfig",
+            note,
+        )
+        .await;
     }
     Ok(())
 }

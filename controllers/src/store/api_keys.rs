@@ -189,8 +189,10 @@ pub async fn config_live_for_customer<'e, E: sqlx::PgExecutor<'e>>(
 /// Marks keys retired for good whose entry is confirmed absent from etcd: convergence
 /// no longer reads them. A later [`update`] of a row clears its mark.
 pub async fn mark_config_gone(tx: &mut PgConnection, hashes: &[String]) -> Result<(), sqlx::Error> {
+    // Still retired when marked: a row written again since it was read is not.
     sqlx::query(
-        "UPDATE api_keys SET config_gone = true WHERE key_hash = ANY($1) AND NOT config_gone",
+        "UPDATE api_keys SET config_gone = true WHERE key_hash = ANY($1) AND NOT config_gone \
+         AND (revoked_at IS NOT NULL OR status = 'revoked' OR grace_until <= now())",
     )
     .bind(hashes)
     .execute(tx)

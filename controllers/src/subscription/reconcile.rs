@@ -182,10 +182,11 @@ async fn holder_of(ctx: &Context, row: &SubscriptionRow) -> Result<RecordHolder,
     })
 }
 
-/// The Subscriptions of the same customer, fresh from the API server (not the cache:
-/// right after a holder's deletion the cache may still show it). Field-selected on
-/// `spec.customerRef.name`, so the cost is the customer's Subscriptions, not the
-/// namespace's.
+/// The Subscriptions of the same customer: from the Subscription cache through its
+/// customerRef index (it holds, in watch order, every Subscription created before this
+/// one; a sibling deleted a moment ago may still show, and its Delete event makes the
+/// others look again). Without the cache, a list field-selected on
+/// `spec.customerRef.name` (the API server scans the namespace for it).
 async fn siblings(ctx: &Context, sub: &Subscription) -> Result<Vec<Subscription>, Error> {
     let namespace = sub.namespace().unwrap_or_default();
     let customer = &sub.spec.customer_ref.name;

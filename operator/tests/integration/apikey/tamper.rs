@@ -90,6 +90,43 @@ async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_secret_gets_a_fresh_key_and_the_old_one_is_revoked() {
+    let env = TestEnv::new("key-del-secret").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("ci", key_spec(json!({}))).await;
+    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let old = env.secret_key("ci-api-key").await.expect("key");
+
+    Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .delete("ci-api-key", &Default::default())
+        .await
+        .expect("delete the Secret");
+    replaced(&env, "", &old, &old_id).await;
+    // Nothing else changes after the fresh Secret is written: the old key's revocation
+    // must come from the reconcile that replaced it.
+    eventually(
+        "the old key revoked and its entry gone",
+        Duration::from_secs(20),
+        || async {
+            (env.gateway_entry(&old).await.is_none()
+                && env.key_row_status(&old_id).await == "revoked")
+                .then_some(())
+        },
+    )
+    .await;
+    env.wait_key_events(
+        &old_id,
+        &[
+            "EventTypeGenerateKey",
+            "EventTypeKeyRotated",
+            "EventTypeDeleteKey",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_key_with_a_matching_annotation_is_replaced() {
     let env = TestEnv::new("key-forge").await;
     let _op = env.start_operator().await;

@@ -3,7 +3,7 @@
 //! customer, an expiry or the end of a grace period is never served as `active`.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use m3o_crds::ApiKey;
+use m3o_crds::{ApiKey, ApiKeyState, CustomerStatusState};
 use serde::Serialize;
 
 use super::plan::blocked_message;
@@ -41,7 +41,9 @@ pub fn is_hash(s: &str) -> bool {
 /// True when a key's entry is gone for good at `now` and can only come back if its row
 /// is written again: revoked, or past the end of its rotation's grace period.
 pub fn is_retired(row: &ApiKeyRow, now: DateTime<Utc>) -> bool {
-    row.revoked_at.is_some() || row.status == "revoked" || row.grace_until.is_some_and(|g| g <= now)
+    row.revoked_at.is_some()
+        || ApiKeyState::parse(&row.status) == Some(ApiKeyState::Revoked)
+        || row.grace_until.is_some_and(|g| g <= now)
 }
 
 /// The entry of a key row, or `None` when the gateway must not know the key
@@ -60,20 +62,24 @@ pub fn entry(
         (Some(e), Some(g)) => Some(e.min(g)),
         (e, g) => e.or(g),
     };
-    let status = if expires_at.is_some_and(|t| t <= now) {
-        "expired"
-    } else if row.status == "active" && customer.status == "banned" {
-        "blocked"
+    let recorded = ApiKeyState::parse(&row.status);
+    let banned = CustomerStatusState::parse(&customer.status) == Some(CustomerStatusState::Banned);
+    let state = if expires_at.is_some_and(|t| t <= now) {
+        Some(ApiKeyState::Expired)
+    } else if recorded == Some(ApiKeyState::Active) && banned {
+        Some(ApiKeyState::Blocked)
     } else {
-        row.status.as_str()
+        recorded
     };
+    // A status this version does not know is passed on as recorded.
+    let status = state.map_or_else(|| row.status.clone(), |s| s.as_str().to_owned());
     let config = ApiKeyConfig {
         key_id: row.id.to_string(),
         customer_id: row.customer_id.to_string(),
         scopes: row.scopes.clone(),
-        status: status.to_owned(),
+        status,
         expires_at: expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
-        blocked_message: (status == "blocked")
+        blocked_message: (state == Some(ApiKeyState::Blocked))
             .then(|| blocked_message(&row.blocked_message, &customer.status)),
     };
     Some(DesiredEntry {

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use m3o_crds::ApiKeyState;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::k8s_ref::K8sRef;
@@ -258,8 +258,8 @@ pub const NEXT_CLOCK_CHANGE: &str = "SELECT least(expires_at, grace_until) FROM 
 
 /// The next time after `after` a key's gateway entry changes by the clock alone (an
 /// expiry or the end of a rotation's grace period), if any.
-pub async fn next_clock_change(
-    db: &PgPool,
+pub async fn next_clock_change<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     after: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     sqlx::query_scalar(NEXT_CLOCK_CHANGE)
@@ -275,8 +275,8 @@ pub const CUSTOMERS_CROSSING: &str = "SELECT DISTINCT customer_id FROM api_keys 
      AND least(expires_at, grace_until) <= $2";
 
 /// The customers with a key whose gateway entry changed by the clock in `(after, until]`.
-pub async fn customers_crossing(
-    db: &PgPool,
+pub async fn customers_crossing<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
     after: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {

@@ -89,7 +89,7 @@ impl Pump {
         let api = runner::scoped_api::<Customer>(&ctx);
         let events = watcher(api, runner::watch_config(&ctx).any_semantic())
             .default_backoff()
-            .modify(runner::strip_managed_fields);
+            .modify(runner::strip_unread_metadata);
         let mut events = std::pin::pin!(reflector::reflector(self.writer, events));
         // The Customers cached when a relist began: one gone by its end was deleted
         // while the watch was interrupted, and no Delete event comes for it.

@@ -42,11 +42,18 @@ pub fn watch_config(ctx: &Context) -> watcher::Config {
     }
 }
 
-/// Watched objects are kept without `managedFields`: nothing here reads them, and they
-/// are often the larger part of an object held in a cache.
-pub fn strip_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
+/// Watched objects are kept without `managedFields` and without kubectl's
+/// `last-applied-configuration` annotation (a second copy of the spec): nothing here
+/// reads them, and they are often the larger part of an object held in a cache.
+pub fn strip_unread_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
 }
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Changes of Customers that matter to their dependents (Subscriptions, ApiKeys): the
 /// spec, the generation its record was last written for (a dependent reads the record,
@@ -134,7 +141,7 @@ pub async fn run_with<K, F, Fut>(
     let watching = ctx.watching.clone();
     let events = watcher(api, watch_config(&ctx).any_semantic())
         .default_backoff()
-        .modify(strip_managed_fields)
+        .modify(strip_unread_metadata)
         .inspect(move |event| {
             if let Ok(event) = event {
                 observe(event);
@@ -374,6 +381,22 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_objects_lose_only_what_nothing_reads() {
+        let mut customer: m3o_crds::Customer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "m3o.com/v1alpha1", "kind": "Customer",
+            "metadata": {"name": "c", "namespace": "ns",
+                "annotations": {LAST_APPLIED: "{\"spec\":{}}", "team": "billing"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"email": "c@example.com"},
+        }))
+        .expect("a valid Customer");
+        strip_unread_metadata(&mut customer);
+        assert_eq!(customer.metadata.managed_fields, None);
+        let annotations = customer.metadata.annotations.expect("annotations");
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+    }
 
     #[test]
     fn panic_messages_are_read_from_both_payload_kinds() {

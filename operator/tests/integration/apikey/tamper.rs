@@ -64,25 +64,23 @@ async fn replaced(env: &TestEnv, forged: &str, old: &str, old_id: &str) -> Strin
     fresh
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
-    let env = TestEnv::new("key-edit").await;
-    let _op = env.start_operator().await;
+/// Customer alice Active and ApiKey ci provisioned: its key id and key.
+async fn provisioned_key(env: &TestEnv) -> (String, String) {
     env.customer_ready("alice", "Active").await;
     env.apply_apikey("ci", key_spec(json!({}))).await;
-    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
-    let old = env.secret_key("ci-api-key").await.expect("key");
+    let id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let key = env.secret_key("ci-api-key").await.expect("key");
+    (id, key)
+}
 
-    // Someone writes a key of their own choosing into the Secret.
-    let forged = "m3o_chosen-by-hand-not-by-the-operator-000000";
-    edit_secret(&env, json!({"stringData": {"apiKey": forged}})).await;
-    replaced(&env, forged, &old, &old_id).await;
+/// Waits until the replaced key `old` (id `old_id`) is revoked and its entry gone.
+async fn wait_revoked(env: &TestEnv, old: &str, old_id: &str) {
     eventually(
-        "the replaced key revoked at once",
+        "the replaced key revoked and its entry gone",
         Duration::from_secs(20),
         || async {
-            (env.gateway_entry(&old).await.is_none()
-                && env.key_row_status(&old_id).await == "revoked")
+            (env.gateway_entry(old).await.is_none()
+                && env.key_row_status(old_id).await == "revoked")
                 .then_some(())
         },
     )
@@ -90,13 +88,23 @@ async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_secret_gets_a_fresh_key_and_the_edit_never_works() {
+    let env = TestEnv::new("key-edit").await;
+    let _op = env.start_operator().await;
+    let (old_id, old) = provisioned_key(&env).await;
+
+    // Someone writes a key of their own choosing into the Secret.
+    let forged = "m3o_chosen-by-hand-not-by-the-operator-000000";
+    edit_secret(&env, json!({"stringData": {"apiKey": forged}})).await;
+    replaced(&env, forged, &old, &old_id).await;
+    wait_revoked(&env, &old, &old_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_secret_gets_a_fresh_key_and_the_old_one_is_revoked() {
     let env = TestEnv::new("key-del-secret").await;
     let _op = env.start_operator().await;
-    env.customer_ready("alice", "Active").await;
-    env.apply_apikey("ci", key_spec(json!({}))).await;
-    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
-    let old = env.secret_key("ci-api-key").await.expect("key");
+    let (old_id, old) = provisioned_key(&env).await;
 
     Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
         .delete("ci-api-key", &Default::default())
@@ -105,16 +113,7 @@ async fn a_deleted_secret_gets_a_fresh_key_and_the_old_one_is_revoked() {
     replaced(&env, "", &old, &old_id).await;
     // Nothing else changes after the fresh Secret is written: the old key's revocation
     // must come from the reconcile that replaced it.
-    eventually(
-        "the old key revoked and its entry gone",
-        Duration::from_secs(20),
-        || async {
-            (env.gateway_entry(&old).await.is_none()
-                && env.key_row_status(&old_id).await == "revoked")
-                .then_some(())
-        },
-    )
-    .await;
+    wait_revoked(&env, &old, &old_id).await;
     env.wait_key_events(
         &old_id,
         &[
@@ -130,10 +129,7 @@ async fn a_deleted_secret_gets_a_fresh_key_and_the_old_one_is_revoked() {
 async fn a_forged_key_with_a_matching_annotation_is_replaced() {
     let env = TestEnv::new("key-forge").await;
     let _op = env.start_operator().await;
-    env.customer_ready("alice", "Active").await;
-    env.apply_apikey("ci", key_spec(json!({}))).await;
-    let old_id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
-    let old = env.secret_key("ci-api-key").await.expect("key");
+    let (old_id, old) = provisioned_key(&env).await;
 
     // Same key id: the record's hash tells the forgery.
     forge(&env, "m3o_x", None).await;

@@ -77,7 +77,7 @@ const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, de
 
 // Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
 pub(super) const LIVE_FOR_RESOURCE: &str =
-    "WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL ORDER BY created_at";
+    "WHERE k8s_namespace = $1 AND k8s_name = $2 AND revoked_at IS NULL ORDER BY created_at, id";
 pub(super) const ALL_FOR_RESOURCE: &str =
     "WHERE k8s_namespace = $1 AND k8s_name = $2 ORDER BY created_at";
 pub(super) const LIVE_BY_HASH: &str = "WHERE key_hash = $1 AND revoked_at IS NULL";
@@ -186,14 +186,20 @@ pub async fn config_live_for_customer<'e, E: sqlx::PgExecutor<'e>>(
     .await
 }
 
+/// The rows of the hashes `$1`, locked oldest first: the order in which a reconcile
+/// locks a resource's rows ([`lock_live_for_resource`]), so the two never deadlock.
+const LOCK_IN_ORDER: &str =
+    "SELECT id FROM api_keys WHERE key_hash = ANY($1) ORDER BY created_at, id FOR UPDATE";
+
 /// Marks keys retired for good whose entry is confirmed absent from etcd: convergence
 /// no longer reads them. A later [`update`] of a row clears its mark.
 pub async fn mark_config_gone(tx: &mut PgConnection, hashes: &[String]) -> Result<(), sqlx::Error> {
     // Still retired when marked: a row written again since it was read is not.
-    sqlx::query(
-        "UPDATE api_keys SET config_gone = true WHERE key_hash = ANY($1) AND NOT config_gone \
+    sqlx::query(&format!(
+        "UPDATE api_keys SET config_gone = true WHERE id IN ({}) AND NOT config_gone \
          AND (revoked_at IS NOT NULL OR status = 'revoked' OR grace_until <= now())",
-    )
+        LOCK_IN_ORDER
+    ))
     .bind(hashes)
     .execute(tx)
     .await?;
@@ -294,11 +300,13 @@ pub async fn record_config_revision(
     hashes: &[String],
     revision: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE api_keys SET config_revision = $2 WHERE key_hash = ANY($1)")
-        .bind(hashes)
-        .bind(revision)
-        .execute(tx)
-        .await?;
+    sqlx::query(&format!(
+        "UPDATE api_keys SET config_revision = $2 WHERE id IN ({LOCK_IN_ORDER})"
+    ))
+    .bind(hashes)
+    .bind(revision)
+    .execute(tx)
+    .await?;
     Ok(())
 }
 

@@ -7,7 +7,6 @@
 //! labels: not its own status writes), the dependents get the changes that matter to
 //! them ([`runner::customer_changes`]) and every deletion.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::channel::mpsc;
@@ -142,64 +141,21 @@ impl Pump {
 /// feed (and its periodic retry backs that up), so a bulk apply of customers with their
 /// subscriptions and keys costs no "not ready" status or Event per dependent.
 pub fn being_provisioned(customer: &Customer) -> bool {
-    let reported = customer
-        .status
-        .as_ref()
-        .is_some_and(|s| crate::status::ready(&s.conditions).is_some());
-    customer.metadata.deletion_timestamp.is_none() && !reported
+    use crate::status::HasStatus;
+    customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
 }
 
-/// For a dependent of Customer `namespace/name`: the retry to wait with, quietly, while
-/// that Customer is [`being_provisioned`]; `None` to go on.
-pub async fn wait_for_customer(
+/// For a dependent of `customer`: the retry to wait with, quietly, while that Customer
+/// is [`being_provisioned`]; `None` to go on.
+pub fn wait_for_customer(
     ctx: &Context,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<kube::runtime::controller::Action>, kube::Error> {
-    let customer = ctx.customer(namespace, name).await?;
+    customer: Option<&Customer>,
+) -> Option<kube::runtime::controller::Action> {
     // A Customer of another shard is reported by the caller, whatever its state.
     let ours = |c: &Customer| crate::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
-    Ok(customer
-        .as_ref()
+    customer
         .is_some_and(|c| ours(c) && being_provisioned(c))
-        .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry)))
-}
-
-/// Tells the events of a kind's watch that change an object's spec, finalizers or
-/// deletion (or delete it) from those that only write its status.
-#[derive(Default)]
-pub struct SpecChanges {
-    seen: HashMap<String, u64>,
-}
-
-impl SpecChanges {
-    /// The object of `event` when it changed more than its status.
-    pub fn changed<'e, K: kube::Resource>(
-        &mut self,
-        event: &'e watcher::Event<K>,
-    ) -> Option<&'e K> {
-        use std::hash::{Hash, Hasher};
-        match event {
-            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
-                let meta = o.meta();
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (
-                    meta.generation,
-                    &meta.finalizers,
-                    meta.deletion_timestamp.as_ref().map(|t| t.0),
-                )
-                    .hash(&mut h);
-                let uid = meta.uid.clone().unwrap_or_default();
-                (self.seen.insert(uid, h.finish()) != Some(h.finish())).then_some(o)
-            }
-            watcher::Event::Delete(o) => {
-                self.seen
-                    .remove(o.meta().uid.as_deref().unwrap_or_default());
-                Some(o)
-            }
-            watcher::Event::Init | watcher::Event::InitDone => None,
-        }
-    }
+        .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry))
 }
 
 /// The Customer changes that matter to dependents, from the shared feed.

@@ -44,28 +44,29 @@ where
         Err(finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e)) => {
             return Err(e);
         }
-        // The finalizer patch tests the finalizers it read (a JSON-patch `test`): refused
-        // (a 422 naming no object: the patch, not the object) or in conflict, when the
-        // copy read was older than the object, typically just after our own patch. That
-        // is a lost race only if the API server's finalizers really differ from the copy
-        // (or the object is gone); otherwise it is reported like any failure, with
-        // backoff, so a refusal for another reason cannot loop.
-        Err(err) if patch_refused(&err).is_some() => {
-            let stale = match api.get_opt(&name).await {
-                Ok(Some(now)) => now.finalizers() != read.as_slice(),
-                Ok(None) => true,
-                Err(_) => false,
-            };
-            if stale {
-                let message = patch_refused(&err).unwrap_or_default();
-                return Err(Error::Transient(format!(
-                    "the finalizers changed since they were read: {message}"
-                )));
-            }
-            err_without_source(err)
-        }
-        Err(err) => err_without_source(err),
+        Err(finalizer::Error::AddFinalizer(e)) => finalizer::Error::AddFinalizer(e),
+        Err(finalizer::Error::RemoveFinalizer(e)) => finalizer::Error::RemoveFinalizer(e),
+        Err(finalizer::Error::UnnamedObject) => finalizer::Error::UnnamedObject,
+        Err(finalizer::Error::InvalidFinalizer) => finalizer::Error::InvalidFinalizer,
     };
+    // The finalizer patch tests the finalizers it read (a JSON-patch `test`): refused (a
+    // 422 naming no object: the patch, not the object) or in conflict, when the copy
+    // read was older than the object, typically just after our own patch. That is a
+    // lost race only if the API server's finalizers really differ from the copy (or the
+    // object is gone); otherwise it is reported like any failure, with backoff, so a
+    // refusal for another reason cannot loop.
+    if let Some(message) = patch_refused(&own) {
+        let stale = match api.get_opt(&name).await {
+            Ok(Some(now)) => now.finalizers() != read.as_slice(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if stale {
+            return Err(Error::Transient(format!(
+                "the finalizers changed since they were read: {message}"
+            )));
+        }
+    }
     Err(Error::Finalizer(own).at(Step::Finalizer))
 }
 
@@ -80,7 +81,7 @@ fn is_patch_refusal(status: &kube::core::Status) -> bool {
 
 /// The API server's message when a finalizer patch was refused as a possible lost race
 /// (409, or a 422 about the patch itself); `None` for any other error.
-fn patch_refused(err: &finalizer::Error<Error>) -> Option<String> {
+fn patch_refused(err: &finalizer::Error<std::convert::Infallible>) -> Option<String> {
     match err {
         finalizer::Error::AddFinalizer(kube::Error::Api(status))
         | finalizer::Error::RemoveFinalizer(kube::Error::Api(status))
@@ -89,19 +90,5 @@ fn patch_refused(err: &finalizer::Error<Error>) -> Option<String> {
             Some(status.message.clone())
         }
         _ => None,
-    }
-}
-
-/// A finalizer error that is not the reconcile's own, for [`Error::Finalizer`].
-fn err_without_source(err: finalizer::Error<Error>) -> finalizer::Error<std::convert::Infallible> {
-    match err {
-        finalizer::Error::AddFinalizer(e) => finalizer::Error::AddFinalizer(e),
-        finalizer::Error::RemoveFinalizer(e) => finalizer::Error::RemoveFinalizer(e),
-        finalizer::Error::UnnamedObject => finalizer::Error::UnnamedObject,
-        finalizer::Error::InvalidFinalizer => finalizer::Error::InvalidFinalizer,
-        // Handled by the caller before this point.
-        finalizer::Error::ApplyFailed(_) | finalizer::Error::CleanupFailed(_) => {
-            finalizer::Error::InvalidFinalizer
-        }
     }
 }

@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::status::{self, HasStatus};
+use crate::status::HasStatus;
 
 /// Reconciles at once in the lane of changes (per kind).
 pub const CHANGES_CONCURRENCY: u16 = 2;
@@ -16,10 +16,7 @@ pub const CHANGES_CONCURRENCY: u16 = 2;
 /// True for an object that was provisioned (Ready reported for some generation) and
 /// has changed since (its spec, or its deletion began): the lane of changes takes it.
 pub fn is_change_of_provisioned<K: HasStatus>(obj: &K) -> bool {
-    let reported = obj
-        .status()
-        .and_then(|s| status::ready(K::conditions(s)))
-        .and_then(|c| c.observed_generation);
+    let reported = obj.ready_condition().and_then(|c| c.observed_generation);
     reported.is_some() && reported != obj.meta().generation
 }
 

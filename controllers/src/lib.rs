@@ -15,6 +15,7 @@
 pub mod apikey;
 pub mod backoff;
 pub mod blocker;
+pub mod changes;
 pub mod context;
 pub mod customer;
 pub mod duration;

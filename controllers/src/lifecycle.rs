@@ -26,10 +26,7 @@ pub async fn report_provisioned<K: HasStatus>(
     new: &K::Status,
     note: String,
 ) -> Result<Action, Error> {
-    let was_ready = obj
-        .status()
-        .and_then(|s| status::ready(K::conditions(s)))
-        .is_some_and(|c| c.status == "True");
+    let was_ready = obj.is_ready();
     status::apply(api, obj, new).await.at(Step::Status)?;
     if !was_ready {
         ctx.event(

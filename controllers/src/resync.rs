@@ -14,7 +14,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use m3o_crds::{ApiKey, Customer, Subscription};
 
 use crate::context::Context;
-use crate::status::{self, HasStatus};
+use crate::status::HasStatus;
 use crate::store::resync::{self as records, RecordTable};
 
 /// Objects compared per statement.
@@ -39,10 +39,8 @@ impl Recorded for ApiKey {
 /// status does not say Ready at its current generation (a blocked or failed object is
 /// retried; a blocked one also on its own schedule).
 pub fn needs_reconcile<K: HasStatus>(obj: &K, has_live_record: bool) -> bool {
-    let ready_at_generation = obj
-        .status()
-        .and_then(|s| status::ready(K::conditions(s)))
-        .is_some_and(|c| c.status == "True" && c.observed_generation == obj.meta().generation);
+    let ready_at_generation = obj.is_ready()
+        && obj.ready_condition().and_then(|c| c.observed_generation) == obj.meta().generation;
     !has_live_record || !ready_at_generation
 }
 

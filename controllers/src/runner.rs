@@ -69,9 +69,7 @@ pub fn customer_changes(
     fn meaningful(c: &m3o_crds::Customer) -> u64 {
         use std::hash::{Hash, Hasher};
         let status = c.status.as_ref();
-        let ready = status
-            .and_then(|s| status::ready(&s.conditions))
-            .map(|r| r.status.clone());
+        let ready = c.ready_condition().map(|r| r.status.clone());
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
             &c.metadata.uid,
@@ -86,18 +84,10 @@ pub fn customer_changes(
             .hash(&mut h);
         h.finish()
     }
-    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut changes = crate::changes::Changed::new(meaningful);
     events.filter_map(move |event| {
         let passed = match event {
-            Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => {
-                let (key, hash) = (c.metadata.uid.clone().unwrap_or_default(), meaningful(&c));
-                (seen.insert(key, hash) != Some(hash)).then_some(Ok(c))
-            }
-            Ok(watcher::Event::Delete(c)) => {
-                seen.remove(c.metadata.uid.as_deref().unwrap_or_default());
-                Some(Ok(c))
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Ok(event) => changes.changed(&event).cloned().map(Ok),
             Err(err) => Some(Err(err)),
         };
         std::future::ready(passed)
@@ -185,18 +175,14 @@ pub async fn run_on<K, F, Fut>(
     );
     // Changes of provisioned objects go to the lane of changes ([`crate::lanes`]); the
     // rest (new objects, triggers from other kinds, retries) to the bulk lane.
-    let (to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
-    let mut to_changes = Some(to_changes);
+    let (mut to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
     let bulk = changes.filter_map(move |obj| {
         let obj = match obj {
-            Ok(o) if crate::lanes::is_change_of_provisioned(&o) => {
-                match to_changes.as_mut().map(|tx| tx.try_send(o)) {
-                    Some(Ok(())) => None,
-                    // The lane is full or gone: the bulk lane takes it.
-                    Some(Err(err)) => Some(Ok(err.into_inner())),
-                    None => None,
-                }
-            }
+            Ok(o) if crate::lanes::is_change_of_provisioned(&o) => match to_changes.try_send(o) {
+                Ok(()) => None,
+                // The lane is full or gone: the bulk lane takes it.
+                Err(err) => Some(Ok(err.into_inner())),
+            },
             other => Some(other),
         };
         std::future::ready(obj)
@@ -208,14 +194,7 @@ pub async fn run_on<K, F, Fut>(
         let cache = cache.clone();
         ctx.metrics.track_resources(kind, move || {
             let objects = cache.state();
-            let ready = objects
-                .iter()
-                .filter(|o| {
-                    o.status()
-                        .and_then(|s| status::ready(K::conditions(s)))
-                        .is_some_and(|c| c.status == "True")
-                })
-                .count();
+            let ready = objects.iter().filter(|o| o.is_ready()).count();
             (ready as i64, (objects.len() - ready) as i64)
         });
     }

@@ -159,6 +159,16 @@ pub trait HasStatus:
     fn status(&self) -> Option<&Self::Status>;
     fn conditions(status: &Self::Status) -> &[Condition];
     fn set_conditions(status: &mut Self::Status, conditions: Vec<Condition>);
+
+    /// The object's `Ready` condition, if its status has one.
+    fn ready_condition(&self) -> Option<&Condition> {
+        self.status().and_then(|s| ready(Self::conditions(s)))
+    }
+
+    /// True when the object's status says `Ready=True` (for any generation).
+    fn is_ready(&self) -> bool {
+        self.ready_condition().is_some_and(|c| c.status == "True")
+    }
 }
 
 /// Implements [`HasStatus`] for a kind whose status is `Option<$status>` with a

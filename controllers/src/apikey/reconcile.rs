@@ -32,16 +32,13 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     // Waiting: written to status and retried later.
     let waiting = |b: &Blocker| build::waiting_status(&key, b, None);
     let customer_name = &key.spec.customer_ref.name;
-    let wait = feed::wait_for_customer(ctx, &ns, customer_name)
-        .await
-        .at(Step::Load("the Customer"))?;
-    if let Some(wait) = wait {
-        return Ok(wait);
-    }
     let customer_obj = ctx
         .customer(&ns, customer_name)
         .await
         .at(Step::Load("the Customer"))?;
+    if let Some(wait) = feed::wait_for_customer(ctx, customer_obj.as_ref()) {
+        return Ok(wait);
+    }
     if let Some(customer) = &customer_obj
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {

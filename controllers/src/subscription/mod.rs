@@ -34,6 +34,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use m3o_crds::{Customer, Subscription, SubscriptionStatus};
 
+use crate::changes::{Changed, spec_fingerprint};
 use crate::context::Context;
 use crate::error::Error;
 use crate::feed::{self, ByCustomer};
@@ -66,7 +67,7 @@ pub async fn run(
     let (siblings_tx, siblings) = mpsc::unbounded();
     let observe = {
         let by_customer = by_customer.clone();
-        let mut changes = feed::SpecChanges::default();
+        let mut changes = Changed::new(spec_fingerprint::<Subscription>);
         move |event: &watcher::Event<Subscription>| {
             by_customer.observe(event);
             // A Subscription that changes its spec, starts or ends its deletion frees or

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use m3o_crds::Subscription;
+use m3o_crds::{Customer, Subscription};
 
 use super::config::quota_key;
 use super::{build, plan};
@@ -32,13 +32,14 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Ok(quota) => quota,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
-    let wait = feed::wait_for_customer(ctx, &namespace, &sub.spec.customer_ref.name)
+    let customer = ctx
+        .customer(&namespace, &sub.spec.customer_ref.name)
         .await
         .at(Step::Load("the Customer"))?;
-    if let Some(wait) = wait {
+    if let Some(wait) = feed::wait_for_customer(ctx, customer.as_ref()) {
         return Ok(wait);
     }
-    let customer_row = match load_customer(ctx, &sub).await? {
+    let customer_row = match load_customer(ctx, &sub, customer.as_ref()).await? {
         Ok(row) => row,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
@@ -61,29 +62,26 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
     lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await
 }
 
-/// The customer's live row, once its Customer is Ready.
+/// The customer's live row, once `customer` (the Customer object, read by the caller) is Ready.
 async fn load_customer(
     ctx: &Context,
     sub: &Subscription,
+    customer: Option<&Customer>,
 ) -> Result<Result<CustomerRow, Blocker>, Error> {
     let namespace = sub.namespace().unwrap_or_default();
     let name = &sub.spec.customer_ref.name;
-    let customer = ctx
-        .customer(&namespace, name)
-        .await
-        .at(Step::Load("the Customer"))?;
-    if let Some(customer) = &customer
+    if let Some(customer) = customer
         && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
     {
         return Ok(Err(blocker));
     }
-    let row = match &customer {
+    let row = match customer {
         Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name)
             .await
             .at(Step::Load("the customer record"))?,
         None => None,
     };
-    Ok(plan::customer_gate(customer.as_ref(), row.as_ref(), name).cloned())
+    Ok(plan::customer_gate(customer, row.as_ref(), name).cloned())
 }
 
 /// The database step: finds the row (by namespace/name, else a record of this customer

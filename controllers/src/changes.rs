@@ -1,0 +1,60 @@
+//! Telling the events of a watch that matter from those that do not: an object passes
+//! when a fingerprint of what matters about it differs from the last one seen (by uid);
+//! a deletion always passes (the deleted object carries the fields of its last update,
+//! which a fingerprint would take for no change).
+
+use std::collections::HashMap;
+
+use kube::Resource;
+use kube::runtime::watcher;
+
+/// Remembers one fingerprint per object (by uid).
+pub struct Changed<F> {
+    seen: HashMap<String, u64>,
+    fingerprint: F,
+}
+
+impl<F> Changed<F> {
+    pub fn new(fingerprint: F) -> Self {
+        Self {
+            seen: HashMap::new(),
+            fingerprint,
+        }
+    }
+
+    /// The object of `event` when it changed what `fingerprint` covers, or was deleted.
+    pub fn changed<'e, K>(&mut self, event: &'e watcher::Event<K>) -> Option<&'e K>
+    where
+        K: Resource,
+        F: Fn(&K) -> u64,
+    {
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                let uid = o.meta().uid.clone().unwrap_or_default();
+                let print = (self.fingerprint)(o);
+                (self.seen.insert(uid, print) != Some(print)).then_some(o)
+            }
+            watcher::Event::Delete(o) => {
+                self.seen
+                    .remove(o.meta().uid.as_deref().unwrap_or_default());
+                Some(o)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        }
+    }
+}
+
+/// A fingerprint of an object's spec (generation), finalizers and deletion: what a
+/// status write leaves alone.
+pub fn spec_fingerprint<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        meta.generation,
+        &meta.finalizers,
+        meta.deletion_timestamp.as_ref().map(|t| t.0),
+    )
+        .hash(&mut h);
+    h.finish()
+}

@@ -157,6 +157,69 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
+/// The servers of `hack/env.sh` this benchmark loads, named by their command line.
+const SERVERS: [(&str, &str); 5] = [
+    ("kube-apiserver", "kube-apiserver"),
+    ("etcd (API server)", "--name etcd-cp"),
+    ("etcd (platform)", "--name etcd-config"),
+    ("postgres", "postgres"),
+    ("redis", "redis-server"),
+];
+
+/// CPU seconds used so far by each of `SERVERS` (all its processes), by this
+/// benchmark and by the operator (`pid`), so each phase can say where the cores went.
+fn cpu_by_process(operator: Option<u32>) -> Vec<(&'static str, f64)> {
+    let mut used = vec![0.0; SERVERS.len()];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let program = cmdline.split(' ').next().unwrap_or_default();
+        let found = SERVERS.iter().position(|(_, needle)| {
+            if needle.starts_with("--") {
+                program.ends_with("/etcd") && cmdline.contains(needle)
+            } else {
+                program.ends_with(needle) || cmdline.starts_with(&format!("{needle}:"))
+            }
+        });
+        if let (Some(i), Some(cpu)) = (found, cpu_seconds(pid)) {
+            used[i] += cpu;
+        }
+    }
+    let mut all: Vec<_> = SERVERS.iter().map(|(name, _)| *name).zip(used).collect();
+    all.push((
+        "benchmark client",
+        cpu_seconds(std::process::id()).unwrap_or(0.0),
+    ));
+    if let Some(pid) = operator {
+        all.push(("operator", cpu_seconds(pid).unwrap_or(0.0)));
+    }
+    all
+}
+
+/// The CPU each process used between two `cpu_by_process` samples, per object.
+fn cpu_per_object(before: &[(&str, f64)], after: &[(&str, f64)], objects: usize) -> String {
+    let mut total = 0.0;
+    let mut parts: Vec<String> = after
+        .iter()
+        .zip(before)
+        .map(|((name, b), (_, a))| {
+            total += b - a;
+            format!("{name} {:.2}", (b - a) * 1e3 / objects as f64)
+        })
+        .collect();
+    parts.push(format!("total {:.2}", total * 1e3 / objects as f64));
+    format!("{} (ms per object)", parts.join(", "))
+}
+
 async fn metrics(port: u16) -> Result<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -264,8 +327,10 @@ async fn main() -> Result<()> {
     let raw_ns = format!("bench-raw-{id}");
     new_namespace(&client, &raw_ns).await?;
     let started = Instant::now();
+    let raw_cpu0 = cpu_by_process(None);
     apply_fleet(&client, &raw_ns, n, inflight, true).await?;
     let raw_rate = objects as f64 / started.elapsed().as_secs_f64();
+    let raw_cpu = cpu_per_object(&raw_cpu0, &cpu_by_process(None), objects);
 
     // 2. The operator.
     let ns = format!("bench-{id}");
@@ -359,6 +424,7 @@ async fn main() -> Result<()> {
 
     let started = Instant::now();
     let bulk_cpu0 = cpu_seconds(pid);
+    let bulk_all_cpu0 = cpu_by_process(Some(pid));
     apply_fleet(&client, &ns, n, inflight, false).await?;
     let applied = started.elapsed();
     let apis: Vec<_> = KINDS.iter().map(|k| api(&client, &ns, k)).collect();
@@ -386,6 +452,7 @@ async fn main() -> Result<()> {
     wait_ready(&apis, objects + 2, Duration::from_secs(600)).await?;
     let all_ready = started.elapsed();
     let bulk_cpu = cpu_seconds(pid).zip(bulk_cpu0).map(|(b, a)| b - a);
+    let bulk_all_cpu = cpu_per_object(&bulk_all_cpu0, &cpu_by_process(Some(pid)), objects);
     let _ = stop.send(true);
     let bulk_latencies = during_bulk.await?;
     let rate = objects as f64 / all_ready.as_secs_f64();
@@ -449,6 +516,8 @@ async fn main() -> Result<()> {
         "ratio to raw:                  {:.0} %",
         rate / raw_rate * 100.0
     );
+    println!("CPU, raw:                      {raw_cpu}");
+    println!("CPU, apply -> all Ready:       {bulk_all_cpu}");
     println!(
         "operator peak RSS:             {} ({} per object)",
         rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),

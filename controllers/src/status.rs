@@ -196,7 +196,7 @@ macro_rules! has_status {
 }
 pub(crate) use has_status;
 
-/// Writes `status` (replacing the whole status) unless the object already has exactly it.
+/// Writes `status` (every field of it) unless the object already has exactly it.
 /// Returns true when a write happened.
 pub async fn apply<K: HasStatus>(
     api: &Api<K>,
@@ -206,19 +206,18 @@ pub async fn apply<K: HasStatus>(
     if obj.status() == Some(status) {
         return Ok(false);
     }
-    // The whole status in one JSON-patch `add` (which replaces it): the operator owns
-    // every status field, and this costs the API server far less than a server-side
-    // apply (no managed-fields merge) at fleet scale.
-    let replace = serde_json::json!([{"op": "add", "path": "/status", "value": status}]);
-    let patch: json_patch::Patch =
-        serde_json::from_value(replace).map_err(kube::Error::SerdeError)?;
+    // Server-side apply under one field manager (DESIGN.md section 3): the operator
+    // owns every status field it writes, and `kubectl get -o yaml --show-managed-fields`
+    // names it.
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
     api.patch_status(
         &obj.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..PatchParams::default()
-        },
-        &Patch::Json::<()>(patch),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
     )
     .await?;
     Ok(true)

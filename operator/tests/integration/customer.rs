@@ -272,6 +272,16 @@ async fn repeated_reconciles_write_nothing() {
     let id = assert_provisioned(&env, "steady", "steady@example.com", "S", "active").await;
     env.wait_events(1).await;
     let before = env.customers().get("steady").await.expect("get");
+    // Status is written by server-side apply under the operator's field manager.
+    let status_manager = before.managed_fields().iter().find(|f| {
+        f.manager.as_deref() == Some("m3o-operator") && f.subresource.as_deref() == Some("status")
+    });
+    assert_eq!(
+        status_manager.and_then(|f| f.operation.as_deref()),
+        Some("Apply"),
+        "{:?}",
+        before.managed_fields()
+    );
     let row_before = env.row("steady").await.expect("row");
     let revision_before = env.etcd_mod_revision(&format!("customers/{id}")).await;
 

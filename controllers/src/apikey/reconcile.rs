@@ -64,17 +64,40 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
         Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let found = secrets
-        .get_opt(&secret::secret_name(&key))
-        .await
-        .at(Step::Secret("reading"))?;
-    let state = secret::inspect(found.as_ref(), &key);
-    let issued = match plan::secret_action(&key, state, &rows, customer_obj.as_ref()) {
-        Ok(SecretAction::Reuse(issued)) => issued,
-        Ok(SecretAction::Issue { read_at }) => issue(&secrets, &key, read_at)
-            .await
-            .at(Step::Secret("writing"))?,
-        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
+    // A key never recorded has no Secret yet, short of a crash just after writing it
+    // or a foreign Secret of that name: its Secret is created without a read first,
+    // and read (then planned again) only when the create finds one there.
+    let mut read = !rows.is_empty();
+    let issued = loop {
+        let found = match read {
+            true => secrets
+                .get_opt(&secret::secret_name(&key))
+                .await
+                .at(Step::Secret("reading"))?,
+            false => None,
+        };
+        let state = secret::inspect(found.as_ref(), &key);
+        match plan::secret_action(&key, state, &rows, customer_obj.as_ref()) {
+            Ok(SecretAction::Reuse(issued)) => break issued,
+            Ok(SecretAction::Issue { read_at }) => {
+                match issue(&secrets, &key, read_at)
+                    .await
+                    .at(Step::Secret("writing"))?
+                {
+                    Some(issued) => break issued,
+                    None if !read => read = true,
+                    None => {
+                        return Err(Error::Transient(format!(
+                            "Secret {} appeared while it was being created",
+                            secret::secret_name(&key)
+                        )));
+                    }
+                }
+            }
+            Err(blocker) => {
+                return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
+            }
+        }
     };
 
     let key_plan = record(ctx, &key, &customer, &issued, grace)
@@ -105,23 +128,26 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Writes a fresh key into the ApiKey's Secret and returns what to record; the
-/// plaintext is dropped on return. A missing Secret is created (never applied over an
-/// object that appeared in between); one of ours is replaced only at the
-/// resourceVersion it was read at. Either race is a 409, retried as
-/// [`Error::Transient`].
+/// plaintext is dropped on return. A missing Secret is created, never applied over an
+/// object that is there after all: that is `None`, for the caller to read it. One of
+/// ours is replaced only at the resourceVersion it was read at (else a 409, retried
+/// as [`Error::Transient`]).
 async fn issue(
     secrets: &Api<Secret>,
     key: &ApiKey,
     read_at: Option<String>,
-) -> Result<IssuedKey, Error> {
+) -> Result<Option<IssuedKey>, Error> {
     let plaintext = Plaintext::generate()
         .map_err(|e| Error::Internal(format!("OS random number generator failed: {e}")))?;
     let generation = key.spec.rotation_generation;
     let (manifest, issued) = build::secret(key, plaintext, Uuid::now_v7(), generation);
     match read_at {
-        None => {
-            secrets.create(&PostParams::default(), &manifest).await?;
-        }
+        None => match secrets.create(&PostParams::default(), &manifest).await {
+            Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => return Ok(None),
+            created => {
+                created?;
+            }
+        },
         Some(resource_version) => {
             let body = build::secret_replacement(manifest, resource_version)
                 .map_err(|e| Error::Internal(format!("encoding Secret: {e}")))?;
@@ -132,7 +158,7 @@ async fn issue(
     }
     tracing::info!(key_id = %issued.key_id, prefix = %issued.prefix, "key issued into Secret {}", secret::secret_name(key));
     failpoint::hit("apikey-secret-written");
-    Ok(issued)
+    Ok(Some(issued))
 }
 
 /// The database step: rows and their events in one transaction.

@@ -229,3 +229,40 @@ async fn orphan_keeps_the_key_working_and_detaches_its_secret() {
         "nothing announced"
     );
 }
+
+/// A new key's Secret is created without a read first; a Secret of that name that is
+/// not this ApiKey's is found by the create, read, and left alone, with a Conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_name_taken_by_another_secret_is_a_conflict_and_left_alone() {
+    let env = TestEnv::new("key-taken").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    let secrets = Api::<Secret>::namespaced(env.kube.clone(), &env.ns);
+    let foreign: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "taken"},
+        "stringData": {"password": "not-an-api-key"},
+    }))
+    .expect("secret");
+    secrets
+        .create(&Default::default(), &foreign)
+        .await
+        .expect("create the foreign Secret");
+
+    env.apply_apikey("taken", key_spec(json!({"secretName": "taken"})))
+        .await;
+    let k = env.wait_apikey("taken", "False", "Conflict").await;
+    let message = ready_condition(&k).message;
+    assert!(message.contains("Secret taken exists"), "{message}");
+    let kept = secrets.get("taken").await.expect("Secret kept");
+    assert_eq!(
+        kept.data
+            .and_then(|d| d.get("password").map(|b| b.0.clone())),
+        Some(b"not-an-api-key".to_vec()),
+        "the foreign Secret is not overwritten"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+        .fetch_one(&env.db)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0, "no key recorded");
+}

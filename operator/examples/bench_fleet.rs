@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -38,8 +39,7 @@ fn var(name: &str) -> Result<String> {
 }
 
 fn api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("m3o.com", "v1alpha1", kind);
-    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk(kind)))
 }
 
 /// The spec of object `i` of `kind` (customer `c-i` owns subscription and key `c-i`).
@@ -52,37 +52,111 @@ fn spec(kind: &str, i: usize) -> Value {
     }
 }
 
-async fn apply(api: &Api<DynamicObject>, kind: &str, name: &str, spec: Value) -> Result<()> {
+async fn apply(
+    api: &Api<DynamicObject>,
+    kind: &str,
+    name: &str,
+    spec: Value,
+) -> Result<DynamicObject> {
     let body = json!({"apiVersion": "m3o.com/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
-    api.patch(
-        name,
+    Ok(api
+        .patch(
+            name,
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&body),
+        )
+        .await?)
+}
+
+/// The API-server work done for one object.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Nothing past the apply (the operator does the rest).
+    Apply,
+    /// Create + one status write: the raw rate.
+    Raw,
+    /// Every request the operator's contract (DESIGN.md) makes for an object, and no
+    /// more: the finalizer, the key's Secret, status by server-side apply, one Event.
+    Contract,
+}
+
+/// The requests the operator makes for `obj` of `kind`, once it is applied.
+async fn contract_requests(
+    client: &Client,
+    api: &Api<DynamicObject>,
+    kind: &str,
+    obj: &DynamicObject,
+) -> Result<()> {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let finalizer = json!({"metadata": {"finalizers": ["m3o.com/cleanup"]}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&finalizer))
+        .await?;
+    if kind == "ApiKey" {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-api-key"), "ownerReferences": [{
+                "apiVersion": "m3o.com/v1alpha1", "kind": kind, "name": name,
+                "uid": obj.metadata.uid, "controller": true}]},
+            "stringData": {"apiKey": "m3o_bench", "keyId": "00000000-0000-0000-0000-000000000000"},
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), api.namespace().unwrap_or_default())
+            .create(&PostParams::default(), &secret)
+            .await?;
+    }
+    let status = json!({"apiVersion": "m3o.com/v1alpha1", "kind": kind, "status": {
+        "observedGeneration": 1, "conditions": [{
+            "type": "Ready", "status": "True", "reason": "Provisioned", "message": "floor",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}});
+    api.patch_status(
+        &name,
         &PatchParams::apply("bench").force(),
-        &Patch::Apply(&body),
+        &Patch::Apply(&status),
     )
     .await?;
+    let reporter = Reporter {
+        controller: "bench".into(),
+        instance: None,
+    };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Provisioned".into(),
+        note: Some("floor".into()),
+        action: "Provision".into(),
+        secondary: None,
+    };
+    Recorder::new(client.clone(), reporter)
+        .publish(&event, &obj.object_ref(&ApiResource::from_gvk(&gvk(kind))))
+        .await?;
     Ok(())
 }
 
-/// Applies N of each kind, customer i then its subscription and key, `inflight` at once;
-/// with `status`, also writes one status per object (the raw API-server work).
+fn gvk(kind: &str) -> GroupVersionKind {
+    GroupVersionKind::gvk("m3o.com", "v1alpha1", kind)
+}
+
+/// Applies N of each kind, customer i then its subscription and key, `inflight` at
+/// once, each followed by the requests of `work`.
 async fn apply_fleet(
     client: &Client,
     ns: &str,
     n: usize,
     inflight: usize,
-    status: bool,
+    work: Work,
 ) -> Result<()> {
     let apis: Vec<_> = KINDS.iter().map(|k| (*k, api(client, ns, k))).collect();
     let errors = futures::stream::iter((0..n).flat_map(|i| apis.iter().map(move |a| (i, a))))
         .map(|(i, (kind, api))| async move {
             let name = format!("c-{i:05}");
-            apply(api, kind, &name, spec(kind, i)).await?;
-            if status {
-                let patch = json!({"status": {"observedGeneration": 1, "conditions": [{
-                    "type": "Ready", "status": "True", "reason": "Provisioned", "message": "raw",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+            let obj = apply(api, kind, &name, spec(kind, i)).await?;
+            match work {
+                Work::Apply => {}
+                Work::Raw => {
+                    let patch = json!({"status": {"observedGeneration": 1, "conditions": [{
+                        "type": "Ready", "status": "True", "reason": "Provisioned", "message": "raw",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
+                }
+                Work::Contract => contract_requests(client, api, kind, &obj).await?,
             }
             Result::Ok(())
         })
@@ -94,6 +168,25 @@ async fn apply_fleet(
         Some(e) => Err(format!("{} apply errors, first: {e}", errors.len()).into()),
         None => Ok(()),
     }
+}
+
+/// Drains the watches the operator keeps on `ns` (each kind, and its Secrets as
+/// metadata), so the contract floor pays their fan-out too; until dropped.
+fn operator_watches(client: &Client, ns: &str) -> tokio::task::JoinHandle<()> {
+    use kube::runtime::watcher;
+    let kinds = KINDS.iter().map(|k| {
+        watcher(api(client, ns, k), watcher::Config::default())
+            .map(|_| ())
+            .boxed()
+    });
+    let secrets = watcher(
+        Api::<kube::core::PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
+        watcher::Config::default(),
+    )
+    .map(|_| ())
+    .boxed();
+    let all = futures::stream::select_all(kinds.chain([secrets]));
+    tokio::spawn(all.for_each(|_| async {}))
 }
 
 /// True when an object's Ready condition is True at its generation.
@@ -328,9 +421,20 @@ async fn main() -> Result<()> {
     new_namespace(&client, &raw_ns).await?;
     let started = Instant::now();
     let raw_cpu0 = cpu_by_process(None);
-    apply_fleet(&client, &raw_ns, n, inflight, true).await?;
+    apply_fleet(&client, &raw_ns, n, inflight, Work::Raw).await?;
     let raw_rate = objects as f64 / started.elapsed().as_secs_f64();
     let raw_cpu = cpu_per_object(&raw_cpu0, &cpu_by_process(None), objects);
+
+    // 1b. The floor of the contract: every request the operator must make, no operator.
+    let floor_ns = format!("bench-floor-{id}");
+    new_namespace(&client, &floor_ns).await?;
+    let watches = operator_watches(&client, &floor_ns);
+    let started = Instant::now();
+    let floor_cpu0 = cpu_by_process(None);
+    apply_fleet(&client, &floor_ns, n, inflight, Work::Contract).await?;
+    let floor_rate = objects as f64 / started.elapsed().as_secs_f64();
+    let floor_cpu = cpu_per_object(&floor_cpu0, &cpu_by_process(None), objects);
+    watches.abort();
 
     // 2. The operator.
     let ns = format!("bench-{id}");
@@ -425,7 +529,7 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let bulk_cpu0 = cpu_seconds(pid);
     let bulk_all_cpu0 = cpu_by_process(Some(pid));
-    apply_fleet(&client, &ns, n, inflight, false).await?;
+    apply_fleet(&client, &ns, n, inflight, Work::Apply).await?;
     let applied = started.elapsed();
     let apis: Vec<_> = KINDS.iter().map(|k| api(&client, &ns, k)).collect();
     // The probe's own customer and key are Ready too. Counted from the operator's
@@ -516,7 +620,16 @@ async fn main() -> Result<()> {
         "ratio to raw:                  {:.0} %",
         rate / raw_rate * 100.0
     );
+    println!(
+        "contract floor rate:           {floor_rate:.0} objects/s (the operator's requests, no operator: {:.0} % of raw)",
+        floor_rate / raw_rate * 100.0
+    );
+    println!(
+        "ratio to the contract floor:   {:.0} %",
+        rate / floor_rate * 100.0
+    );
     println!("CPU, raw:                      {raw_cpu}");
+    println!("CPU, contract floor:           {floor_cpu}");
     println!("CPU, apply -> all Ready:       {bulk_all_cpu}");
     println!(
         "operator peak RSS:             {} ({} per object)",

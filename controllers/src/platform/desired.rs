@@ -2,7 +2,7 @@
 //! reconcilers (fast path after a change) and the drift watcher (restore and prune).
 //! Each kind's `config.rs` builds its entries from rows; this module reads the rows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
@@ -229,24 +229,6 @@ pub async fn desired_page(
     };
     let next = (i64::try_from(read).unwrap_or(i64::MAX) >= limit).then_some(PageCursor(last));
     Ok((out, next))
-}
-
-/// Every desired key (relative) and entry.
-pub async fn desired_all(db: &PgPool) -> Result<BTreeMap<String, DesiredEntry>, sqlx::Error> {
-    const PAGE: i64 = 1000;
-    let mut out = BTreeMap::new();
-    for family in FAMILIES {
-        let mut cursor = PageCursor::default();
-        loop {
-            let (entries, next) = desired_page(db, family, &cursor, PAGE).await?;
-            out.extend(entries);
-            match next {
-                Some(next) => cursor = next,
-                None => break,
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! every resync interval, and a watch in between, restore hand edits and deletions
 //! and remove keys no record owns. Our own writes are recognised by revision.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +12,15 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::desired::{self, KeyOwner, same_value};
+use super::scan::FleetScan;
 use super::sync;
 use crate::context::Context;
 use crate::error::Error;
 use crate::store::api_keys;
 
 const RETRY: Duration = Duration::from_secs(2);
+/// Keys read at once from each side by the full resync.
+const RESYNC_PAGE: i64 = 500;
 
 /// Keeps the prefix equal to what Postgres says until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
@@ -44,28 +46,29 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
 }
 
-/// Compares every key under the prefix with Postgres and fixes differences.
-/// Returns the etcd revision the comparison was made at.
+/// Compares every key under the prefix with Postgres and fixes differences, a page at
+/// a time ([`FleetScan`]: memory independent of the fleet). Returns the etcd revision
+/// the stored side was read at.
 pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     ctx.metrics.config_resyncs.inc();
-    let (actual, revision) = ctx.platform.list().await?;
-    let wanted = desired::desired_all(&ctx.db).await?;
-    let prefix = format!("{}/", ctx.platform.prefix());
-    let actual: BTreeMap<String, Vec<u8>> = actual
-        .into_iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
-        .filter(|(relative, _)| !desired::is_gateway_report(relative))
-        .collect();
-    let differs = |relative: &String| match (actual.get(relative), wanted.get(relative)) {
-        (Some(v), Some(entry)) => !same_value(v, &entry.value),
-        (None, None) => false,
-        _ => true,
-    };
-    let keys: BTreeSet<&String> = actual.keys().chain(wanted.keys()).collect();
-    for relative in keys.into_iter().filter(|k| differs(k)) {
-        repair(ctx, relative).await?;
+    let mut scan = FleetScan::new(&ctx.db, &ctx.platform, RESYNC_PAGE);
+    while let Some(keys) = scan.next_keys().await? {
+        for (relative, wanted, actual) in keys {
+            if desired::is_gateway_report(&relative) {
+                continue;
+            }
+            let differs = match (actual, wanted) {
+                (Some(v), Some(entry)) => !same_value(&v, &entry.value),
+                (None, None) => false,
+                _ => true,
+            };
+            if differs {
+                repair(ctx, &relative).await?;
+            }
+        }
     }
-    Ok(revision)
+    scan.revision()
+        .ok_or_else(|| Error::Internal("the etcd scan read no page".into()))
 }
 
 /// Watches the prefix from `after + 1` until the stream ends, the interval for a full

@@ -9,6 +9,7 @@ pub mod diff;
 pub mod drift;
 pub mod entry;
 pub mod gateways;
+pub mod scan;
 pub mod sync;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -234,24 +235,6 @@ impl PlatformConfig {
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    /// Every key and value under the prefix, with the store revision they were read at.
-    /// Read in pages at one revision (a consistent snapshot), so a prefix of any size
-    /// stays under the gRPC message limit (4 MiB, some 15-20k entries in one response).
-    pub async fn list(&self) -> Result<(Vec<(String, Vec<u8>)>, i64), etcd_client::Error> {
-        let mut kvs = Vec::new();
-        let mut from = None;
-        let mut revision = None;
-        loop {
-            let page = self.page(from.as_deref(), LIST_PAGE, revision).await?;
-            kvs.extend(page.kvs);
-            revision = Some(page.revision);
-            match page.next {
-                Some(next) => from = Some(next),
-                None => return Ok((kvs, page.revision)),
-            }
-        }
-    }
-
     /// Up to `limit` keys and values under the prefix from the raw key `from` (from the
     /// start when `None`), in key order, read at `revision` (the current one when
     /// `None`). Pass the page's `next` and `revision` back for the next page, so that a
@@ -358,9 +341,6 @@ impl RecentRevisions {
 /// Operations per etcd transaction: etcd's default `--max-txn-ops` (128), less the
 /// fence's own.
 pub const MAX_TXN_OPS: usize = 127;
-
-/// Keys per page of [`PlatformConfig::list`].
-const LIST_PAGE: i64 = 500;
 
 #[cfg(test)]
 mod tests {

@@ -19,13 +19,14 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::{Api, Resource, ResourceExt};
 use m3o_controllers::apikey::secret as key_secret;
-use m3o_controllers::platform::desired::{self, FAMILIES, PageCursor};
+use m3o_controllers::platform::desired;
+use m3o_controllers::platform::scan::{FleetScan, ScanError};
 use m3o_controllers::store::api_keys;
 use m3o_crds::{ApiKey, Customer, Subscription};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::compare::{SortedMerge, Verdict, check_entry, check_secret};
+use super::compare::{Verdict, check_entry, check_secret};
 use super::{Backends, print_json};
 use crate::cli::{AuditArgs, OutputFormat};
 use crate::startup::StartupError;
@@ -119,6 +120,13 @@ pub async fn run(args: AuditArgs) -> Result<bool, StartupError> {
 
 fn db_error(e: sqlx::Error) -> StartupError {
     StartupError(format!("--database-url: {e}"))
+}
+
+fn scan_error(e: ScanError) -> StartupError {
+    match e {
+        ScanError::Database(e) => db_error(e),
+        ScanError::ConfigStore(e) => StartupError(format!("--etcd-endpoints: {e}")),
+    }
 }
 
 fn kube_error(what: &str) -> impl FnOnce(kube::Error) -> StartupError + '_ {
@@ -324,50 +332,10 @@ impl Audit<'_> {
     /// Step 3: etcd against Postgres, merged in key order.
     async fn etcd(&mut self) -> Result<(), StartupError> {
         let platform = self.backends.platform()?;
-        let prefix = format!("{}/", platform.prefix());
-        let mut merge = SortedMerge::default();
-        let mut families = FAMILIES.iter();
-        let mut family = families.next().copied();
-        let mut cursor = PageCursor::default();
-        let mut from: Option<Vec<u8>> = None;
-        let mut revision = None;
+        let mut scan = FleetScan::new(&self.backends.db, platform, self.page);
         let mut suspects = Vec::new();
-        while !merge.finished() {
-            if merge.needs_desired() {
-                match family {
-                    Some(f) => {
-                        let (entries, next) =
-                            desired::desired_page(&self.backends.db, f, &cursor, self.page)
-                                .await
-                                .map_err(db_error)?;
-                        match next {
-                            Some(next) => cursor = next,
-                            None => {
-                                family = families.next().copied();
-                                cursor = PageCursor::default();
-                            }
-                        }
-                        merge.push_desired(entries, family.is_none());
-                    }
-                    None => merge.push_desired(Vec::new(), true),
-                }
-            }
-            if merge.needs_actual() {
-                let page = platform
-                    .page(from.as_deref(), self.page, revision)
-                    .await
-                    .map_err(|e| StartupError(format!("--etcd-endpoints: {e}")))?;
-                revision = Some(page.revision);
-                let last = page.next.is_none();
-                from = page.next;
-                let relative = page
-                    .kvs
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
-                    .collect();
-                merge.push_actual(relative, last);
-            }
-            for (relative, entry, actual) in merge.take() {
+        while let Some(keys) = scan.next_keys().await.map_err(scan_error)? {
+            for (relative, entry, actual) in keys {
                 let check = check_entry(platform.key(&relative), entry.as_ref(), actual.as_deref());
                 self.report.etcd.scanned += 1;
                 if check.verdict.is_drift() {

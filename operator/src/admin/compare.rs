@@ -1,9 +1,6 @@
 //! The comparisons behind `inspect` and `audit`, free of I/O: an etcd entry against
 //! the value Postgres implies, a Secret's key against the recorded hash, which events
-//! concern a resource, and the merge of two key-ordered scans.
-
-use std::cmp::Ordering;
-use std::collections::VecDeque;
+//! concern a resource.
 
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use m3o_controllers::apikey::secret::{self, DATA_API_KEY, DATA_KEY_ID};
@@ -235,84 +232,6 @@ pub fn event_detail(event: &Event) -> String {
         parts.push(format!("tier={tier}"));
     }
     parts.join(" ")
-}
-
-/// One key of a merge: its desired value and its stored value, either possibly absent.
-pub type Merged<D> = (String, Option<D>, Option<Vec<u8>>);
-
-/// Merges two scans that each yield keys in ascending byte order, a page at a time:
-/// the desired keys (from Postgres) and the stored ones (from etcd). Only the current
-/// pages are held, so a fleet of any size is compared in bounded memory.
-#[derive(Debug)]
-pub struct SortedMerge<D> {
-    desired: VecDeque<(String, D)>,
-    actual: VecDeque<(String, Vec<u8>)>,
-    desired_done: bool,
-    actual_done: bool,
-}
-
-impl<D> Default for SortedMerge<D> {
-    fn default() -> Self {
-        Self {
-            desired: VecDeque::new(),
-            actual: VecDeque::new(),
-            desired_done: false,
-            actual_done: false,
-        }
-    }
-}
-
-impl<D> SortedMerge<D> {
-    /// Adds the next page of desired keys; `last` when the scan is over.
-    pub fn push_desired(&mut self, page: Vec<(String, D)>, last: bool) {
-        self.desired.extend(page);
-        self.desired_done = last;
-    }
-
-    /// Adds the next page of stored keys; `last` when the scan is over.
-    pub fn push_actual(&mut self, page: Vec<(String, Vec<u8>)>, last: bool) {
-        self.actual.extend(page);
-        self.actual_done = last;
-    }
-
-    /// Whether the merge waits for another page of desired keys.
-    pub fn needs_desired(&self) -> bool {
-        self.desired.is_empty() && !self.desired_done
-    }
-
-    /// Whether the merge waits for another page of stored keys.
-    pub fn needs_actual(&self) -> bool {
-        self.actual.is_empty() && !self.actual_done
-    }
-
-    /// True once both scans are over and every key was taken.
-    pub fn finished(&self) -> bool {
-        self.desired_done && self.actual_done && self.desired.is_empty() && self.actual.is_empty()
-    }
-
-    /// Takes every key that can be decided with the pages at hand, in key order.
-    pub fn take(&mut self) -> Vec<Merged<D>> {
-        let mut out = Vec::new();
-        loop {
-            let order = match (self.desired.front(), self.actual.front()) {
-                (Some(d), Some(a)) => d.0.cmp(&a.0),
-                (Some(_), None) if self.actual_done => Ordering::Less,
-                (None, Some(_)) if self.desired_done => Ordering::Greater,
-                _ => return out,
-            };
-            let (desired, actual) = match order {
-                Ordering::Less => (self.desired.pop_front(), None),
-                Ordering::Greater => (None, self.actual.pop_front()),
-                Ordering::Equal => (self.desired.pop_front(), self.actual.pop_front()),
-            };
-            let key = desired
-                .as_ref()
-                .map(|d| d.0.clone())
-                .or_else(|| actual.as_ref().map(|a| a.0.clone()))
-                .unwrap_or_default();
-            out.push((key, desired.map(|d| d.1), actual.map(|a| a.1)));
-        }
-    }
 }
 
 #[cfg(test)]

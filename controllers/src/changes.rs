@@ -10,7 +10,7 @@ use kube::runtime::watcher;
 
 /// Remembers one fingerprint per object (by uid).
 pub struct Changed<F> {
-    seen: HashMap<String, u64>,
+    seen: HashMap<u128, u64>,
     fingerprint: F,
 }
 
@@ -30,18 +30,32 @@ impl<F> Changed<F> {
     {
         match event {
             watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
-                let uid = o.meta().uid.clone().unwrap_or_default();
+                let uid = uid_key(o.meta().uid.as_deref());
                 let print = (self.fingerprint)(o);
                 (self.seen.insert(uid, print) != Some(print)).then_some(o)
             }
             watcher::Event::Delete(o) => {
-                self.seen
-                    .remove(o.meta().uid.as_deref().unwrap_or_default());
+                self.seen.remove(&uid_key(o.meta().uid.as_deref()));
                 Some(o)
             }
             watcher::Event::Init | watcher::Event::InitDone => None,
         }
     }
+}
+
+/// An object's uid as a map key of 16 bytes and no allocation: the API server's uids
+/// are UUIDs (anything else, never seen, is hashed).
+pub fn uid_key(uid: Option<&str>) -> u128 {
+    let uid = uid.unwrap_or_default();
+    uuid::Uuid::parse_str(uid).map_or_else(
+        |_| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            uid.hash(&mut h);
+            u128::from(h.finish())
+        },
+        |u| u.as_u128(),
+    )
 }
 
 /// A fingerprint of an object's spec (generation), finalizers and deletion: what a

@@ -2,6 +2,7 @@
 //! watch events: a mapper or a slot decision looks up a Customer's referents instead of
 //! scanning a cache or listing the API.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -55,10 +56,52 @@ impl<K> Default for ByCustomer<K> {
     }
 }
 
+/// The referents of one Customer: nearly always one, so a set (a B-tree node of some
+/// 280 bytes) only once there are more.
+enum Names {
+    One(String),
+    Many(BTreeSet<String>),
+}
+
+impl Names {
+    fn insert(&mut self, name: String) {
+        match self {
+            Self::One(one) if *one == name => {}
+            Self::One(one) => *self = Self::Many(BTreeSet::from([std::mem::take(one), name])),
+            Self::Many(many) => {
+                many.insert(name);
+            }
+        }
+    }
+
+    /// Removes `name`; false once none is left.
+    fn remove(&mut self, name: &str) -> bool {
+        match self {
+            Self::One(one) => one != name,
+            Self::Many(many) => {
+                many.remove(name);
+                if many.len() == 1
+                    && let Some(last) = many.pop_first()
+                {
+                    *self = Self::One(last);
+                }
+                !matches!(self, Self::Many(m) if m.is_empty())
+            }
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = &String> + '_> {
+        match self {
+            Self::One(one) => Box::new(std::iter::once(one)),
+            Self::Many(many) => Box::new(many.iter()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Index {
     /// (namespace, customer) -> names of referents.
-    referents: HashMap<Key, BTreeSet<String>>,
+    referents: HashMap<Key, Names>,
     /// (namespace, name) -> the customer it references.
     customer_of: HashMap<Key, String>,
     /// Objects seen since a relist began (the rest are dropped at its end).
@@ -72,10 +115,12 @@ impl Index {
             return;
         }
         self.remove(&key);
-        self.referents
-            .entry((key.0.clone(), customer.clone()))
-            .or_default()
-            .insert(key.1.clone());
+        match self.referents.entry((key.0.clone(), customer.clone())) {
+            Entry::Occupied(mut names) => names.get_mut().insert(key.1.clone()),
+            Entry::Vacant(slot) => {
+                slot.insert(Names::One(key.1.clone()));
+            }
+        }
         self.customer_of.insert(key, customer);
     }
 
@@ -84,11 +129,10 @@ impl Index {
             return;
         };
         let by = (key.0.clone(), customer);
-        if let Some(names) = self.referents.get_mut(&by) {
-            names.remove(&key.1);
-            if names.is_empty() {
-                self.referents.remove(&by);
-            }
+        if let Some(names) = self.referents.get_mut(&by)
+            && !names.remove(&key.1)
+        {
+            self.referents.remove(&by);
         }
     }
 }
@@ -135,7 +179,7 @@ impl<K: CustomerReferent> ByCustomer<K> {
             .referents
             .get(&(namespace.to_owned(), customer.to_owned()))
             .into_iter()
-            .flatten()
+            .flat_map(Names::iter)
             .map(|name| ObjectRef::new(name).within(namespace))
             .collect()
     }
@@ -175,6 +219,14 @@ mod tests {
         index.observe(&watcher::Event::Apply(sub("a", "s2", "d")));
         assert_eq!(names(&index, "a", "c"), ["s1"]);
         assert_eq!(names(&index, "a", "d"), ["s2"]);
+        index.observe(&watcher::Event::Apply(sub("a", "s4", "c")));
+        index.observe(&watcher::Event::Apply(sub("a", "s0", "c")));
+        assert_eq!(names(&index, "a", "c"), ["s0", "s1", "s4"]);
+        index.observe(&watcher::Event::Delete(sub("a", "s4", "c")));
+        index.observe(&watcher::Event::Delete(sub("a", "s0", "c")));
+        assert_eq!(names(&index, "a", "c"), ["s1"]);
+        index.observe(&watcher::Event::Delete(sub("a", "s0", "c")));
+        assert_eq!(names(&index, "a", "c"), ["s1"], "removing one not there");
         index.observe(&watcher::Event::Delete(sub("a", "s1", "c")));
         assert!(names(&index, "a", "c").is_empty());
         // A relist that no longer contains s3 drops it.

@@ -16,12 +16,14 @@ pub mod secret;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
+use crate::changes::uid_key;
 use crate::context::Context;
 use crate::error::Error;
 use crate::feed::{self, ByCustomer};
@@ -97,12 +99,55 @@ fn secret_changes(
     })
 }
 
-/// What [`secret_changes`] remembers of each Secret: its uid, resourceVersion and
-/// owners (enough to trigger its ApiKey), not its data.
+/// What [`secret_changes`] remembers of each Secret (by uid): enough to tell a change
+/// and to trigger its ApiKey, in some 200 bytes, not the Secret's metadata.
 #[derive(Default)]
 struct SeenSecrets {
-    by_uid: std::collections::HashMap<String, PartialObjectMeta<Secret>>,
-    relisted: Option<std::collections::HashSet<String>>,
+    by_uid: std::collections::HashMap<u128, Seen>,
+    relisted: Option<std::collections::HashSet<u128>>,
+}
+
+struct Seen {
+    resource_version: Option<String>,
+    namespace: Option<String>,
+    /// The ApiKey that controls the Secret, if any.
+    owner: Option<String>,
+}
+
+impl Seen {
+    fn of(secret: &PartialObjectMeta<Secret>) -> Self {
+        let meta = &secret.metadata;
+        let owner = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == KIND && o.controller == Some(true))
+            .map(|o| o.name.clone());
+        Self {
+            resource_version: meta.resource_version.clone(),
+            namespace: meta.namespace.clone(),
+            owner,
+        }
+    }
+
+    /// A stand-in for the Secret that triggers its ApiKey (through its owner).
+    fn trigger(self) -> PartialObjectMeta<Secret> {
+        let owner = self.owner.map(|name| OwnerReference {
+            api_version: ApiKey::api_version(&()).into_owned(),
+            kind: KIND.to_owned(),
+            name,
+            controller: Some(true),
+            ..OwnerReference::default()
+        });
+        PartialObjectMeta {
+            metadata: kube::api::ObjectMeta {
+                namespace: self.namespace,
+                owner_references: owner.map(|o| vec![o]),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
 }
 
 impl SeenSecrets {
@@ -117,51 +162,102 @@ impl SeenSecrets {
                 Vec::new()
             }
             watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
-                let uid = s.metadata.uid.clone().unwrap_or_default();
+                let uid = uid_key(s.metadata.uid.as_deref());
                 if let Some(relisted) = self.relisted.as_mut() {
-                    relisted.insert(uid.clone());
+                    relisted.insert(uid);
                 }
-                let kept = trimmed(&s);
-                let before = self.by_uid.insert(uid, kept);
+                let before = self.by_uid.insert(uid, Seen::of(&s));
                 // Changed since seen; the first sight is not a change.
-                let changed = before
-                    .is_some_and(|b| b.metadata.resource_version != s.metadata.resource_version);
+                let changed =
+                    before.is_some_and(|b| b.resource_version != s.metadata.resource_version);
                 if changed { vec![s] } else { Vec::new() }
             }
             watcher::Event::Delete(s) => {
-                self.by_uid
-                    .remove(s.metadata.uid.as_deref().unwrap_or_default());
+                self.by_uid.remove(&uid_key(s.metadata.uid.as_deref()));
                 vec![s]
             }
             watcher::Event::InitDone => {
                 let Some(relisted) = self.relisted.take() else {
                     return Vec::new();
                 };
-                let gone: Vec<String> = self
+                let gone: Vec<u128> = self
                     .by_uid
                     .keys()
                     .filter(|uid| !relisted.contains(*uid))
-                    .cloned()
+                    .copied()
                     .collect();
                 gone.iter()
                     .filter_map(|uid| self.by_uid.remove(uid))
+                    .map(Seen::trigger)
                     .collect()
             }
         }
     }
 }
 
-/// A Secret's identity and owners only.
-fn trimmed(secret: &PartialObjectMeta<Secret>) -> PartialObjectMeta<Secret> {
-    let meta = &secret.metadata;
-    let mut kept = secret.clone();
-    kept.metadata = kube::api::ObjectMeta {
-        name: meta.name.clone(),
-        namespace: meta.namespace.clone(),
-        uid: meta.uid.clone(),
-        resource_version: meta.resource_version.clone(),
-        owner_references: meta.owner_references.clone(),
-        ..Default::default()
-    };
-    kept
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::ObjectRef;
+
+    fn secret(uid: &str, rv: &str, owner: &str) -> PartialObjectMeta<Secret> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"namespace": "ns", "name": format!("{owner}-api-key"), "uid": uid,
+                "resourceVersion": rv, "ownerReferences": [{"apiVersion": "m3o.com/v1alpha1",
+                "kind": "ApiKey", "name": owner, "uid": "u", "controller": true}]},
+        }))
+        .expect("a valid Secret")
+    }
+
+    /// The ApiKeys the Secrets trigger, as the controller's `owns_stream` maps them.
+    fn owners(secrets: Vec<PartialObjectMeta<Secret>>) -> Vec<String> {
+        secrets
+            .iter()
+            .flat_map(|s| {
+                let ns = s.metadata.namespace.as_deref();
+                s.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .filter_map(move |o| {
+                        ObjectRef::<ApiKey>::from_owner_ref(ns, o, ()).map(|r| r.name)
+                    })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seen_secrets_trigger_on_change_deletion_and_relist_loss_not_first_sight() {
+        let (a, b) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let mut seen = SeenSecrets::default();
+        assert!(
+            seen.observe(watcher::Event::Apply(secret(&a, "1", "ka")))
+                .is_empty()
+        );
+        assert!(
+            seen.observe(watcher::Event::Apply(secret(&b, "1", "kb")))
+                .is_empty()
+        );
+        assert!(
+            seen.observe(watcher::Event::Apply(secret(&a, "1", "ka")))
+                .is_empty()
+        );
+        let changed = seen.observe(watcher::Event::Apply(secret(&a, "2", "ka")));
+        assert_eq!(owners(changed), ["ka"]);
+        // A relist without b: b was deleted while the watch was down.
+        assert!(seen.observe(watcher::Event::Init).is_empty());
+        assert!(
+            seen.observe(watcher::Event::InitApply(secret(&a, "2", "ka")))
+                .is_empty()
+        );
+        let gone = seen.observe(watcher::Event::InitDone);
+        assert_eq!(owners(gone), ["kb"]);
+        let deleted = seen.observe(watcher::Event::Delete(secret(&a, "3", "ka")));
+        assert_eq!(owners(deleted), ["ka"]);
+        assert!(seen.by_uid.is_empty());
+    }
 }

@@ -313,6 +313,59 @@ fn cpu_per_object(before: &[(&str, f64)], after: &[(&str, f64)], objects: usize)
     format!("{} (ms per object)", parts.join(", "))
 }
 
+/// The API server's requests so far (`apiserver_request_total`), by verb, resource
+/// and subresource.
+async fn api_requests(client: &Client) -> Result<std::collections::BTreeMap<String, f64>> {
+    let request = axum::http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let subresource = label("subresource");
+        let key = match subresource.as_str() {
+            "" => format!("{} {}", label("verb"), label("resource")),
+            sub => format!("{} {}/{sub}", label("verb"), label("resource")),
+        };
+        *out.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+/// The requests made between two `api_requests` samples, per object (the main ones).
+fn requests_per_object(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+    objects: usize,
+) -> String {
+    let mut per: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v - before.get(k).unwrap_or(&0.0)) / objects as f64,
+            )
+        })
+        .filter(|(_, v)| *v >= 0.01)
+        .collect();
+    per.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = per.iter().map(|(_, v)| v).sum();
+    let parts: Vec<String> = per.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    format!("{total:.2} ({})", parts.join(", "))
+}
+
 async fn metrics(port: u16) -> Result<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -421,8 +474,10 @@ async fn main() -> Result<()> {
     new_namespace(&client, &raw_ns).await?;
     let started = Instant::now();
     let raw_cpu0 = cpu_by_process(None);
+    let raw_requests0 = api_requests(&client).await?;
     apply_fleet(&client, &raw_ns, n, inflight, Work::Raw).await?;
     let raw_rate = objects as f64 / started.elapsed().as_secs_f64();
+    let raw_requests = requests_per_object(&raw_requests0, &api_requests(&client).await?, objects);
     let raw_cpu = cpu_per_object(&raw_cpu0, &cpu_by_process(None), objects);
 
     // 1b. The floor of the contract: every request the operator must make, no operator.
@@ -431,8 +486,11 @@ async fn main() -> Result<()> {
     let watches = operator_watches(&client, &floor_ns);
     let started = Instant::now();
     let floor_cpu0 = cpu_by_process(None);
+    let floor_requests0 = api_requests(&client).await?;
     apply_fleet(&client, &floor_ns, n, inflight, Work::Contract).await?;
     let floor_rate = objects as f64 / started.elapsed().as_secs_f64();
+    let floor_requests =
+        requests_per_object(&floor_requests0, &api_requests(&client).await?, objects);
     let floor_cpu = cpu_per_object(&floor_cpu0, &cpu_by_process(None), objects);
     watches.abort();
 
@@ -529,6 +587,7 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let bulk_cpu0 = cpu_seconds(pid);
     let bulk_all_cpu0 = cpu_by_process(Some(pid));
+    let bulk_requests0 = api_requests(&client).await?;
     apply_fleet(&client, &ns, n, inflight, Work::Apply).await?;
     let applied = started.elapsed();
     let apis: Vec<_> = KINDS.iter().map(|k| api(&client, &ns, k)).collect();
@@ -557,6 +616,8 @@ async fn main() -> Result<()> {
     let all_ready = started.elapsed();
     let bulk_cpu = cpu_seconds(pid).zip(bulk_cpu0).map(|(b, a)| b - a);
     let bulk_all_cpu = cpu_per_object(&bulk_all_cpu0, &cpu_by_process(Some(pid)), objects);
+    let bulk_requests =
+        requests_per_object(&bulk_requests0, &api_requests(&client).await?, objects);
     let _ = stop.send(true);
     let bulk_latencies = during_bulk.await?;
     let rate = objects as f64 / all_ready.as_secs_f64();
@@ -628,6 +689,9 @@ async fn main() -> Result<()> {
         "ratio to the contract floor:   {:.0} %",
         rate / floor_rate * 100.0
     );
+    println!("API requests per object, raw:  {raw_requests}");
+    println!("  contract floor:              {floor_requests}");
+    println!("  apply -> all Ready:          {bulk_requests}");
     println!("CPU, raw:                      {raw_cpu}");
     println!("CPU, contract floor:           {floor_cpu}");
     println!("CPU, apply -> all Ready:       {bulk_all_cpu}");

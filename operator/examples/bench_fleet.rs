@@ -102,10 +102,26 @@ async fn contract_requests(
             .create(&PostParams::default(), &secret)
             .await?;
     }
-    let status = json!({"apiVersion": "m3o.com/v1alpha1", "kind": kind, "status": {
-        "observedGeneration": 1, "conditions": [{
-            "type": "Ready", "status": "True", "reason": "Provisioned", "message": "floor",
-            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}});
+    // A status the size of the operator's: its ids, state and a Ready message.
+    let id = uuid::Uuid::new_v4().to_string();
+    let ready = json!({"type": "Ready", "status": "True", "reason": "Provisioned",
+        "message": format!("{kind} {name} provisioned ({id}), config at /m3o/customers/{id}"),
+        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1});
+    let mut status = json!({"observedGeneration": 1, "customerId": id, "state": "active",
+        "conditions": [ready]});
+    match kind {
+        "Subscription" => {
+            status["subscriptionId"] = json!(id);
+            status["plan"] = json!("pro");
+        }
+        "ApiKey" => {
+            status["keyId"] = json!(id);
+            status["secretName"] = json!(format!("{name}-api-key"));
+            status["keyPrefix"] = json!("m3o_abcd");
+        }
+        _ => {}
+    }
+    let status = json!({"apiVersion": "m3o.com/v1alpha1", "kind": kind, "status": status});
     api.patch_status(
         &name,
         &PatchParams::apply("bench").force(),
@@ -119,7 +135,7 @@ async fn contract_requests(
     let event = Event {
         type_: EventType::Normal,
         reason: "Provisioned".into(),
-        note: Some("floor".into()),
+        note: Some(format!("{kind} {name} provisioned, config in sync")),
         action: "Provision".into(),
         secondary: None,
     };

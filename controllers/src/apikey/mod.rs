@@ -100,7 +100,7 @@ fn secret_changes(
 }
 
 /// What [`secret_changes`] remembers of each Secret (by uid): enough to tell a change
-/// and to trigger its ApiKey, in some 200 bytes, not the Secret's metadata.
+/// and to trigger its ApiKey, in some 250 bytes, not the Secret's metadata.
 #[derive(Default)]
 struct SeenSecrets {
     by_uid: std::collections::HashMap<u128, Seen>,
@@ -110,6 +110,8 @@ struct SeenSecrets {
 struct Seen {
     resource_version: Option<String>,
     namespace: Option<String>,
+    /// kube's triggers need it (`ObjectRef::from_obj` of the Secret).
+    name: Option<String>,
     /// The ApiKey that controls the Secret, if any.
     owner: Option<String>,
 }
@@ -126,6 +128,7 @@ impl Seen {
         Self {
             resource_version: meta.resource_version.clone(),
             namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
             owner,
         }
     }
@@ -142,6 +145,7 @@ impl Seen {
         PartialObjectMeta {
             metadata: kube::api::ObjectMeta {
                 namespace: self.namespace,
+                name: self.name,
                 owner_references: owner.map(|o| vec![o]),
                 ..Default::default()
             },
@@ -198,7 +202,6 @@ impl SeenSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::runtime::reflector::ObjectRef;
 
     fn secret(uid: &str, rv: &str, owner: &str) -> PartialObjectMeta<Secret> {
         serde_json::from_value(serde_json::json!({
@@ -210,20 +213,15 @@ mod tests {
         .expect("a valid Secret")
     }
 
-    /// The ApiKeys the Secrets trigger, as the controller's `owns_stream` maps them.
+    /// The ApiKeys the Secrets trigger, through kube's own `trigger_owners` (what the
+    /// controller's `owns_stream` runs).
     fn owners(secrets: Vec<PartialObjectMeta<Secret>>) -> Vec<String> {
-        secrets
-            .iter()
-            .flat_map(|s| {
-                let ns = s.metadata.namespace.as_deref();
-                s.metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .filter_map(move |o| {
-                        ObjectRef::<ApiKey>::from_owner_ref(ns, o, ()).map(|r| r.name)
-                    })
-            })
+        use futures::StreamExt;
+        let stream = futures::stream::iter(secrets.into_iter().map(Ok::<_, ()>));
+        let requests = kube::runtime::controller::trigger_owners::<ApiKey, _>(stream, (), ());
+        futures::executor::block_on(requests.collect::<Vec<_>>())
+            .into_iter()
+            .filter_map(|r| r.ok().map(|r| r.obj_ref.name))
             .collect()
     }
 

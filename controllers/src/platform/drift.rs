@@ -54,9 +54,6 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     let mut scan = FleetScan::new(&ctx.db, &ctx.platform, RESYNC_PAGE);
     while let Some(keys) = scan.next_keys().await? {
         for (relative, wanted, actual) in keys {
-            if desired::is_gateway_report(&relative) {
-                continue;
-            }
             let differs = match (actual, wanted) {
                 (Some(v), Some(entry)) => !same_value(&v, &entry.value),
                 (None, None) => false,

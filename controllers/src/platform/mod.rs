@@ -236,27 +236,20 @@ impl PlatformConfig {
     }
 
     /// Up to `limit` keys and values under the prefix from the raw key `from` (from the
-    /// start when `None`), in key order, read at `revision` (the current one when
-    /// `None`). Pass the page's `next` and `revision` back for the next page, so that a
-    /// scan of any size sees one consistent snapshot.
+    /// start when `None`), in key order, at the current revision. Pass the page's `next`
+    /// back for the next page.
     pub async fn page(
         &self,
         from: Option<&[u8]>,
         limit: i64,
-        revision: Option<i64>,
     ) -> Result<KeyPage, etcd_client::Error> {
         let prefix = format!("{}/", self.prefix);
         let start = from.map_or_else(|| prefix.clone().into_bytes(), <[u8]>::to_vec);
-        let mut options = GetOptions::new()
+        let options = GetOptions::new()
             .with_range(m3o_connect::etcd::prefix_range_end(prefix.as_bytes()))
             .with_limit(limit);
-        if let Some(revision) = revision {
-            options = options.with_revision(revision);
-        }
         let resp = self.client.kv_client().get(start, Some(options)).await?;
-        let revision = revision
-            .or_else(|| resp.header().map(|h| h.revision()))
-            .unwrap_or_default();
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
         let page = resp.kvs();
         // The next page starts just after the last key read.
         let next = page.last().filter(|_| resp.more()).map(|last| {

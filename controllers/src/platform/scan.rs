@@ -32,9 +32,9 @@ impl From<ScanError> for Error {
     }
 }
 
-/// Walks both sides of the prefix: etcd's keys (range pages at the revision of the
-/// first, one consistent snapshot) and the desired keys (pages of each
-/// [`desired::Family`] in turn, which together come in etcd's key order).
+/// Walks both sides of the prefix: etcd's keys (range pages, gateway reports left out)
+/// and the desired keys (pages of each [`desired::Family`] in turn, which together come
+/// in etcd's key order).
 pub struct FleetScan<'a> {
     db: &'a PgPool,
     platform: &'a PlatformConfig,
@@ -65,7 +65,8 @@ impl<'a> FleetScan<'a> {
         }
     }
 
-    /// The etcd revision the stored side is read at (known once a page was read).
+    /// The etcd revision of the first page (known once a page was read): every change
+    /// after it is either in a later page or for a watch started from it to see.
     pub fn revision(&self) -> Option<i64> {
         self.revision
     }
@@ -108,19 +109,24 @@ impl<'a> FleetScan<'a> {
     }
 
     async fn read_actual(&mut self) -> Result<(), ScanError> {
+        // Each page at the current revision, not pinned to the first one: a scan that
+        // repairs as it goes may outlast etcd's compaction of that revision. A change
+        // after the first page's revision reaches the watch started from it.
         let page = self
             .platform
-            .page(self.from.as_deref(), self.page, self.revision)
+            .page(self.from.as_deref(), self.page)
             .await
             .map_err(ScanError::ConfigStore)?;
-        self.revision = Some(page.revision);
+        self.revision.get_or_insert(page.revision);
         let last = page.next.is_none();
         self.from = page.next;
         let prefix = format!("{}/", self.platform.prefix());
+        // Gateway replicas' reports are theirs, not derived from any record.
         let relative = page
             .kvs
             .into_iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
+            .filter(|(relative, _)| !desired::is_gateway_report(relative))
             .collect();
         self.merge.push_actual(relative, last);
         Ok(())

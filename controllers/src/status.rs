@@ -1,10 +1,12 @@
 //! Status writing shared by every kind: conditions with stable transition times, and
-//! one write per change (the whole status, one JSON-patch replace) under the
+//! one write per change (the whole status, by server-side apply) under the
 //! `m3o-operator` field manager.
 
 use std::fmt::Debug;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    Condition, FieldsV1, ManagedFieldsEntry, Time,
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
@@ -206,21 +208,92 @@ pub async fn apply<K: HasStatus>(
     if obj.status() == Some(status) {
         return Ok(false);
     }
-    // Server-side apply under one field manager (DESIGN.md section 3): the operator
-    // owns every status field it writes, and `kubectl get -o yaml --show-managed-fields`
-    // names it.
+    let name = obj.name_any();
+    let written = apply_status(api, &name, status).await?;
+    // A status an earlier release wrote by update (a JSON patch, cdcc36c..71844fa) left
+    // that manager's entry, which keeps every field it wrote even once this apply leaves
+    // it out. Its fields move to the apply's entry once (as kubectl's upgrade from
+    // client-side apply does), and the status applied again drops them.
+    if let Some(fields) = upgraded_managed_fields(written.managed_fields()) {
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": written.resource_version(),
+            "managedFields": fields,
+        }});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        apply_status(api, &name, status).await?;
+    }
+    Ok(true)
+}
+
+/// Server-side apply of the whole status under one field manager (DESIGN.md section 3):
+/// the operator owns every status field it writes, and `kubectl get -o yaml
+/// --show-managed-fields` names it.
+async fn apply_status<K: HasStatus>(
+    api: &Api<K>,
+    name: &str,
+    status: &K::Status,
+) -> Result<K, kube::Error> {
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
     api.patch_status(
-        &obj.name_any(),
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
-    Ok(true)
+    .await
+}
+
+/// `entries` with the status entry of [`FIELD_MANAGER`]'s updates merged into the one of
+/// its applies; `None` when there is no such update entry (nothing to upgrade).
+pub fn upgraded_managed_fields(entries: &[ManagedFieldsEntry]) -> Option<Vec<ManagedFieldsEntry>> {
+    let ours = |e: &ManagedFieldsEntry, operation: &str| {
+        e.manager.as_deref() == Some(FIELD_MANAGER)
+            && e.operation.as_deref() == Some(operation)
+            && e.subresource.as_deref() == Some("status")
+    };
+    let update = entries.iter().find(|e| ours(e, "Update"))?;
+    let mut out: Vec<ManagedFieldsEntry> = entries
+        .iter()
+        .filter(|e| !ours(e, "Update"))
+        .cloned()
+        .collect();
+    match out.iter_mut().find(|e| ours(e, "Apply")) {
+        Some(apply) => {
+            if let Some(FieldsV1(more)) = &update.fields_v1 {
+                let fields = apply
+                    .fields_v1
+                    .get_or_insert_with(|| FieldsV1(serde_json::json!({})));
+                union(&mut fields.0, more);
+            }
+        }
+        None => out.push(ManagedFieldsEntry {
+            operation: Some("Apply".into()),
+            ..update.clone()
+        }),
+    }
+    Some(out)
+}
+
+/// Adds every field of the field set `more` to `into` (both `fieldsV1` trees).
+fn union(into: &mut serde_json::Value, more: &serde_json::Value) {
+    match (into, more) {
+        (serde_json::Value::Object(into), serde_json::Value::Object(more)) => {
+            for (key, value) in more {
+                match into.get_mut(key) {
+                    Some(existing) => union(existing, value),
+                    None => {
+                        into.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (into, more) if into.is_null() => *into = more.clone(),
+        _ => {}
+    }
 }
 
 /// Records a failed reconcile in `Ready` (and `extra`), keeping every other field.
@@ -241,6 +314,60 @@ pub async fn apply_failure<K: HasStatus>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(
+        manager: &str,
+        operation: &str,
+        subresource: Option<&str>,
+        fields: serde_json::Value,
+    ) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some(operation.into()),
+            subresource: subresource.map(Into::into),
+            fields_type: Some("FieldsV1".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_update_entry_of_ours_on_status_is_merged_into_our_apply_entry() {
+        let spec = entry(
+            "kubectl",
+            "Apply",
+            None,
+            serde_json::json!({"f:spec": {"f:email": {}}}),
+        );
+        let applied = entry(
+            FIELD_MANAGER,
+            "Apply",
+            Some("status"),
+            serde_json::json!({"f:status": {"f:state": {}, "f:conditions": {}}}),
+        );
+        let updated = entry(
+            FIELD_MANAGER,
+            "Update",
+            Some("status"),
+            serde_json::json!({"f:status": {"f:state": {}, "f:expiresAt": {}}}),
+        );
+        assert_eq!(
+            upgraded_managed_fields(&[spec.clone(), applied.clone()]),
+            None
+        );
+        let upgraded =
+            upgraded_managed_fields(&[spec.clone(), applied, updated.clone()]).expect("an upgrade");
+        assert_eq!(upgraded.len(), 2);
+        assert_eq!(upgraded[0], spec);
+        assert_eq!(
+            upgraded[1].fields_v1,
+            Some(FieldsV1(serde_json::json!({"f:status": {
+                "f:state": {}, "f:conditions": {}, "f:expiresAt": {}}})))
+        );
+        // Only the update entry: it becomes the apply entry.
+        let alone = upgraded_managed_fields(&[updated]).expect("an upgrade");
+        assert_eq!(alone[0].operation.as_deref(), Some("Apply"));
+    }
 
     #[test]
     fn unchanged_condition_keeps_its_transition_time() {

@@ -266,3 +266,63 @@ async fn a_secret_name_taken_by_another_secret_is_a_conflict_and_left_alone() {
         .expect("count");
     assert_eq!(rows, 0, "no key recorded");
 }
+
+/// A status an earlier release wrote by update (a patch by the same field manager)
+/// keeps that manager's ownership of its fields; the next status write moves them to
+/// the apply's entry, so a field the status no longer has is removed, not left stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_field_an_earlier_release_wrote_by_update_is_removed_once_left_out() {
+    use kube::api::{Patch, PatchParams};
+    let env = TestEnv::new("key-upgrade").await;
+    let _op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+    let at = chrono::Utc::now() + chrono::Duration::days(30);
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    env.apply_apikey("ci", key_spec(json!({"expiresAt": at})))
+        .await;
+    let k = env.wait_apikey("ci", "True", "Provisioned").await;
+    assert!(k.status.and_then(|s| s.expires_at).is_some());
+
+    // What the earlier release did: a status field written by a patch, an update (which
+    // owns only the fields whose value it changes).
+    let earlier = PatchParams {
+        field_manager: Some("m3o-operator".into()),
+        ..Default::default()
+    };
+    let later = chrono::Utc::now() + chrono::Duration::days(31);
+    let later = later.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let patch = json!({"status": {"expiresAt": later}});
+    let written = env
+        .apikeys()
+        .patch_status("ci", &earlier, &Patch::Merge(&patch))
+        .await
+        .expect("status update");
+    let updates = |k: &m3o_crds::ApiKey| {
+        k.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|f| {
+                f.manager.as_deref() == Some("m3o-operator")
+                    && f.operation.as_deref() == Some("Update")
+                    && f.subresource.as_deref() == Some("status")
+            })
+            .count()
+    };
+    assert_eq!(updates(&written), 1, "the earlier release's entry");
+
+    env.apply_apikey("ci", key_spec(json!({}))).await;
+    let k = eventually(
+        "status.expiresAt removed",
+        Duration::from_secs(30),
+        || async {
+            let k = env.apikeys().get("ci").await.ok()?;
+            let status = k.status.as_ref()?;
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (ready.observed_generation == k.metadata.generation && status.expires_at.is_none())
+                .then_some(k)
+        },
+    )
+    .await;
+    assert_eq!(updates(&k), 0, "upgraded to the apply's entry");
+}

@@ -3,7 +3,11 @@
 //! work; asserts nothing. `make bench` runs it in release mode (`BENCH_N=10000`).
 //!
 //! 1. Raw rate: the same objects created (server-side apply) plus one status write each,
-//!    by the same client with the same requests in flight, no operator running.
+//!    by the same client with the same requests in flight, no operator running. Then the
+//!    contract floor: every API request DESIGN.md has the operator make per object (its
+//!    finalizer, a key's Secret, status by server-side apply, one Event), with the
+//!    operator's watches open, and still no operator: the best the operator could do.
+//!    Both print the API server's requests per object and each process's CPU.
 //! 2. The operator (target/<profile>/m3o-operator) on a fresh namespace, schema and
 //!    prefixes: apply -> all Ready, with a probe key blocked and unblocked meanwhile
 //!    (block -> etcd entry changed, during the bulk apply).
@@ -275,10 +279,11 @@ const SERVERS: [(&str, &str); 5] = [
     ("redis", "redis-server"),
 ];
 
-/// CPU seconds used so far by each of `SERVERS` (all its processes), by this
-/// benchmark and by the operator (`pid`), so each phase can say where the cores went.
-fn cpu_by_process(operator: Option<u32>) -> Vec<(&'static str, f64)> {
-    let mut used = vec![0.0; SERVERS.len()];
+/// CPU seconds used so far by each of `SERVERS` (every such process on the machine:
+/// run the benchmark alone), by this benchmark and by the operator (`pid`), so each
+/// phase can say where the cores went; `None` for a process not found.
+fn cpu_by_process(operator: Option<u32>) -> Vec<(&'static str, Option<f64>)> {
+    let mut used: Vec<Option<f64>> = vec![None; SERVERS.len()];
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
             .file_name()
@@ -300,29 +305,33 @@ fn cpu_by_process(operator: Option<u32>) -> Vec<(&'static str, f64)> {
             }
         });
         if let (Some(i), Some(cpu)) = (found, cpu_seconds(pid)) {
-            used[i] += cpu;
+            *used[i].get_or_insert(0.0) += cpu;
         }
     }
     let mut all: Vec<_> = SERVERS.iter().map(|(name, _)| *name).zip(used).collect();
-    all.push((
-        "benchmark client",
-        cpu_seconds(std::process::id()).unwrap_or(0.0),
-    ));
+    all.push(("benchmark client", cpu_seconds(std::process::id())));
     if let Some(pid) = operator {
-        all.push(("operator", cpu_seconds(pid).unwrap_or(0.0)));
+        all.push(("operator", cpu_seconds(pid)));
     }
     all
 }
 
 /// The CPU each process used between two `cpu_by_process` samples, per object.
-fn cpu_per_object(before: &[(&str, f64)], after: &[(&str, f64)], objects: usize) -> String {
+fn cpu_per_object(
+    before: &[(&str, Option<f64>)],
+    after: &[(&str, Option<f64>)],
+    objects: usize,
+) -> String {
     let mut total = 0.0;
     let mut parts: Vec<String> = after
         .iter()
         .zip(before)
-        .map(|((name, b), (_, a))| {
-            total += b - a;
-            format!("{name} {:.2}", (b - a) * 1e3 / objects as f64)
+        .map(|((name, b), (_, a))| match (a, b) {
+            (Some(a), Some(b)) => {
+                total += b - a;
+                format!("{name} {:.2}", (b - a) * 1e3 / objects as f64)
+            }
+            _ => format!("{name} ? (not found)"),
         })
         .collect();
     parts.push(format!("total {:.2}", total * 1e3 / objects as f64));
@@ -488,9 +497,9 @@ async fn main() -> Result<()> {
     // 1. The raw API-server rate of the same work.
     let raw_ns = format!("bench-raw-{id}");
     new_namespace(&client, &raw_ns).await?;
-    let started = Instant::now();
     let raw_cpu0 = cpu_by_process(None);
     let raw_requests0 = api_requests(&client).await?;
+    let started = Instant::now();
     apply_fleet(&client, &raw_ns, n, inflight, Work::Raw).await?;
     let raw_rate = objects as f64 / started.elapsed().as_secs_f64();
     let raw_requests = requests_per_object(&raw_requests0, &api_requests(&client).await?, objects);
@@ -500,9 +509,9 @@ async fn main() -> Result<()> {
     let floor_ns = format!("bench-floor-{id}");
     new_namespace(&client, &floor_ns).await?;
     let watches = operator_watches(&client, &floor_ns);
-    let started = Instant::now();
     let floor_cpu0 = cpu_by_process(None);
     let floor_requests0 = api_requests(&client).await?;
+    let started = Instant::now();
     apply_fleet(&client, &floor_ns, n, inflight, Work::Contract).await?;
     let floor_rate = objects as f64 / started.elapsed().as_secs_f64();
     let floor_requests =
@@ -600,10 +609,10 @@ async fn main() -> Result<()> {
         })
     };
 
-    let started = Instant::now();
     let bulk_cpu0 = cpu_seconds(pid);
     let bulk_all_cpu0 = cpu_by_process(Some(pid));
     let bulk_requests0 = api_requests(&client).await?;
+    let started = Instant::now();
     apply_fleet(&client, &ns, n, inflight, Work::Apply).await?;
     let applied = started.elapsed();
     let apis: Vec<_> = KINDS.iter().map(|k| api(&client, &ns, k)).collect();

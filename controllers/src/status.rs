@@ -214,14 +214,25 @@ pub async fn apply<K: HasStatus>(
     // that manager's entry, which keeps every field it wrote even once this apply leaves
     // it out. Its fields move to the apply's entry once (as kubectl's upgrade from
     // client-side apply does), and the status applied again drops them.
+    // Best effort: the status is written; a refusal other than a conflict (RBAC, an
+    // admission policy) is logged, not a failure of the object.
     if let Some(fields) = upgraded_managed_fields(written.managed_fields()) {
         let patch = serde_json::json!({"metadata": {
             "resourceVersion": written.resource_version(),
             "managedFields": fields,
         }});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        apply_status(api, &name, status).await?;
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                apply_status(api, &name, status).await?;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => return Err(kube::Error::Api(e)),
+            Err(err) => {
+                tracing::warn!(%err, "could not move the status fields of an earlier release's writes to server-side apply");
+            }
+        }
     }
     Ok(true)
 }
@@ -255,25 +266,30 @@ pub fn upgraded_managed_fields(entries: &[ManagedFieldsEntry]) -> Option<Vec<Man
             && e.operation.as_deref() == Some(operation)
             && e.subresource.as_deref() == Some("status")
     };
-    let update = entries.iter().find(|e| ours(e, "Update"))?;
+    let updates: Vec<&ManagedFieldsEntry> = entries.iter().filter(|e| ours(e, "Update")).collect();
+    let first = *updates.first()?;
     let mut out: Vec<ManagedFieldsEntry> = entries
         .iter()
         .filter(|e| !ours(e, "Update"))
         .cloned()
         .collect();
-    match out.iter_mut().find(|e| ours(e, "Apply")) {
-        Some(apply) => {
+    if !out.iter().any(|e| ours(e, "Apply")) {
+        out.push(ManagedFieldsEntry {
+            operation: Some("Apply".into()),
+            fields_v1: None,
+            ..first.clone()
+        });
+    }
+    // Every update entry (one per apiVersion written) folds into the apply entry.
+    if let Some(apply) = out.iter_mut().find(|e| ours(e, "Apply")) {
+        let fields = apply
+            .fields_v1
+            .get_or_insert_with(|| FieldsV1(serde_json::json!({})));
+        for update in updates {
             if let Some(FieldsV1(more)) = &update.fields_v1 {
-                let fields = apply
-                    .fields_v1
-                    .get_or_insert_with(|| FieldsV1(serde_json::json!({})));
                 union(&mut fields.0, more);
             }
         }
-        None => out.push(ManagedFieldsEntry {
-            operation: Some("Apply".into()),
-            ..update.clone()
-        }),
     }
     Some(out)
 }
@@ -364,9 +380,24 @@ mod tests {
             Some(FieldsV1(serde_json::json!({"f:status": {
                 "f:state": {}, "f:conditions": {}, "f:expiresAt": {}}})))
         );
-        // Only the update entry: it becomes the apply entry.
-        let alone = upgraded_managed_fields(&[updated]).expect("an upgrade");
+        // Only update entries (one per apiVersion): they become the apply entry.
+        let older = ManagedFieldsEntry {
+            api_version: Some("m3o.com/v1alpha0".into()),
+            ..entry(
+                FIELD_MANAGER,
+                "Update",
+                Some("status"),
+                serde_json::json!({"f:status": {"f:plan": {}}}),
+            )
+        };
+        let alone = upgraded_managed_fields(&[updated, older]).expect("an upgrade");
+        assert_eq!(alone.len(), 1);
         assert_eq!(alone[0].operation.as_deref(), Some("Apply"));
+        assert_eq!(
+            alone[0].fields_v1,
+            Some(FieldsV1(serde_json::json!({"f:status": {
+                "f:state": {}, "f:expiresAt": {}, "f:plan": {}}})))
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 /// Compares every key under the prefix with Postgres and fixes differences, a page at
 /// a time ([`FleetScan`]: memory independent of the fleet). Returns the etcd revision
-/// the stored side was read at.
+/// of its first page, for the watch to start after.
 pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     ctx.metrics.config_resyncs.inc();
     let mut scan = FleetScan::new(&ctx.db, &ctx.platform, RESYNC_PAGE);

@@ -66,7 +66,9 @@ impl<'a> FleetScan<'a> {
     }
 
     /// The etcd revision of the first page (known once a page was read): every change
-    /// after it is either in a later page or for a watch started from it to see.
+    /// after it is either in a later page or for a watch started from it to see (as
+    /// long as etcd has not compacted it away; then the watch fails and the drift
+    /// watcher scans again).
     pub fn revision(&self) -> Option<i64> {
         self.revision
     }
@@ -111,7 +113,7 @@ impl<'a> FleetScan<'a> {
     async fn read_actual(&mut self) -> Result<(), ScanError> {
         // Each page at the current revision, not pinned to the first one: a scan that
         // repairs as it goes may outlast etcd's compaction of that revision. A change
-        // after the first page's revision reaches the watch started from it.
+        // after the first page's revision is for the watch started from it to see.
         let page = self
             .platform
             .page(self.from.as_deref(), self.page)

@@ -69,12 +69,13 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     // and read (then planned again) only when the create finds one there.
     let mut read = !rows.is_empty();
     let issued = loop {
-        let found = match read {
-            true => secrets
+        let found = if read {
+            secrets
                 .get_opt(&secret::secret_name(&key))
                 .await
-                .at(Step::Secret("reading"))?,
-            false => None,
+                .at(Step::Secret("reading"))?
+        } else {
+            None
         };
         let state = secret::inspect(found.as_ref(), &key);
         match plan::secret_action(&key, state, &rows, customer_obj.as_ref()) {

@@ -101,6 +101,15 @@ async fn watch(
         let Some(response) = message else {
             return Ok(());
         };
+        // History up to the revision it started from was compacted (a full resync
+        // whose repairs outlasted etcd's retention): compare again from now.
+        if response.compact_revision() > 0 {
+            return Err(Error::Transient(format!(
+                "etcd compacted the watch's start revision {} (compacted up to {}); resyncing",
+                after + 1,
+                response.compact_revision()
+            )));
+        }
         if response.canceled() {
             return Err(Error::Transient(format!(
                 "etcd watch canceled: {}",

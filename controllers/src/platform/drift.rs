@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use uuid::Uuid;
 
-use super::desired::{self, KeyOwner, same_value};
+use super::desired::{self, KeyOwner};
+use super::entry::verdict;
 use super::scan::FleetScan;
 use super::sync;
 use crate::context::Context;
@@ -54,12 +55,7 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     let mut scan = FleetScan::new(&ctx.db, &ctx.platform, RESYNC_PAGE);
     while let Some(keys) = scan.next_keys().await? {
         for (relative, wanted, actual) in keys {
-            let differs = match (actual, wanted) {
-                (Some(v), Some(entry)) => !same_value(&v, &entry.value),
-                (None, None) => false,
-                _ => true,
-            };
-            if differs {
+            if verdict(wanted.as_ref().map(|e| &e.value), actual.as_deref()).is_drift() {
                 repair(ctx, &relative).await?;
             }
         }
@@ -207,13 +203,11 @@ impl Clock {
 
 /// Brings one key back to what Postgres says after a change we did not make.
 async fn correct(ctx: &Context, relative: &str, current: Option<&[u8]>) -> Result<(), Error> {
-    match (
-        desired::desired_for(&mut *ctx.db.acquire().await?, relative).await?,
-        current,
-    ) {
-        (Some(entry), Some(v)) if same_value(v, &entry.value) => Ok(()),
-        (Some(_), _) | (None, Some(_)) => repair(ctx, relative).await,
-        (None, None) => Ok(()),
+    let desired = desired::desired_for(&mut *ctx.db.acquire().await?, relative).await?;
+    if verdict(desired.as_ref().map(|e| &e.value), current).is_drift() {
+        repair(ctx, relative).await
+    } else {
+        Ok(())
     }
 }
 

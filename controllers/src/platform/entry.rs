@@ -24,6 +24,51 @@ pub fn same_value(bytes: &[u8], value: &serde_json::Value) -> bool {
     serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| &v == value)
 }
 
+/// How an etcd entry compares with what Postgres says it should be: the drift
+/// watcher repairs what [`Verdict::is_drift`], `inspect` and `audit` report it.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Present and equal to the desired value.
+    Matches,
+    /// Present with another value (a hand edit not yet restored).
+    Differs,
+    /// Desired but absent.
+    Missing,
+    /// Present although no record wants it.
+    Unowned,
+    /// Neither desired nor present (e.g. a revoked key): as it should be.
+    Absent,
+}
+
+impl Verdict {
+    /// True when the entry is not as Postgres says.
+    pub fn is_drift(self) -> bool {
+        matches!(self, Self::Differs | Self::Missing | Self::Unowned)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Matches => "matches",
+            Self::Differs => "differs",
+            Self::Missing => "missing",
+            Self::Unowned => "unowned",
+            Self::Absent => "absent",
+        }
+    }
+}
+
+/// Compares an entry's raw value with its desired value (both optional).
+pub fn verdict(desired: Option<&serde_json::Value>, actual: Option<&[u8]>) -> Verdict {
+    match (desired, actual) {
+        (Some(want), Some(have)) if same_value(have, want) => Verdict::Matches,
+        (Some(_), Some(_)) => Verdict::Differs,
+        (Some(_), None) => Verdict::Missing,
+        (None, Some(_)) => Verdict::Unowned,
+        (None, None) => Verdict::Absent,
+    }
+}
+
 /// A reference to a resource of kind `K`, for Events about it.
 pub fn owner_ref<K: Resource<DynamicType = ()>>(
     namespace: &str,

@@ -4,54 +4,11 @@
 
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use m3o_controllers::apikey::secret::{self, DATA_API_KEY, DATA_KEY_ID};
-use m3o_controllers::platform::desired::{DesiredEntry, same_value};
+use m3o_controllers::platform::desired::DesiredEntry;
+pub use m3o_controllers::platform::entry::{Verdict, verdict};
 use m3o_controllers::store::api_keys::ApiKeyRow;
 use m3o_events::customers::Event;
 use serde::Serialize;
-
-/// How an etcd entry compares with what Postgres says it should be.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    /// Present and equal to the desired value.
-    Matches,
-    /// Present with another value (a hand edit not yet restored).
-    Differs,
-    /// Desired but absent.
-    Missing,
-    /// Present although no record wants it.
-    Unowned,
-    /// Neither desired nor present (e.g. a revoked key): as it should be.
-    Absent,
-}
-
-impl Verdict {
-    /// True when the entry is not as Postgres says.
-    pub fn is_drift(self) -> bool {
-        matches!(self, Self::Differs | Self::Missing | Self::Unowned)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Matches => "matches",
-            Self::Differs => "differs",
-            Self::Missing => "missing",
-            Self::Unowned => "unowned",
-            Self::Absent => "absent",
-        }
-    }
-}
-
-/// Compares an entry's raw value with its desired value (both optional).
-pub fn verdict(desired: Option<&serde_json::Value>, actual: Option<&[u8]>) -> Verdict {
-    match (desired, actual) {
-        (Some(want), Some(have)) if same_value(have, want) => Verdict::Matches,
-        (Some(_), Some(_)) => Verdict::Differs,
-        (Some(_), None) => Verdict::Missing,
-        (None, Some(_)) => Verdict::Unowned,
-        (None, None) => Verdict::Absent,
-    }
-}
 
 /// One etcd key compared: what is there, what should be, and whose it is.
 #[derive(Serialize, Clone, Debug, PartialEq)]

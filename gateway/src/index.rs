@@ -1,7 +1,10 @@
 //! The in-memory index of the platform config: built from a list, kept current by
 //! watch events. Pure data: the etcd side is in [`crate::follow`].
+//!
+//! A change is parsed first ([`Change::parse`], no lock needed) and stored after
+//! ([`Index::store`], under the follower's write lock), so a check never waits on JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::entries::{self, CustomerEntry, KeyEntry, Quota, Slot};
 
@@ -11,6 +14,11 @@ pub struct Index {
     keys: HashMap<[u8; 32], KeyEntry>,
     customers: HashMap<Box<str>, CustomerEntry>,
     quotas: HashMap<Box<str>, Quota>,
+    /// Customers whose `quotas/` value is present but unreadable: refused (fail closed).
+    bad_quotas: HashSet<Box<str>>,
+    /// Per customer, the APIs named in a scope of any of its keys (with how many
+    /// scopes name each): the only APIs its usage is metered under.
+    apis: HashMap<Box<str>, HashMap<Box<str>, u32>>,
 }
 
 /// What applying one change did.
@@ -24,38 +32,101 @@ pub enum Applied {
     Invalid,
 }
 
+/// One parsed change: the slot, and `None` for a deletion, `Some(None)` for a value
+/// that does not parse.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Key([u8; 32], Option<Option<KeyEntry>>),
+    Customer(Box<str>, Option<Option<CustomerEntry>>),
+    Quota(Box<str>, Option<Option<Quota>>),
+    /// Other replicas' reports.
+    Gateway,
+    Other,
+}
+
+impl Change {
+    /// Parses the value (`None`: deleted) of `relative` (a key relative to the prefix).
+    pub fn parse(relative: &str, value: Option<&[u8]>) -> Self {
+        match entries::slot(relative) {
+            Slot::ApiKey(hash) => Change::Key(hash, value.map(entries::parse_key)),
+            Slot::Customer(id) => Change::Customer(id.into(), value.map(entries::parse_customer)),
+            Slot::Quota(id) => Change::Quota(id.into(), value.map(entries::parse_quota)),
+            Slot::Gateway => Change::Gateway,
+            Slot::Other => Change::Other,
+        }
+    }
+}
+
+fn put<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, k: K, v: Option<Option<V>>) -> Applied {
+    match v {
+        Some(Some(v)) => {
+            map.insert(k, v);
+            Applied::Changed
+        }
+        Some(None) => {
+            map.remove(&k);
+            Applied::Invalid
+        }
+        None => {
+            map.remove(&k);
+            Applied::Changed
+        }
+    }
+}
+
 impl Index {
     /// Stores (`Some`) or removes (`None`) the value of `relative` (a key relative to the prefix).
     pub fn apply(&mut self, relative: &str, value: Option<&[u8]>) -> Applied {
-        fn put<K: Eq + std::hash::Hash, V>(
-            map: &mut HashMap<K, V>,
-            k: K,
-            v: Option<Option<V>>,
-        ) -> Applied {
-            match v {
-                Some(Some(v)) => {
-                    map.insert(k, v);
-                    Applied::Changed
+        self.store(Change::parse(relative, value))
+    }
+
+    /// Stores a parsed change.
+    pub fn store(&mut self, change: Change) -> Applied {
+        match change {
+            Change::Key(hash, value) => {
+                let old = self.keys.remove(&hash);
+                let applied = match value {
+                    Some(Some(new)) => {
+                        self.count_apis(&new, 1);
+                        self.keys.insert(hash, new);
+                        Applied::Changed
+                    }
+                    Some(None) => Applied::Invalid,
+                    None => Applied::Changed,
+                };
+                // Counted out after the new entry was counted in, so an API that both
+                // name never leaves the set.
+                if let Some(old) = old {
+                    self.count_apis(&old, -1);
                 }
-                Some(None) => {
-                    map.remove(&k);
-                    Applied::Invalid
+                applied
+            }
+            Change::Customer(id, value) => put(&mut self.customers, id, value),
+            Change::Quota(id, value) => {
+                let unreadable = matches!(value, Some(None));
+                let applied = put(&mut self.quotas, id.clone(), value);
+                if unreadable {
+                    self.bad_quotas.insert(id);
+                } else {
+                    self.bad_quotas.remove(&id);
                 }
-                None => {
-                    map.remove(&k);
-                    Applied::Changed
-                }
+                applied
+            }
+            Change::Gateway | Change::Other => Applied::Ignored,
+        }
+    }
+
+    fn count_apis(&mut self, entry: &KeyEntry, delta: i32) {
+        let apis = self.apis.entry(entry.customer_id.clone()).or_default();
+        for scope in entry.scopes.iter().filter(|s| &***s != "*") {
+            let n = apis.entry(scope.clone()).or_default();
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                apis.remove(scope);
             }
         }
-        match entries::slot(relative) {
-            Slot::ApiKey(hash) => put(&mut self.keys, hash, value.map(entries::parse_key)),
-            Slot::Customer(id) => put(
-                &mut self.customers,
-                id.into(),
-                value.map(entries::parse_customer),
-            ),
-            Slot::Quota(id) => put(&mut self.quotas, id.into(), value.map(entries::parse_quota)),
-            Slot::Gateway | Slot::Other => Applied::Ignored,
+        if apis.is_empty() {
+            self.apis.remove(&entry.customer_id);
         }
     }
 
@@ -71,12 +142,23 @@ impl Index {
         self.quotas.get(customer_id).copied()
     }
 
+    /// True when the customer's `quotas/` value is present but unreadable.
+    pub fn quota_unreadable(&self, customer_id: &str) -> bool {
+        self.bad_quotas.contains(customer_id)
+    }
+
+    /// True when a scope of some key of the customer names `api`.
+    pub fn knows_api(&self, customer_id: &str, api: &str) -> bool {
+        self.apis
+            .get(customer_id)
+            .is_some_and(|apis| apis.contains_key(api))
+    }
+
     /// Entry counts: keys, customers, quotas.
     pub fn sizes(&self) -> (usize, usize, usize) {
         (self.keys.len(), self.customers.len(), self.quotas.len())
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,7 +48,8 @@ async fn load_keys(env: &TestEnv) -> Vec<String> {
                 None,
             ));
         }
-        let key = format!("m3o_bench{i}_{}", uuid::Uuid::new_v4().simple());
+        // Well formed: the gateway refuses anything else before hashing it.
+        let key = crate::support::gateway::new_key();
         let entry = json!({
             "keyId": uuid::Uuid::new_v4().to_string(), "customerId": customer.to_string(),
             "scopes": ["*"], "status": "active", "expiresAt": null,

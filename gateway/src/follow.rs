@@ -221,11 +221,13 @@ pub async fn run(
     }
 }
 
-/// Lists everything under `dir` page by page at one revision.
+/// Lists everything under `dir` page by page at one revision. Each page is parsed on
+/// a blocking thread: a re-list of a million keys never holds a runtime thread that
+/// checks need.
 async fn list(
     client: &Client,
     dir: &str,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> Result<(Index, i64), etcd_client::Error> {
     let mut kv = client.kv_client();
     let end = m3o_connect::etcd::prefix_range_end(dir.as_bytes());
@@ -237,18 +239,34 @@ async fn list(
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let resp = kv.get(from.clone(), Some(options)).await?;
+        let mut resp = kv.get(from.clone(), Some(options)).await?;
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
-        for item in resp.kvs() {
-            apply(&mut index, dir, item.key(), Some(item.value()), metrics);
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
+        let more = resp.more();
+        let page = resp.take_kvs();
+        let next = page.last().map(|last| {
+            let mut next = last.key().to_vec();
+            next.push(0);
+            next
+        });
+        let (dir_owned, metrics_owned) = (dir.to_owned(), metrics.clone());
+        index = tokio::task::spawn_blocking(move || {
+            for item in &page {
+                apply(
+                    &mut index,
+                    &dir_owned,
+                    item.key(),
+                    Some(item.value()),
+                    &metrics_owned,
+                );
             }
+            index
+        })
+        .await
+        .map_err(|e| etcd_client::Error::Internal(format!("parsing a list page: {e}")))?;
+        match next {
+            Some(next) if more => from = next,
             _ => return Ok((index, revision)),
         }
     }

@@ -244,37 +244,20 @@ pub async fn check(gateway: &Gateway, key: &str, path: &str) -> Reply {
 /// A tiny upstream API that answers every path with the identity headers it received,
 /// as JSON; returns its port.
 pub async fn start_upstream() -> u16 {
-    start_recording_upstream().await.0
-}
-
-/// Request targets (path and query, as received) an upstream has seen.
-pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
-/// [`start_upstream`], also recording every request target it receives.
-pub async fn start_recording_upstream() -> (u16, Seen) {
-    use axum::http::{HeaderMap, Uri};
-    let seen = Seen::default();
-    let record = seen.clone();
-    let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
-        record.lock().expect("seen").push(
-            uri.path_and_query()
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
-        );
-        async move {
-            let get = |n: &str| {
-                headers
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            serde_json::json!({
-                "customerId": get("x-m3o-customer-id"),
-                "keyId": get("x-m3o-key-id"),
-            })
-            .to_string()
-        }
+    use axum::http::HeaderMap;
+    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+        let get = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        serde_json::json!({
+            "customerId": get("x-m3o-customer-id"),
+            "keyId": get("x-m3o-key-id"),
+        })
+        .to_string()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -282,6 +265,49 @@ pub async fn start_recording_upstream() -> (u16, Seen) {
     let port = listener.local_addr().expect("upstream addr").port();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+/// Request lines (raw bytes, as received) an upstream has seen.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// An upstream that records the raw request line of everything it receives, whatever
+/// bytes it holds (an HTTP library would refuse a raw byte with its own 400, which a
+/// test could not tell from the gateway's), and answers 200.
+pub async fn start_recording_upstream() -> (u16, Seen) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = Seen::default();
+    let record = seen.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("upstream addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+                record
+                    .lock()
+                    .expect("seen")
+                    .push(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
+                let body = "{}";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
     });
     (port, seen)
 }

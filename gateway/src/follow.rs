@@ -430,6 +430,49 @@ mod tests {
     }
 
     #[test]
+    fn a_replace_waits_for_no_check_and_no_check_waits_for_it() {
+        use std::sync::mpsc;
+        let state = Arc::new(IndexState::default());
+        drop(state.replace(Index::default(), 1));
+        // A check holds the index...
+        let (held_tx, held) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let reader = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                state.read(|_| {
+                    held_tx.send(()).expect("held");
+                    release_rx.recv().ok();
+                })
+            })
+        };
+        held.recv().expect("a check holds the index");
+        // ... while a re-list swaps in a new one: the swap does not wait for it.
+        let mut fresh = Index::default();
+        fresh.apply("customers/c", Some(br#"{"status":"active"}"#));
+        let (done_tx, done) = mpsc::channel();
+        let writer = {
+            let state = state.clone();
+            std::thread::spawn(move || done_tx.send(state.replace(fresh, 2)).ok())
+        };
+        let old = done
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the swap waited for a check");
+        // New checks read the new index at once; the old one lives on for the check
+        // that holds it, and is freed by whoever drops it last (`retire`: not a check).
+        assert_eq!(state.read(|i| i.sizes().1), 1);
+        assert_eq!(
+            Arc::strong_count(&old),
+            2,
+            "the check still holds the old index"
+        );
+        release.send(()).expect("release");
+        reader.join().expect("reader");
+        writer.join().expect("writer");
+        assert_eq!(Arc::strong_count(&old), 1);
+    }
+
+    #[test]
     fn the_backoff_resets_only_after_a_healthy_watch() {
         let mut backoff = Backoff::default();
         // A watch that keeps breaking at once: 200 ms, 400 ms, ... up to 5 s.

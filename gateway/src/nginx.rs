@@ -108,6 +108,8 @@ mod tests {
     fn the_check_gets_the_uri_from_nginx_only() {
         let site = site("127.0.0.1:8000", &["a:1".into()], "api:80");
         assert!(site.contains("proxy_set_header X-Original-URI $request_uri;"));
+        // Traefik's header, which a client could otherwise send through nginx.
+        assert!(site.contains("proxy_set_header X-Forwarded-Uri \"\";"));
         for h in CLEARED_HEADERS {
             assert!(site.contains(&format!("proxy_set_header {h} \"\";")), "{h}");
         }

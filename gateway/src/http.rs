@@ -111,9 +111,21 @@ fn verdict(
             header_str(headers, "authorization")?,
             header_str(headers, "x-api-key")?,
         );
-        let source = decision::uri_header(checker.uri_source)
-            .and_then(|name| headers.get(name))
-            .map(HeaderValue::as_bytes);
+        let source = match decision::uri_header(checker.uri_source) {
+            Some(name) => {
+                let mut values = headers.get_all(name).iter();
+                let first = values.next();
+                if values.next().is_some() {
+                    return Err(Denial {
+                        status: 400,
+                        reason: "bad_uri",
+                        message: format!("the {name} header is sent more than once"),
+                    });
+                }
+                first.map(HeaderValue::as_bytes)
+            }
+            None => None,
+        };
         let path = decision::original_path(
             checker.uri_source,
             source,

@@ -191,6 +191,17 @@ async fn attacks_through_nginx_are_refused_and_never_reach_the_upstream() {
     )
     .await;
     assert_eq!((r.status, reason(&r).as_str()), (400, "no_uri"), "{r:?}");
+    let r = request(
+        &direct,
+        "/auth",
+        &[
+            ("Authorization", &bearer),
+            ("X-Original-URI", "/v1/helloworld/Call"),
+            ("X-Original-URI", "/v1/db/Read"),
+        ],
+    )
+    .await;
+    assert_eq!((r.status, reason(&r).as_str()), (400, "bad_uri"), "{r:?}");
     let r = check(&gateway, &hello.key, "/v1/helloworld/..;/db/Read").await;
     assert_eq!((r.status, reason(&r).as_str()), (403, "scope"), "{r:?}");
     let r = check(&gateway, &huge["Bearer ".len()..], "/v1/helloworld/Call").await;

@@ -4,7 +4,9 @@
 //! A change is parsed first ([`Change::parse`], no lock needed) and stored after
 //! ([`Index::store`], under the follower's write lock), so a check never waits on JSON.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use crate::entries::{self, CustomerEntry, KeyEntry, Quota, Slot};
 
@@ -16,9 +18,13 @@ pub struct Index {
     quotas: HashMap<Box<str>, Quota>,
     /// Customers whose `quotas/` value is present but unreadable: refused (fail closed).
     bad_quotas: HashSet<Box<str>>,
-    /// Per customer, the APIs named in a scope of any of its keys (with how many
-    /// scopes name each): the only APIs its usage is metered under.
-    apis: HashMap<Box<str>, HashMap<Box<str>, u32>>,
+    /// The (customer, API) pairs named in a scope of any key of the customer, with how
+    /// many scopes name each: the only APIs its usage is metered under. Kept as keyed
+    /// 64-bit hashes of the pair (about 20 bytes a pair, no strings): a collision could
+    /// only meter one request under a real API name, and the random key keeps a
+    /// client from aiming for one.
+    apis: HashMap<u64, u32>,
+    api_hasher: RandomState,
 }
 
 /// What applying one change did.
@@ -116,17 +122,22 @@ impl Index {
         }
     }
 
+    fn api_slot(&self, customer_id: &str, api: &str) -> u64 {
+        let mut hasher = self.api_hasher.build_hasher();
+        // `str`'s Hash ends each string with a terminator: the pair is unambiguous.
+        customer_id.hash(&mut hasher);
+        api.hash(&mut hasher);
+        hasher.finish()
+    }
+
     fn count_apis(&mut self, entry: &KeyEntry, delta: i32) {
-        let apis = self.apis.entry(entry.customer_id.clone()).or_default();
         for scope in entry.scopes.iter().filter(|s| &***s != "*") {
-            let n = apis.entry(scope.clone()).or_default();
+            let slot = self.api_slot(&entry.customer_id, scope);
+            let n = self.apis.entry(slot).or_default();
             *n = n.saturating_add_signed(delta);
             if *n == 0 {
-                apis.remove(scope);
+                self.apis.remove(&slot);
             }
-        }
-        if apis.is_empty() {
-            self.apis.remove(&entry.customer_id);
         }
     }
 
@@ -149,9 +160,7 @@ impl Index {
 
     /// True when a scope of some key of the customer names `api`.
     pub fn knows_api(&self, customer_id: &str, api: &str) -> bool {
-        self.apis
-            .get(customer_id)
-            .is_some_and(|apis| apis.contains_key(api))
+        self.apis.contains_key(&self.api_slot(customer_id, api))
     }
 
     /// Entry counts: keys, customers, quotas.

@@ -246,3 +246,45 @@ async fn a_relist_of_100k_keys_never_stalls_a_check() {
         .await
         .expect("delete the keys");
 }
+
+#[tokio::test]
+async fn a_watch_that_keeps_breaking_backs_off() {
+    let env = TestEnv::new("gw-relist-backoff").await;
+    env.put_gateway_key(&["*"], None).await;
+    let etcd = env
+        .etcd_endpoints
+        .split(',')
+        .next()
+        .expect("endpoint")
+        .to_owned();
+    let proxy = CuttableProxy::start(host_port(&etcd)).await;
+    let mut config = env.gateway_config();
+    config.etcd_endpoints = format!("http://127.0.0.1:{}", proxy.port);
+    config.extra_args = vec!["--no-limits".into()];
+    let gateway = env.start_gateway(&config).await;
+    let relists = || async {
+        let m = metrics(&gateway).await;
+        sample(&m, "m3o_gateway_index_relists_total", "cause=\"reconnect\"").unwrap_or(0.0)
+    };
+    // Each time the replica has listed and started watching, its watch is broken at
+    // once, for 8 s: the backoff must keep growing (200 ms, 400 ms, ... 5 s) rather
+    // than start again from 200 ms after each successful list.
+    let window = Duration::from_secs(8);
+    let started = Instant::now();
+    let mut seen = relists().await;
+    proxy.cut();
+    proxy.restore();
+    while started.elapsed() < window {
+        let now = relists().await;
+        if now > seen {
+            seen = now;
+            proxy.cut();
+            proxy.restore();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{seen} re-lists in {window:?} of a watch broken as soon as it starts");
+    // 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff fit in 8 s with their lists: at most 6.
+    assert!((1.0..=6.0).contains(&seen), "{seen} re-lists in {window:?}");
+    gateway.stop().await;
+}

@@ -28,6 +28,7 @@ COPY events events
 COPY migrations migrations
 COPY operator operator
 COPY gateway gateway
+COPY platform-contract platform-contract
 # The caches keep the registry and the target dir across builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -13,39 +13,20 @@
 //!   mechanics every kind shares.
 
 pub mod apikey;
-pub mod backoff;
-pub mod blocker;
-pub mod changes;
-pub mod context;
 pub mod customer;
 pub mod duration;
-pub mod error;
-pub mod failpoint;
-pub mod feed;
-pub mod finalizer;
-#[cfg(test)]
-mod fixtures;
-pub mod k8s_ref;
-pub mod lanes;
-pub mod lifecycle;
-pub mod metrics;
-pub mod outbox_events;
 pub mod pipeline;
-#[cfg(test)]
-mod planner_props;
 pub mod plans;
 pub mod platform;
-pub mod referents;
-pub mod resync;
-pub mod row_plan;
-pub mod runner;
-pub mod shard;
-pub mod status;
+pub mod report;
+pub mod runtime;
 pub mod store;
 pub mod subscription;
+#[cfg(test)]
+mod testkit;
 
-pub use context::{Context, Settings};
+pub use runtime::context::{Context, Settings};
 
 /// Every kind the operator reconciles.
 pub const KINDS: [&str; 3] = [customer::KIND, subscription::KIND, apikey::KIND];
-pub use error::Error;
+pub use report::error::Error;

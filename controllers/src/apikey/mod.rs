@@ -7,7 +7,6 @@
 
 pub mod build;
 pub mod cleanup;
-pub mod config;
 pub mod gateway_sync;
 pub mod plan;
 pub mod reconcile;
@@ -23,16 +22,16 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
-use crate::changes::uid_key;
-use crate::context::Context;
-use crate::error::Error;
-use crate::feed::{self, ByCustomer};
-use crate::finalizer::reconcile_with_finalizer;
-use crate::runner;
+use crate::report::error::Error;
+use crate::runtime::changes::uid_key;
+use crate::runtime::context::Context;
+use crate::runtime::feed::{self, ByCustomer};
+use crate::runtime::finalizer::reconcile_with_finalizer;
+use crate::runtime::runner;
 
-pub const KIND: &str = "ApiKey";
+pub const KIND: &str = m3o_crds::kinds::API_KEY;
 
-crate::status::has_status!(ApiKey, ApiKeyStatus);
+crate::report::status::has_status!(ApiKey, ApiKeyStatus);
 
 async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
@@ -47,7 +46,7 @@ async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error>
 /// Runs the ApiKey controller until `shutdown` resolves. Besides ApiKeys it watches
 /// the Secrets it wrote (metadata only: a deleted or edited Secret is repaired, and no
 /// key's plaintext passes through a watch) and Customers, from the shared watch
-/// ([`crate::feed`]): a ban, unban or deletion reaches the keys at once.
+/// ([`crate::runtime::feed`]): a ban, unban or deletion reaches the keys at once.
 pub async fn run(
     ctx: Arc<Context>,
     customers: futures::channel::mpsc::Receiver<watcher::Event<Customer>>,

@@ -6,15 +6,18 @@
 
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
-use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, Customer, CustomerStatusState};
+use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, Customer};
 use m3o_events::customers::EventType;
+use m3o_platform_contract::{KeyFacts, Owner, Standing, standing};
 use uuid::Uuid;
 
 use super::secret::{FoundKey, IssuedKey, SecretState, secret_name};
-use crate::blocker::Blocker;
 use crate::duration;
-use crate::k8s_ref::K8sRef;
-use crate::status::{self, reasons};
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::platform::published;
+pub use crate::platform::published::blocked_message;
+use crate::report::blocker::Blocker;
+use crate::report::status::{self, reasons};
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
 use crate::store::customers::CustomerRow;
 
@@ -135,25 +138,32 @@ pub fn reusable(found: &FoundKey, rotation_generation: i64, rows: &[ApiKeyRow]) 
     trusted && found.issued.rotation_generation >= rotation_generation
 }
 
-/// The state of a key as the gateway must see it. Precedence: revoked, expired, blocked.
+/// The state a key is recorded with: the contract's [`standing`] of a key blocked or not
+/// by its spec, of a customer banned or not, at `now` (the gateway decides with the same).
 pub fn effective_state(
     blocked: bool,
     customer_status: &str,
     expires_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> ApiKeyState {
-    if expires_at.is_some_and(|t| t <= now) {
-        ApiKeyState::Expired
-    } else if blocked || banned(customer_status) {
-        ApiKeyState::Blocked
+    let facts = KeyFacts {
+        blocked,
+        expires_at,
+        ..KeyFacts::default()
+    };
+    let owner = if published::is_banned(customer_status) {
+        Owner::Banned
     } else {
-        ApiKeyState::Active
+        Owner::Live
+    };
+    match standing(&facts, owner, now) {
+        Standing::Expired => ApiKeyState::Expired,
+        Standing::Blocked | Standing::CustomerBanned => ApiKeyState::Blocked,
+        // Not revoked, customer not gone, state known: the rest cannot come out.
+        Standing::Accepted | Standing::Inactive | Standing::Revoked | Standing::CustomerGone => {
+            ApiKeyState::Active
+        }
     }
-}
-
-/// True for a customer row's status `banned`.
-fn banned(customer_status: &str) -> bool {
-    CustomerStatusState::parse(customer_status) == Some(CustomerStatusState::Banned)
 }
 
 /// `spec.expiresAt` in whole seconds, as Kubernetes serialises times (and so Postgres,
@@ -197,16 +207,6 @@ pub fn recorded_blocked_message(spec: &ApiKeySpec) -> String {
         spec.blocked_message.clone().unwrap_or_default()
     } else {
         String::new()
-    }
-}
-
-/// Why a blocked key is blocked, as the gateway entry and the BlockKey event say it:
-/// the admin's message, else the cause.
-pub fn blocked_message(recorded: &str, customer_status: &str) -> String {
-    match recorded {
-        "" if banned(customer_status) => "the customer is banned".to_owned(),
-        "" => "the key is blocked".to_owned(),
-        message => message.to_owned(),
     }
 }
 

@@ -17,14 +17,16 @@ use uuid::Uuid;
 use super::plan::{self, KeyPlan, Observed, SecretAction};
 use super::secret::{self, IssuedKey, Plaintext};
 use super::{build, gateway_sync};
-use crate::blocker::Blocker;
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::feed;
-use crate::status::{self, FIELD_MANAGER, reasons};
+use crate::pipeline::outbox_events;
+use crate::report::blocker::Blocker;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::report::status::{self, FIELD_MANAGER, reasons};
+use crate::runtime::context::Context;
+use crate::runtime::feed;
+use crate::runtime::{failpoint, shard};
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
-use crate::{failpoint, lifecycle, outbox_events, shard};
 
 pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();

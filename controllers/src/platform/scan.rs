@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use super::PlatformConfig;
 use super::desired::{self, DesiredEntry, FAMILIES, Family, PageCursor};
-use crate::error::Error;
+use crate::report::error::Error;
 
 /// One key of a merge: its desired value and its stored value, either possibly absent.
 pub type Merged<D> = (String, Option<D>, Option<Vec<u8>>);

@@ -8,8 +8,8 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::k8s_ref::K8sRef;
-use crate::row_plan::Recorded;
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::Recorded;
 
 /// A row of `customers`.
 #[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]

@@ -9,11 +9,11 @@ use m3o_crds::{Customer, Quota, Subscription, SubscriptionSpec};
 use m3o_events::customers::EventType;
 use uuid::Uuid;
 
-use crate::blocker::Blocker;
-use crate::k8s_ref::K8sRef;
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::{self, Recorded, RowPlan, RowWrite};
 use crate::plans::Catalog;
-use crate::row_plan::{self, Recorded, RowPlan, RowWrite};
-use crate::status::reasons;
+use crate::report::blocker::Blocker;
+use crate::report::status::reasons;
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::{SubscriptionRecord, SubscriptionRow};
 
@@ -60,7 +60,7 @@ pub fn customer_gate<'a>(
     let ready = customer
         .status
         .as_ref()
-        .and_then(|s| crate::status::ready(&s.conditions));
+        .and_then(|s| crate::report::status::ready(&s.conditions));
     match ready {
         Some(c) if c.status == "True" => {}
         Some(c) => return not_ready(format!("is not Ready ({}: {})", c.reason, c.message)),

@@ -8,19 +8,19 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::{Customer, Subscription};
 
-use super::config::quota_key;
 use super::{build, plan};
-use crate::blocker::Blocker;
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::feed;
-use crate::lifecycle;
-use crate::outbox_events;
-use crate::row_plan::RowWrite;
-use crate::shard;
+use crate::pipeline::outbox_events;
+use crate::pipeline::row_plan::RowWrite;
+use crate::report::blocker::Blocker;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::runtime::context::Context;
+use crate::runtime::feed;
+use crate::runtime::shard;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
+use m3o_platform_contract::quota_key;
 use plan::RecordHolder;
 
 /// Converges Postgres, etcd and status on the Subscription's spec.

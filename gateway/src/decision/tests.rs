@@ -11,13 +11,19 @@ fn index_with(status: &str, scopes: &[&str], extra: &str, customer_status: &str)
         r#"{{"keyId":"k1","customerId":"c1","scopes":{},"status":"{status}","expiresAt":null{extra}}}"#,
         serde_json::to_string(scopes).expect("json")
     );
-    index.apply(&format!("apikeys/{hash}"), Some(value.as_bytes()));
+    index.apply(
+        &m3o_platform_contract::apikey_key(&hash),
+        Some(value.as_bytes()),
+    );
     let customer = format!(
         r#"{{"id":"c1","email":"a@b.c","name":"","status":"{customer_status}","plan":"pro"}}"#
     );
-    index.apply("customers/c1", Some(customer.as_bytes()));
     index.apply(
-        "quotas/c1",
+        &m3o_platform_contract::customer_key("c1"),
+        Some(customer.as_bytes()),
+    );
+    index.apply(
+        &m3o_platform_contract::quota_key("c1"),
         Some(br#"{"plan":"pro","monthlyRequests":100,"requestsPerSecond":5}"#),
     );
     index
@@ -64,8 +70,11 @@ fn expires_at_is_enforced_by_the_gateway_clock() {
     let mut index = Index::default();
     let hash = hex::encode(key_hash(KEY));
     let v = br#"{"keyId":"k","customerId":"c1","scopes":["*"],"status":"active","expiresAt":"2030-01-01T00:00:00Z"}"#;
-    index.apply(&format!("apikeys/{hash}"), Some(v));
-    index.apply("customers/c1", Some(br#"{"status":"active"}"#));
+    index.apply(&m3o_platform_contract::apikey_key(&hash), Some(v));
+    index.apply(
+        &m3o_platform_contract::customer_key("c1"),
+        Some(br#"{"status":"active"}"#),
+    );
     let at = 1_893_456_000;
     assert_eq!(status_of(&decide(&index, Some(KEY), "/", at - 1)), 200);
     let d = decide(&index, Some(KEY), "/", at).expect_err("expired");
@@ -76,6 +85,10 @@ fn expires_at_is_enforced_by_the_gateway_clock() {
 fn banned_customers_and_uncovered_paths_are_403() {
     let banned = index_with("active", &["*"], "", "banned");
     assert_eq!(status_of(&decide(&banned, Some(KEY), "/v1/foo", 0)), 403);
+    // As the operator publishes it: the key `blocked` because the customer is banned.
+    let published = index_with("blocked", &["*"], "", "banned");
+    let denial = decide(&published, Some(KEY), "/v1/foo", 0).expect_err("refused");
+    assert_eq!((denial.status, denial.reason), (403, "customer_banned"));
     let index = active(&["foo"]);
     assert_eq!(status_of(&decide(&index, Some(KEY), "/v1/bar/x", 0)), 403);
     assert_eq!(status_of(&decide(&index, Some(KEY), "/other", 0)), 403);
@@ -96,7 +109,7 @@ fn banned_customers_and_uncovered_paths_are_403() {
 #[test]
 fn a_key_whose_customer_is_gone_is_401() {
     let mut index = active(&["*"]);
-    index.apply("customers/c1", None);
+    index.apply(&m3o_platform_contract::customer_key("c1"), None);
     assert_eq!(status_of(&decide(&index, Some(KEY), "/v1/foo", 0)), 401);
 }
 
@@ -162,8 +175,8 @@ proptest! {
                 "status": json_status, "expiresAt": null,
             });
             let bytes = serde_json::to_vec(&value).expect("json");
-            index.apply(&format!("apikeys/{}", hex::encode(key_hash(k))), Some(&bytes));
-            index.apply("customers/c", Some(br#"{"status":"active"}"#));
+            index.apply(&m3o_platform_contract::apikey_key(&hex::encode(key_hash(k))), Some(&bytes));
+            index.apply(&m3o_platform_contract::customer_key("c"), Some(br#"{"status":"active"}"#));
         }
         let path = original_path(original.as_deref(), forwarded.as_deref(), &own, &prefix);
         if let Ok(allowed) = decide(&index, key, path, now) {

@@ -245,7 +245,7 @@ fn events_carry_ids_never_keys() {
     };
     let event = to_event(
         &e,
-        crate::outbox_events::customer_payload(&customer("active")),
+        crate::pipeline::outbox_events::customer_payload(&customer("active")),
     );
     assert_eq!(
         event.generate_key.as_ref().map(|g| g.id.clone()),
@@ -268,14 +268,14 @@ fn status_reasons_follow_the_state() {
     );
     let s = synced_status(&k, &row, "ci-api-key");
     assert_eq!(s.key_prefix.as_deref(), Some("m3o_abcd"));
-    let ready = crate::status::ready(&s.conditions).expect("ready");
+    let ready = crate::report::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Provisioned")
     );
     row.status = "expired".into();
     let s = synced_status(&k, &row, "ci-api-key");
-    let ready = crate::status::ready(&s.conditions).expect("ready");
+    let ready = crate::report::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str(), s.state),
         ("False", "Expired", Some(ApiKeyState::Expired))
@@ -324,7 +324,7 @@ struct Expected {
 impl Expected {
     fn blocker(&self, name: &str, blocker: &Blocker) {
         let (reason, message) = (self.blocked.as_deref(), self.message.as_deref());
-        crate::fixtures::assert_blocked(name, blocker, reason, message);
+        crate::testkit::fixtures::assert_blocked(name, blocker, reason, message);
     }
 }
 
@@ -360,19 +360,19 @@ fn found_secret(c: &SecretCase) -> Option<k8s_openapi::api::core::v1::Secret> {
 
 #[test]
 fn secret_actions_of_the_fixtures() {
-    for c in crate::fixtures::cases::<SecretCase>("apikey_secret.yaml") {
+    for c in crate::testkit::fixtures::cases::<SecretCase>("apikey_secret.yaml") {
         let name = &c.case;
         let found = found_secret(&c);
         let state = super::super::secret::inspect(found.as_ref(), &c.apikey);
         let mut customer = alice();
-        let ready = crate::status::Cond::new(
-            crate::status::types::READY,
+        let ready = crate::report::status::Cond::new(
+            crate::report::status::types::READY,
             c.customer_ready,
             reasons::PROVISIONED,
             "",
         );
         customer.status = Some(m3o_crds::CustomerStatus {
-            conditions: crate::status::merge(&[], &[ready], Some(1)),
+            conditions: crate::report::status::merge(&[], &[ready], Some(1)),
             ..Default::default()
         });
         let action = secret_action(&c.apikey, state, &[], Some(&customer));
@@ -456,7 +456,7 @@ struct CustomerCase {
 #[test]
 fn customer_gates_of_the_fixtures() {
     let k = key(false, None);
-    for c in crate::fixtures::cases::<CustomerCase>("apikey_customer.yaml") {
+    for c in crate::testkit::fixtures::cases::<CustomerCase>("apikey_customer.yaml") {
         let name = &c.case;
         let record = c.record.map(|id| CustomerRow {
             id,

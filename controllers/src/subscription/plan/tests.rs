@@ -7,7 +7,7 @@ use m3o_crds::{CustomerRef, CustomerSpec, CustomerStatus, QuotaOverride, Subscri
 use sqlx::types::Json;
 
 use super::*;
-use crate::status::{Cond, merge, types};
+use crate::report::status::{Cond, merge, types};
 use crate::subscription::build::*;
 use m3o_crds::SubscriptionState;
 
@@ -272,7 +272,7 @@ fn status_reports_what_is_in_force() {
         st.quota.map(|q| q.requests_per_second),
         Some(row.requests_per_second)
     );
-    assert!(crate::status::ready(&st.conditions).is_some_and(|c| c.status == "True"));
+    assert!(crate::report::status::ready(&st.conditions).is_some_and(|c| c.status == "True"));
     assert_eq!(st.conditions.len(), 3);
 
     let mut provisioned = s.clone();
@@ -285,7 +285,7 @@ fn status_reports_what_is_in_force() {
         "the old plan stays in force"
     );
     assert_eq!(still.plan.as_deref(), Some("pro"));
-    let ready = crate::status::ready(&still.conditions).expect("ready");
+    let ready = crate::report::status::ready(&still.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "UnknownPlan")
@@ -330,7 +330,7 @@ fn fixture_holder(holder: &str) -> RecordHolder {
 #[test]
 fn decisions_of_the_fixtures() {
     let catalog = Catalog::builtin();
-    for c in crate::fixtures::cases::<FixtureCase>("subscription_plan.yaml") {
+    for c in crate::testkit::fixtures::cases::<FixtureCase>("subscription_plan.yaml") {
         let name = &c.case;
         let decided = match &c.holder {
             Some(holder) => {
@@ -348,7 +348,7 @@ fn decisions_of_the_fixtures() {
             }
             Err(blocker) => {
                 let (reason, message) = (c.expect.blocked.as_deref(), c.expect.message.as_deref());
-                crate::fixtures::assert_blocked(name, &blocker, reason, message);
+                crate::testkit::fixtures::assert_blocked(name, &blocker, reason, message);
             }
         }
     }

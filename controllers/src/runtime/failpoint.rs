@@ -31,7 +31,7 @@ pub fn panic_for(object: &str) {
 }
 
 /// Never returns from the reconcile of one object, when `reconcile-hang=<object>` is
-/// enabled: tests fill a lane with it (see [`crate::lanes`]).
+/// enabled: tests fill a lane with it (see [`crate::runtime::lanes`]).
 pub async fn hang_for(object: &str) {
     let point = format!("reconcile-hang={object}");
     if is_enabled(&point) {

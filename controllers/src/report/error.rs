@@ -8,10 +8,10 @@ use std::fmt;
 
 use kube::runtime::finalizer;
 
-use crate::status::reasons;
+use crate::report::status::reasons;
 
 /// The step of a reconcile an error comes from (see [`crate::pipeline`]). A plan never
-/// fails with an error: what it cannot decide is a [`crate::blocker::Blocker`].
+/// fails with an error: what it cannot decide is a [`crate::report::blocker::Blocker`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Reading what the plan decides on; names what was being read.
@@ -42,7 +42,7 @@ impl fmt::Display for Step {
 }
 
 /// Why a reconcile failed. Outcomes an admin must act on (a conflict, an unknown
-/// plan, an invalid spec) are not errors: they are [`crate::blocker::Blocker`]s written
+/// plan, an invalid spec) are not errors: they are [`crate::report::blocker::Blocker`]s written
 /// to status and requeued.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -44,7 +44,7 @@ fn merge(target: &mut serde_json::Value, overlay: &serde_json::Value) {
 /// Asserts that case `case` was blocked for `reason`, with a message containing `message`.
 pub fn assert_blocked(
     case: &str,
-    blocker: &crate::blocker::Blocker,
+    blocker: &crate::report::blocker::Blocker,
     reason: Option<&str>,
     message: Option<&str>,
 ) {

@@ -222,7 +222,7 @@ impl Metrics {
         };
         let _ = self.reconciles.get_or_create(&labels);
         let _ = self.reconcile_duration.get_or_create(&labels);
-        for reason in crate::error::Error::METRIC_LABELS {
+        for reason in crate::report::error::Error::METRIC_LABELS {
             let _ = self.reconcile_errors.get_or_create(&ErrorLabels {
                 kind: kind.to_owned(),
                 reason: (*reason).to_owned(),

@@ -11,12 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use uuid::Uuid;
 
-use super::desired::{self, KeyOwner};
-use super::entry::verdict;
-use super::scan::FleetScan;
-use super::sync;
-use crate::context::Context;
-use crate::error::Error;
+use crate::platform::desired::{self, KeyOwner};
+use crate::platform::entry::verdict;
+use crate::platform::scan::FleetScan;
+use crate::report::error::Error;
+use crate::runtime::context::Context;
 use crate::store::api_keys;
 
 const RETRY: Duration = Duration::from_secs(2);
@@ -194,7 +193,7 @@ impl Clock {
         let customers = api_keys::customers_crossing(&ctx.db, self.handled_until, now).await?;
         for customer_id in customers {
             ctx.metrics.config_clock_converges.inc();
-            sync::converge_customer(ctx, customer_id).await?;
+            ctx.converge_customer(customer_id).await?;
         }
         self.handled_until = now;
         self.look_up(ctx).await
@@ -217,7 +216,7 @@ async fn repair(ctx: &Context, relative: &str) -> Result<(), Error> {
     let Some(customer_id) = owning_customer(&ctx.db, relative).await? else {
         return prune(ctx, relative).await;
     };
-    let changed = sync::converge_customer(ctx, customer_id).await?;
+    let changed = ctx.converge_customer(customer_id).await?;
     let desired = desired::desired_for(&mut *ctx.db.acquire().await?, relative).await?;
     let key = ctx.platform.key(relative);
     let Some(entry) = desired else {

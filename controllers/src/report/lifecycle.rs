@@ -10,15 +10,14 @@ use kube::runtime::events::EventType;
 use m3o_crds::DeletionPolicy;
 use uuid::Uuid;
 
-use crate::blocker::Blocker;
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::platform::sync;
-use crate::status::{self, Cond, HasStatus, reasons, types};
+use crate::report::blocker::Blocker;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::status::{self, Cond, HasStatus, reasons, types};
+use crate::runtime::context::Context;
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
 /// Normal `Provisioned` Event with `note`. The object is looked at again on a change,
-/// or when the bulk resync ([`crate::resync`]) finds it due.
+/// or when the bulk resync ([`crate::runtime::resync`]) finds it due.
 pub async fn report_provisioned<K: HasStatus>(
     ctx: &Context,
     api: &Api<K>,
@@ -77,9 +76,7 @@ pub async fn converge_customers(
 ) -> Result<(), Error> {
     let ids: BTreeSet<Uuid> = customer_ids.into_iter().collect();
     for id in ids {
-        sync::converge_customer(ctx, id)
-            .await
-            .at(Step::ConfigStore)?;
+        ctx.converge_customer(id).await.at(Step::ConfigStore)?;
     }
     Ok(())
 }

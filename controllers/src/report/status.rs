@@ -177,7 +177,7 @@ pub trait HasStatus:
 /// `conditions` list, as every m3o kind's is.
 macro_rules! has_status {
     ($kind:ty, $status:ty) => {
-        impl $crate::status::HasStatus for $kind {
+        impl $crate::report::status::HasStatus for $kind {
             type Status = $status;
             fn status(&self) -> Option<&$status> {
                 self.status.as_ref()

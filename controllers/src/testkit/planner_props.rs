@@ -17,11 +17,12 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::apikey::secret::{FoundKey, IssuedKey};
-use crate::apikey::{build as apikey_build, config as apikey_config, plan as apikey_plan};
-use crate::blocker::Blocker;
+use crate::apikey::{build as apikey_build, plan as apikey_plan};
 use crate::customer::{build as customer_build, plan as customer_plan};
 use crate::plans::Catalog;
-use crate::status::reasons;
+use crate::platform::published as apikey_config;
+use crate::report::blocker::Blocker;
+use crate::report::status::reasons;
 use crate::store::api_keys::ApiKeyRow;
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::SubscriptionRow;
@@ -264,8 +265,8 @@ proptest! {
         });
         meta_of(&mut customer, "alice".into(), 1, None);
         customer.status = ready.map(|ok| m3o_crds::CustomerStatus {
-            conditions: crate::status::merge(&[], &[crate::status::Cond::new(
-                crate::status::types::READY, ok, reasons::PROVISIONED, "x")], Some(1)),
+            conditions: crate::report::status::merge(&[], &[crate::report::status::Cond::new(
+                crate::report::status::types::READY, ok, reasons::PROVISIONED, "x")], Some(1)),
             ..Default::default()
         });
         let _ = subscription_plan::customer_gate(Some(&customer), Some(&row), "alice");
@@ -325,12 +326,12 @@ proptest! {
         };
         let plan = apikey_plan::plan(&observed);
         for event in &plan.events {
-            let _ = apikey_build::to_event(event, crate::outbox_events::customer_payload(&customer));
+            let _ = apikey_build::to_event(event, crate::pipeline::outbox_events::customer_payload(&customer));
         }
         let _ = apikey_plan::revoke_all(&rows, 3);
         for row in &rows {
             let _ = apikey_build::synced_status(&key, row, "ci-api-key");
-            let _ = apikey_config::entry(row, Some(&customer), now);
+            let _ = apikey_config::apikey_entry(row, Some(&customer), now);
         }
         let _ = apikey_build::waiting_status(&key, &Blocker::new(reasons::CUSTOMER_NOT_READY, "x"), None);
     }

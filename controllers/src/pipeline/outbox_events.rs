@@ -6,7 +6,7 @@ use m3o_events::customers;
 use m3o_events::outbox::{self, OutboxMessage};
 use sqlx::PgConnection;
 
-use crate::error::Error;
+use crate::report::error::Error;
 use crate::store::customers::CustomerRow;
 
 /// The M3O customer payload of a row: every kind's events carry it.

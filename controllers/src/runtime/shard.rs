@@ -10,8 +10,8 @@ use kube::ResourceExt;
 use kube::core::{Expression, Selector, SelectorExt};
 use m3o_crds::Customer;
 
-use crate::blocker::Blocker;
-use crate::status::reasons;
+use crate::report::blocker::Blocker;
+use crate::report::status::reasons;
 
 /// A dependent (Subscription, ApiKey) may be provisioned by this shard only when its
 /// Customer is in it too: a customer's objects are reconciled by one shard.

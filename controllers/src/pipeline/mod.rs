@@ -5,22 +5,26 @@
 //! 1. **load** (`reconcile.rs`): read what the decision needs: the object's Customer, its
 //!    records in Postgres, the Secret, siblings. Only reads.
 //! 2. **plan** (`plan.rs`): pure functions from what was loaded to what to write (the
-//!    row write and the events it announces) or a [`crate::blocker::Blocker`] (an
+//!    row write and the events it announces) or a [`crate::report::blocker::Blocker`] (an
 //!    outcome only an admin or time resolves: conflict, missing or unready Customer,
 //!    unknown plan, invalid spec). No I/O, unit-tested, also from the YAML fixtures
 //!    under `controllers/tests/fixtures/`.
 //! 3. **build** (`build.rs`): pure builders of what is written: status, child objects
 //!    (the ApiKey's Secret), M3O events. No I/O, unit-tested.
 //! 4. **apply** (`reconcile.rs`): one Postgres transaction for the records and their
-//!    outbox events ([`crate::row_plan`] for the kinds with one row,
-//!    [`crate::outbox_events`]), then the etcd platform config of the customers whose
-//!    records changed ([`crate::lifecycle::converge_customers`]), then status and
-//!    Kubernetes Events ([`crate::lifecycle::report_provisioned`]).
-//! 5. **report**: a blocker is written to status by [`crate::lifecycle::report_blocked`]
-//!    and retried later; an error names its step ([`crate::error::Step`]) and is
-//!    written to status by [`crate::runner`], which also counts it, backs off and keeps
+//!    outbox events ([`crate::pipeline::row_plan`] for the kinds with one row,
+//!    [`crate::pipeline::outbox_events`]), then the etcd platform config of the customers whose
+//!    records changed ([`crate::report::lifecycle::converge_customers`]), then status and
+//!    Kubernetes Events ([`crate::report::lifecycle::report_provisioned`]).
+//! 5. **report**: a blocker is written to status by [`crate::report::lifecycle::report_blocked`]
+//!    and retried later; an error names its step ([`crate::report::error::Step`]) and is
+//!    written to status by [`crate::runtime::runner`], which also counts it, backs off and keeps
 //!    every log line of the reconcile in a span naming the object.
 //!
 //! Deletion (`cleanup.rs`) is the same shape behind the finalizer
-//! ([`crate::finalizer`]): load, one transaction, etcd, and every step tolerates having
+//! ([`crate::runtime::finalizer`]): load, one transaction, etcd, and every step tolerates having
 //! run before.
+
+pub mod k8s_ref;
+pub mod outbox_events;
+pub mod row_plan;

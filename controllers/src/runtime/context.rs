@@ -9,13 +9,13 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use m3o_crds::{Customer, Subscription};
 
-use crate::referents::ByCustomer;
+use crate::runtime::referents::ByCustomer;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::backoff::Backoff;
-use crate::metrics::Metrics;
 use crate::plans::Plans;
 use crate::platform::PlatformConfig;
+use crate::report::metrics::Metrics;
+use crate::runtime::backoff::Backoff;
 use crate::store::fence::{self, Term};
 
 /// Operator settings that reconcilers read (the binary maps flags onto these).
@@ -24,11 +24,11 @@ pub struct Settings {
     /// Namespace to watch; `None` watches all.
     pub namespace: Option<String>,
     /// The label selector of this operator's shard; `None`: every object.
-    pub shard: Option<crate::shard::Shard>,
+    pub shard: Option<crate::runtime::shard::Shard>,
     /// Reconciles running at once, per kind.
     pub concurrency: u16,
     /// How often each kind's objects are compared in bulk with their records (only
-    /// those that differ are reconciled, [`crate::resync`]), and the etcd full resync.
+    /// those that differ are reconciled, [`crate::runtime::resync`]), and the etcd full resync.
     pub resync_interval: Duration,
     /// First retry delay after a failure; doubles per failure up to `backoff_cap`.
     pub backoff_base: Duration,
@@ -66,7 +66,7 @@ pub struct Context {
     pub watching: Arc<Watching>,
     /// This process's writer term: every write transaction checks it.
     pub term: Arc<Term>,
-    /// The cache of the shared Customer watch of the current term ([`crate::feed`]).
+    /// The cache of the shared Customer watch of the current term ([`crate::runtime::feed`]).
     customers: std::sync::Mutex<Option<Store<Customer>>>,
     /// The Subscription controller's cache and its index by Customer.
     subscriptions: std::sync::Mutex<Option<(Store<Subscription>, ByCustomer<Subscription>)>>,
@@ -124,6 +124,17 @@ impl Context {
     }
 
     /// Uses `plans` (loaded from `--plans-file`, and replaced when the file changes).
+    /// Makes every etcd key derived from `customer_id` match Postgres
+    /// ([`crate::platform::sync::converge_customer`], under the writer fence); true if
+    /// anything was written.
+    pub async fn converge_customer(&self, customer_id: uuid::Uuid) -> Result<bool, crate::Error> {
+        let lock = self.begin_write().await?;
+        let written =
+            crate::platform::sync::converge_customer(lock, &self.platform, customer_id).await?;
+        self.metrics.config_keys_written(written);
+        Ok(written > 0)
+    }
+
     pub fn with_plans(mut self, plans: Plans) -> Self {
         self.plans = plans;
         self

@@ -13,8 +13,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use m3o_crds::{ApiKey, Customer, Subscription};
 
-use crate::context::Context;
-use crate::status::HasStatus;
+use crate::report::status::HasStatus;
+use crate::runtime::context::Context;
 use crate::store::resync::{self as records, RecordTable};
 
 /// Objects compared per statement.

@@ -15,9 +15,9 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use m3o_crds::Customer;
 
-use crate::context::Context;
-pub use crate::referents::{ByCustomer, CustomerReferent};
-use crate::runner;
+use crate::runtime::context::Context;
+pub use crate::runtime::referents::{ByCustomer, CustomerReferent};
+use crate::runtime::runner;
 
 /// Events buffered per consumer before the shared watch waits for it.
 const BUFFER: usize = 1024;
@@ -97,14 +97,14 @@ impl Pump {
             let event = match event {
                 Ok(event) => event,
                 Err(err) => {
-                    tracing::warn!(%err, kind = crate::customer::KIND, "watch error; retrying");
+                    tracing::warn!(%err, kind = m3o_crds::kinds::CUSTOMER, "watch error; retrying");
                     continue;
                 }
             };
             let object = match &event {
                 watcher::Event::InitDone => {
-                    tracing::info!(kind = crate::customer::KIND, "listed; watching");
-                    ctx.watching.mark(crate::customer::KIND);
+                    tracing::info!(kind = m3o_crds::kinds::CUSTOMER, "listed; watching");
+                    ctx.watching.mark(m3o_crds::kinds::CUSTOMER);
                     let gone = before_relist.take().into_iter().flatten().filter(|c| {
                         let now = self.store.get(&ObjectRef::from_obj(c.as_ref()));
                         now.is_none_or(|now| now.metadata.uid != c.metadata.uid)
@@ -141,7 +141,7 @@ impl Pump {
 /// feed (and its periodic retry backs that up), so a bulk apply of customers with their
 /// subscriptions and keys costs no "not ready" status or Event per dependent.
 pub fn being_provisioned(customer: &Customer) -> bool {
-    use crate::status::HasStatus;
+    use crate::report::status::HasStatus;
     customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
 }
 
@@ -152,7 +152,8 @@ pub fn wait_for_customer(
     customer: Option<&Customer>,
 ) -> Option<kube::runtime::controller::Action> {
     // A Customer of another shard is reported by the caller, whatever its state.
-    let ours = |c: &Customer| crate::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
+    let ours =
+        |c: &Customer| crate::runtime::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
     customer
         .is_some_and(|c| ours(c) && being_provisioned(c))
         .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry))

@@ -9,9 +9,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 
-use crate::context::Context;
-use crate::error::{Error, Step};
-use crate::status::HasStatus;
+use crate::report::error::{Error, Step};
+use crate::report::status::HasStatus;
+use crate::runtime::context::Context;
 
 /// The finalizer of every m3o resource.
 pub const FINALIZER: &str = "m3o.com/cleanup";

@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::status::HasStatus;
+use crate::report::status::HasStatus;
 
 /// Reconciles at once in the lane of changes (per kind).
 pub const CHANGES_CONCURRENCY: u16 = 2;

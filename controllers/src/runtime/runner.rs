@@ -13,9 +13,9 @@ use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector
 use kube::{Api, Resource, ResourceExt};
 use tracing::Instrument;
 
-use crate::context::Context;
-use crate::error::Error;
-use crate::status::{self, Cond, HasStatus, types};
+use crate::report::error::Error;
+use crate::report::status::{self, Cond, HasStatus, types};
+use crate::runtime::context::Context;
 
 /// Changes to one object within this window collapse into one reconcile.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -84,7 +84,7 @@ pub fn customer_changes(
             .hash(&mut h);
         h.finish()
     }
-    let mut changes = crate::changes::Changed::new(meaningful);
+    let mut changes = crate::runtime::changes::Changed::new(meaningful);
     events.filter_map(move |event| {
         let passed = match event {
             Ok(event) => changes.changed(&event).cloned().map(Ok),
@@ -116,7 +116,7 @@ pub async fn run_with<K, F, Fut>(
     mut observe: impl FnMut(&watcher::Event<K>) + Send + 'static,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
-    K: crate::resync::Recorded
+    K: crate::runtime::resync::Recorded
         + Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Send
         + Sync
@@ -156,7 +156,7 @@ pub async fn run_on<K, F, Fut>(
     cache: reflector::Store<K>,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
-    K: crate::resync::Recorded
+    K: crate::runtime::resync::Recorded
         + Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Send
         + Sync
@@ -173,21 +173,23 @@ pub async fn run_on<K, F, Fut>(
             .combine(predicates::labels),
         Default::default(),
     );
-    // Changes of provisioned objects go to the lane of changes ([`crate::lanes`]); the
+    // Changes of provisioned objects go to the lane of changes ([`crate::runtime::lanes`]); the
     // rest (new objects, triggers from other kinds, retries) to the bulk lane.
     let (mut to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
     let bulk = changes.filter_map(move |obj| {
         let obj = match obj {
-            Ok(o) if crate::lanes::is_change_of_provisioned(&o) => match to_changes.try_send(o) {
-                Ok(()) => None,
-                // The lane is full or gone: the bulk lane takes it.
-                Err(err) => Some(Ok(err.into_inner())),
-            },
+            Ok(o) if crate::runtime::lanes::is_change_of_provisioned(&o) => {
+                match to_changes.try_send(o) {
+                    Ok(()) => None,
+                    // The lane is full or gone: the bulk lane takes it.
+                    Err(err) => Some(Ok(err.into_inner())),
+                }
+            }
             other => Some(other),
         };
         std::future::ready(obj)
     });
-    let locks = Arc::new(crate::lanes::ObjectLocks::default());
+    let locks = Arc::new(crate::runtime::lanes::ObjectLocks::default());
     let shutdown = shutdown.shared();
     ctx.metrics.init_kind(kind);
     {
@@ -198,9 +200,9 @@ pub async fn run_on<K, F, Fut>(
             (ready as i64, (objects.len() - ready) as i64)
         });
     }
-    // The periodic resync is a bulk comparison ([`crate::resync`]): only the objects it
+    // The periodic resync is a bulk comparison ([`crate::runtime::resync`]): only the objects it
     // finds due are reconciled.
-    let resync = crate::resync::due(ctx.clone(), kind, cache.clone());
+    let resync = crate::runtime::resync::due(ctx.clone(), kind, cache.clone());
     let bulk_lane = customise(Controller::for_stream(bulk, cache.clone()))
         .reconcile_on(resync)
         .with_config(
@@ -212,7 +214,7 @@ pub async fn run_on<K, F, Fut>(
     let changes_lane = Controller::for_stream(lane_of_changes.map(Ok), cache)
         .with_config(
             Config::default()
-                .concurrency(crate::lanes::CHANGES_CONCURRENCY)
+                .concurrency(crate::runtime::lanes::CHANGES_CONCURRENCY)
                 .debounce(DEBOUNCE),
         )
         .graceful_shutdown_on(shutdown);
@@ -229,13 +231,13 @@ pub async fn run_on<K, F, Fut>(
 }
 
 /// Runs one lane's controller: reconciles under the object's lock (see
-/// [`crate::lanes`]), failures retried by [`observed`]'s rules.
+/// [`crate::runtime::lanes`]), failures retried by [`observed`]'s rules.
 async fn run_lane<K, F, Fut>(
     controller: Controller<K>,
     ctx: Arc<Context>,
     kind: &'static str,
     reconcile: F,
-    locks: Arc<crate::lanes::ObjectLocks>,
+    locks: Arc<crate::runtime::lanes::ObjectLocks>,
 ) where
     K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
@@ -248,7 +250,7 @@ async fn run_lane<K, F, Fut>(
                 async move {
                     let key = object_key(obj.as_ref());
                     let _one_lane_at_a_time = locks.lock(&key).await;
-                    crate::failpoint::hang_for(&key).await;
+                    crate::runtime::failpoint::hang_for(&key).await;
                     observed(obj, ctx, kind, reconcile).await
                 }
             },
@@ -300,7 +302,7 @@ where
         let _timer = ctx.metrics.reconcile_started(kind);
         let key = object_key(obj.as_ref());
         let result = AssertUnwindSafe(async {
-            crate::failpoint::panic_for(&key);
+            crate::runtime::failpoint::panic_for(&key);
             reconcile(obj.clone(), ctx.clone()).await
         })
         .catch_unwind()

@@ -588,7 +588,10 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let entry_key = format!("{prefix}/apikeys/{}", hex::encode(Sha256::digest(&key)));
+    let entry_key = format!(
+        "{prefix}/{}",
+        m3o_platform_contract::apikey_key(&hex::encode(Sha256::digest(&key)))
+    );
     block_latency(&keys, &mut etcd, &entry_key, false).await?;
 
     let (stop, stopped) = watch::channel(false);

@@ -223,18 +223,24 @@ mod tests {
     fn keys_are_classified() {
         let id = Uuid::new_v4();
         assert_eq!(classify(&customer_key(id)), KeyOwner::Customer(id));
-        assert_eq!(classify("customers/not-a-uuid"), KeyOwner::Unowned);
+        assert_eq!(classify(&customer_key("not-a-uuid")), KeyOwner::Unowned);
         let quota = quota_key(id);
         assert_eq!(classify(&quota), KeyOwner::Quota(id));
-        assert_eq!(classify("quotas/x"), KeyOwner::Unowned);
+        assert_eq!(classify(&quota_key("x")), KeyOwner::Unowned);
         assert_eq!(classify("stray"), KeyOwner::Unowned);
         assert_eq!(classify("other/x"), KeyOwner::Unowned);
         let upper = id.hyphenated().to_string().to_uppercase();
-        assert_eq!(classify(&format!("customers/{upper}")), KeyOwner::Unowned);
         assert_eq!(
-            classify(&format!("quotas/{}", id.simple())),
+            classify(&m3o_platform_contract::customer_key(upper)),
             KeyOwner::Unowned
         );
-        assert!(is_gateway_report("gateways/replica-1") && !is_gateway_report("customers/x"));
+        assert_eq!(
+            classify(&m3o_platform_contract::quota_key(id.simple())),
+            KeyOwner::Unowned
+        );
+        assert!(
+            is_gateway_report(&m3o_platform_contract::gateway_key("replica-1"))
+                && !is_gateway_report(&customer_key("x"))
+        );
     }
 }

@@ -279,6 +279,9 @@ mod tests {
 
     #[test]
     fn key_kinds() {
-        assert_eq!(key_kind("customers/abc"), "customers");
+        assert_eq!(
+            key_kind(&m3o_platform_contract::customer_key("abc")),
+            "customers"
+        );
     }
 }

@@ -1,4 +1,4 @@
-# m3o-operator developer entry points. See DESIGN.md section 9 and hack/env.sh.
+# m3o-operator developer entry points. See the README and hack/env.sh.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := build

@@ -182,8 +182,8 @@ fn cycle(
     None
 }
 
-#[test]
-fn no_file_of_controllers_imports_itself_through_others() {
+/// Every module file of `controllers/src` and the module files it imports.
+fn import_graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut files = BTreeMap::new();
     sources(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
@@ -192,11 +192,16 @@ fn no_file_of_controllers_imports_itself_through_others() {
     );
     let modules: BTreeSet<String> = files.keys().cloned().collect();
     assert!(modules.contains("platform/sync") && modules.contains("apikey/plan"));
-    let edges: BTreeMap<String, BTreeSet<String>> = files
+    files
         .iter()
         .filter(|(m, _)| !m.is_empty())
         .map(|(m, code)| (m.clone(), imports(m, code, &modules)))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn no_file_of_controllers_imports_itself_through_others() {
+    let edges = import_graph();
     // The checker sees real imports (so a cycle cannot hide from it): `use` paths, paths
     // through a module brought into scope, and a parent's paths into its children.
     assert!(edges["platform/sync"].contains("platform/desired"));
@@ -208,4 +213,29 @@ fn no_file_of_controllers_imports_itself_through_others() {
             panic!("import cycle: {}", found.join(" -> "));
         }
     }
+}
+
+/// The shared layers (the etcd config, the Postgres store) take what they need as
+/// arguments: they never import a kind, or the context that wires everything.
+#[test]
+fn the_shared_layers_import_no_kind_and_no_context() {
+    let edges = import_graph();
+    let upward = |m: &str| {
+        ["customer", "subscription", "apikey"]
+            .iter()
+            .any(|kind| m == *kind || m.starts_with(&format!("{kind}/")))
+            || m == "runtime/context"
+    };
+    let mut found = Vec::new();
+    for (module, imported) in &edges {
+        if module.starts_with("platform") || module.starts_with("store") {
+            found.extend(
+                imported
+                    .iter()
+                    .filter(|m| upward(m))
+                    .map(|m| format!("{module} -> {m}")),
+            );
+        }
+    }
+    assert!(found.is_empty(), "imports upward: {found:?}");
 }

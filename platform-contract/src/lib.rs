@@ -1,5 +1,5 @@
 //! The contract between m3o-operator and the gateways that read its etcd prefix
-//! (DESIGN.md section 6): where each value lives ([`keys`]), what it holds ([`values`]),
+//! (README "The resources", docs/gateway.md): where each value lives ([`keys`]), what it holds ([`values`]),
 //! and what a gateway must do with a key ([`standing`]). The operator writes these and
 //! the gateway reads them through this one crate, so the two cannot drift apart.
 //!

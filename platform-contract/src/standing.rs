@@ -7,7 +7,7 @@
 //! -> expired -> customer banned -> blocked -> a state this version does not know ->
 //! accepted. A banned customer's keys are published `blocked` (never `active`, for any
 //! reader that only looks at the key), and a gateway that also reads the customer
-//! answers 403 `customer_banned` for them, as DESIGN.md section 10 says.
+//! answers 403 `customer_banned` for them, as docs/gateway.md says.
 
 use crate::values::KeyStatus;
 

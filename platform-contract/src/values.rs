@@ -1,5 +1,5 @@
 //! The JSON values under the prefix, as the operator writes them and gateways read them.
-//! Field names are the contract (DESIGN.md section 6); a reader ignores fields it does
+//! Field names are the contract (README "The resources", docs/gateway.md); a reader ignores fields it does
 //! not know, so the operator may add some without breaking older gateways.
 
 use serde::{Deserialize, Serialize};

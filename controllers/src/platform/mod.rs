@@ -1,4 +1,4 @@
-//! The etcd-backed platform config the API gateway reads (DESIGN.md section 6).
+//! The etcd-backed platform config the API gateway reads (the gateway contract: crate `platform-contract`).
 //!
 //! Postgres is the system of record; every value here is derived from it
 //! ([`desired`], from the values in [`published`]), written only when it differs, and

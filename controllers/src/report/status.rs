@@ -237,7 +237,7 @@ pub async fn apply<K: HasStatus>(
     Ok(true)
 }
 
-/// Server-side apply of the whole status under one field manager (DESIGN.md section 3):
+/// Server-side apply of the whole status under one field manager (the status contract: README, "The resources"):
 /// the operator owns every status field it writes, and `kubectl get -o yaml
 /// --show-managed-fields` names it.
 async fn apply_status<K: HasStatus>(

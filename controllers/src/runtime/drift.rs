@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::platform::desired::{self, KeyOwner};
-use crate::platform::entry::verdict;
+use crate::platform::entry::entry_verdict;
 use crate::platform::scan::FleetScan;
 use crate::report::error::Error;
 use crate::runtime::context::Context;
@@ -54,7 +54,7 @@ pub async fn resync(ctx: &Context) -> Result<i64, Error> {
     let mut scan = FleetScan::new(&ctx.db, &ctx.platform, RESYNC_PAGE);
     while let Some(keys) = scan.next_keys().await? {
         for (relative, wanted, actual) in keys {
-            if verdict(wanted.as_ref().map(|e| &e.value), actual.as_deref()).is_drift() {
+            if entry_verdict(wanted.as_ref().map(|e| &e.value), actual.as_deref()).is_drift() {
                 repair(ctx, &relative).await?;
             }
         }
@@ -203,7 +203,7 @@ impl Clock {
 /// Brings one key back to what Postgres says after a change we did not make.
 async fn correct(ctx: &Context, relative: &str, current: Option<&[u8]>) -> Result<(), Error> {
     let desired = desired::desired_for(&mut *ctx.db.acquire().await?, relative).await?;
-    if verdict(desired.as_ref().map(|e| &e.value), current).is_drift() {
+    if entry_verdict(desired.as_ref().map(|e| &e.value), current).is_drift() {
         repair(ctx, relative).await
     } else {
         Ok(())

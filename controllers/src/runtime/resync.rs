@@ -21,17 +21,17 @@ use crate::store::resync::{self as records, RecordTable};
 const PAGE: usize = 500;
 
 /// A kind whose objects each have records in one table.
-pub trait Recorded: HasStatus {
+pub trait ResyncedKind: HasStatus {
     const RECORDS: RecordTable;
 }
 
-impl Recorded for Customer {
+impl ResyncedKind for Customer {
     const RECORDS: RecordTable = records::CUSTOMERS;
 }
-impl Recorded for Subscription {
+impl ResyncedKind for Subscription {
     const RECORDS: RecordTable = records::SUBSCRIPTIONS;
 }
-impl Recorded for ApiKey {
+impl ResyncedKind for ApiKey {
     const RECORDS: RecordTable = records::API_KEYS;
 }
 
@@ -51,7 +51,7 @@ pub fn due<K>(
     cache: Store<K>,
 ) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
 where
-    K: Recorded + Send + Sync + 'static,
+    K: ResyncedKind + Send + Sync + 'static,
 {
     futures::stream::unfold((ctx, cache), move |(ctx, cache)| async move {
         tokio::time::sleep(ctx.settings.resync_interval).await;
@@ -68,7 +68,7 @@ where
     .flatten()
 }
 
-async fn compare<K: Recorded>(
+async fn compare<K: ResyncedKind>(
     ctx: &Context,
     cache: &Store<K>,
 ) -> Result<Vec<ObjectRef<K>>, sqlx::Error> {

@@ -116,7 +116,7 @@ pub async fn run_with<K, F, Fut>(
     mut observe: impl FnMut(&watcher::Event<K>) + Send + 'static,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
-    K: crate::runtime::resync::Recorded
+    K: crate::runtime::resync::ResyncedKind
         + Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Send
         + Sync
@@ -156,7 +156,7 @@ pub async fn run_on<K, F, Fut>(
     cache: reflector::Store<K>,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
-    K: crate::runtime::resync::Recorded
+    K: crate::runtime::resync::ResyncedKind
         + Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Send
         + Sync

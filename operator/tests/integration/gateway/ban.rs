@@ -1,4 +1,4 @@
-//! The ban decision of the gateway contract (DESIGN.md section 10, docs/gateway.md),
+//! The ban decision of the gateway contract (docs/gateway.md, "Decisions"),
 //! end to end: a customer banned with `kubectl` has its keys published `blocked` (never
 //! `active`) by the real operator, and a request through nginx with such a key is
 //! answered 403 (the checker's reason: `customer_banned`), not 401 `blocked`. Unbanning brings the key back.

@@ -1,12 +1,15 @@
 //! Rows as the store returns them, for plan and build tests: one live record of each
-//! table with every field set, to adjust with struct update syntax.
+//! table with every field set, to adjust with struct update syntax; and the conditions
+//! of an object's status.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use m3o_crds::Condition;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use crate::report::status::{Cond, merge, types};
 use crate::store::api_keys::ApiKeyRow;
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::SubscriptionRow;
@@ -73,4 +76,13 @@ pub fn subscription_row(plan: &str) -> SubscriptionRow {
         updated_at: T0,
         cancelled_at: None,
     }
+}
+
+/// The conditions of a status whose `Ready` is `ok` with `reason`, at `generation`.
+pub fn ready_conditions(ok: bool, reason: &'static str, generation: i64) -> Vec<Condition> {
+    merge(
+        &[],
+        &[Cond::new(types::READY, ok, reason, "msg")],
+        Some(generation),
+    )
 }

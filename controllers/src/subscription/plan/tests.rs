@@ -1,13 +1,11 @@
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use m3o_crds::{CustomerRef, CustomerSpec, CustomerStatus, QuotaOverride, SubscriptionSpec};
-use sqlx::types::Json;
 
 use super::*;
-use crate::report::status::{Cond, merge, types};
 use crate::subscription::build::*;
 use m3o_crds::SubscriptionState;
 
@@ -45,9 +43,8 @@ fn customer(ready: Option<bool>) -> Customer {
     c.metadata.uid = Some("cust-uid".into());
     if let Some(ok) = ready {
         let reason = if ok { "Provisioned" } else { "Conflict" };
-        let cond = Cond::new(types::READY, ok, reason, "msg");
         c.status = Some(CustomerStatus {
-            conditions: merge(&[], &[cond], Some(1)),
+            conditions: crate::testkit::rows::ready_conditions(ok, reason, 1),
             ..Default::default()
         });
     }
@@ -58,16 +55,10 @@ fn customer_row() -> CustomerRow {
     CustomerRow {
         id: Uuid::now_v7(),
         email: "a@example.com".into(),
-        name: String::new(),
-        status: "active".into(),
-        meta: Json(BTreeMap::new()),
         k8s_namespace: "team".into(),
         k8s_name: "alice".into(),
         k8s_uid: "cust-uid".into(),
-        generation: 1,
-        created_at: Utc::now(),
-        updated_at: Utc::now(),
-        deleted_at: None,
+        ..crate::testkit::rows::customer_row("active")
     }
 }
 

@@ -104,7 +104,7 @@ name="${repository##*/}"
 archive="$out/$name-$tag.oci.tar"
 (cd "$layout" && find . -mindepth 1 | sed 's|^\./||' | LC_ALL=C sort) >"$work/archive.list"
 tar --format=posix --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
-  --mtime="@$epoch" --owner=0 --group=0 --numeric-owner --no-recursion \
+  --mtime="@$epoch" --owner=0 --group=0 --numeric-owner --mode=a+rX,u+w --no-recursion \
   -C "$layout" -cf "$archive" -T "$work/archive.list"
 rm -rf "$work"
 printf '%s:%s\n' "$repository" "$tag" >"$out/ref"

@@ -64,9 +64,30 @@ for bin in m3o-operator m3o-gateway-auth; do
   done < <(cut -d: -f2- "$dep_info" | sed 's/\\ /\x00/g' | tr ' ' '\n' | tr '\0' ' ' | sed '/^$/d')
 done
 
+# ignored PATH: .dockerignore leaves it out of the build context (the last matching
+# pattern decides; "!" re-includes; a pattern matches a path or a directory above it).
+ignore_patterns=()
+if [[ -f "$(dirname "$dockerfile")/.dockerignore" ]]; then
+  mapfile -t ignore_patterns < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$(dirname "$dockerfile")/.dockerignore")
+fi
+ignored() {
+  local path="$1" pattern negate verdict=1
+  for pattern in "${ignore_patterns[@]}"; do
+    negate=0
+    [[ "$pattern" == '!'* ]] && { negate=1; pattern="${pattern#!}"; }
+    pattern="${pattern#/}" pattern="${pattern%/}"
+    # shellcheck disable=SC2053 # the pattern is a glob
+    if [[ "$path" == $pattern || "$path" == $pattern/* ]]; then
+      ((negate)) && verdict=1 || verdict=0
+    fi
+  done
+  return "$verdict"
+}
+
 missing=()
 for path in "${!needed[@]}"; do
   covered "$path" || missing+=("$path (${needed[$path]})")
+  ! ignored "$path" || missing+=("$path (${needed[$path]}; excluded by .dockerignore)")
 done
 if ((${#missing[@]} > 0)); then
   printf 'check-dockerfile: not copied into the build stage: %s\n' "${missing[@]}" | sort >&2

@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health alert-rules install image dockerfile-check
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health alert-rules install image dockerfile-check test-image
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -25,6 +25,7 @@ help:
 	@echo 'make bench-gateway  gateway checks/s, latency, revocation latency, index memory'
 	@echo 'make install m3o-operator and the kubectl plugin kubectl-m3o into $$(PREFIX)/bin (PREFIX=~/.local)'
 	@echo 'make image   the OCI image (no daemon): target/image/layout and its oci-archive; prints the digest'
+	@echo 'make test-image  the image tests alone: the image run under runc with the chart'"'"'s Pod settings'
 
 deps:
 	hack/install-deps.sh
@@ -57,10 +58,17 @@ image: deps toolchain
 	  --out target/image --repository $(IMAGE_REPOSITORY) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG)) \
 	  $(if $(filter release,$(IMAGE_PROFILE)),--max-mb 40)
 
+# Only the image tests (part of `make test`): the image from the debug binaries, run
+# under runc with the chart's Pod settings (operator/tests/integration/image).
+test-image: deps tools
+	$(CARGO) build --workspace --tests --bins
+	hack/image/check-dockerfile.sh --bin-dir target/debug
+	hack/env.sh run -- $(CARGO) test -p m3o-operator --test integration -- image::
+
 # The Dockerfile copies every input of the build and states the image's configuration
-# (hack/image/check-dockerfile.sh; part of `make test`).
-dockerfile-check: toolchain
-	$(CARGO) build --workspace --bins
+# (hack/image/check-dockerfile.sh; part of `make test`). Reads the dep-info of a
+# debug build of the binaries (make build or make test makes one).
+dockerfile-check: deps
 	hack/image/check-dockerfile.sh --bin-dir target/debug
 
 # Argo CD's health checks of the three kinds, run in gopher-lua the way Argo CD runs

@@ -52,7 +52,8 @@ test: deps tools argocd-health alert-rules
 IMAGE_PROFILE ?= release
 IMAGE_REPOSITORY ?= m3o-operator
 IMAGE_TAG ?=
-image: deps toolchain
+image: deps
+	@command -v $(CARGO) >/dev/null || { echo 'cargo not found: install Rust with rustup (https://rustup.rs)' >&2; exit 1; }
 	$(CARGO) build --locked --profile $(IMAGE_PROFILE) -p m3o-operator --bin m3o-operator -p m3o-gateway --bin m3o-gateway-auth
 	hack/image/build.sh --bin-dir target/$(if $(filter dev,$(IMAGE_PROFILE)),debug,$(IMAGE_PROFILE)) \
 	  --out target/image --repository $(IMAGE_REPOSITORY) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG)) \

@@ -210,6 +210,23 @@ async fn the_image_is_distroless_non_root_and_the_charts_default() {
         std::slice::from_ref(&image.reference),
         "the chart's default image"
     );
+    // Every port the chart's containers declare (gateway enabled) is one the image exposes.
+    let with_gateway = render("t", "default", &["gateway.enabled=true"]).await;
+    for doc in documents(&with_gateway)
+        .iter()
+        .filter(|d| d["kind"] == "Deployment")
+    {
+        let ports = doc["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_sequence()
+            .expect("container ports");
+        for port in ports {
+            let exposed = format!("{}/tcp", port["containerPort"].as_u64().expect("port"));
+            assert!(
+                config["ExposedPorts"].get(&exposed).is_some(),
+                "the chart's port {exposed} is not exposed by the image"
+            );
+        }
+    }
 
     // Every file of the root filesystem is one the binaries need; nothing else.
     let mut files = Vec::new();

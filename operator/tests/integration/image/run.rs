@@ -25,10 +25,18 @@ struct Release {
     name: String,
     namespace: String,
     lease: String,
-    metrics_port: u16,
-    gateway_port: u16,
-    gateway_metrics_port: u16,
     docs: Vec<Value>,
+}
+
+/// One Pod of a release, running from the image.
+struct Pod {
+    container: Container,
+    name: String,
+    /// terminationGracePeriodSeconds.
+    grace: Duration,
+    /// The container's ports by name, as the chart declares them (the test probes
+    /// these: a port the chart declares but the binary does not serve fails).
+    ports: BTreeMap<String, u16>,
 }
 
 impl Release {
@@ -95,15 +103,12 @@ impl Release {
             name,
             namespace,
             lease,
-            metrics_port,
-            gateway_port,
-            gateway_metrics_port,
             docs,
         }
     }
 
     /// Runs the rendered Deployment of `component` from the image.
-    async fn run(&self, env: &TestEnv, component: &str) -> (Container, Duration, String) {
+    async fn run(&self, env: &TestEnv, component: &str) -> Pod {
         let image = image();
         let deployment = deployment(&self.docs, component);
         let pod_name = format!("{}-{component}-{}", self.name, suffix());
@@ -128,11 +133,24 @@ impl Release {
         let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             .as_u64()
             .expect("terminationGracePeriodSeconds");
-        (
-            Container::start(id, dir, &spec),
-            Duration::from_secs(grace),
-            pod_name,
-        )
+        let ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .expect("container ports")
+            .iter()
+            .map(|p| {
+                let name = p["name"].as_str().expect("port name").to_owned();
+                (
+                    name,
+                    p["containerPort"].as_u64().expect("containerPort") as u16,
+                )
+            })
+            .collect();
+        Pod {
+            container: Container::start(id, dir, &spec),
+            name: pod_name,
+            grace: Duration::from_secs(grace),
+            ports,
+        }
     }
 
     async fn lease_holder(&self) -> String {
@@ -158,13 +176,16 @@ impl Release {
 /// for another; both exit 0 on SIGTERM within their grace periods, the operator
 /// releasing its Lease. Returns nothing: panics on any difference.
 async fn operator_and_gateway(env: &TestEnv, release: &Release) {
-    let (mut operator, grace, pod_name) = release.run(env, "operator").await;
+    let mut operator = release.run(env, "operator").await;
     let startup = Duration::from_secs(120);
+    let metrics = operator.ports["metrics"];
     operator
-        .wait_http_ok(release.metrics_port, "/healthz", startup)
+        .container
+        .wait_http_ok(metrics, "/healthz", startup)
         .await;
     operator
-        .wait_http_ok(release.metrics_port, "/readyz", startup)
+        .container
+        .wait_http_ok(metrics, "/readyz", startup)
         .await;
     let holder = crate::support::eventually(
         "the operator in the container holds the Lease",
@@ -175,7 +196,7 @@ async fn operator_and_gateway(env: &TestEnv, release: &Release) {
         },
     )
     .await;
-    assert_eq!(holder, pod_name, "the Pod's name (POD_NAME) leads");
+    assert_eq!(holder, operator.name, "the Pod's name (POD_NAME) leads");
 
     env.apply_customer(
         "alice",
@@ -200,11 +221,13 @@ async fn operator_and_gateway(env: &TestEnv, release: &Release) {
         .await
         .expect("the key in its Secret");
 
-    let (mut gateway, gateway_grace, _) = release.run(env, "gateway").await;
+    let mut gateway = release.run(env, "gateway").await;
+    let gateway_metrics = gateway.ports["metrics"];
     gateway
-        .wait_http_ok(release.gateway_metrics_port, "/readyz", startup)
+        .container
+        .wait_http_ok(gateway_metrics, "/readyz", startup)
         .await;
-    let addr = format!("127.0.0.1:{}", release.gateway_port);
+    let addr = format!("127.0.0.1:{}", gateway.ports["auth"]);
     let check = |key: String| {
         let addr = addr.clone();
         async move {
@@ -233,14 +256,11 @@ async fn operator_and_gateway(env: &TestEnv, release: &Release) {
     let wrong = check(format!("{key}x")).await;
     assert_eq!(wrong.status, 401, "a wrong key: {wrong:?}");
 
-    let status = gateway.terminate(gateway_grace).await;
-    assert!(
-        status.success(),
-        "gateway exit on SIGTERM: {status}\n{}",
-        gateway.output()
-    );
-    let status = operator.terminate(grace).await;
-    let log = operator.output();
+    let status = gateway.container.terminate(gateway.grace).await;
+    let log = gateway.container.output();
+    assert!(status.success(), "gateway exit on SIGTERM: {status}\n{log}");
+    let status = operator.container.terminate(operator.grace).await;
+    let log = operator.container.output();
     assert!(
         status.success(),
         "operator exit on SIGTERM: {status}\n{log}"

@@ -46,7 +46,7 @@ test: deps tools argocd-health alert-rules
 	hack/image/check-dockerfile.sh --bin-dir target/debug
 	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
 
-# The image of DESIGN.md section 11, without a container engine (hack/image/build.sh):
+# The image (README, "Install on a cluster"), without a container engine (hack/image/build.sh):
 # an OCI layout in target/image/layout, tagged $(IMAGE_TAG), and target/image/*.oci.tar.
 # IMAGE_PROFILE=dev packages the debug binaries instead (what the image test does).
 IMAGE_PROFILE ?= release

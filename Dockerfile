@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The m3o-operator image for BuildKit users: the same image `make image` builds here
-# without a daemon (DESIGN.md section 11): glibc binaries on a distroless-like root
+# without a daemon (README, "Install on a cluster"): glibc binaries on a distroless-like root
 # filesystem staged by hack/image/rootfs.sh from Debian bookworm packages (the C runtime,
 # CA certificates, nonroot 65532), no shell, no package manager, user 65532:65532.
 # m3o-operator is the entrypoint; the chart runs m3o-gateway-auth from the same image.

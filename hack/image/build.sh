@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the m3o-operator image without a container engine (DESIGN.md section 11): an
+# Builds the m3o-operator image without a container engine (README, "Install on a cluster"): an
 # OCI image layout and an oci-archive tarball of it, made with GNU tar and umoci.
 #
 #   hack/image/build.sh --bin-dir DIR [--out DIR] [--repository NAME] [--tag TAG] [--max-mb N]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stages the root filesystem of the m3o-operator image (DESIGN.md section 11) into OUT:
+# Stages the root filesystem of the m3o-operator image (README, "Install on a cluster") into OUT:
 #
 #   hack/image/rootfs.sh --bin-dir DIR OUT
 #

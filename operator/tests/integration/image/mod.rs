@@ -1,4 +1,4 @@
-//! The image of DESIGN.md section 11. It is built once per test run by
+//! The image (README, "Install on a cluster"). It is built once per test run by
 //! `hack/image/build.sh` from this build's debug binaries (the path `make image` takes
 //! with release binaries), inspected, and run under runc the way a kubelet runs the
 //! chart's Pods (see `pod.rs` for what is taken from the chart and how).

@@ -4,19 +4,73 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Fields a gateway does not decide with are read leniently: a hand-edited `null` or
+/// number there must not make the whole value unreadable (an unreadable quota would
+/// drop the customer's limits, an unreadable customer its ban).
+mod lenient {
+    use std::fmt;
+
+    use serde::Deserializer;
+    use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// A string as it is; any other JSON value as the empty string.
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        struct AnyAsString;
+        impl<'de> Visitor<'de> for AnyAsString {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+                Ok(v.to_owned())
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+                Ok(v)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<String, E> {
+                Ok(String::new())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<String, E> {
+                Ok(String::new())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<String, E> {
+                Ok(String::new())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<String, E> {
+                Ok(String::new())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<String, E> {
+                Ok(String::new())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<String, E> {
+                Ok(String::new())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(String::new())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(String::new())
+            }
+        }
+        d.deserialize_any(AnyAsString)
+    }
+}
+
 /// `customers/<id>`: what the gateway knows of a customer.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct CustomerValue {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub email: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub name: String,
     /// The M3O customer status (`unverified|verified|active|banned`).
     pub status: String,
     /// The plan of the customer's subscription in force; empty while it has none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub plan: String,
 }
 
@@ -33,7 +87,7 @@ impl CustomerValue {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaValue {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub plan: String,
     pub monthly_requests: i64,
     pub requests_per_second: i64,
@@ -124,6 +178,22 @@ mod tests {
         let report: GatewayReport =
             serde_json::from_str(r#"{"appliedRevision":42,"more":1}"#).expect("json");
         assert_eq!(report.applied_revision, 42);
+    }
+
+    #[test]
+    fn fields_a_gateway_does_not_read_never_make_a_value_unreadable() {
+        let quota: QuotaValue =
+            serde_json::from_str(r#"{"plan":null,"monthlyRequests":0,"requestsPerSecond":0}"#)
+                .expect("a quota with a null plan is still a quota of 0");
+        assert_eq!((quota.plan.as_str(), quota.monthly_requests), ("", 0));
+        let customer: CustomerValue =
+            serde_json::from_str(r#"{"status":"banned","name":null,"email":7,"plan":{"a":[1]}}"#)
+                .expect("a banned customer with odd fields is still banned");
+        assert!(customer.is_banned());
+        assert!(
+            serde_json::from_str::<QuotaValue>(r#"{"monthlyRequests":"x","requestsPerSecond":1}"#)
+                .is_err()
+        );
     }
 
     #[test]

@@ -123,7 +123,6 @@ impl Context {
         }
     }
 
-    /// Uses `plans` (loaded from `--plans-file`, and replaced when the file changes).
     /// Makes every etcd key derived from `customer_id` match Postgres
     /// ([`crate::platform::sync::converge_customer`], under the writer fence); true if
     /// anything was written.
@@ -135,6 +134,7 @@ impl Context {
         Ok(written > 0)
     }
 
+    /// Uses `plans` (loaded from `--plans-file`, and replaced when the file changes).
     pub fn with_plans(mut self, plans: Plans) -> Self {
         self.plans = plans;
         self

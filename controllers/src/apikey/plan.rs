@@ -18,6 +18,8 @@ use crate::platform::published;
 pub use crate::platform::published::blocked_message;
 use crate::report::blocker::Blocker;
 use crate::report::status::{self, reasons};
+use crate::runtime::feed::being_provisioned;
+use crate::runtime::shard::{self, Shard};
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
 use crate::store::customers::CustomerRow;
 
@@ -48,6 +50,59 @@ pub fn customer_gate(
             reasons::CUSTOMER_NOT_READY,
             format!("Customer {name} has no record yet; waiting for it to be Ready"),
         )),
+    }
+}
+
+/// What a pass does, decided from what `load` read (the Customer object, its live row,
+/// the resource's key rows), before anything is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// The Customer is being provisioned: retry quietly, no status written.
+    Wait,
+    /// The customer the keys were recorded for is gone: revoke them.
+    Orphaned,
+    /// Nothing can be written now; say why in status.
+    Blocked(Blocker),
+    /// Go on to the Secret, then the rows, for this customer row and grace period.
+    Go {
+        customer: Box<CustomerRow>,
+        grace: chrono::Duration,
+    },
+}
+
+/// The first decision of a pass, in this order: a Customer being provisioned is waited
+/// for quietly; one in another shard blocks; keys of a customer that is gone are
+/// revoked; then the customer gate; then the grace period, validated before the Secret
+/// is touched (an unusable spec issues no key).
+pub fn admit(
+    key: &ApiKey,
+    shard: Option<&Shard>,
+    customer_obj: Option<&Customer>,
+    customer_row: Option<CustomerRow>,
+    rows: &[ApiKeyRow],
+) -> Admission {
+    if let Some(customer) = customer_obj {
+        // A Customer of another shard is reported, whatever its state.
+        if let Err(blocker) = shard::customer_gate(shard, customer) {
+            return Admission::Blocked(blocker);
+        }
+        if being_provisioned(customer) {
+            return Admission::Wait;
+        }
+    }
+    if orphaned(rows, customer_row.as_ref()) {
+        return Admission::Orphaned;
+    }
+    let customer = match customer_gate(key, customer_obj, customer_row) {
+        Ok(customer) => customer,
+        Err(blocker) => return Admission::Blocked(blocker),
+    };
+    match grace_period(&key.spec) {
+        Ok(grace) => Admission::Go {
+            customer: Box::new(customer),
+            grace,
+        },
+        Err(blocker) => Admission::Blocked(blocker),
     }
 }
 

@@ -497,3 +497,86 @@ fn alice() -> m3o_crds::Customer {
     );
     m3o_crds::Customer::new("alice", spec.expect("spec"))
 }
+
+/// `alice` with a Ready condition of `ready`.
+fn alice_ready(ready: bool) -> m3o_crds::Customer {
+    let mut customer = alice();
+    let cond = crate::report::status::Cond::new(
+        crate::report::status::types::READY,
+        ready,
+        reasons::PROVISIONED,
+        "",
+    );
+    customer.status = Some(m3o_crds::CustomerStatus {
+        conditions: crate::report::status::merge(&[], &[cond], Some(1)),
+        ..Default::default()
+    });
+    customer
+}
+
+#[test]
+fn admission_waits_blocks_revokes_or_goes_in_order() {
+    let k = key(false, None);
+    let row = customer("active");
+    let reason = |a: Admission| match a {
+        Admission::Blocked(b) => b.reason,
+        other => panic!("not blocked: {other:?}"),
+    };
+    // Being provisioned (no Ready condition yet): a quiet wait, whatever the records.
+    let provisioning = alice();
+    assert_eq!(
+        admit(&k, None, Some(&provisioning), None, &[]),
+        Admission::Wait
+    );
+    // In another shard: blocked, even while being provisioned.
+    let shard = crate::runtime::shard::Shard::parse("m3o.com/shard=a").expect("shard");
+    assert_eq!(
+        reason(admit(&k, Some(&shard), Some(&provisioning), None, &[])),
+        reasons::CUSTOMER_IN_OTHER_SHARD
+    );
+    // Keys recorded for a customer that is gone are revoked.
+    let recorded = ApiKeyRow {
+        customer_id: Uuid::from_u128(99),
+        ..row_of(&(plan_for(&k, &row, &issued(1, 0), &[], now()).insert).expect("insert"))
+    };
+    let ready = alice_ready(true);
+    assert_eq!(
+        admit(
+            &k,
+            None,
+            Some(&ready),
+            Some(row.clone()),
+            std::slice::from_ref(&recorded)
+        ),
+        Admission::Orphaned
+    );
+    assert_eq!(
+        admit(&k, None, None, None, &[recorded]),
+        Admission::Orphaned
+    );
+    // The customer gate: no Customer, no record.
+    assert_eq!(
+        reason(admit(&k, None, None, None, &[])),
+        reasons::CUSTOMER_NOT_FOUND
+    );
+    assert_eq!(
+        reason(admit(&k, None, Some(&ready), None, &[])),
+        reasons::CUSTOMER_NOT_READY
+    );
+    // A live record lets keys through, even while its Customer is not Ready (the Secret
+    // step issues a key only for a Ready one).
+    let failing = alice_ready(false);
+    let go = Admission::Go {
+        customer: Box::new(row.clone()),
+        grace: Duration::hours(1),
+    };
+    assert_eq!(admit(&k, None, Some(&failing), Some(row.clone()), &[]), go);
+    assert_eq!(admit(&k, None, Some(&ready), Some(row.clone()), &[]), go);
+    // An unusable grace period blocks before the Secret is touched.
+    let mut invalid = k.clone();
+    invalid.spec.rotation_grace_period = "forever".into();
+    assert_eq!(
+        reason(admit(&invalid, None, Some(&ready), Some(row), &[])),
+        reasons::INVALID_SPEC
+    );
+}

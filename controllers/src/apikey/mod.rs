@@ -1,6 +1,7 @@
 //! The ApiKey controller: keys issued into Secrets, known elsewhere only by hash. Its
 //! files follow the pipeline every kind shares, [`crate::pipeline`]: `plan.rs` decides
-//! (orphan check, customer gate, Secret reuse, row writes and events), `build.rs`
+//! (admission: the Customer through [`crate::pipeline::dependent`], the orphan check,
+//! the grace period; Secret reuse; row writes and events), `build.rs`
 //! builds (the Secret, event payloads, status), `reconcile.rs` loads and applies,
 //! `cleanup.rs` deletes; `secret.rs` is key material and reading a Secret,
 //! `config.rs` its gateway entry, `gateway_sync.rs` the `GatewaySynced` condition.

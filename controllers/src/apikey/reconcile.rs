@@ -41,15 +41,16 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     // Plan.
     let shard = ctx.settings.shard.as_ref();
     let customer_obj = loaded.customer.as_ref();
-    let (customer, grace) =
-        match plan::admit(&key, shard, customer_obj, loaded.customer_row, &loaded.rows) {
-            Admission::Go { customer, grace } => (customer, grace),
-            Admission::Wait => return Ok(Action::requeue(ctx.settings.blocked_retry)),
-            Admission::Orphaned => return revoke_orphaned(&api, &key, ctx).await,
-            Admission::Blocked(blocker) => {
-                return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
-            }
-        };
+    let customer_row = loaded.customer_row.as_ref();
+    let (customer, grace) = match plan::admit(&key, shard, customer_obj, customer_row, &loaded.rows)
+    {
+        Admission::Go { customer, grace } => (customer, grace),
+        Admission::Wait => return Ok(Action::requeue(ctx.settings.blocked_retry)),
+        Admission::Orphaned => return revoke_orphaned(&api, &key, ctx).await,
+        Admission::Blocked(blocker) => {
+            return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
+        }
+    };
 
     // Apply: the Secret first (the key exists before anything records or accepts it),
     // then the rows and their events in one transaction, then etcd.

@@ -135,30 +135,6 @@ impl Pump {
     }
 }
 
-/// True while a Customer is being provisioned: it exists, is not being deleted, and
-/// has no Ready condition yet (a failure to provision it is reported there). A dependent waits for it
-/// without writing a status: the Customer's next status change wakes it through this
-/// feed (and its periodic retry backs that up), so a bulk apply of customers with their
-/// subscriptions and keys costs no "not ready" status or Event per dependent.
-pub fn being_provisioned(customer: &Customer) -> bool {
-    use crate::report::status::HasStatus;
-    customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
-}
-
-/// For a dependent of `customer`: the retry to wait with, quietly, while that Customer
-/// is [`being_provisioned`]; `None` to go on.
-pub fn wait_for_customer(
-    ctx: &Context,
-    customer: Option<&Customer>,
-) -> Option<kube::runtime::controller::Action> {
-    // A Customer of another shard is reported by the caller, whatever its state.
-    let ours =
-        |c: &Customer| crate::runtime::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
-    customer
-        .is_some_and(|c| ours(c) && being_provisioned(c))
-        .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry))
-}
-
 /// The Customer changes that matter to dependents, from the shared feed.
 pub fn dependent_changes(
     events: mpsc::Receiver<watcher::Event<Customer>>,

@@ -364,17 +364,7 @@ fn secret_actions_of_the_fixtures() {
         let name = &c.case;
         let found = found_secret(&c);
         let state = super::super::secret::inspect(found.as_ref(), &c.apikey);
-        let mut customer = alice();
-        let ready = crate::report::status::Cond::new(
-            crate::report::status::types::READY,
-            c.customer_ready,
-            reasons::PROVISIONED,
-            "",
-        );
-        customer.status = Some(m3o_crds::CustomerStatus {
-            conditions: crate::report::status::merge(&[], &[ready], Some(1)),
-            ..Default::default()
-        });
+        let customer = alice_ready(c.customer_ready);
         let action = secret_action(&c.apikey, state, &[], Some(&customer));
         match action {
             Err(blocker) => c.expect.blocker(name, &blocker),

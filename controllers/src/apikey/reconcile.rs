@@ -227,7 +227,10 @@ async fn issue(
     Ok(Some(issued))
 }
 
-/// The database step: rows and their events in one transaction.
+/// The database step, in one transaction: the customer locked live (its deletion waits
+/// for the commit), the resource's unrevoked rows locked and planned from as locked
+/// ([`plan::plan`], pure: no concurrent pass changes them meanwhile), then the row
+/// writes and their events.
 async fn record(
     ctx: &Context,
     key: &ApiKey,

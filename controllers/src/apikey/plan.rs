@@ -1,8 +1,8 @@
-//! Every decision about an ApiKey, pure and unit-tested: the orphan check and the
-//! customer gate, whether the key in the Secret is reused or a new one issued, the
-//! grace period, and from the resource, its customer, the key and its rows to the row
-//! writes, the events they announce and when to look again (expiry, end of a
-//! rotation's grace period). The pipeline: [`crate::pipeline`].
+//! Every decision about an ApiKey, pure and unit-tested: the admission of a pass (its
+//! Customer, the orphan check, the grace period), whether the key in the Secret is
+//! reused or a new one issued, and from the resource, its customer, the key and its
+//! rows to the row writes, the events they announce and when to look again (expiry,
+//! end of a rotation's grace period). The pipeline: [`crate::pipeline`].
 
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
@@ -13,11 +13,13 @@ use uuid::Uuid;
 
 use super::secret::{FoundKey, IssuedKey, SecretState, secret_name};
 use crate::duration;
+use crate::pipeline::dependent::{self, Gate, Refusal, Requires};
 use crate::pipeline::k8s_ref::K8sRef;
 use crate::platform::published;
 pub use crate::platform::published::blocked_message;
 use crate::report::blocker::Blocker;
 use crate::report::status::{self, reasons};
+use crate::runtime::shard::Shard;
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
 use crate::store::customers::CustomerRow;
 
@@ -28,26 +30,72 @@ pub fn orphaned(rows: &[ApiKeyRow], customer: Option<&CustomerRow>) -> bool {
         .any(|r| r.revoked_at.is_none() && customer.is_none_or(|c| c.id != r.customer_id))
 }
 
-/// The customer's live row, or why no key can be recorded now.
-pub fn customer_gate(
-    key: &ApiKey,
-    customer_obj: Option<&Customer>,
-    row: Option<CustomerRow>,
-) -> Result<CustomerRow, Blocker> {
+/// How an ApiKey words a refusal of its Customer. Under [`Requires::LiveRecord`] only
+/// a missing Customer or a missing record can come out.
+pub fn customer_refusal(key: &ApiKey, refusal: Refusal) -> Blocker {
     let name = &key.spec.customer_ref.name;
-    match (row, customer_obj) {
-        (Some(row), _) => Ok(row),
-        (None, None) => Err(Blocker::new(
+    match refusal {
+        Refusal::NotFound => Blocker::new(
             reasons::CUSTOMER_NOT_FOUND,
             format!(
                 "Customer {name} does not exist in namespace {}; create it",
                 key.namespace().unwrap_or_default()
             ),
-        )),
-        (None, Some(_)) => Err(Blocker::new(
+        ),
+        Refusal::NoRecord
+        | Refusal::Deleting
+        | Refusal::NotReady { .. }
+        | Refusal::NotProvisioned => Blocker::new(
             reasons::CUSTOMER_NOT_READY,
             format!("Customer {name} has no record yet; waiting for it to be Ready"),
-        )),
+        ),
+    }
+}
+
+/// What a pass does, decided from what `load` read (the Customer object, its live row,
+/// the resource's key rows), before anything is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// The Customer is being provisioned: retry quietly, no status written.
+    Wait,
+    /// The customer the keys were recorded for is gone: revoke them.
+    Orphaned,
+    /// Nothing can be written now; say why in status.
+    Blocked(Blocker),
+    /// Go on to the Secret, then the rows, for this customer row and grace period.
+    Go {
+        customer: Box<CustomerRow>,
+        grace: chrono::Duration,
+    },
+}
+
+/// The first decision of a pass. May the key use its Customer ([`dependent::gate`]): a
+/// live record is enough ([`Requires::LiveRecord`]: a key follows its spec and its
+/// customer while the Customer is not Ready; [`secret_action`] asks for Ready before it
+/// issues one). A Customer in another shard blocks and one being provisioned is waited
+/// for, before anything else; then keys of a customer that is gone are revoked; then a
+/// refusal blocks; then the grace period, validated before the Secret is touched (an
+/// unusable spec issues no key).
+pub fn admit(
+    key: &ApiKey,
+    shard: Option<&Shard>,
+    customer_obj: Option<&Customer>,
+    customer_row: Option<&CustomerRow>,
+    rows: &[ApiKeyRow],
+) -> Admission {
+    let customer = match dependent::gate(Requires::LiveRecord, shard, customer_obj, customer_row) {
+        Gate::Wait => return Admission::Wait,
+        Gate::Blocked(blocker) => return Admission::Blocked(blocker),
+        _ if orphaned(rows, customer_row) => return Admission::Orphaned,
+        Gate::Refused(refusal) => return Admission::Blocked(customer_refusal(key, refusal)),
+        Gate::Use(customer) => customer,
+    };
+    match grace_period(&key.spec) {
+        Ok(grace) => Admission::Go {
+            customer: Box::new(customer.clone()),
+            grace,
+        },
+        Err(blocker) => Admission::Blocked(blocker),
     }
 }
 

@@ -25,6 +25,7 @@
 //! ([`crate::runtime::finalizer`]): load, one transaction, etcd, and every step tolerates having
 //! run before.
 
+pub mod dependent;
 pub mod k8s_ref;
 pub mod outbox_events;
 pub mod row_plan;

@@ -11,12 +11,13 @@ use std::sync::Arc;
 
 use futures::channel::mpsc;
 use futures::{SinkExt, Stream, StreamExt};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use m3o_crds::Customer;
 
 use crate::runtime::context::Context;
 pub use crate::runtime::referents::{ByCustomer, CustomerReferent};
+use crate::runtime::relist::Relist;
 use crate::runtime::runner;
 
 /// Events buffered per consumer before the shared watch waits for it.
@@ -90,9 +91,10 @@ impl Pump {
             .default_backoff()
             .modify(runner::strip_unread_metadata);
         let mut events = std::pin::pin!(reflector::reflector(self.writer, events));
-        // The Customers cached when a relist began: one gone by its end was deleted
-        // while the watch was interrupted, and no Delete event comes for it.
-        let mut before_relist: Option<Vec<Arc<Customer>>> = None;
+        // The Customers cached when a relist began: one it does not list again was
+        // deleted while the watch was interrupted, and no Delete event comes for it.
+        let mut before_relist: Vec<Arc<Customer>> = Vec::new();
+        let mut relist = Relist::default();
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(event) => event,
@@ -101,15 +103,13 @@ impl Pump {
                     continue;
                 }
             };
+            relist.follow(&event, |c| c.metadata.uid.clone());
             let object = match &event {
                 watcher::Event::InitDone => {
                     tracing::info!(kind = m3o_crds::kinds::CUSTOMER, "listed; watching");
                     ctx.watching.mark(m3o_crds::kinds::CUSTOMER);
-                    let gone = before_relist.take().into_iter().flatten().filter(|c| {
-                        let now = self.store.get(&ObjectRef::from_obj(c.as_ref()));
-                        now.is_none_or(|now| now.metadata.uid != c.metadata.uid)
-                    });
-                    for customer in gone.collect::<Vec<_>>() {
+                    let known = std::mem::take(&mut before_relist);
+                    for customer in relist.lost(known, |c| c.metadata.uid.clone()) {
                         let deleted = watcher::Event::Delete(Customer::clone(&customer));
                         for dependents in &mut self.dependents {
                             let _ = dependents.send(deleted.clone()).await;
@@ -118,7 +118,7 @@ impl Pump {
                     continue;
                 }
                 watcher::Event::Init => {
-                    before_relist = Some(self.store.state());
+                    before_relist = self.store.state();
                     continue;
                 }
                 watcher::Event::Apply(c) | watcher::Event::InitApply(c) => Some(c.clone()),
@@ -133,30 +133,6 @@ impl Pump {
             }
         }
     }
-}
-
-/// True while a Customer is being provisioned: it exists, is not being deleted, and
-/// has no Ready condition yet (a failure to provision it is reported there). A dependent waits for it
-/// without writing a status: the Customer's next status change wakes it through this
-/// feed (and its periodic retry backs that up), so a bulk apply of customers with their
-/// subscriptions and keys costs no "not ready" status or Event per dependent.
-pub fn being_provisioned(customer: &Customer) -> bool {
-    use crate::report::status::HasStatus;
-    customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
-}
-
-/// For a dependent of `customer`: the retry to wait with, quietly, while that Customer
-/// is [`being_provisioned`]; `None` to go on.
-pub fn wait_for_customer(
-    ctx: &Context,
-    customer: Option<&Customer>,
-) -> Option<kube::runtime::controller::Action> {
-    // A Customer of another shard is reported by the caller, whatever its state.
-    let ours =
-        |c: &Customer| crate::runtime::shard::customer_gate(ctx.settings.shard.as_ref(), c).is_ok();
-    customer
-        .is_some_and(|c| ours(c) && being_provisioned(c))
-        .then(|| kube::runtime::controller::Action::requeue(ctx.settings.blocked_retry))
 }
 
 /// The Customer changes that matter to dependents, from the shared feed.

@@ -1,6 +1,6 @@
 //! How the controllers run: the shared context, the controller runner (span, metrics,
 //! backoff), the lanes of changes, the shared Customer watch and the index of its
-//! referents, the bulk resync, the etcd drift watcher, the finalizer, sharding and failpoints. Nothing here
+//! referents, relist tracking, the bulk resync, the etcd drift watcher, the finalizer, sharding and failpoints. Nothing here
 //! knows what a kind provisions.
 
 pub mod backoff;
@@ -12,6 +12,7 @@ pub mod feed;
 pub mod finalizer;
 pub mod lanes;
 pub mod referents;
+pub mod relist;
 pub mod resync;
 pub mod runner;
 pub mod shard;

@@ -11,6 +11,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use m3o_crds::{ApiKey, Subscription};
 
+use crate::runtime::relist::Relist;
+
 /// Objects that name a Customer in `spec.customerRef`.
 pub trait CustomerReferent: kube::Resource<DynamicType = ()> {
     fn customer_name(&self) -> &str;
@@ -104,8 +106,8 @@ struct Index {
     referents: HashMap<Key, Names>,
     /// (namespace, name) -> the customer it references.
     customer_of: HashMap<Key, String>,
-    /// Objects seen since a relist began (the rest are dropped at its end).
-    relisted: Option<BTreeSet<Key>>,
+    /// What a relist lists again (the rest is dropped at its end).
+    relist: Relist<Key>,
 }
 
 impl Index {
@@ -140,31 +142,26 @@ impl Index {
 impl<K: CustomerReferent> ByCustomer<K> {
     /// Keeps the index in step with one event of the kind's watch.
     pub fn observe(&self, event: &watcher::Event<K>) {
-        let Ok(mut index) = self.inner.lock() else {
+        let Ok(mut guard) = self.inner.lock() else {
             return;
         };
+        let index = &mut *guard;
         let key_of = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        index.relist.follow(event, key_of);
         match event {
-            watcher::Event::Init => index.relisted = Some(BTreeSet::new()),
+            watcher::Event::Init => {}
             watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
                 let (namespace, name) = key_of(o);
-                if let Some(seen) = index.relisted.as_mut() {
-                    seen.insert((namespace.clone(), name.clone()));
-                }
                 index.insert(namespace, name, o.customer_name().to_owned());
             }
             watcher::Event::Delete(o) => index.remove(&key_of(o)),
             watcher::Event::InitDone => {
-                if let Some(seen) = index.relisted.take() {
-                    let gone: Vec<Key> = index
-                        .customer_of
-                        .keys()
-                        .filter(|k| !seen.contains(*k))
-                        .cloned()
-                        .collect();
-                    for key in &gone {
-                        index.remove(key);
-                    }
+                let gone = index
+                    .relist
+                    .lost(index.customer_of.keys(), |k| (*k).clone());
+                let gone: Vec<Key> = gone.into_iter().cloned().collect();
+                for key in &gone {
+                    index.remove(key);
                 }
             }
         }

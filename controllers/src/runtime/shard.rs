@@ -14,8 +14,9 @@ use crate::report::blocker::Blocker;
 use crate::report::status::reasons;
 
 /// A dependent (Subscription, ApiKey) may be provisioned by this shard only when its
-/// Customer is in it too: a customer's objects are reconciled by one shard.
-pub fn customer_gate(shard: Option<&Shard>, customer: &Customer) -> Result<(), Blocker> {
+/// Customer is in it too: a customer's objects are reconciled by one shard. Part of the
+/// dependents' gate, [`crate::pipeline::dependent::gate`].
+pub fn admits_customer(shard: Option<&Shard>, customer: &Customer) -> Result<(), Blocker> {
     match shard {
         Some(shard) if !shard.contains(customer.labels()) => Err(Blocker::new(
             reasons::CUSTOMER_IN_OTHER_SHARD,

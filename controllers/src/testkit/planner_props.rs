@@ -269,7 +269,11 @@ proptest! {
                 crate::report::status::types::READY, ok, reasons::PROVISIONED, "x")], Some(1)),
             ..Default::default()
         });
-        let _ = subscription_plan::customer_gate(Some(&customer), Some(&row), "alice");
+        if let crate::pipeline::dependent::Gate::Refused(refusal) =
+            subscription_plan::customer_use(None, Some(&customer), Some(&row))
+        {
+            let _ = subscription_plan::customer_refusal("alice", refusal);
+        }
         if let Ok(quota) = quota {
             let desired = subscription_plan::desired_record(this, row.id, quota);
             let _ = subscription_plan::plan_row::<SubscriptionRow>(None, &desired);

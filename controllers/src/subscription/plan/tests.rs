@@ -115,14 +115,17 @@ fn the_customer_must_exist_be_ready_and_have_its_row() {
         c: Option<&Customer>,
         r: Option<&'a CustomerRow>,
     ) -> Result<&'a CustomerRow, &'static str> {
-        customer_gate(c, r, "alice").map_err(|b| b.reason)
+        match customer_use(None, c, r) {
+            Gate::Use(row) => Ok(row),
+            Gate::Wait => Err("wait"),
+            Gate::Blocked(b) => Err(b.reason),
+            Gate::Refused(refusal) => Err(customer_refusal("alice", refusal).reason),
+        }
     }
     assert_eq!(gate(None, None), Err(reasons::CUSTOMER_NOT_FOUND));
+    // Being provisioned: a quiet wait, no status.
     let not_provisioned = customer(None);
-    assert_eq!(
-        gate(Some(&not_provisioned), Some(&row)),
-        Err(reasons::CUSTOMER_NOT_READY)
-    );
+    assert_eq!(gate(Some(&not_provisioned), Some(&row)), Err("wait"));
     let failing = customer(Some(false));
     assert_eq!(
         gate(Some(&failing), Some(&row)),
@@ -143,6 +146,38 @@ fn the_customer_must_exist_be_ready_and_have_its_row() {
         gate(Some(&deleting), Some(&row)),
         Err(reasons::CUSTOMER_NOT_READY)
     );
+}
+
+#[test]
+fn refusals_of_the_customer_are_worded_as_before() {
+    let message = |r: Refusal| {
+        let b = customer_refusal("alice", r);
+        format!("{}: {}", b.reason, b.message)
+    };
+    assert_eq!(
+        message(Refusal::NotFound),
+        "CustomerNotFound: Customer alice does not exist in this namespace; create it and this Subscription follows"
+    );
+    let not_ready = [
+        (Refusal::Deleting, "is being deleted"),
+        (
+            Refusal::NotReady {
+                reason: "Conflict".into(),
+                message: "msg".into(),
+            },
+            "is not Ready (Conflict: msg)",
+        ),
+        (Refusal::NotProvisioned, "is not provisioned yet"),
+        (Refusal::NoRecord, "has no customer record yet"),
+    ];
+    for (refusal, why) in not_ready {
+        assert_eq!(
+            message(refusal),
+            format!(
+                "CustomerNotReady: Customer alice {why}; this Subscription follows once it is Ready"
+            )
+        );
+    }
 }
 
 #[test]

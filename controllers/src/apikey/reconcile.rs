@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::plan::{self, Admission, KeyPlan, Observed, SecretAction};
 use super::secret::{self, IssuedKey, Plaintext};
 use super::{build, gateway_sync};
-use crate::pipeline::outbox_events;
+use crate::pipeline::{dependent, outbox_events};
 use crate::report::blocker::Blocker;
 use crate::report::error::{AtStep, Error, Step};
 use crate::report::lifecycle;
@@ -87,6 +87,16 @@ async fn load(ctx: &Context, key: &ApiKey) -> Result<Loaded, Error> {
         .customer(&ns, customer_name)
         .await
         .at(Step::Load("the Customer"))?;
+    // A pass that waits for its Customer, or is blocked by its shard, is decided by the
+    // Customer alone ([`plan::admit`] checks that first): it reads no record.
+    let shard = ctx.settings.shard.as_ref();
+    if dependent::before_records(shard, customer.as_ref()).is_some() {
+        return Ok(Loaded {
+            customer,
+            customer_row: None,
+            rows: Vec::new(),
+        });
+    }
     let customer_row = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name)
         .await
         .at(Step::Load("the customer record"))?;

@@ -64,6 +64,18 @@ pub fn being_provisioned(customer: &Customer) -> bool {
     customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
 }
 
+/// The part of [`gate`] decided by the Customer object alone: another shard blocks, a
+/// Customer being provisioned is waited for. A pass it answers needs no record, so the
+/// caller reads none (a bulk apply's quiet waits cost no Postgres statement).
+pub fn before_records(shard: Option<&Shard>, customer: Option<&Customer>) -> Option<Gate<'static>> {
+    let customer = customer?;
+    // A Customer of another shard is reported, whatever its state.
+    if let Err(blocker) = shard::admits_customer(shard, customer) {
+        return Some(Gate::Blocked(blocker));
+    }
+    being_provisioned(customer).then_some(Gate::Wait)
+}
+
 /// May a dependent use its Customer: `customer` is the object its `customerRef` names
 /// (if any), `row` that Customer's live row (if any).
 pub fn gate<'a>(
@@ -72,14 +84,8 @@ pub fn gate<'a>(
     customer: Option<&Customer>,
     row: Option<&'a CustomerRow>,
 ) -> Gate<'a> {
-    if let Some(customer) = customer {
-        // A Customer of another shard is reported, whatever its state.
-        if let Err(blocker) = shard::admits_customer(shard, customer) {
-            return Gate::Blocked(blocker);
-        }
-        if being_provisioned(customer) {
-            return Gate::Wait;
-        }
+    if let Some(early) = before_records(shard, customer) {
+        return early;
     }
     match required(requires, customer, row) {
         Ok(row) => Gate::Use(row),

@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use m3o_crds::{Customer, Subscription};
 
 use super::{build, plan};
-use crate::pipeline::dependent::Gate;
+use crate::pipeline::dependent::{self, Gate};
 use crate::pipeline::outbox_events;
 use crate::pipeline::row_plan::RowWrite;
 use crate::report::blocker::Blocker;
@@ -72,11 +72,13 @@ async fn load_customer(
         .customer(namespace, name)
         .await
         .at(Step::Load("the Customer"))?;
+    // Waiting for the Customer, or blocked by its shard: decided without the record.
+    let early = dependent::before_records(ctx.settings.shard.as_ref(), customer.as_ref());
     let row = match customer {
-        Some(_) => customers::live_by_k8s_ref(&ctx.db, namespace, name)
+        Some(_) if early.is_none() => customers::live_by_k8s_ref(&ctx.db, namespace, name)
             .await
             .at(Step::Load("the customer record"))?,
-        None => None,
+        _ => None,
     };
     Ok((customer, row))
 }

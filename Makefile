@@ -1,4 +1,4 @@
-# m3o-operator developer entry points. See DESIGN.md section 9 and hack/env.sh.
+# m3o-operator developer entry points. See the README and hack/env.sh.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := build
@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health alert-rules install
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health alert-rules install image dockerfile-check test-image
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -24,6 +24,8 @@ help:
 	@echo 'make bench   N of each kind from apply to all Ready, with the raw rate (BENCH_N=1000)'
 	@echo 'make bench-gateway  gateway checks/s, latency, revocation latency, index memory'
 	@echo 'make install m3o-operator and the kubectl plugin kubectl-m3o into $$(PREFIX)/bin (PREFIX=~/.local)'
+	@echo 'make image   the OCI image (no daemon): target/image/layout and its oci-archive; prints the digest'
+	@echo 'make test-image  the image tests alone: the image run under runc with the chart'"'"'s Pod settings'
 
 deps:
 	hack/install-deps.sh
@@ -41,7 +43,34 @@ build: toolchain
 # Build before any server starts, so the environment only lives while tests run.
 test: deps tools argocd-health alert-rules
 	$(CARGO) build --workspace --tests --bins
+	hack/image/check-dockerfile.sh --bin-dir target/debug
 	hack/env.sh run -- $(CARGO) test $(TEST_ARGS)
+
+# The image (README, "Install on a cluster"), without a container engine (hack/image/build.sh):
+# an OCI layout in target/image/layout, tagged $(IMAGE_TAG), and target/image/*.oci.tar.
+# IMAGE_PROFILE=dev packages the debug binaries instead (what the image test does).
+IMAGE_PROFILE ?= release
+IMAGE_REPOSITORY ?= m3o-operator
+IMAGE_TAG ?=
+image: deps
+	@command -v $(CARGO) >/dev/null || { echo 'cargo not found: install Rust with rustup (https://rustup.rs)' >&2; exit 1; }
+	$(CARGO) build --locked --profile $(IMAGE_PROFILE) -p m3o-operator --bin m3o-operator -p m3o-gateway --bin m3o-gateway-auth
+	hack/image/build.sh --bin-dir target/$(if $(filter dev,$(IMAGE_PROFILE)),debug,$(IMAGE_PROFILE)) \
+	  --out target/image --repository $(IMAGE_REPOSITORY) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG)) \
+	  $(if $(filter release,$(IMAGE_PROFILE)),--max-mb 40)
+
+# Only the image tests (part of `make test`): the image from the debug binaries, run
+# under runc with the chart's Pod settings (operator/tests/integration/image).
+test-image: deps tools
+	$(CARGO) build --workspace --tests --bins
+	hack/image/check-dockerfile.sh --bin-dir target/debug
+	hack/env.sh run -- $(CARGO) test -p m3o-operator --test integration -- image::
+
+# The Dockerfile copies every input of the build and states the image's configuration
+# (hack/image/check-dockerfile.sh; part of `make test`). Reads the dep-info of a
+# debug build of the binaries (make build or make test makes one).
+dockerfile-check: deps
+	hack/image/check-dockerfile.sh --bin-dir target/debug
 
 # Argo CD's health checks of the three kinds, run in gopher-lua the way Argo CD runs
 # them (charts/m3o-operator/argocd; see hack/argocd-health-test/main.go).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The local environment of DESIGN.md section 9, on loopback, in a fresh temporary dir:
+# The local environment of `make test` (README), on loopback, in a fresh temporary dir:
 # kube-apiserver + etcd (control plane, no kubelet/controller-manager), PostgreSQL,
 # Redis and a second etcd for platform config. Every server listens on a free port.
 #

@@ -27,6 +27,10 @@ requirements=(
   "curl curl"                                                # the demo's calls through nginx
   "/bin/kill procps"                                         # tests signal operators (SIGSTOP, SIGTERM)
   "curl curl"                                                # hack/env.sh M3O_TLS=1: etcd auth set-up
+  "umoci umoci"                                              # make image: the OCI layout
+  "jq jq"                                                    # make image, check-dockerfile: JSON
+  "strip binutils"                                           # make image: stripped binaries
+  "runc runc"                                                # the image test runs the image
 )
 
 present() {

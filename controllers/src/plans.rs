@@ -29,7 +29,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::report::metrics::Metrics;
 
 /// How often the plans file is re-read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);

@@ -31,6 +31,13 @@ pub const VERSION: &str = "v1alpha1";
 /// `kubectl get m3o` lists all three kinds.
 pub const CATEGORY: &str = "m3o";
 
+/// The kinds' names, as constants (for metric labels and log fields).
+pub mod kinds {
+    pub const CUSTOMER: &str = "Customer";
+    pub const SUBSCRIPTION: &str = "Subscription";
+    pub const API_KEY: &str = "ApiKey";
+}
+
 /// Every CRD the operator serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Customer::crd(), Subscription::crd(), ApiKey::crd()]

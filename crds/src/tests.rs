@@ -83,3 +83,11 @@ fn customer_status_strings_round_trip() {
     }
     assert_eq!(CustomerStatusState::parse("nope"), None);
 }
+
+#[test]
+fn kind_constants_name_the_kinds() {
+    use kube::Resource;
+    assert_eq!(crate::kinds::CUSTOMER, Customer::kind(&()));
+    assert_eq!(crate::kinds::SUBSCRIPTION, Subscription::kind(&()));
+    assert_eq!(crate::kinds::API_KEY, ApiKey::kind(&()));
+}

@@ -48,12 +48,12 @@ fn main() {
             "scopes": ["helloworld", "weather"], "status": "active",
             "expiresAt": "2099-12-31T23:59:59Z",
         });
-        values.push((format!("apikeys/{hash}"), key.to_string()));
+        values.push((m3o_platform_contract::apikey_key(&hash), key.to_string()));
         if i % 10 == 0 {
             let c = serde_json::json!({"id": customer.to_string(), "email": format!("c{i}@example.com"), "name": "", "status": "active", "plan": "pro"});
-            values.push((format!("customers/{customer}"), c.to_string()));
+            values.push((m3o_platform_contract::customer_key(customer), c.to_string()));
             let q = serde_json::json!({"plan": "pro", "monthlyRequests": 1_000_000, "requestsPerSecond": 50});
-            values.push((format!("quotas/{customer}"), q.to_string()));
+            values.push((m3o_platform_contract::quota_key(customer), q.to_string()));
         }
     }
     let before = LIVE.load(Ordering::Relaxed);

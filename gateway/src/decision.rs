@@ -3,7 +3,9 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::entries::{KeyStatus, Quota};
+use m3o_platform_contract::{KeyFacts, Owner, Standing, standing};
+
+use crate::entries::Quota;
 use crate::index::Index;
 use crate::settings::UriSource;
 
@@ -231,26 +233,36 @@ pub fn decide(index: &Index, key: Option<&str>, path: &str, now: i64) -> Verdict
     let entry = index
         .key(&key_hash(key))
         .ok_or_else(|| unauthorized("unknown_key", "unknown or revoked API key"))?;
-    match entry.status {
-        KeyStatus::Active => {}
-        KeyStatus::Blocked => {
+    let owner = match index.customer(&entry.customer_id) {
+        None => Owner::Gone,
+        Some(c) if c.banned => Owner::Banned,
+        Some(_) => Owner::Live,
+    };
+    // The operator derived the published status with the same function.
+    let facts = KeyFacts::published(entry.status, entry.expires_at);
+    match standing(&facts, owner, now) {
+        Standing::Accepted => {}
+        Standing::Revoked => return Err(unauthorized("unknown_key", "unknown or revoked API key")),
+        Standing::CustomerGone => {
+            return Err(unauthorized(
+                "unknown_customer",
+                "the key's customer does not exist",
+            ));
+        }
+        Standing::Expired => return Err(unauthorized("expired", "this API key has expired")),
+        Standing::CustomerBanned => {
+            return Err(forbidden("customer_banned", "the customer is banned"));
+        }
+        Standing::Blocked => {
             let message = entry
                 .blocked_message
                 .as_deref()
                 .unwrap_or("this API key is blocked");
             return Err(unauthorized("blocked", message));
         }
-        KeyStatus::Expired => return Err(unauthorized("expired", "this API key has expired")),
-        KeyStatus::Other => return Err(unauthorized("inactive", "this API key is not active")),
-    }
-    if entry.expires_at.is_some_and(|t| t <= now) {
-        return Err(unauthorized("expired", "this API key has expired"));
-    }
-    let customer = index
-        .customer(&entry.customer_id)
-        .ok_or_else(|| unauthorized("unknown_customer", "the key's customer does not exist"))?;
-    if customer.banned {
-        return Err(forbidden("banned", "the customer is banned"));
+        Standing::Inactive => {
+            return Err(unauthorized("inactive", "this API key is not active"));
+        }
     }
     let api = api_of(path);
     if !covers(&entry.scopes, api) {

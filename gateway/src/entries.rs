@@ -1,17 +1,13 @@
-//! The platform config values the gateway reads (a contract: ARCHITECTURE.md),
-//! parsed into compact typed entries. Pure: bytes in, entries out.
+//! The platform config values the gateway reads, parsed into compact typed entries.
+//! The layout and the values are the contract crate's ([`m3o_platform_contract`]);
+//! this keeps only what a check needs, in little memory. Pure: bytes in, entries out.
 
 use chrono::DateTime;
-use serde::Deserialize;
+use m3o_platform_contract::{ApiKeyValue, CustomerValue, QuotaValue};
+pub use m3o_platform_contract::{GatewayReport, KeyStatus};
 
-/// Directories under the prefix.
-pub const APIKEYS: &str = "apikeys/";
-pub const CUSTOMERS: &str = "customers/";
-pub const QUOTAS: &str = "quotas/";
-/// Where each replica reports its applied revision (written by gateways, not the operator).
-pub const GATEWAYS: &str = "gateways/";
-
-/// What a key under the prefix is, relative to the prefix.
+/// What a key under the prefix is, relative to the prefix
+/// ([`m3o_platform_contract::classify`], with the hash decoded for the index).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot {
     /// `apikeys/<sha256 hex>`.
@@ -26,39 +22,24 @@ pub enum Slot {
 
 /// Classifies a key relative to the prefix.
 pub fn slot(relative: &str) -> Slot {
-    if let Some(hash) = relative.strip_prefix(APIKEYS) {
-        return parse_hash(hash).map_or(Slot::Other, Slot::ApiKey);
+    use m3o_platform_contract::Slot as S;
+    match m3o_platform_contract::classify(relative) {
+        S::ApiKey(hash) => parse_hash(hash).map_or(Slot::Other, Slot::ApiKey),
+        S::Customer(id) => Slot::Customer(id.to_owned()),
+        S::Quota(id) => Slot::Quota(id.to_owned()),
+        S::GatewayReport(_) => Slot::Gateway,
+        S::Other => Slot::Other,
     }
-    if let Some(id) = relative.strip_prefix(CUSTOMERS).filter(|s| !s.is_empty()) {
-        return Slot::Customer(id.to_owned());
-    }
-    if let Some(id) = relative.strip_prefix(QUOTAS).filter(|s| !s.is_empty()) {
-        return Slot::Quota(id.to_owned());
-    }
-    if relative.starts_with(GATEWAYS) {
-        return Slot::Gateway;
-    }
-    Slot::Other
 }
 
 /// A lowercase 64-character hex SHA-256, as the operator writes it.
 pub fn parse_hash(hex_str: &str) -> Option<[u8; 32]> {
-    if hex_str.len() != 64 || hex_str.bytes().any(|b| b.is_ascii_uppercase()) {
+    if !m3o_platform_contract::keys::is_key_hash(hex_str) {
         return None;
     }
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_str, &mut out).ok()?;
     Some(out)
-}
-
-/// The state of a key as published by the operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyStatus {
-    Active,
-    Blocked,
-    Expired,
-    /// Anything else (a newer operator's state): never accepted.
-    Other,
 }
 
 /// `apikeys/<hash>`: a key as the gateway keeps it.
@@ -86,50 +67,19 @@ pub struct Quota {
     pub requests_per_second: u64,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct KeyValue {
-    key_id: String,
-    customer_id: String,
-    scopes: Vec<String>,
-    status: String,
-    #[serde(default)]
-    expires_at: Option<String>,
-    #[serde(default)]
-    blocked_message: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct CustomerValue {
-    status: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct QuotaValue {
-    monthly_requests: i64,
-    requests_per_second: i64,
-}
-
 /// Parses a key's value; `None` when it is malformed (the key is then unknown: a
 /// value the gateway cannot read must not let anything through).
 pub fn parse_key(bytes: &[u8]) -> Option<KeyEntry> {
-    let v: KeyValue = serde_json::from_slice(bytes).ok()?;
+    let v: ApiKeyValue = serde_json::from_slice(bytes).ok()?;
     let expires_at = match v.expires_at {
         Some(t) => Some(DateTime::parse_from_rfc3339(&t).ok()?.timestamp()),
         None => None,
-    };
-    let status = match v.status.as_str() {
-        "active" => KeyStatus::Active,
-        "blocked" => KeyStatus::Blocked,
-        "expired" => KeyStatus::Expired,
-        _ => KeyStatus::Other,
     };
     Some(KeyEntry {
         key_id: v.key_id.into(),
         customer_id: v.customer_id.into(),
         scopes: v.scopes.into_iter().map(Into::into).collect(),
-        status,
+        status: KeyStatus::parse(&v.status),
         expires_at,
         blocked_message: v.blocked_message.filter(|m| !m.is_empty()).map(Into::into),
     })
@@ -138,7 +88,7 @@ pub fn parse_key(bytes: &[u8]) -> Option<KeyEntry> {
 pub fn parse_customer(bytes: &[u8]) -> Option<CustomerEntry> {
     let v: CustomerValue = serde_json::from_slice(bytes).ok()?;
     Some(CustomerEntry {
-        banned: v.status == "banned",
+        banned: v.is_banned(),
     })
 }
 
@@ -150,27 +100,19 @@ pub fn parse_quota(bytes: &[u8]) -> Option<Quota> {
     })
 }
 
-/// `gateways/<replica>`: `{"appliedRevision": N}` (contract).
-#[derive(serde::Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct GatewayReport {
-    pub applied_revision: i64,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_classified() {
+    fn slots_are_classified_by_the_contract() {
+        use m3o_platform_contract::{apikey_key, customer_key, gateway_key, quota_key};
         let hash = "ab".repeat(32);
-        assert!(matches!(slot(&format!("apikeys/{hash}")), Slot::ApiKey(_)));
-        assert_eq!(slot(&format!("apikeys/{}", "AB".repeat(32))), Slot::Other);
-        assert_eq!(slot("apikeys/short"), Slot::Other);
-        assert_eq!(slot("customers/x"), Slot::Customer("x".into()));
-        assert_eq!(slot("customers/"), Slot::Other);
-        assert_eq!(slot("quotas/x"), Slot::Quota("x".into()));
-        assert_eq!(slot("gateways/r1"), Slot::Gateway);
+        assert!(matches!(slot(&apikey_key(&hash)), Slot::ApiKey(_)));
+        assert_eq!(slot(&apikey_key(&"AB".repeat(32))), Slot::Other);
+        assert_eq!(slot(&customer_key("x")), Slot::Customer("x".into()));
+        assert_eq!(slot(&quota_key("x")), Slot::Quota("x".into()));
+        assert_eq!(slot(&gateway_key("r1")), Slot::Gateway);
         assert_eq!(slot("elsewhere"), Slot::Other);
     }
 

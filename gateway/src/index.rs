@@ -176,7 +176,7 @@ mod tests {
     fn puts_deletes_and_invalid_values() {
         let mut index = Index::default();
         let hash = "0f".repeat(32);
-        let key = format!("apikeys/{hash}");
+        let key = m3o_platform_contract::apikey_key(&hash);
         let value =
             br#"{"keyId":"k","customerId":"c","scopes":["*"],"status":"active","expiresAt":null}"#;
         assert_eq!(index.apply(&key, Some(value)), Applied::Changed);
@@ -190,7 +190,10 @@ mod tests {
         index.apply(&key, Some(value));
         assert_eq!(index.apply(&key, None), Applied::Changed);
         assert!(index.key(&parsed).is_none());
-        assert_eq!(index.apply("gateways/r", Some(b"{}")), Applied::Ignored);
+        assert_eq!(
+            index.apply(&m3o_platform_contract::gateway_key("r"), Some(b"{}")),
+            Applied::Ignored
+        );
         assert_eq!(index.sizes(), (0, 0, 0));
     }
 }

@@ -10,7 +10,7 @@ use etcd_client::{Client, PutOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::entries::{GATEWAYS, GatewayReport};
+use crate::entries::GatewayReport;
 use crate::follow::IndexState;
 
 /// Lease time to live: a dead replica's report is gone within this.
@@ -21,7 +21,7 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// The report key of a replica.
 pub fn report_key(prefix: &str, replica: &str) -> String {
-    format!("{prefix}/{GATEWAYS}{replica}")
+    format!("{prefix}/{}", m3o_platform_contract::gateway_key(replica))
 }
 
 /// Publishes the applied revision until `shutdown`, then revokes the lease.

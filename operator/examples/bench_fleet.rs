@@ -4,7 +4,7 @@
 //!
 //! 1. Raw rate: the same objects created (server-side apply) plus one status write each,
 //!    by the same client with the same requests in flight, no operator running. Then the
-//!    contract floor: every API request DESIGN.md has the operator make per object (its
+//!    contract floor: every API request the contract has the operator make per object (its
 //!    finalizer, a key's Secret, status by server-side apply, one Event), with the
 //!    operator's watches open, and still no operator: the best the operator could do.
 //!    Both print the API server's requests per object and each process's CPU.
@@ -79,7 +79,7 @@ enum Work {
     Apply,
     /// Create + one status write: the raw rate.
     Raw,
-    /// Every request the operator's contract (DESIGN.md) makes for an object, and no
+    /// Every request the operator's contract (README, "The resources") makes for an object, and no
     /// more: the finalizer, the key's Secret, status by server-side apply, one Event.
     Contract,
 }
@@ -588,7 +588,10 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let entry_key = format!("{prefix}/apikeys/{}", hex::encode(Sha256::digest(&key)));
+    let entry_key = format!(
+        "{prefix}/{}",
+        m3o_platform_contract::apikey_key(&hex::encode(Sha256::digest(&key)))
+    );
     block_latency(&keys, &mut etcd, &entry_key, false).await?;
 
     let (stop, stopped) = watch::channel(false);

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use m3o_controllers::feed::CustomerFeed;
-use m3o_controllers::metrics::Metrics;
+use m3o_controllers::report::metrics::Metrics;
+use m3o_controllers::runtime::feed::CustomerFeed;
 use m3o_controllers::store::fence::Term;
 use m3o_controllers::{
-    Context, Settings, apikey, customer, failpoint, plans, platform, store, subscription,
+    Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription,
 };
 use m3o_events::relay::{Relay, RelayConfig};
 use tokio::net::TcpListener;
@@ -70,7 +70,7 @@ impl LeaderWork {
             ),
             supervised(
                 "drift-watcher",
-                platform::drift::run(ctx.clone(), stop.clone()),
+                m3o_controllers::runtime::drift::run(ctx.clone(), stop.clone()),
             ),
             supervised("customer-watch", until(stop.clone(), customer_watch)),
             supervised(
@@ -193,7 +193,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         .map_err(|e| StartupError(format!("--stream-prefix: {e}")))?;
     let shard = match args.shard_selector.as_deref().map(str::trim) {
         Some(raw) if !raw.is_empty() => Some(
-            m3o_controllers::shard::Shard::parse(raw)
+            m3o_controllers::runtime::shard::Shard::parse(raw)
                 .map_err(|e| StartupError(format!("--shard-selector {raw:?}: {e}")))?,
         ),
         _ => None,

@@ -18,8 +18,8 @@ use super::secret::{
     APIKEY_LABEL, DATA_API_KEY, DATA_KEY_ID, HASH_ANNOTATION, IssuedKey, MANAGED_BY, Plaintext,
     ROTATION_ANNOTATION, secret_name,
 };
-use crate::blocker::Blocker;
-use crate::status::{self, Cond, merge, reasons, types};
+use crate::report::blocker::Blocker;
+use crate::report::status::{self, Cond, merge, reasons, types};
 use crate::store::api_keys::ApiKeyRow;
 
 /// The Secret carrying a fresh key for `owner`, and what is recorded of it.

@@ -12,9 +12,9 @@ use m3o_crds::ApiKey;
 
 use super::reconcile::revoke_all;
 use super::secret::{self, SecretState};
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::lifecycle;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::runtime::context::Context;
 
 pub async fn cleanup(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = key.namespace().unwrap_or_default();

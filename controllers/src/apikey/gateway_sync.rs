@@ -15,9 +15,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use m3o_crds::{ApiKey, ApiKeyStatus};
 use tokio::sync::mpsc;
 
-use crate::context::Context;
-use crate::error::Error;
-use crate::status::{Cond, merge, types};
+use crate::report::error::Error;
+use crate::report::status::{Cond, merge, types};
+use crate::runtime::context::Context;
 use crate::store::api_keys;
 
 pub const SYNCED: &str = "Synced";
@@ -65,7 +65,7 @@ pub async fn condition(
         (Some(r), _) => Some(r),
         // Written before revisions were recorded: the entry's own last write.
         (None, Some(hash)) => {
-            let entry = ctx.platform.key(&format!("apikeys/{hash}"));
+            let entry = ctx.platform.key(&m3o_platform_contract::apikey_key(hash));
             ctx.platform.mod_revision(&entry).await?
         }
         (None, None) => None,

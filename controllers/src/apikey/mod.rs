@@ -1,13 +1,13 @@
 //! The ApiKey controller: keys issued into Secrets, known elsewhere only by hash. Its
 //! files follow the pipeline every kind shares, [`crate::pipeline`]: `plan.rs` decides
-//! (orphan check, customer gate, Secret reuse, row writes and events), `build.rs`
+//! (admission: the Customer through [`crate::pipeline::dependent`], the orphan check,
+//! the grace period; Secret reuse; row writes and events), `build.rs`
 //! builds (the Secret, event payloads, status), `reconcile.rs` loads and applies,
 //! `cleanup.rs` deletes; `secret.rs` is key material and reading a Secret,
 //! `config.rs` its gateway entry, `gateway_sync.rs` the `GatewaySynced` condition.
 
 pub mod build;
 pub mod cleanup;
-pub mod config;
 pub mod gateway_sync;
 pub mod plan;
 pub mod reconcile;
@@ -23,16 +23,17 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
-use crate::changes::uid_key;
-use crate::context::Context;
-use crate::error::Error;
-use crate::feed::{self, ByCustomer};
-use crate::finalizer::reconcile_with_finalizer;
-use crate::runner;
+use crate::report::error::Error;
+use crate::runtime::changes::uid_key;
+use crate::runtime::context::Context;
+use crate::runtime::feed::{self, ByCustomer};
+use crate::runtime::finalizer::reconcile_with_finalizer;
+use crate::runtime::relist::Relist;
+use crate::runtime::runner;
 
-pub const KIND: &str = "ApiKey";
+pub const KIND: &str = m3o_crds::kinds::API_KEY;
 
-crate::status::has_status!(ApiKey, ApiKeyStatus);
+crate::report::status::has_status!(ApiKey, ApiKeyStatus);
 
 async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
@@ -47,7 +48,7 @@ async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error>
 /// Runs the ApiKey controller until `shutdown` resolves. Besides ApiKeys it watches
 /// the Secrets it wrote (metadata only: a deleted or edited Secret is repaired, and no
 /// key's plaintext passes through a watch) and Customers, from the shared watch
-/// ([`crate::feed`]): a ban, unban or deletion reaches the keys at once.
+/// ([`crate::runtime::feed`]): a ban, unban or deletion reaches the keys at once.
 pub async fn run(
     ctx: Arc<Context>,
     customers: futures::channel::mpsc::Receiver<watcher::Event<Customer>>,
@@ -104,7 +105,7 @@ fn secret_changes(
 #[derive(Default)]
 struct SeenSecrets {
     by_uid: std::collections::HashMap<u128, Seen>,
-    relisted: Option<std::collections::HashSet<u128>>,
+    relist: Relist<u128>,
 }
 
 struct Seen {
@@ -160,16 +161,12 @@ impl SeenSecrets {
         &mut self,
         event: watcher::Event<PartialObjectMeta<Secret>>,
     ) -> Vec<PartialObjectMeta<Secret>> {
+        self.relist
+            .follow(&event, |s| uid_key(s.metadata.uid.as_deref()));
         match event {
-            watcher::Event::Init => {
-                self.relisted = Some(std::collections::HashSet::new());
-                Vec::new()
-            }
+            watcher::Event::Init => Vec::new(),
             watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
                 let uid = uid_key(s.metadata.uid.as_deref());
-                if let Some(relisted) = self.relisted.as_mut() {
-                    relisted.insert(uid);
-                }
                 let before = self.by_uid.insert(uid, Seen::of(&s));
                 // Changed since seen; the first sight is not a change.
                 let changed =
@@ -181,15 +178,7 @@ impl SeenSecrets {
                 vec![s]
             }
             watcher::Event::InitDone => {
-                let Some(relisted) = self.relisted.take() else {
-                    return Vec::new();
-                };
-                let gone: Vec<u128> = self
-                    .by_uid
-                    .keys()
-                    .filter(|uid| !relisted.contains(*uid))
-                    .copied()
-                    .collect();
+                let gone = self.relist.lost(self.by_uid.keys().copied(), |uid| *uid);
                 gone.iter()
                     .filter_map(|uid| self.by_uid.remove(uid))
                     .map(Seen::trigger)

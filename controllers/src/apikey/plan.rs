@@ -1,20 +1,25 @@
-//! Every decision about an ApiKey, pure and unit-tested: the orphan check and the
-//! customer gate, whether the key in the Secret is reused or a new one issued, the
-//! grace period, and from the resource, its customer, the key and its rows to the row
-//! writes, the events they announce and when to look again (expiry, end of a
-//! rotation's grace period). The pipeline: [`crate::pipeline`].
+//! Every decision about an ApiKey, pure and unit-tested: the admission of a pass (its
+//! Customer, the orphan check, the grace period), whether the key in the Secret is
+//! reused or a new one issued, and from the resource, its customer, the key and its
+//! rows to the row writes, the events they announce and when to look again (expiry,
+//! end of a rotation's grace period). The pipeline: [`crate::pipeline`].
 
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
-use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, Customer, CustomerStatusState};
+use m3o_crds::{ApiKey, ApiKeySpec, ApiKeyState, Customer};
 use m3o_events::customers::EventType;
+use m3o_platform_contract::{KeyFacts, Owner, Standing, standing};
 use uuid::Uuid;
 
 use super::secret::{FoundKey, IssuedKey, SecretState, secret_name};
-use crate::blocker::Blocker;
 use crate::duration;
-use crate::k8s_ref::K8sRef;
-use crate::status::{self, reasons};
+use crate::pipeline::dependent::{self, Gate, Refusal, Requires};
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::platform::published;
+pub use crate::platform::published::blocked_message;
+use crate::report::blocker::Blocker;
+use crate::report::status::{self, reasons};
+use crate::runtime::shard::Shard;
 use crate::store::api_keys::{ApiKeyFields, ApiKeyRow, NewApiKey};
 use crate::store::customers::CustomerRow;
 
@@ -25,26 +30,72 @@ pub fn orphaned(rows: &[ApiKeyRow], customer: Option<&CustomerRow>) -> bool {
         .any(|r| r.revoked_at.is_none() && customer.is_none_or(|c| c.id != r.customer_id))
 }
 
-/// The customer's live row, or why no key can be recorded now.
-pub fn customer_gate(
-    key: &ApiKey,
-    customer_obj: Option<&Customer>,
-    row: Option<CustomerRow>,
-) -> Result<CustomerRow, Blocker> {
+/// How an ApiKey words a refusal of its Customer. Under [`Requires::LiveRecord`] only
+/// a missing Customer or a missing record can come out.
+pub fn customer_refusal(key: &ApiKey, refusal: Refusal) -> Blocker {
     let name = &key.spec.customer_ref.name;
-    match (row, customer_obj) {
-        (Some(row), _) => Ok(row),
-        (None, None) => Err(Blocker::new(
+    match refusal {
+        Refusal::NotFound => Blocker::new(
             reasons::CUSTOMER_NOT_FOUND,
             format!(
                 "Customer {name} does not exist in namespace {}; create it",
                 key.namespace().unwrap_or_default()
             ),
-        )),
-        (None, Some(_)) => Err(Blocker::new(
+        ),
+        Refusal::NoRecord
+        | Refusal::Deleting
+        | Refusal::NotReady { .. }
+        | Refusal::NotProvisioned => Blocker::new(
             reasons::CUSTOMER_NOT_READY,
             format!("Customer {name} has no record yet; waiting for it to be Ready"),
-        )),
+        ),
+    }
+}
+
+/// What a pass does, decided from what `load` read (the Customer object, its live row,
+/// the resource's key rows), before anything is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// The Customer is being provisioned: retry quietly, no status written.
+    Wait,
+    /// The customer the keys were recorded for is gone: revoke them.
+    Orphaned,
+    /// Nothing can be written now; say why in status.
+    Blocked(Blocker),
+    /// Go on to the Secret, then the rows, for this customer row and grace period.
+    Go {
+        customer: Box<CustomerRow>,
+        grace: chrono::Duration,
+    },
+}
+
+/// The first decision of a pass. May the key use its Customer ([`dependent::gate`]): a
+/// live record is enough ([`Requires::LiveRecord`]: a key follows its spec and its
+/// customer while the Customer is not Ready; [`secret_action`] asks for Ready before it
+/// issues one). A Customer in another shard blocks and one being provisioned is waited
+/// for, before anything else; then keys of a customer that is gone are revoked; then a
+/// refusal blocks; then the grace period, validated before the Secret is touched (an
+/// unusable spec issues no key).
+pub fn admit(
+    key: &ApiKey,
+    shard: Option<&Shard>,
+    customer_obj: Option<&Customer>,
+    customer_row: Option<&CustomerRow>,
+    rows: &[ApiKeyRow],
+) -> Admission {
+    let customer = match dependent::gate(Requires::LiveRecord, shard, customer_obj, customer_row) {
+        Gate::Wait => return Admission::Wait,
+        Gate::Blocked(blocker) => return Admission::Blocked(blocker),
+        _ if orphaned(rows, customer_row) => return Admission::Orphaned,
+        Gate::Refused(refusal) => return Admission::Blocked(customer_refusal(key, refusal)),
+        Gate::Use(customer) => customer,
+    };
+    match grace_period(&key.spec) {
+        Ok(grace) => Admission::Go {
+            customer: Box::new(customer.clone()),
+            grace,
+        },
+        Err(blocker) => Admission::Blocked(blocker),
     }
 }
 
@@ -135,25 +186,32 @@ pub fn reusable(found: &FoundKey, rotation_generation: i64, rows: &[ApiKeyRow]) 
     trusted && found.issued.rotation_generation >= rotation_generation
 }
 
-/// The state of a key as the gateway must see it. Precedence: revoked, expired, blocked.
+/// The state a key is recorded with: the contract's [`standing`] of a key blocked or not
+/// by its spec, of a customer banned or not, at `now` (the gateway decides with the same).
 pub fn effective_state(
     blocked: bool,
     customer_status: &str,
     expires_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> ApiKeyState {
-    if expires_at.is_some_and(|t| t <= now) {
-        ApiKeyState::Expired
-    } else if blocked || banned(customer_status) {
-        ApiKeyState::Blocked
+    let facts = KeyFacts {
+        blocked,
+        expires_at,
+        ..KeyFacts::default()
+    };
+    let owner = if published::is_banned(customer_status) {
+        Owner::Banned
     } else {
-        ApiKeyState::Active
+        Owner::Live
+    };
+    match standing(&facts, owner, now) {
+        Standing::Expired => ApiKeyState::Expired,
+        Standing::Blocked | Standing::CustomerBanned => ApiKeyState::Blocked,
+        // Not revoked, customer not gone, state known: the rest cannot come out.
+        Standing::Accepted | Standing::Inactive | Standing::Revoked | Standing::CustomerGone => {
+            ApiKeyState::Active
+        }
     }
-}
-
-/// True for a customer row's status `banned`.
-fn banned(customer_status: &str) -> bool {
-    CustomerStatusState::parse(customer_status) == Some(CustomerStatusState::Banned)
 }
 
 /// `spec.expiresAt` in whole seconds, as Kubernetes serialises times (and so Postgres,
@@ -197,16 +255,6 @@ pub fn recorded_blocked_message(spec: &ApiKeySpec) -> String {
         spec.blocked_message.clone().unwrap_or_default()
     } else {
         String::new()
-    }
-}
-
-/// Why a blocked key is blocked, as the gateway entry and the BlockKey event say it:
-/// the admin's message, else the cause.
-pub fn blocked_message(recorded: &str, customer_status: &str) -> String {
-    match recorded {
-        "" if banned(customer_status) => "the customer is banned".to_owned(),
-        "" => "the key is blocked".to_owned(),
-        message => message.to_owned(),
     }
 }
 

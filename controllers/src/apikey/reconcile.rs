@@ -11,120 +11,195 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use m3o_crds::{ApiKey, ApiKeyState};
+use m3o_crds::{ApiKey, ApiKeyState, Customer};
 use uuid::Uuid;
 
-use super::plan::{self, KeyPlan, Observed, SecretAction};
+use super::plan::{self, Admission, KeyPlan, Observed, SecretAction};
 use super::secret::{self, IssuedKey, Plaintext};
 use super::{build, gateway_sync};
-use crate::blocker::Blocker;
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::feed;
-use crate::status::{self, FIELD_MANAGER, reasons};
+use crate::pipeline::{dependent, outbox_events};
+use crate::report::blocker::Blocker;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::report::status::{self, FIELD_MANAGER, reasons};
+use crate::runtime::context::Context;
+use crate::runtime::failpoint;
 use crate::store::api_keys::{self, ApiKeyRow};
 use crate::store::customers::{self, CustomerRow};
-use crate::{failpoint, lifecycle, outbox_events, shard};
 
+/// Converges the Secret, Postgres, etcd and status on the ApiKey's spec, in the order of
+/// [`crate::pipeline`]: load, plan, apply (Secret, transaction, etcd), report.
 pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
-    let ns = key.namespace().unwrap_or_default();
-    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<ApiKey> =
+        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     // Waiting: written to status and retried later.
     let waiting = |b: &Blocker| build::waiting_status(&key, b, None);
+
+    // Load.
+    let loaded = load(ctx, &key).await?;
+
+    // Plan.
+    let shard = ctx.settings.shard.as_ref();
+    let customer_obj = loaded.customer.as_ref();
+    let customer_row = loaded.customer_row.as_ref();
+    let (customer, grace) = match plan::admit(&key, shard, customer_obj, customer_row, &loaded.rows)
+    {
+        Admission::Go { customer, grace } => (customer, grace),
+        Admission::Wait => return Ok(Action::requeue(ctx.settings.blocked_retry)),
+        Admission::Orphaned => return revoke_orphaned(&api, &key, ctx).await,
+        Admission::Blocked(blocker) => {
+            return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
+        }
+    };
+
+    // Apply: the Secret first (the key exists before anything records or accepts it),
+    // then the rows and their events in one transaction, then etcd.
+    let issued = match sync_secret(ctx, &key, &loaded.rows, customer_obj).await? {
+        Ok(issued) => issued,
+        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
+    };
+    let key_plan = record(ctx, &key, &customer, &issued, grace)
+        .await
+        .at(Step::Database)?;
+    let rows = converge(ctx, &key).await?;
+
+    // Report.
+    report_synced(ctx, &api, &key, &issued, &rows, key_plan.wake_at).await
+}
+
+/// What a pass reads before it decides.
+struct Loaded {
+    /// The Customer object (from the shared cache).
+    customer: Option<Customer>,
+    /// Its live row.
+    customer_row: Option<CustomerRow>,
+    /// Every row of this resource, revoked ones included.
+    rows: Vec<ApiKeyRow>,
+}
+
+/// Load: the Customer, its live row and the resource's key rows. The Secret is read by
+/// [`sync_secret`], only by a pass that goes on to it and only when a key was recorded
+/// (every other pass makes no request for it).
+async fn load(ctx: &Context, key: &ApiKey) -> Result<Loaded, Error> {
+    let ns = key.namespace().unwrap_or_default();
     let customer_name = &key.spec.customer_ref.name;
-    let customer_obj = ctx
+    let customer = ctx
         .customer(&ns, customer_name)
         .await
         .at(Step::Load("the Customer"))?;
-    if let Some(wait) = feed::wait_for_customer(ctx, customer_obj.as_ref()) {
-        return Ok(wait);
+    // A pass that waits for its Customer, or is blocked by its shard, is decided by the
+    // Customer alone ([`plan::admit`] checks that first): it reads no record.
+    let shard = ctx.settings.shard.as_ref();
+    if dependent::before_records(shard, customer.as_ref()).is_some() {
+        return Ok(Loaded {
+            customer,
+            customer_row: None,
+            rows: Vec::new(),
+        });
     }
-    if let Some(customer) = &customer_obj
-        && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
-    {
-        return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
-    }
-    let customer = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name)
+    let customer_row = customers::live_by_k8s_ref(&ctx.db, &ns, customer_name)
         .await
         .at(Step::Load("the customer record"))?;
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
         .await
         .at(Step::Load("the key records"))?;
+    Ok(Loaded {
+        customer,
+        customer_row,
+        rows,
+    })
+}
 
-    if plan::orphaned(&rows, customer.as_ref()) {
-        return revoke_orphaned(&api, &key, ctx).await;
-    }
-    let customer = match plan::customer_gate(&key, customer_obj.as_ref(), customer) {
-        Ok(customer) => customer,
-        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
-    };
-    // Validated before the Secret is touched: an unusable spec issues no key.
-    let grace = match plan::grace_period(&key.spec) {
-        Ok(grace) => grace,
-        Err(blocker) => return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await,
-    };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    // A key never recorded has no Secret yet, short of a crash just after writing it
-    // or a foreign Secret of that name: its Secret is created without a read first,
-    // and read (then planned again) only when the create finds one there.
+/// The Secret step: the key in the Secret, reused or freshly written there
+/// ([`plan::secret_action`] decides). A key never recorded has no Secret yet, short of
+/// a crash just after writing it or a foreign Secret of that name: its Secret is
+/// created without a read first, and read (then planned again) only when the create
+/// finds one there.
+async fn sync_secret(
+    ctx: &Context,
+    key: &ApiKey,
+    rows: &[ApiKeyRow],
+    customer_obj: Option<&Customer>,
+) -> Result<Result<IssuedKey, Blocker>, Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let mut read = !rows.is_empty();
-    let issued = loop {
-        let found = if read {
-            secrets
-                .get_opt(&secret::secret_name(&key))
-                .await
-                .at(Step::Secret("reading"))?
-        } else {
-            None
+    let mut found = match read {
+        true => read_secret(&secrets, key).await?,
+        false => None,
+    };
+    loop {
+        let state = secret::inspect(found.as_ref(), key);
+        let read_at = match plan::secret_action(key, state, rows, customer_obj) {
+            Ok(SecretAction::Reuse(issued)) => return Ok(Ok(issued)),
+            Ok(SecretAction::Issue { read_at }) => read_at,
+            Err(blocker) => return Ok(Err(blocker)),
         };
-        let state = secret::inspect(found.as_ref(), &key);
-        match plan::secret_action(&key, state, &rows, customer_obj.as_ref()) {
-            Ok(SecretAction::Reuse(issued)) => break issued,
-            Ok(SecretAction::Issue { read_at }) => {
-                match issue(&secrets, &key, read_at)
-                    .await
-                    .at(Step::Secret("writing"))?
-                {
-                    Some(issued) => break issued,
-                    None if !read => read = true,
-                    None => {
-                        return Err(Error::Transient(format!(
-                            "Secret {} appeared while it was being created",
-                            secret::secret_name(&key)
-                        )));
-                    }
-                }
+        match issue(&secrets, key, read_at)
+            .await
+            .at(Step::Secret("writing"))?
+        {
+            Some(issued) => return Ok(Ok(issued)),
+            None if !read => {
+                found = read_secret(&secrets, key).await?;
+                read = true;
             }
-            Err(blocker) => {
-                return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;
+            None => {
+                return Err(Error::Transient(format!(
+                    "Secret {} appeared while it was being created",
+                    secret::secret_name(key)
+                )));
             }
         }
-    };
+    }
+}
 
-    let key_plan = record(ctx, &key, &customer, &issued, grace)
+/// The ApiKey's Secret, if there is one.
+async fn read_secret(secrets: &Api<Secret>, key: &ApiKey) -> Result<Option<Secret>, Error> {
+    secrets
+        .get_opt(&secret::secret_name(key))
         .await
-        .at(Step::Database)?;
+        .at(Step::Secret("reading"))
+}
 
+/// The etcd step: the gateway entries of every customer the resource's rows belong to,
+/// through each customer's serialised convergence. The rows are read back as committed:
+/// a customer whose rows an earlier pass revoked before a crash is converged too, and
+/// the status shows what is in force.
+async fn converge(ctx: &Context, key: &ApiKey) -> Result<Vec<ApiKeyRow>, Error> {
+    let ns = key.namespace().unwrap_or_default();
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &key.name_any())
         .await
         .at(Step::Load("the key records"))?;
     lifecycle::converge_customers(ctx, rows.iter().map(|r| r.customer_id)).await?;
+    Ok(rows)
+}
 
+/// The report step of a synced key: status (with the `GatewaySynced` condition),
+/// Kubernetes Events for state changes, and when to look again.
+async fn report_synced(
+    ctx: &Context,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    issued: &IssuedKey,
+    rows: &[ApiKeyRow],
+    wake_at: Option<chrono::DateTime<Utc>>,
+) -> Result<Action, Error> {
     let current = rows.iter().find(|r| r.id == issued.key_id).ok_or_else(|| {
         Error::Transient(format!(
             "key {} was revoked concurrently after it was recorded",
             issued.key_id
         ))
     })?;
-    let mut status = build::synced_status(&key, current, &secret::secret_name(&key));
-    let gateway = gateway_sync::condition(ctx, &key, Some(&current.key_hash))
+    let mut status = build::synced_status(key, current, &secret::secret_name(key));
+    let gateway = gateway_sync::condition(ctx, key, Some(&current.key_hash))
         .await
         .at(Step::Load("the gateway reports"))?;
-    let wake_at = gateway_sync::wake_at(gateway.as_ref(), key_plan.wake_at);
+    let wake_at = gateway_sync::wake_at(gateway.as_ref(), wake_at);
     gateway_sync::set(&mut status, gateway, key.metadata.generation);
     let was = key.status.as_ref().and_then(|s| s.state);
-    status::apply(&api, &key, &status).await.at(Step::Status)?;
-    announce(ctx, &key, was, status.state, current).await;
+    status::apply(api, key, &status).await.at(Step::Status)?;
+    announce(ctx, key, was, status.state, current).await;
     Ok(requeue_at(wake_at))
 }
 
@@ -162,7 +237,10 @@ async fn issue(
     Ok(Some(issued))
 }
 
-/// The database step: rows and their events in one transaction.
+/// The database step, in one transaction: the customer locked live (its deletion waits
+/// for the commit), the resource's unrevoked rows locked and planned from as locked
+/// ([`plan::plan`], pure: no concurrent pass changes them meanwhile), then the row
+/// writes and their events.
 async fn record(
     ctx: &Context,
     key: &ApiKey,

@@ -4,9 +4,9 @@
 use m3o_crds::{Customer, CustomerStatus, CustomerStatusState};
 use m3o_events::customers::{self, EventType};
 
-use crate::blocker::Blocker;
-use crate::outbox_events::customer_payload;
-use crate::status::{self, Cond, merge, not_synced, reasons, types};
+use crate::pipeline::outbox_events::customer_payload;
+use crate::report::blocker::Blocker;
+use crate::report::status::{self, Cond, merge, not_synced, reasons, types};
 use crate::store::customers::CustomerRow;
 
 /// The event of type `t` about `row`, with its aggregate id (the customer).

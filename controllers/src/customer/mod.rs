@@ -6,7 +6,6 @@
 
 pub mod build;
 pub mod cleanup;
-pub mod config;
 pub mod plan;
 pub mod reconcile;
 
@@ -15,14 +14,14 @@ use std::sync::Arc;
 use kube::runtime::controller::Action;
 use m3o_crds::{Customer, CustomerStatus};
 
-use crate::context::Context;
-use crate::error::Error;
-use crate::finalizer::reconcile_with_finalizer;
-use crate::runner;
+use crate::report::error::Error;
+use crate::runtime::context::Context;
+use crate::runtime::finalizer::reconcile_with_finalizer;
+use crate::runtime::runner;
 
-pub const KIND: &str = "Customer";
+pub const KIND: &str = m3o_crds::kinds::CUSTOMER;
 
-crate::status::has_status!(Customer, CustomerStatus);
+crate::report::status::has_status!(Customer, CustomerStatus);
 
 async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
@@ -34,7 +33,7 @@ async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action,
     .await
 }
 
-/// Runs the Customer controller on the shared Customer watch ([`crate::feed`]) until
+/// Runs the Customer controller on the shared Customer watch ([`crate::runtime::feed`]) until
 /// `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,

@@ -7,10 +7,10 @@ use m3o_crds::{Customer, CustomerStatusState};
 use m3o_events::customers::EventType;
 use uuid::Uuid;
 
-use crate::blocker::Blocker;
-use crate::k8s_ref::K8sRef;
-use crate::row_plan::{self, Recorded, RowPlan, RowWrite};
-use crate::status::reasons;
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::{self, Recorded, RowPlan, RowWrite};
+use crate::report::blocker::Blocker;
+use crate::report::status::reasons;
 use crate::store::customers::{CustomerRecord, CustomerRow};
 
 /// What the resource asks for.

@@ -11,14 +11,14 @@ use sqlx::PgConnection;
 
 use super::build;
 use super::plan::{self, Adoption, Desired};
-use crate::blocker::Blocker;
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::lifecycle;
-use crate::outbox_events;
-use crate::platform::desired::customer_key;
-use crate::row_plan::RowWrite;
+use crate::pipeline::outbox_events;
+use crate::pipeline::row_plan::RowWrite;
+use crate::report::blocker::Blocker;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::runtime::context::Context;
 use crate::store::{self, customers, customers::CustomerRow};
+use m3o_platform_contract::customer_key;
 
 /// Converges Postgres, etcd and status on the Customer's spec.
 pub async fn apply(customer: Arc<Customer>, ctx: &Context) -> Result<Action, Error> {

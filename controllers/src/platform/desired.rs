@@ -8,14 +8,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::apikey::config as apikey_config;
-use crate::customer::config::customer_entry;
-pub use crate::customer::config::customer_key;
+use m3o_platform_contract::{Slot, apikey_key, classify as slot_of, customer_key, quota_key};
+
+use super::published::{self, customer_entry, customer_plan, quota_entry};
 pub use crate::platform::entry::{DesiredEntry, owner_ref, same_value};
 use crate::store::api_keys;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions;
-use crate::subscription::config as subscription_config;
 
 /// Which record a key under the prefix belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,33 +28,22 @@ pub enum KeyOwner {
     Unowned,
 }
 
-/// Where gateway replicas report their applied revision (`gateways/<replica>`, under
-/// their own leases): written by the gateways, read by the operator, never pruned.
-pub const GATEWAYS_DIR: &str = "gateways/";
-
 /// True for a gateway replica's report: not the operator's to restore or remove.
 pub fn is_gateway_report(relative: &str) -> bool {
-    relative.starts_with(GATEWAYS_DIR)
+    matches!(slot_of(relative), Slot::GatewayReport(_))
 }
 
-/// Classifies a key relative to the prefix. Only the canonical form of an id (lowercase,
-/// hyphenated: what the operator writes) is owned; any other spelling of the same id
-/// (upper case, braces, no hyphens) is a key nothing owns, and is pruned.
+/// Classifies a key relative to the prefix ([`m3o_platform_contract::classify`]): only
+/// the canonical form of an id is owned; any other spelling is pruned.
 pub fn classify(relative: &str) -> KeyOwner {
-    match relative.split_once('/') {
-        Some(("customers", id)) => canonical_uuid(id).map_or(KeyOwner::Unowned, KeyOwner::Customer),
-        Some(("quotas", id)) => canonical_uuid(id).map_or(KeyOwner::Unowned, KeyOwner::Quota),
-        Some(("apikeys", hash)) if apikey_config::is_hash(hash) => {
-            KeyOwner::ApiKey(hash.to_owned())
-        }
-        _ => KeyOwner::Unowned,
+    let slot = slot_of(relative);
+    let id = |s: &str| Uuid::parse_str(s).ok().filter(|_| slot.is_canonical());
+    match slot {
+        Slot::Customer(s) => id(s).map_or(KeyOwner::Unowned, KeyOwner::Customer),
+        Slot::Quota(s) => id(s).map_or(KeyOwner::Unowned, KeyOwner::Quota),
+        Slot::ApiKey(hash) => KeyOwner::ApiKey(hash.to_owned()),
+        Slot::GatewayReport(_) | Slot::Other => KeyOwner::Unowned,
     }
-}
-
-fn canonical_uuid(s: &str) -> Option<Uuid> {
-    Uuid::parse_str(s)
-        .ok()
-        .filter(|id| id.hyphenated().to_string() == s)
 }
 
 /// Every key derived from one customer's rows, as one convergence needs them.
@@ -100,26 +88,21 @@ pub fn customer_keys_of(
     keys: &[api_keys::ApiKeyRow],
     now: DateTime<Utc>,
 ) -> CustomerKeys {
-    let plan = subscription_config::customer_plan(subscription);
+    let plan = customer_plan(subscription);
     let mut entries = vec![
         (
             customer_key(id),
             customer.map(|row| customer_entry(row, plan)),
         ),
-        (
-            subscription_config::quota_key(id),
-            customer
-                .and(subscription)
-                .map(subscription_config::quota_entry),
-        ),
+        (quota_key(id), customer.and(subscription).map(quota_entry)),
     ];
     let mut retired = Vec::new();
     for row in keys {
-        let entry = apikey_config::entry(row, customer, now);
-        if apikey_config::is_retired(row, now) {
+        let entry = published::apikey_entry(row, customer, now);
+        if published::is_retired(row, now) {
             retired.push(row.key_hash.clone());
         }
-        entries.push((apikey_config::apikey_key(&row.key_hash), entry));
+        entries.push((apikey_key(&row.key_hash), entry));
     }
     CustomerKeys { entries, retired }
 }
@@ -135,7 +118,7 @@ pub async fn desired_for(
                 return Ok(None);
             };
             let subscription = subscriptions::live_by_customer(&mut *db, id).await?;
-            let plan = subscription_config::customer_plan(subscription.as_ref());
+            let plan = customer_plan(subscription.as_ref());
             Ok(Some(customer_entry(&row, plan)))
         }
         KeyOwner::ApiKey(hash) => {
@@ -143,14 +126,14 @@ pub async fn desired_for(
                 return Ok(None);
             };
             let customer = customers::live_by_id(&mut *db, row.customer_id).await?;
-            Ok(apikey_config::entry(&row, customer.as_ref(), Utc::now()))
+            Ok(published::apikey_entry(&row, customer.as_ref(), Utc::now()))
         }
         KeyOwner::Quota(id) => {
             if customers::live_by_id(&mut *db, id).await?.is_none() {
                 return Ok(None);
             }
             let subscription = subscriptions::live_by_customer(&mut *db, id).await?;
-            Ok(subscription.as_ref().map(subscription_config::quota_entry))
+            Ok(subscription.as_ref().map(quota_entry))
         }
         KeyOwner::Unowned => Ok(None),
     }
@@ -203,8 +186,8 @@ pub async fn desired_page(
         Family::Quotas => {
             let rows = subscriptions::live_page_of_live_customers(db, after_id(), limit).await?;
             for sub in &rows {
-                let key = subscription_config::quota_key(sub.customer_id);
-                out.push((key, subscription_config::quota_entry(sub)));
+                let key = quota_key(sub.customer_id);
+                out.push((key, quota_entry(sub)));
             }
             (rows.len(), rows.last().map(|r| r.customer_id.to_string()))
         }
@@ -220,8 +203,9 @@ pub async fn desired_page(
                 .collect();
             let now = Utc::now();
             for row in &rows {
-                if let Some(entry) = apikey_config::entry(row, owners.get(&row.customer_id), now) {
-                    out.push((apikey_config::apikey_key(&row.key_hash), entry));
+                if let Some(entry) = published::apikey_entry(row, owners.get(&row.customer_id), now)
+                {
+                    out.push((apikey_key(&row.key_hash), entry));
                 }
             }
             (rows.len(), rows.last().map(|r| r.key_hash.clone()))
@@ -239,18 +223,24 @@ mod tests {
     fn keys_are_classified() {
         let id = Uuid::new_v4();
         assert_eq!(classify(&customer_key(id)), KeyOwner::Customer(id));
-        assert_eq!(classify("customers/not-a-uuid"), KeyOwner::Unowned);
-        let quota = subscription_config::quota_key(id);
+        assert_eq!(classify(&customer_key("not-a-uuid")), KeyOwner::Unowned);
+        let quota = quota_key(id);
         assert_eq!(classify(&quota), KeyOwner::Quota(id));
-        assert_eq!(classify("quotas/x"), KeyOwner::Unowned);
+        assert_eq!(classify(&quota_key("x")), KeyOwner::Unowned);
         assert_eq!(classify("stray"), KeyOwner::Unowned);
         assert_eq!(classify("other/x"), KeyOwner::Unowned);
         let upper = id.hyphenated().to_string().to_uppercase();
-        assert_eq!(classify(&format!("customers/{upper}")), KeyOwner::Unowned);
         assert_eq!(
-            classify(&format!("quotas/{}", id.simple())),
+            classify(&m3o_platform_contract::customer_key(upper)),
             KeyOwner::Unowned
         );
-        assert!(is_gateway_report("gateways/replica-1") && !is_gateway_report("customers/x"));
+        assert_eq!(
+            classify(&m3o_platform_contract::quota_key(id.simple())),
+            KeyOwner::Unowned
+        );
+        assert!(
+            is_gateway_report(&m3o_platform_contract::gateway_key("replica-1"))
+                && !is_gateway_report(&customer_key("x"))
+        );
     }
 }

@@ -25,10 +25,10 @@ pub fn same_value(bytes: &[u8], value: &serde_json::Value) -> bool {
 }
 
 /// How an etcd entry compares with what Postgres says it should be: the drift
-/// watcher repairs what [`Verdict::is_drift`], `inspect` and `audit` report it.
+/// watcher repairs what [`EntryVerdict::is_drift`], `inspect` and `audit` report it.
 #[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
-pub enum Verdict {
+pub enum EntryVerdict {
     /// Present and equal to the desired value.
     Matches,
     /// Present with another value (a hand edit not yet restored).
@@ -41,7 +41,7 @@ pub enum Verdict {
     Absent,
 }
 
-impl Verdict {
+impl EntryVerdict {
     /// True when the entry is not as Postgres says.
     pub fn is_drift(self) -> bool {
         matches!(self, Self::Differs | Self::Missing | Self::Unowned)
@@ -59,13 +59,13 @@ impl Verdict {
 }
 
 /// Compares an entry's raw value with its desired value (both optional).
-pub fn verdict(desired: Option<&serde_json::Value>, actual: Option<&[u8]>) -> Verdict {
+pub fn entry_verdict(desired: Option<&serde_json::Value>, actual: Option<&[u8]>) -> EntryVerdict {
     match (desired, actual) {
-        (Some(want), Some(have)) if same_value(have, want) => Verdict::Matches,
-        (Some(_), Some(_)) => Verdict::Differs,
-        (Some(_), None) => Verdict::Missing,
-        (None, Some(_)) => Verdict::Unowned,
-        (None, None) => Verdict::Absent,
+        (Some(want), Some(have)) if same_value(have, want) => EntryVerdict::Matches,
+        (Some(_), Some(_)) => EntryVerdict::Differs,
+        (Some(_), None) => EntryVerdict::Missing,
+        (None, Some(_)) => EntryVerdict::Unowned,
+        (None, None) => EntryVerdict::Absent,
     }
 }
 

@@ -2,17 +2,10 @@
 //! lease, so only live replicas are listed): the etcd revision each has applied.
 
 use etcd_client::{GetOptions, WatchOptions, WatchStream};
-use serde::Deserialize;
+use m3o_platform_contract::GatewayReport;
+use m3o_platform_contract::keys::GATEWAY_REPORTS;
 
 use super::PlatformConfig;
-use super::desired::GATEWAYS_DIR;
-
-/// `<prefix>/gateways/<replica>` (contract).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GatewayReport {
-    applied_revision: i64,
-}
 
 /// The applied revision in a report; an unreadable report counts as nothing applied.
 pub fn applied_revision(value: &[u8]) -> i64 {
@@ -26,7 +19,7 @@ impl PlatformConfig {
             .client()
             .kv_client()
             .get(
-                self.key(GATEWAYS_DIR),
+                self.key(GATEWAY_REPORTS),
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
@@ -47,7 +40,7 @@ impl PlatformConfig {
     pub async fn watch_gateway_reports(&self) -> Result<WatchStream, etcd_client::Error> {
         self.client()
             .watch(
-                self.key(GATEWAYS_DIR),
+                self.key(GATEWAY_REPORTS),
                 Some(WatchOptions::new().with_prefix()),
             )
             .await

@@ -1,14 +1,16 @@
-//! The etcd-backed platform config the API gateway reads (DESIGN.md section 6).
+//! The etcd-backed platform config the API gateway reads (the gateway contract: crate `platform-contract`).
 //!
 //! Postgres is the system of record; every value here is derived from it
-//! ([`desired`]), written only when it differs, and kept in place by the drift
-//! watcher ([`drift`]).
+//! ([`desired`], from the values in [`published`]), written only when it differs, and
+//! kept in place by the drift watcher ([`crate::runtime::drift`]). This layer takes
+//! what it needs (a connection, a [`PlatformConfig`]); it imports no kind and no
+//! context.
 
 pub mod desired;
 pub mod diff;
-pub mod drift;
 pub mod entry;
 pub mod gateways;
+pub mod published;
 pub mod scan;
 pub mod sync;
 
@@ -21,7 +23,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
 };
 
-use crate::error::Error;
+use crate::report::error::Error;
 use diff::{Change, Current, Write};
 
 /// How many of our own write revisions are remembered to tell them from hand edits.
@@ -47,11 +49,11 @@ pub struct PlatformConfig {
     fence: String,
 }
 
-/// The key holding the (unsharded) writer term of `prefix`: beside it, not under it;
-/// a shard's is `<this>.<fence name>`. An etcd user of the operator needs read-write
-/// on the prefixes `<prefix>/` and `<prefix>.writer-epoch`, nothing else.
+/// The key holding the (unsharded) writer term of `prefix`: beside it, not under it
+/// ([`m3o_platform_contract::keys::writer_epoch_key`]). An etcd user of the operator
+/// needs read-write on the prefixes `<prefix>/` and `<prefix>.writer-epoch`, nothing else.
 fn fence_key_of(prefix: &str) -> String {
-    format!("{prefix}.writer-epoch")
+    m3o_platform_contract::keys::writer_epoch_key(prefix, "")
 }
 
 /// The epoch as etcd stores it: fixed width, so byte order is numeric order.
@@ -103,10 +105,7 @@ impl PlatformConfig {
 
     /// The key holding the current writer term (one per fence, beside the prefix).
     fn fence_key(&self) -> String {
-        match self.fence.as_str() {
-            "" => fence_key_of(&self.prefix),
-            name => format!("{}.{name}", fence_key_of(&self.prefix)),
-        }
+        m3o_platform_contract::keys::writer_epoch_key(&self.prefix, &self.fence)
     }
 
     /// Records the term just begun in Postgres as etcd's fence; fails if a newer one

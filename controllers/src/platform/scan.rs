@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use super::PlatformConfig;
 use super::desired::{self, DesiredEntry, FAMILIES, Family, PageCursor};
-use crate::error::Error;
+use crate::report::error::Error;
 
 /// One key of a merge: its desired value and its stored value, either possibly absent.
 pub type Merged<D> = (String, Option<D>, Option<Vec<u8>>);
@@ -233,27 +233,21 @@ mod tests {
     fn merge_pairs_keys_across_pages_and_waits_for_the_slower_scan() {
         let mut merge = SortedMerge::default();
         assert!(merge.needs_desired() && merge.needs_actual());
-        merge.push_desired(desired(&["apikeys/a", "customers/1"]), false);
-        merge.push_actual(page(&["apikeys/a", "apikeys/b"]), false);
-        // "customers/1" waits: the next stored page could still hold it.
+        merge.push_desired(desired(&["a/x", "c/1"]), false);
+        merge.push_actual(page(&["a/x", "a/y"]), false);
+        // "c/1" waits: the next stored page could still hold it.
         assert_eq!(
             shape(merge.take()),
-            [
-                ("apikeys/a".into(), true, true),
-                ("apikeys/b".into(), false, true),
-            ]
+            [("a/x".into(), true, true), ("a/y".into(), false, true),]
         );
         assert!(merge.needs_actual() && !merge.needs_desired());
-        merge.push_actual(page(&["customers/1", "stray"]), true);
-        assert_eq!(shape(merge.take()), [("customers/1".into(), true, true)]);
+        merge.push_actual(page(&["c/1", "stray"]), true);
+        assert_eq!(shape(merge.take()), [("c/1".into(), true, true)]);
         assert!(merge.needs_desired());
-        merge.push_desired(desired(&["quotas/1"]), true);
+        merge.push_desired(desired(&["q/1"]), true);
         assert_eq!(
             shape(merge.take()),
-            [
-                ("quotas/1".into(), true, false),
-                ("stray".into(), false, true)
-            ]
+            [("q/1".into(), true, false), ("stray".into(), false, true)]
         );
         assert!(merge.finished());
     }

@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use super::{desired, diff};
-use crate::context::Context;
-use crate::error::Error;
+use sqlx::{Postgres, Transaction};
+
+use super::{PlatformConfig, desired, diff};
+use crate::report::error::Error;
 use crate::store::api_keys;
 
 /// Advisory lock class of etcd convergence ("m3oc").
@@ -26,14 +27,18 @@ fn lock_key(customer_id: Uuid) -> i32 {
 /// after that the reconcile is retried as a lost race.
 const ATTEMPTS: usize = 3;
 
-/// Makes every key derived from `customer_id` match Postgres; true if anything changed.
-/// Reads the customer's rows and its current entries once, and writes only the
-/// difference in one etcd transaction. The Postgres transaction passes the writer
-/// fence first, so the etcd write happens only while this process is the schema's
-/// writer (a replaced writer cannot write etcd after its successor has begun: the
-/// successor's term waits for, or terminates, this transaction).
-pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool, Error> {
-    let mut lock = ctx.begin_write().await?;
+/// Makes every key derived from `customer_id` match Postgres; returns how many keys
+/// were written. Reads the customer's rows and its current entries once, and writes only
+/// the difference in one etcd transaction. `lock` is a transaction that has passed the
+/// writer fence (`Context::begin_write`), so the etcd write happens only while this
+/// process is the schema's writer (a replaced writer cannot write etcd after its
+/// successor has begun: the successor's term waits for, or terminates, this
+/// transaction); it is committed here.
+pub async fn converge_customer(
+    mut lock: Transaction<'static, Postgres>,
+    platform: &PlatformConfig,
+    customer_id: Uuid,
+) -> Result<usize, Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(LOCK_CLASS)
         .bind(lock_key(customer_id))
@@ -45,14 +50,14 @@ pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool,
     let relatives: Vec<&str> = keys.entries.iter().map(|(k, _)| k.as_str()).collect();
     let mut written = Vec::new();
     for attempt in 1..=ATTEMPTS {
-        let current = ctx.platform.read(&relatives).await?;
+        let current = platform.read(&relatives).await?;
         let changes = diff::changes(&keys.entries, &current);
         if changes.is_empty() {
             break;
         }
         // Tests hang the process here: fenced transaction open, etcd write pending.
-        crate::failpoint::stop_once("stop-before-etcd-write");
-        let outcome = ctx.platform.write(&changes).await?;
+        crate::runtime::failpoint::stop_once("stop-before-etcd-write");
+        let outcome = platform.write(&changes).await?;
         written.extend(outcome.keys);
         if !outcome.conflict {
             break;
@@ -65,8 +70,7 @@ pub async fn converge_customer(ctx: &Context, customer_id: Uuid) -> Result<bool,
     }
     record(&mut lock, &keys.retired, &written).await?;
     lock.commit().await?;
-    ctx.metrics.config_keys_written(written.len());
-    Ok(!written.is_empty())
+    Ok(written.len())
 }
 
 /// Records what a convergence did in Postgres: the revision of each key entry written

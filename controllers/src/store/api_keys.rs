@@ -5,7 +5,7 @@ use m3o_crds::ApiKeyState;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::k8s_ref::K8sRef;
+use crate::pipeline::k8s_ref::K8sRef;
 
 const REVOKED: &str = ApiKeyState::Revoked.as_str();
 

@@ -8,8 +8,8 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::k8s_ref::K8sRef;
-use crate::row_plan::Recorded;
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::Recorded;
 
 /// A row of `customers`.
 #[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
@@ -96,7 +96,6 @@ pub async fn lock_by_id(
     .await
 }
 
-/// A live row by id, unlocked (for readers such as the etcd sync).
 /// Locks a live row against deletion (FOR SHARE) for the rest of the transaction: a
 /// dependent's record is written only while its customer is live. Taken before the
 /// dependent's own rows, the order the customer's cleanup locks them in.
@@ -112,6 +111,7 @@ pub async fn lock_live_shared(
     .await
 }
 
+/// A live row by id, unlocked (for readers such as the etcd sync).
 pub async fn live_by_id<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     id: Uuid,

@@ -1,4 +1,4 @@
-//! What the bulk resync ([`crate::resync`]) reads: which of a page of resources have a
+//! What the bulk resync ([`crate::runtime::resync`]) reads: which of a page of resources have a
 //! live record, in one statement per page.
 
 use std::collections::HashSet;

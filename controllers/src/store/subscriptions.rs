@@ -9,8 +9,8 @@ use m3o_crds::SubscriptionState;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::k8s_ref::K8sRef;
-use crate::row_plan::Recorded;
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::Recorded;
 
 /// `status` of a subscription in force.
 pub const ACTIVE: &str = SubscriptionState::Active.as_str();

@@ -5,9 +5,9 @@ use m3o_crds::{Quota, Subscription, SubscriptionState, SubscriptionStatus};
 use m3o_events::customers::{self, EventType};
 use uuid::Uuid;
 
-use crate::blocker::Blocker;
-use crate::outbox_events::customer_payload as payload;
-use crate::status::{self, Cond, merge, not_synced, reasons, types};
+use crate::pipeline::outbox_events::customer_payload as payload;
+use crate::report::blocker::Blocker;
+use crate::report::status::{self, Cond, merge, not_synced, reasons, types};
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::SubscriptionRow;
 

@@ -13,10 +13,10 @@ use m3o_events::customers::EventType;
 use uuid::Uuid;
 
 use super::{build, plan};
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::lifecycle;
-use crate::outbox_events;
+use crate::pipeline::outbox_events;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::runtime::context::Context;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRow};
 use sqlx::PgConnection;

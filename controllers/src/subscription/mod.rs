@@ -22,7 +22,6 @@
 
 pub mod build;
 pub mod cleanup;
-pub mod config;
 pub mod plan;
 pub mod reconcile;
 
@@ -34,16 +33,16 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use m3o_crds::{Customer, Subscription, SubscriptionStatus};
 
-use crate::changes::{Changed, spec_fingerprint};
-use crate::context::Context;
-use crate::error::Error;
-use crate::feed::{self, ByCustomer};
-use crate::finalizer::reconcile_with_finalizer;
-use crate::runner;
+use crate::report::error::Error;
+use crate::runtime::changes::{Changed, spec_fingerprint};
+use crate::runtime::context::Context;
+use crate::runtime::feed::{self, ByCustomer};
+use crate::runtime::finalizer::reconcile_with_finalizer;
+use crate::runtime::runner;
 
-pub const KIND: &str = "Subscription";
+pub const KIND: &str = m3o_crds::kinds::SUBSCRIPTION;
 
-crate::status::has_status!(Subscription, SubscriptionStatus);
+crate::report::status::has_status!(Subscription, SubscriptionStatus);
 
 async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
@@ -56,7 +55,7 @@ async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 /// Runs the Subscription controller until `shutdown` resolves; `customers` are the
-/// shared Customer watch's events ([`crate::feed`]).
+/// shared Customer watch's events ([`crate::runtime::feed`]).
 pub async fn run(
     ctx: Arc<Context>,
     customers: mpsc::Receiver<watcher::Event<Customer>>,

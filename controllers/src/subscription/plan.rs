@@ -1,5 +1,5 @@
-//! Every decision about a Subscription, pure and unit-tested: the effective quota, the
-//! customer gate, the one rule for a customer's slot, the row write and its events, and
+//! Every decision about a Subscription, pure and unit-tested: the effective quota, what
+//! it requires of its Customer, the one rule for a customer's slot, the row write and its events, and
 //! the customer cleanup goes by. The pipeline: [`crate::pipeline`].
 
 use std::cmp::Ordering;
@@ -9,11 +9,13 @@ use m3o_crds::{Customer, Quota, Subscription, SubscriptionSpec};
 use m3o_events::customers::EventType;
 use uuid::Uuid;
 
-use crate::blocker::Blocker;
-use crate::k8s_ref::K8sRef;
+use crate::pipeline::dependent::{self, Gate, Refusal, Requires};
+use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::{self, Recorded, RowPlan, RowWrite};
 use crate::plans::Catalog;
-use crate::row_plan::{self, Recorded, RowPlan, RowWrite};
-use crate::status::reasons;
+use crate::report::blocker::Blocker;
+use crate::report::status::reasons;
+use crate::runtime::shard::Shard;
 use crate::store::customers::CustomerRow;
 use crate::store::subscriptions::{SubscriptionRecord, SubscriptionRow};
 
@@ -38,38 +40,34 @@ pub fn effective_quota(catalog: &Catalog, spec: &SubscriptionSpec) -> Result<Quo
     })
 }
 
-/// The customer's row when the Customer is ready to carry a subscription.
-pub fn customer_gate<'a>(
+/// May the Subscription use its Customer ([`dependent::gate`]): only a Ready Customer
+/// whose live row is its own carries a subscription (a plan in force for a customer
+/// that is not there yet, or no longer, would bill nobody). A refusal is worded by
+/// [`customer_refusal`].
+pub fn customer_use<'a>(
+    shard: Option<&Shard>,
     customer: Option<&Customer>,
     row: Option<&'a CustomerRow>,
-    name: &str,
-) -> Result<&'a CustomerRow, Blocker> {
-    let Some(customer) = customer else {
-        let message = format!(
-            "Customer {name} does not exist in this namespace; create it and this Subscription follows"
-        );
-        return Err(Blocker::new(reasons::CUSTOMER_NOT_FOUND, message));
+) -> Gate<'a> {
+    dependent::gate(Requires::ReadyCustomer, shard, customer, row)
+}
+
+/// How a Subscription words a refusal of its Customer `name`.
+pub fn customer_refusal(name: &str, refusal: Refusal) -> Blocker {
+    let why = match refusal {
+        Refusal::NotFound => {
+            let message = format!(
+                "Customer {name} does not exist in this namespace; create it and this Subscription follows"
+            );
+            return Blocker::new(reasons::CUSTOMER_NOT_FOUND, message);
+        }
+        Refusal::Deleting => "is being deleted".to_owned(),
+        Refusal::NotReady { reason, message } => format!("is not Ready ({reason}: {message})"),
+        Refusal::NotProvisioned => "is not provisioned yet".to_owned(),
+        Refusal::NoRecord => "has no customer record yet".to_owned(),
     };
-    let not_ready = |why: String| {
-        let message = format!("Customer {name} {why}; this Subscription follows once it is Ready");
-        Err(Blocker::new(reasons::CUSTOMER_NOT_READY, message))
-    };
-    if customer.metadata.deletion_timestamp.is_some() {
-        return not_ready("is being deleted".into());
-    }
-    let ready = customer
-        .status
-        .as_ref()
-        .and_then(|s| crate::status::ready(&s.conditions));
-    match ready {
-        Some(c) if c.status == "True" => {}
-        Some(c) => return not_ready(format!("is not Ready ({}: {})", c.reason, c.message)),
-        None => return not_ready("is not provisioned yet".into()),
-    }
-    match row {
-        Some(row) if customer.uid().as_deref() == Some(row.k8s_uid.as_str()) => Ok(row),
-        _ => not_ready("has no customer record yet".into()),
-    }
+    let message = format!("Customer {name} {why}; this Subscription follows once it is Ready");
+    Blocker::new(reasons::CUSTOMER_NOT_READY, message)
 }
 
 /// Who holds the subscription record in force for a customer, as seen inside the

@@ -8,19 +8,18 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use m3o_crds::{Customer, Subscription};
 
-use super::config::quota_key;
 use super::{build, plan};
-use crate::blocker::Blocker;
-use crate::context::Context;
-use crate::error::{AtStep, Error, Step};
-use crate::feed;
-use crate::lifecycle;
-use crate::outbox_events;
-use crate::row_plan::RowWrite;
-use crate::shard;
+use crate::pipeline::dependent::{self, Gate};
+use crate::pipeline::outbox_events;
+use crate::pipeline::row_plan::RowWrite;
+use crate::report::blocker::Blocker;
+use crate::report::error::{AtStep, Error, Step};
+use crate::report::lifecycle;
+use crate::runtime::context::Context;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
+use m3o_platform_contract::quota_key;
 use plan::RecordHolder;
 
 /// Converges Postgres, etcd and status on the Subscription's spec.
@@ -32,16 +31,17 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Ok(quota) => quota,
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
-    let customer = ctx
-        .customer(&namespace, &sub.spec.customer_ref.name)
-        .await
-        .at(Step::Load("the Customer"))?;
-    if let Some(wait) = feed::wait_for_customer(ctx, customer.as_ref()) {
-        return Ok(wait);
-    }
-    let customer_row = match load_customer(ctx, &sub, customer.as_ref()).await? {
-        Ok(row) => row,
-        Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
+    let name = &sub.spec.customer_ref.name;
+    let (customer, row) = load_customer(ctx, &namespace, name).await?;
+    let shard = ctx.settings.shard.as_ref();
+    let customer_row = match plan::customer_use(shard, customer.as_ref(), row.as_ref()) {
+        Gate::Use(row) => row.clone(),
+        Gate::Wait => return Ok(Action::requeue(ctx.settings.blocked_retry)),
+        Gate::Blocked(blocker) => return blocked(&api, &sub, ctx, blocker).await,
+        Gate::Refused(refusal) => {
+            let blocker = plan::customer_refusal(name, refusal);
+            return blocked(&api, &sub, ctx, blocker).await;
+        }
     };
     let desired = plan::desired_record(&sub, customer_row.id, quota);
     let synced = sync_record(ctx, &sub, &desired, &customer_row)
@@ -62,26 +62,25 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
     lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await
 }
 
-/// The customer's live row, once `customer` (the Customer object, read by the caller) is Ready.
+/// The Customer `namespace/name` and, when it exists, its live row.
 async fn load_customer(
     ctx: &Context,
-    sub: &Subscription,
-    customer: Option<&Customer>,
-) -> Result<Result<CustomerRow, Blocker>, Error> {
-    let namespace = sub.namespace().unwrap_or_default();
-    let name = &sub.spec.customer_ref.name;
-    if let Some(customer) = customer
-        && let Err(blocker) = shard::customer_gate(ctx.settings.shard.as_ref(), customer)
-    {
-        return Ok(Err(blocker));
-    }
+    namespace: &str,
+    name: &str,
+) -> Result<(Option<Customer>, Option<CustomerRow>), Error> {
+    let customer = ctx
+        .customer(namespace, name)
+        .await
+        .at(Step::Load("the Customer"))?;
+    // Waiting for the Customer, or blocked by its shard: decided without the record.
+    let early = dependent::before_records(ctx.settings.shard.as_ref(), customer.as_ref());
     let row = match customer {
-        Some(_) => customers::live_by_k8s_ref(&ctx.db, &namespace, name)
+        Some(_) if early.is_none() => customers::live_by_k8s_ref(&ctx.db, namespace, name)
             .await
             .at(Step::Load("the customer record"))?,
-        None => None,
+        _ => None,
     };
-    Ok(plan::customer_gate(customer, row.as_ref(), name).cloned())
+    Ok((customer, row))
 }
 
 /// The database step: finds the row (by namespace/name, else a record of this customer

@@ -27,13 +27,19 @@ fn index_with(status: &str, scopes: &[&str], extra: &str, customer_status: &str)
         r#"{{"keyId":"k1","customerId":"c1","scopes":{},"status":"{status}","expiresAt":null{extra}}}"#,
         serde_json::to_string(scopes).expect("json")
     );
-    index.apply(&format!("apikeys/{hash}"), Some(value.as_bytes()));
+    index.apply(
+        &m3o_platform_contract::apikey_key(&hash),
+        Some(value.as_bytes()),
+    );
     let customer = format!(
         r#"{{"id":"c1","email":"a@b.c","name":"","status":"{customer_status}","plan":"pro"}}"#
     );
-    index.apply("customers/c1", Some(customer.as_bytes()));
     index.apply(
-        "quotas/c1",
+        &m3o_platform_contract::customer_key("c1"),
+        Some(customer.as_bytes()),
+    );
+    index.apply(
+        &m3o_platform_contract::quota_key("c1"),
         Some(br#"{"plan":"pro","monthlyRequests":100,"requestsPerSecond":5}"#),
     );
     index
@@ -105,8 +111,11 @@ fn expires_at_is_enforced_by_the_gateway_clock() {
     let k = key();
     let hash = hex::encode(key_hash(&k));
     let v = br#"{"keyId":"k","customerId":"c1","scopes":["*"],"status":"active","expiresAt":"2030-01-01T00:00:00Z"}"#;
-    index.apply(&format!("apikeys/{hash}"), Some(v));
-    index.apply("customers/c1", Some(br#"{"status":"active"}"#));
+    index.apply(&m3o_platform_contract::apikey_key(&hash), Some(v));
+    index.apply(
+        &m3o_platform_contract::customer_key("c1"),
+        Some(br#"{"status":"active"}"#),
+    );
     let at = 1_893_456_000;
     assert_eq!(outcome(&decide(&index, Some(&k), "/", at - 1)), (200, "ok"));
     assert_eq!(
@@ -121,8 +130,12 @@ fn banned_customers_and_uncovered_paths_are_403() {
     let banned = index_with("active", &["*"], "", "banned");
     assert_eq!(
         outcome(&decide(&banned, Some(&k), "/v1/foo", 0)),
-        (403, "banned")
+        (403, "customer_banned")
     );
+    // As the operator publishes it: the key `blocked` because the customer is banned.
+    let published = index_with("blocked", &["*"], "", "banned");
+    let denial = decide(&published, Some(&k), "/v1/foo", 0).expect_err("refused");
+    assert_eq!((denial.status, denial.reason), (403, "customer_banned"));
     let index = active(&["foo"]);
     for path in [
         "/v1/bar/x",
@@ -157,7 +170,7 @@ fn banned_customers_and_uncovered_paths_are_403() {
 #[test]
 fn a_key_whose_customer_is_gone_is_401() {
     let mut index = active(&["*"]);
-    index.apply("customers/c1", None);
+    index.apply(&m3o_platform_contract::customer_key("c1"), None);
     assert_eq!(
         outcome(&decide(&index, Some(&key()), "/v1/foo", 0)),
         (401, "unknown_customer")
@@ -485,8 +498,8 @@ proptest! {
                 "status": json_status, "expiresAt": null,
             });
             let bytes = serde_json::to_vec(&value).expect("json");
-            index.apply(&format!("apikeys/{}", hex::encode(key_hash(k))), Some(&bytes));
-            index.apply("customers/c", Some(br#"{"status":"active"}"#));
+            index.apply(&m3o_platform_contract::apikey_key(&hex::encode(key_hash(k))), Some(&bytes));
+            index.apply(&m3o_platform_contract::customer_key("c"), Some(br#"{"status":"active"}"#));
         }
         let header = header.unwrap_or_else(|| raw.clone().into_bytes());
         let Ok(path) = original_path(source, Some(&header), &own, &prefix) else {

@@ -26,7 +26,7 @@ use m3o_crds::{ApiKey, Customer, Subscription};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::compare::{Verdict, check_entry, check_secret};
+use super::compare::{EntryVerdict, check_entry, check_secret};
 use super::{Backends, print_json};
 use crate::cli::{AuditArgs, OutputFormat};
 use crate::startup::StartupError;
@@ -48,7 +48,7 @@ pub struct KindSummary {
 #[derive(Serialize, Debug, Default, Clone)]
 pub struct KeySummary {
     pub scanned: u64,
-    pub verdicts: BTreeMap<Verdict, u64>,
+    pub verdicts: BTreeMap<EntryVerdict, u64>,
 }
 
 /// Something that is not as it should be.
@@ -370,7 +370,7 @@ impl Audit<'_> {
                 .is_some_and(|e| self.namespace.is_some() && e.owner.namespace != self.namespace);
             if check.verdict.is_drift() && !elsewhere {
                 let what = match check.verdict {
-                    Verdict::Unowned => format!("etcd {} is owned by no record", check.key),
+                    EntryVerdict::Unowned => format!("etcd {} is owned by no record", check.key),
                     v => format!("etcd {} {}", check.key, v.as_str()),
                 };
                 self.find(check.owner, what);

@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use m3o_controllers::apikey::secret::{self, DATA_API_KEY, DATA_KEY_ID};
 use m3o_controllers::platform::desired::DesiredEntry;
-pub use m3o_controllers::platform::entry::{Verdict, verdict};
+pub use m3o_controllers::platform::entry::{EntryVerdict, entry_verdict};
 use m3o_controllers::store::api_keys::ApiKeyRow;
 use m3o_events::customers::Event;
 use serde::Serialize;
@@ -14,7 +14,7 @@ use serde::Serialize;
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct EntryCheck {
     pub key: String,
-    pub verdict: Verdict,
+    pub verdict: EntryVerdict,
     /// The resource the desired value belongs to (`Kind namespace/name`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -30,7 +30,7 @@ pub fn check_entry(
     actual: Option<&[u8]>,
 ) -> EntryCheck {
     EntryCheck {
-        verdict: verdict(desired.map(|d| &d.value), actual),
+        verdict: entry_verdict(desired.map(|d| &d.value), actual),
         owner: desired.map(|d| describe(&d.owner)),
         desired: desired.map(|d| d.value.clone()),
         actual: actual.map(|raw| {

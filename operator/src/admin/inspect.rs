@@ -5,11 +5,11 @@
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Resource, ResourceExt};
-use m3o_controllers::apikey::{config as apikey_config, secret as key_secret};
+use m3o_controllers::apikey::secret as key_secret;
 use m3o_controllers::platform::desired::{self, DesiredEntry};
 use m3o_controllers::store::{api_keys, customers, subscriptions};
-use m3o_controllers::subscription::config as subscription_config;
 use m3o_crds::{ApiKey, Customer, Subscription};
+use m3o_platform_contract::{apikey_key, customer_key, quota_key};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -246,10 +246,7 @@ impl Inspected for Subscription {
         };
         let mut conn = backends.db.acquire().await?;
         let mut desired = Vec::new();
-        for key in [
-            subscription_config::quota_key(customer_id),
-            desired::customer_key(customer_id),
-        ] {
+        for key in [quota_key(customer_id), customer_key(customer_id)] {
             let entry = desired::desired_for(&mut conn, &key).await?;
             desired.push((key, entry));
         }
@@ -272,7 +269,7 @@ impl Inspected for ApiKey {
         let mut conn = backends.db.acquire().await?;
         let mut desired = Vec::new();
         for row in &rows {
-            let key = apikey_config::apikey_key(&row.key_hash);
+            let key = apikey_key(&row.key_hash);
             let entry = desired::desired_for(&mut conn, &key).await?;
             desired.push((key, entry));
         }

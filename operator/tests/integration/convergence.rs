@@ -29,8 +29,8 @@ async fn a_ban_reaches_every_entry_of_the_customer_in_one_etcd_write() {
     let id = env.row("alice").await.expect("customer row").id;
 
     env.customer_ready("alice", "Banned").await;
-    let entries: Vec<String> = std::iter::once(format!("customers/{id}"))
-        .chain(hashes.iter().map(|h| format!("apikeys/{h}")))
+    let entries: Vec<String> = std::iter::once(m3o_platform_contract::customer_key(id))
+        .chain(hashes.iter().map(|h| m3o_platform_contract::apikey_key(h)))
         .collect();
     eventually(
         "the customer banned and its three keys blocked in etcd",
@@ -92,20 +92,31 @@ async fn a_retired_key_is_not_read_again_once_its_entry_is_gone() {
         "the old key's entry gone and its row marked so",
         Duration::from_secs(30),
         || async {
-            let absent = env.etcd_json(&format!("apikeys/{old}")).await.is_none();
+            let absent = env
+                .etcd_json(&m3o_platform_contract::apikey_key(&old))
+                .await
+                .is_none();
             (absent && gone(old.clone()).await).then_some(())
         },
     )
     .await;
     assert!(!gone(new.clone()).await, "the live key is still converged");
-    assert!(env.etcd_json(&format!("apikeys/{new}")).await.is_some());
+    assert!(
+        env.etcd_json(&m3o_platform_contract::apikey_key(&new))
+            .await
+            .is_some()
+    );
 
     // Convergence no longer looks at the old key; the drift watcher still owns the
     // prefix: an entry written back by hand for it is removed.
     env.etcd
         .kv_client()
         .put(
-            format!("{}/apikeys/{old}", env.etcd_prefix),
+            format!(
+                "{}/{}",
+                env.etcd_prefix,
+                m3o_platform_contract::apikey_key(&old)
+            ),
             r#"{"status":"active"}"#,
             None,
         )
@@ -115,7 +126,7 @@ async fn a_retired_key_is_not_read_again_once_its_entry_is_gone() {
         "the revived entry of a retired key pruned",
         Duration::from_secs(20),
         || async {
-            env.etcd_json(&format!("apikeys/{old}"))
+            env.etcd_json(&m3o_platform_contract::apikey_key(&old))
                 .await
                 .is_none()
                 .then_some(())

@@ -32,7 +32,7 @@ async fn assert_provisioned(
     assert_eq!(row.k8s_uid, c.uid().expect("uid"));
     assert_eq!(row.generation, c.metadata.generation.expect("generation"));
     let value = env
-        .etcd_json(&format!("customers/{id}"))
+        .etcd_json(&m3o_platform_contract::customer_key(&id))
         .await
         .expect("etcd value");
     assert_eq!(
@@ -142,7 +142,8 @@ async fn create_update_verify_ban_unban_delete() {
     assert!(row.deleted_at.is_some());
     assert_eq!(row.status, "deleted");
     assert_eq!(
-        env.etcd_json(&format!("customers/{id}")).await,
+        env.etcd_json(&m3o_platform_contract::customer_key(&id))
+            .await,
         None,
         "etcd key removed"
     );
@@ -195,13 +196,16 @@ async fn orphan_keeps_the_record_and_delete_removes_it() {
     assert!(row.deleted_at.is_none(), "Orphan leaves the row live");
     assert_eq!(row.status, "active");
     assert!(
-        env.etcd_json(&format!("customers/{kept}")).await.is_some(),
+        env.etcd_json(&m3o_platform_contract::customer_key(&kept))
+            .await
+            .is_some(),
         "Orphan leaves the etcd key"
     );
     let row = env.row_by_id(&gone).await;
     assert!(row.deleted_at.is_some(), "Delete marks the row");
     assert_eq!(
-        env.etcd_json(&format!("customers/{gone}")).await,
+        env.etcd_json(&m3o_platform_contract::customer_key(&gone))
+            .await,
         None,
         "Delete removes the key"
     );
@@ -283,7 +287,9 @@ async fn repeated_reconciles_write_nothing() {
         before.managed_fields()
     );
     let row_before = env.row("steady").await.expect("row");
-    let revision_before = env.etcd_mod_revision(&format!("customers/{id}")).await;
+    let revision_before = env
+        .etcd_mod_revision(&m3o_platform_contract::customer_key(&id))
+        .await;
 
     // An annotation change wakes the controller without changing the spec...
     let patch = json!({"metadata": {"annotations": {"touched": "1"}}});
@@ -318,7 +324,8 @@ async fn repeated_reconciles_write_nothing() {
         "no row write"
     );
     assert_eq!(
-        env.etcd_mod_revision(&format!("customers/{id}")).await,
+        env.etcd_mod_revision(&m3o_platform_contract::customer_key(&id))
+            .await,
         revision_before,
         "no etcd write"
     );
@@ -333,9 +340,13 @@ async fn hand_edits_in_etcd_are_corrected() {
     env.apply_customer("watched", json!({"email": "watched@example.com"}))
         .await;
     let id = assert_provisioned(&env, "watched", "watched@example.com", "", "active").await;
-    let key = format!("{}/customers/{id}", env.etcd_prefix);
+    let key = format!(
+        "{}/{}",
+        env.etcd_prefix,
+        m3o_platform_contract::customer_key(&id)
+    );
     let expected = env
-        .etcd_json(&format!("customers/{id}"))
+        .etcd_json(&m3o_platform_contract::customer_key(&id))
         .await
         .expect("value");
     let mut kv = env.etcd.kv_client();
@@ -345,17 +356,29 @@ async fn hand_edits_in_etcd_are_corrected() {
         .await
         .expect("hand edit");
     eventually("edited value restored", Duration::from_secs(20), || async {
-        (env.etcd_json(&format!("customers/{id}")).await.as_ref() == Some(&expected)).then_some(())
+        (env.etcd_json(&m3o_platform_contract::customer_key(&id))
+            .await
+            .as_ref()
+            == Some(&expected))
+        .then_some(())
     })
     .await;
 
     kv.delete(key.clone(), None).await.expect("hand delete");
     eventually("deleted key restored", Duration::from_secs(20), || async {
-        (env.etcd_json(&format!("customers/{id}")).await.as_ref() == Some(&expected)).then_some(())
+        (env.etcd_json(&m3o_platform_contract::customer_key(&id))
+            .await
+            .as_ref()
+            == Some(&expected))
+        .then_some(())
     })
     .await;
 
-    let stray = format!("{}/customers/{}", env.etcd_prefix, uuid::Uuid::new_v4());
+    let stray = format!(
+        "{}/{}",
+        env.etcd_prefix,
+        m3o_platform_contract::customer_key(uuid::Uuid::new_v4())
+    );
     kv.put(stray.clone(), "{}", None)
         .await
         .expect("unowned key");

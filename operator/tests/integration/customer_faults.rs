@@ -140,7 +140,7 @@ async fn outages_show_in_status_and_heal() {
     let c = env.wait_ready("patient").await;
     let id = c.status.and_then(|s| s.customer_id).expect("id");
     assert_eq!(
-        env.etcd_json(&format!("customers/{id}"))
+        env.etcd_json(&m3o_platform_contract::customer_key(&id))
             .await
             .and_then(|v| v["name"].as_str().map(str::to_owned)),
         Some("P".into())

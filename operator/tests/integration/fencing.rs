@@ -89,7 +89,7 @@ async fn a_hung_leader_is_replaced_and_writes_nothing_when_it_wakes() {
         .await;
     env.wait_ready("after").await;
     second.settle().await;
-    let key = format!("customers/{id}");
+    let key = m3o_platform_contract::customer_key(&id);
     let revision = env.etcd_mod_revision(&key).await;
     let old_rows = written_in(&env, old_epoch).await;
 

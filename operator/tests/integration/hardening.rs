@@ -141,7 +141,7 @@ async fn one_holder_each(
                     return None;
                 }
                 // The plan in force in etcd is the holder's.
-                let quota = env.etcd_json(&format!("quotas/{id}")).await?;
+                let quota = env.etcd_json(&m3o_platform_contract::quota_key(id)).await?;
                 if quota["plan"].as_str() != Some(holder.spec.plan.as_str()) {
                     return None;
                 }
@@ -201,7 +201,8 @@ async fn deleting_a_customer_cancels_its_subscription() {
         .expect("delete customer");
     env.wait_gone(&env.customers(), "kim").await;
 
-    env.wait_etcd(&format!("quotas/{cid}"), None).await;
+    env.wait_etcd(&m3o_platform_contract::quota_key(&cid), None)
+        .await;
     let cancelled = env.subscription_row_by_id(&row.id.to_string()).await;
     assert_eq!(cancelled.status, "cancelled");
     assert!(cancelled.cancelled_at.is_some());
@@ -239,8 +240,8 @@ async fn keys_that_only_look_owned_are_pruned() {
     let _op = env.start_operator().await;
     let id = env.ready_customer("lou").await;
     // The same id in other spellings: not what the operator writes, so nothing owns them.
-    let upper = format!("customers/{}", id.to_uppercase());
-    let simple = format!("quotas/{}", id.replace('-', ""));
+    let upper = m3o_platform_contract::customer_key(id.to_uppercase());
+    let simple = m3o_platform_contract::quota_key(id.replace('-', ""));
     let mut kv = env.etcd.kv_client();
     for relative in [&upper, &simple] {
         kv.put(format!("{}/{relative}", env.etcd_prefix), "{}", None)
@@ -250,7 +251,9 @@ async fn keys_that_only_look_owned_are_pruned() {
     env.wait_etcd(&upper, None).await;
     env.wait_etcd(&simple, None).await;
     assert!(
-        env.etcd_json(&format!("customers/{id}")).await.is_some(),
+        env.etcd_json(&m3o_platform_contract::customer_key(&id))
+            .await
+            .is_some(),
         "the real key stays"
     );
 }

@@ -11,6 +11,7 @@ mod examples;
 mod fencing;
 mod gateway;
 mod hardening;
+mod image;
 mod manifests;
 mod outbox;
 mod production;

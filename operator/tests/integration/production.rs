@@ -176,7 +176,14 @@ async fn metrics_exist_and_move() {
     op.settle().await; // a trailing reconcile would restore the key before the watcher
     env.etcd
         .kv_client()
-        .delete(format!("{}/customers/{id}", env.etcd_prefix), None)
+        .delete(
+            format!(
+                "{}/{}",
+                env.etcd_prefix,
+                m3o_platform_contract::customer_key(&id)
+            ),
+            None,
+        )
         .await
         .expect("hand delete");
     eventually(
@@ -239,7 +246,7 @@ async fn a_flood_of_changes_collapses_into_few_reconciles() {
     );
     let id = c.status.and_then(|s| s.customer_id).expect("id");
     assert_eq!(
-        env.etcd_json(&format!("customers/{id}"))
+        env.etcd_json(&m3o_platform_contract::customer_key(&id))
             .await
             .map(|v| v["name"].clone()),
         Some(json!("Final"))

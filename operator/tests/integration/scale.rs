@@ -131,7 +131,9 @@ async fn drift_resync_works_past_the_4_mib_message_limit() {
     )
     .await;
     assert!(
-        env.etcd_json(&format!("customers/{lou}")).await.is_some(),
+        env.etcd_json(&m3o_platform_contract::customer_key(&lou))
+            .await
+            .is_some(),
         "the owned key stays"
     );
 }

@@ -149,10 +149,10 @@ pub async fn assert_in_force(
     assert_eq!((row.monthly_requests, row.requests_per_second), quota);
     assert_eq!(row.generation, s.metadata.generation.expect("generation"));
     let value = json!({"plan": plan, "monthlyRequests": quota.0, "requestsPerSecond": quota.1});
-    env.wait_etcd(&format!("quotas/{customer_id}"), Some(value))
+    env.wait_etcd(&m3o_platform_contract::quota_key(customer_id), Some(value))
         .await;
     let customer = env
-        .etcd_json(&format!("customers/{customer_id}"))
+        .etcd_json(&m3o_platform_contract::customer_key(customer_id))
         .await
         .expect("customer key");
     assert_eq!(customer["plan"], json!(plan), "{customer}");
@@ -230,13 +230,17 @@ async fn create_change_plan_override_quota_delete() {
     );
 
     // A hand edit of the quota key is drift: the operator restores it.
-    let key = format!("{}/quotas/{cid}", env.etcd_prefix);
+    let key = format!(
+        "{}/{}",
+        env.etcd_prefix,
+        m3o_platform_contract::quota_key(&cid)
+    );
     let mut kv = env.etcd.kv_client();
     kv.put(key, r#"{"plan":"business"}"#, None)
         .await
         .expect("hand edit");
     let restored = json!({"plan": "pro", "monthlyRequests": 1_000_000, "requestsPerSecond": 77});
-    env.wait_etcd(&format!("quotas/{cid}"), Some(restored))
+    env.wait_etcd(&m3o_platform_contract::quota_key(&cid), Some(restored))
         .await;
 
     env.subscriptions()
@@ -247,9 +251,10 @@ async fn create_change_plan_override_quota_delete() {
     let cancelled = env.subscription_row_by_id(&row.id.to_string()).await;
     assert_eq!(cancelled.status, "cancelled");
     assert!(cancelled.cancelled_at.is_some());
-    env.wait_etcd(&format!("quotas/{cid}"), None).await;
+    env.wait_etcd(&m3o_platform_contract::quota_key(&cid), None)
+        .await;
     let customer = env
-        .etcd_json(&format!("customers/{cid}"))
+        .etcd_json(&m3o_platform_contract::customer_key(&cid))
         .await
         .expect("customer key");
     assert_eq!(customer["plan"], json!(""), "no subscription, no plan");
@@ -282,7 +287,10 @@ async fn unknown_plan_then_fixed() {
         env.subscription_row("bob").await.is_none(),
         "no row for an unknown plan"
     );
-    assert_eq!(env.etcd_json(&format!("quotas/{cid}")).await, None);
+    assert_eq!(
+        env.etcd_json(&m3o_platform_contract::quota_key(&cid)).await,
+        None
+    );
 
     env.apply_subscription(
         "bob",

@@ -103,7 +103,8 @@ async fn an_orphaned_record_is_adopted_by_the_next_subscription() {
         "active"
     );
     let quota = json!({"plan": "pro", "monthlyRequests": 1_000_000, "requestsPerSecond": 50});
-    env.wait_etcd(&format!("quotas/{cid}"), Some(quota)).await;
+    env.wait_etcd(&m3o_platform_contract::quota_key(&cid), Some(quota))
+        .await;
 
     env.apply_subscription(
         "new-name",
@@ -145,8 +146,10 @@ async fn delete_together(env: &TestEnv, customer: &str, subscription_first: bool
     env.wait_gone(&customers, customer).await;
     let cancelled = env.subscription_row_by_id(&row.id.to_string()).await;
     assert_eq!(cancelled.status, "cancelled");
-    env.wait_etcd(&format!("quotas/{cid}"), None).await;
-    env.wait_etcd(&format!("customers/{cid}"), None).await;
+    env.wait_etcd(&m3o_platform_contract::quota_key(&cid), None)
+        .await;
+    env.wait_etcd(&m3o_platform_contract::customer_key(&cid), None)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

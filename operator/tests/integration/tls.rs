@@ -37,7 +37,7 @@ async fn a_customer_and_a_key_reach_every_backend_over_tls_as_least_privileged_u
     env.customer_ready("alice", "Active").await;
     let customer = env.row("alice").await.expect("row in the private database");
     let entry = env
-        .etcd_json(&format!("customers/{}", customer.id))
+        .etcd_json(&m3o_platform_contract::customer_key(customer.id))
         .await
         .expect("customer entry in the private etcd");
     assert_eq!(entry["status"], json!("active"));

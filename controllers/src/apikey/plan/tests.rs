@@ -245,7 +245,7 @@ fn events_carry_ids_never_keys() {
     };
     let event = to_event(
         &e,
-        crate::outbox_events::customer_payload(&customer("active")),
+        crate::pipeline::outbox_events::customer_payload(&customer("active")),
     );
     assert_eq!(
         event.generate_key.as_ref().map(|g| g.id.clone()),
@@ -268,14 +268,14 @@ fn status_reasons_follow_the_state() {
     );
     let s = synced_status(&k, &row, "ci-api-key");
     assert_eq!(s.key_prefix.as_deref(), Some("m3o_abcd"));
-    let ready = crate::status::ready(&s.conditions).expect("ready");
+    let ready = crate::report::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Provisioned")
     );
     row.status = "expired".into();
     let s = synced_status(&k, &row, "ci-api-key");
-    let ready = crate::status::ready(&s.conditions).expect("ready");
+    let ready = crate::report::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str(), s.state),
         ("False", "Expired", Some(ApiKeyState::Expired))
@@ -324,7 +324,7 @@ struct Expected {
 impl Expected {
     fn blocker(&self, name: &str, blocker: &Blocker) {
         let (reason, message) = (self.blocked.as_deref(), self.message.as_deref());
-        crate::fixtures::assert_blocked(name, blocker, reason, message);
+        crate::testkit::fixtures::assert_blocked(name, blocker, reason, message);
     }
 }
 
@@ -360,21 +360,11 @@ fn found_secret(c: &SecretCase) -> Option<k8s_openapi::api::core::v1::Secret> {
 
 #[test]
 fn secret_actions_of_the_fixtures() {
-    for c in crate::fixtures::cases::<SecretCase>("apikey_secret.yaml") {
+    for c in crate::testkit::fixtures::cases::<SecretCase>("apikey_secret.yaml") {
         let name = &c.case;
         let found = found_secret(&c);
         let state = super::super::secret::inspect(found.as_ref(), &c.apikey);
-        let mut customer = alice();
-        let ready = crate::status::Cond::new(
-            crate::status::types::READY,
-            c.customer_ready,
-            reasons::PROVISIONED,
-            "",
-        );
-        customer.status = Some(m3o_crds::CustomerStatus {
-            conditions: crate::status::merge(&[], &[ready], Some(1)),
-            ..Default::default()
-        });
+        let customer = alice_ready(c.customer_ready);
         let action = secret_action(&c.apikey, state, &[], Some(&customer));
         match action {
             Err(blocker) => c.expect.blocker(name, &blocker),
@@ -456,7 +446,7 @@ struct CustomerCase {
 #[test]
 fn customer_gates_of_the_fixtures() {
     let k = key(false, None);
-    for c in crate::fixtures::cases::<CustomerCase>("apikey_customer.yaml") {
+    for c in crate::testkit::fixtures::cases::<CustomerCase>("apikey_customer.yaml") {
         let name = &c.case;
         let record = c.record.map(|id| CustomerRow {
             id,
@@ -476,16 +466,16 @@ fn customer_gates_of_the_fixtures() {
             c.expect.orphaned,
             "{name}"
         );
-        if c.expect.orphaned {
-            continue;
-        }
-        let object = c.customer.then(alice);
-        match customer_gate(&k, object.as_ref(), record) {
-            Ok(row) => {
+        // Through the whole admission, for a Customer past provisioning.
+        let object = c.customer.then(|| alice_ready(true));
+        match admit(&k, None, object.as_ref(), record.as_ref(), &rows) {
+            Admission::Orphaned => assert!(c.expect.orphaned, "{name}"),
+            Admission::Go { customer, .. } => {
                 assert_eq!(c.expect.gate.as_deref(), Some("open"), "{name}");
-                assert_eq!(Some(row.id), c.record, "{name}");
+                assert_eq!(Some(customer.id), c.record, "{name}");
             }
-            Err(blocker) => c.expect.blocker(name, &blocker),
+            Admission::Blocked(blocker) => c.expect.blocker(name, &blocker),
+            Admission::Wait => panic!("{name}: waits"),
         }
     }
 }
@@ -496,4 +486,87 @@ fn alice() -> m3o_crds::Customer {
         serde_json::json!({"email": "alice@example.com", "state": "Active"}),
     );
     m3o_crds::Customer::new("alice", spec.expect("spec"))
+}
+
+/// `alice` with a Ready condition of `ready`.
+fn alice_ready(ready: bool) -> m3o_crds::Customer {
+    let mut customer = alice();
+    let cond = crate::report::status::Cond::new(
+        crate::report::status::types::READY,
+        ready,
+        reasons::PROVISIONED,
+        "",
+    );
+    customer.status = Some(m3o_crds::CustomerStatus {
+        conditions: crate::report::status::merge(&[], &[cond], Some(1)),
+        ..Default::default()
+    });
+    customer
+}
+
+#[test]
+fn admission_waits_blocks_revokes_or_goes_in_order() {
+    let k = key(false, None);
+    let row = customer("active");
+    let reason = |a: Admission| match a {
+        Admission::Blocked(b) => b.reason,
+        other => panic!("not blocked: {other:?}"),
+    };
+    // Being provisioned (no Ready condition yet): a quiet wait, whatever the records.
+    let provisioning = alice();
+    assert_eq!(
+        admit(&k, None, Some(&provisioning), None, &[]),
+        Admission::Wait
+    );
+    // In another shard: blocked, even while being provisioned.
+    let shard = crate::runtime::shard::Shard::parse("m3o.com/shard=a").expect("shard");
+    assert_eq!(
+        reason(admit(&k, Some(&shard), Some(&provisioning), None, &[])),
+        reasons::CUSTOMER_IN_OTHER_SHARD
+    );
+    // Keys recorded for a customer that is gone are revoked.
+    let recorded = ApiKeyRow {
+        customer_id: Uuid::from_u128(99),
+        ..row_of(&(plan_for(&k, &row, &issued(1, 0), &[], now()).insert).expect("insert"))
+    };
+    let ready = alice_ready(true);
+    assert_eq!(
+        admit(
+            &k,
+            None,
+            Some(&ready),
+            Some(&row),
+            std::slice::from_ref(&recorded)
+        ),
+        Admission::Orphaned
+    );
+    assert_eq!(
+        admit(&k, None, None, None, &[recorded]),
+        Admission::Orphaned
+    );
+    // The customer gate: no Customer, no record.
+    assert_eq!(
+        reason(admit(&k, None, None, None, &[])),
+        reasons::CUSTOMER_NOT_FOUND
+    );
+    assert_eq!(
+        reason(admit(&k, None, Some(&ready), None, &[])),
+        reasons::CUSTOMER_NOT_READY
+    );
+    // A live record lets keys through, even while its Customer is not Ready (the Secret
+    // step issues a key only for a Ready one).
+    let failing = alice_ready(false);
+    let go = Admission::Go {
+        customer: Box::new(row.clone()),
+        grace: Duration::hours(1),
+    };
+    assert_eq!(admit(&k, None, Some(&failing), Some(&row), &[]), go);
+    assert_eq!(admit(&k, None, Some(&ready), Some(&row), &[]), go);
+    // An unusable grace period blocks before the Secret is touched.
+    let mut invalid = k.clone();
+    invalid.spec.rotation_grace_period = "forever".into();
+    assert_eq!(
+        reason(admit(&invalid, None, Some(&ready), Some(&row), &[])),
+        reasons::INVALID_SPEC
+    );
 }

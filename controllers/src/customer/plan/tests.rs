@@ -6,7 +6,7 @@ use sqlx::types::Json;
 
 use super::*;
 use crate::customer::build::*;
-use crate::status::reasons;
+use crate::report::status::reasons;
 use m3o_crds::CustomerStatusState;
 
 fn customer(state: CustomerState, email: &str) -> Customer {
@@ -174,7 +174,7 @@ fn status_is_ready_with_id_and_lowercase_state() {
     let s = provisioned_status(&c, &row(), "/m3o/customers/x");
     assert_eq!(s.state, Some(CustomerStatusState::Banned));
     assert_eq!(s.observed_generation, Some(1));
-    let ready = crate::status::ready(&s.conditions).expect("ready");
+    let ready = crate::report::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Provisioned")
@@ -184,7 +184,7 @@ fn status_is_ready_with_id_and_lowercase_state() {
 #[test]
 fn conflict_message_names_the_holder() {
     let c = customer(CustomerState::Active, "a@example.com");
-    let holder = crate::k8s_ref::K8sRef {
+    let holder = crate::pipeline::k8s_ref::K8sRef {
         namespace: "team".into(),
         name: "bob".into(),
         uid: "u2".into(),
@@ -196,7 +196,7 @@ fn conflict_message_names_the_holder() {
         blocker.message
     );
     let s = blocked_status(&c, &blocker);
-    let ready = crate::status::ready(&s.conditions).expect("ready");
+    let ready = crate::report::status::ready(&s.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "Conflict")
@@ -227,19 +227,19 @@ struct PlanExpect {
 
 #[test]
 fn plans_of_the_fixtures() {
-    for c in crate::fixtures::cases::<PlanCase>("customer_plan.yaml") {
+    for c in crate::testkit::fixtures::cases::<PlanCase>("customer_plan.yaml") {
         let name = &c.case;
         let d = match desired(&c.customer) {
             Ok(d) => d,
             Err(blocker) => {
                 let (reason, message) = (c.expect.blocked.as_deref(), c.expect.message.as_deref());
-                crate::fixtures::assert_blocked(name, &blocker, reason, message);
+                crate::testkit::fixtures::assert_blocked(name, &blocker, reason, message);
                 continue;
             }
         };
         assert_eq!(c.expect.blocked, None, "{name}: not blocked");
         let old = c.written.as_ref().map(|overlay| {
-            let previous = crate::fixtures::merged(&c.customer, overlay);
+            let previous = crate::testkit::fixtures::merged(&c.customer, overlay);
             (
                 Uuid::nil(),
                 desired(&previous).expect("written spec").record,
@@ -309,7 +309,7 @@ enum AdoptionExpect {
 
 #[test]
 fn adoption_of_the_fixtures() {
-    for c in crate::fixtures::cases::<AdoptionCase>("customer_adoption.yaml") {
+    for c in crate::testkit::fixtures::cases::<AdoptionCase>("customer_adoption.yaml") {
         let name = &c.case;
         let d = desired(&c.customer).expect("desired");
         let adopt_id = d.adopt_id.expect("every case adopts");
@@ -328,7 +328,7 @@ fn adoption_of_the_fixtures() {
         match (&c.expect, outcome) {
             (AdoptionExpect::Outcome(want), Ok(got)) => assert_eq!(want, got, "{name}"),
             (AdoptionExpect::Blocked { blocked, message }, Err(b)) => {
-                crate::fixtures::assert_blocked(name, &b, Some(blocked), Some(message));
+                crate::testkit::fixtures::assert_blocked(name, &b, Some(blocked), Some(message));
             }
             (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
         }

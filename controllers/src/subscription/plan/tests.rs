@@ -1,13 +1,11 @@
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use m3o_crds::{CustomerRef, CustomerSpec, CustomerStatus, QuotaOverride, SubscriptionSpec};
-use sqlx::types::Json;
 
 use super::*;
-use crate::status::{Cond, merge, types};
 use crate::subscription::build::*;
 use m3o_crds::SubscriptionState;
 
@@ -45,9 +43,8 @@ fn customer(ready: Option<bool>) -> Customer {
     c.metadata.uid = Some("cust-uid".into());
     if let Some(ok) = ready {
         let reason = if ok { "Provisioned" } else { "Conflict" };
-        let cond = Cond::new(types::READY, ok, reason, "msg");
         c.status = Some(CustomerStatus {
-            conditions: merge(&[], &[cond], Some(1)),
+            conditions: crate::testkit::rows::ready_conditions(ok, reason, 1),
             ..Default::default()
         });
     }
@@ -58,16 +55,10 @@ fn customer_row() -> CustomerRow {
     CustomerRow {
         id: Uuid::now_v7(),
         email: "a@example.com".into(),
-        name: String::new(),
-        status: "active".into(),
-        meta: Json(BTreeMap::new()),
         k8s_namespace: "team".into(),
         k8s_name: "alice".into(),
         k8s_uid: "cust-uid".into(),
-        generation: 1,
-        created_at: Utc::now(),
-        updated_at: Utc::now(),
-        deleted_at: None,
+        ..crate::testkit::rows::customer_row("active")
     }
 }
 
@@ -124,14 +115,17 @@ fn the_customer_must_exist_be_ready_and_have_its_row() {
         c: Option<&Customer>,
         r: Option<&'a CustomerRow>,
     ) -> Result<&'a CustomerRow, &'static str> {
-        customer_gate(c, r, "alice").map_err(|b| b.reason)
+        match customer_use(None, c, r) {
+            Gate::Use(row) => Ok(row),
+            Gate::Wait => Err("wait"),
+            Gate::Blocked(b) => Err(b.reason),
+            Gate::Refused(refusal) => Err(customer_refusal("alice", refusal).reason),
+        }
     }
     assert_eq!(gate(None, None), Err(reasons::CUSTOMER_NOT_FOUND));
+    // Being provisioned: a quiet wait, no status.
     let not_provisioned = customer(None);
-    assert_eq!(
-        gate(Some(&not_provisioned), Some(&row)),
-        Err(reasons::CUSTOMER_NOT_READY)
-    );
+    assert_eq!(gate(Some(&not_provisioned), Some(&row)), Err("wait"));
     let failing = customer(Some(false));
     assert_eq!(
         gate(Some(&failing), Some(&row)),
@@ -152,6 +146,38 @@ fn the_customer_must_exist_be_ready_and_have_its_row() {
         gate(Some(&deleting), Some(&row)),
         Err(reasons::CUSTOMER_NOT_READY)
     );
+}
+
+#[test]
+fn refusals_of_the_customer_are_worded_as_before() {
+    let message = |r: Refusal| {
+        let b = customer_refusal("alice", r);
+        format!("{}: {}", b.reason, b.message)
+    };
+    assert_eq!(
+        message(Refusal::NotFound),
+        "CustomerNotFound: Customer alice does not exist in this namespace; create it and this Subscription follows"
+    );
+    let not_ready = [
+        (Refusal::Deleting, "is being deleted"),
+        (
+            Refusal::NotReady {
+                reason: "Conflict".into(),
+                message: "msg".into(),
+            },
+            "is not Ready (Conflict: msg)",
+        ),
+        (Refusal::NotProvisioned, "is not provisioned yet"),
+        (Refusal::NoRecord, "has no customer record yet"),
+    ];
+    for (refusal, why) in not_ready {
+        assert_eq!(
+            message(refusal),
+            format!(
+                "CustomerNotReady: Customer alice {why}; this Subscription follows once it is Ready"
+            )
+        );
+    }
 }
 
 #[test]
@@ -272,7 +298,7 @@ fn status_reports_what_is_in_force() {
         st.quota.map(|q| q.requests_per_second),
         Some(row.requests_per_second)
     );
-    assert!(crate::status::ready(&st.conditions).is_some_and(|c| c.status == "True"));
+    assert!(crate::report::status::ready(&st.conditions).is_some_and(|c| c.status == "True"));
     assert_eq!(st.conditions.len(), 3);
 
     let mut provisioned = s.clone();
@@ -285,7 +311,7 @@ fn status_reports_what_is_in_force() {
         "the old plan stays in force"
     );
     assert_eq!(still.plan.as_deref(), Some("pro"));
-    let ready = crate::status::ready(&still.conditions).expect("ready");
+    let ready = crate::report::status::ready(&still.conditions).expect("ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "UnknownPlan")
@@ -330,7 +356,7 @@ fn fixture_holder(holder: &str) -> RecordHolder {
 #[test]
 fn decisions_of_the_fixtures() {
     let catalog = Catalog::builtin();
-    for c in crate::fixtures::cases::<FixtureCase>("subscription_plan.yaml") {
+    for c in crate::testkit::fixtures::cases::<FixtureCase>("subscription_plan.yaml") {
         let name = &c.case;
         let decided = match &c.holder {
             Some(holder) => {
@@ -348,7 +374,7 @@ fn decisions_of_the_fixtures() {
             }
             Err(blocker) => {
                 let (reason, message) = (c.expect.blocked.as_deref(), c.expect.message.as_deref());
-                crate::fixtures::assert_blocked(name, &blocker, reason, message);
+                crate::testkit::fixtures::assert_blocked(name, &blocker, reason, message);
             }
         }
     }

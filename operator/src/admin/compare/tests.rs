@@ -12,28 +12,38 @@ use super::*;
 fn verdicts_cover_every_combination() {
     let want = json!({"id": "1", "status": "active"});
     let same = br#"{"status":"active", "id":"1"}"#;
-    assert_eq!(verdict(Some(&want), Some(same)), Verdict::Matches);
     assert_eq!(
-        verdict(Some(&want), Some(br#"{"id":"1","status":"banned"}"#)),
-        Verdict::Differs
+        entry_verdict(Some(&want), Some(same)),
+        EntryVerdict::Matches
     );
-    assert_eq!(verdict(Some(&want), Some(b"garbage")), Verdict::Differs);
-    assert_eq!(verdict(Some(&want), None), Verdict::Missing);
-    assert_eq!(verdict(None, Some(same)), Verdict::Unowned);
-    assert_eq!(verdict(None, None), Verdict::Absent);
+    assert_eq!(
+        entry_verdict(Some(&want), Some(br#"{"id":"1","status":"banned"}"#)),
+        EntryVerdict::Differs
+    );
+    assert_eq!(
+        entry_verdict(Some(&want), Some(b"garbage")),
+        EntryVerdict::Differs
+    );
+    assert_eq!(entry_verdict(Some(&want), None), EntryVerdict::Missing);
+    assert_eq!(entry_verdict(None, Some(same)), EntryVerdict::Unowned);
+    assert_eq!(entry_verdict(None, None), EntryVerdict::Absent);
     let drift: Vec<_> = [
-        Verdict::Matches,
-        Verdict::Differs,
-        Verdict::Missing,
-        Verdict::Unowned,
-        Verdict::Absent,
+        EntryVerdict::Matches,
+        EntryVerdict::Differs,
+        EntryVerdict::Missing,
+        EntryVerdict::Unowned,
+        EntryVerdict::Absent,
     ]
     .into_iter()
     .filter(|v| v.is_drift())
     .collect();
     assert_eq!(
         drift,
-        [Verdict::Differs, Verdict::Missing, Verdict::Unowned]
+        [
+            EntryVerdict::Differs,
+            EntryVerdict::Missing,
+            EntryVerdict::Unowned
+        ]
     );
 }
 
@@ -49,11 +59,14 @@ fn an_entry_check_names_its_owner_and_keeps_unparsable_values_as_text() {
         },
     };
     let check = check_entry("/m3o/quotas/x".into(), Some(&entry), Some(b"not json"));
-    assert_eq!(check.verdict, Verdict::Differs);
+    assert_eq!(check.verdict, EntryVerdict::Differs);
     assert_eq!(check.owner.as_deref(), Some("Subscription ns/alice"));
     assert_eq!(check.actual, Some(json!("not json")));
     let unowned = check_entry("/m3o/stray".into(), None, Some(b"{}"));
-    assert_eq!((unowned.verdict, unowned.owner), (Verdict::Unowned, None));
+    assert_eq!(
+        (unowned.verdict, unowned.owner),
+        (EntryVerdict::Unowned, None)
+    );
 }
 
 fn key_row(key: &str, revoked: bool) -> ApiKeyRow {

@@ -64,7 +64,7 @@ async fn audit_is_clean_then_names_a_hand_edit_and_an_unowned_key() {
         .status
         .and_then(|s| s.customer_id)
         .expect("id");
-    let quota = format!("quotas/{bob}");
+    let quota = m3o_platform_contract::quota_key(&bob);
     env.etcd_put(
         &quota,
         r#"{"plan":"business","monthlyRequests":1,"requestsPerSecond":1}"#,
@@ -80,7 +80,8 @@ async fn audit_is_clean_then_names_a_hand_edit_and_an_unowned_key() {
     assert!(out.contains("audit: 1 finding(s)"), "{out}");
 
     // A key nothing owns.
-    env.etcd_put("customers/not-a-customer", "{}").await;
+    env.etcd_put(&m3o_platform_contract::customer_key("not-a-customer"), "{}")
+        .await;
     let (code, out) = audit(&env, true).await;
     assert_eq!(code, 1, "{out}");
     let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));

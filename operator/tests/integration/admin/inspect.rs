@@ -83,16 +83,22 @@ async fn a_healthy_customer_is_in_sync_everywhere_read_with_read_only_credential
     assert_eq!(report["postgres"][0]["status"], "active");
     let prefix = &env.etcd_prefix;
     for key in [
-        format!("{prefix}/customers/{id}"),
-        format!("{prefix}/quotas/{id}"),
-        format!("{prefix}/apikeys/{}", hash(plaintext.as_bytes())),
+        format!("{prefix}/{}", m3o_platform_contract::customer_key(&id)),
+        format!("{prefix}/{}", m3o_platform_contract::quota_key(&id)),
+        format!(
+            "{prefix}/{}",
+            m3o_platform_contract::apikey_key(&hash(plaintext.as_bytes()))
+        ),
     ] {
         let entry = etcd_entry(&report, &key);
         assert_eq!(entry["verdict"], "matches", "{entry:#}");
         assert_eq!(entry["desired"], entry["actual"]);
     }
     assert_eq!(
-        etcd_entry(&report, &format!("{prefix}/customers/{id}"))["actual"]["plan"],
+        etcd_entry(
+            &report,
+            &format!("{prefix}/{}", m3o_platform_contract::customer_key(&id))
+        )["actual"]["plan"],
         "pro"
     );
     let newest_first = [
@@ -221,7 +227,7 @@ async fn a_hand_edited_etcd_entry_differs() {
     op.settle().await;
     // The drift watcher would restore the edit at once: edit while no operator runs.
     op.stop().await;
-    let relative = format!("customers/{id}");
+    let relative = m3o_platform_contract::customer_key(&id);
     let mut edited = env.etcd_json(&relative).await.expect("entry");
     edited["status"] = "banned".into();
     env.etcd_put(&relative, &edited.to_string()).await;

@@ -86,7 +86,7 @@ impl TestEnv {
 
     /// The gateway's entry of a key.
     pub async fn gateway_entry(&self, key: &str) -> Option<Value> {
-        self.etcd_json(&format!("apikeys/{}", hash(key.as_bytes())))
+        self.etcd_json(&m3o_platform_contract::apikey_key(&hash(key.as_bytes())))
             .await
     }
 

@@ -37,13 +37,13 @@ async fn load_keys(env: &TestEnv) -> Vec<String> {
             customer = uuid::Uuid::new_v4();
             let c = json!({"id": customer.to_string(), "email": format!("b{i}@example.com"), "name": "", "status": "active", "plan": "pro"});
             ops.push(TxnOp::put(
-                format!("{p}/customers/{customer}"),
+                format!("{p}/{}", m3o_platform_contract::customer_key(&customer)),
                 c.to_string(),
                 None,
             ));
             let q = json!({"plan": "pro", "monthlyRequests": 1_000_000_000_000i64, "requestsPerSecond": 1_000_000});
             ops.push(TxnOp::put(
-                format!("{p}/quotas/{customer}"),
+                format!("{p}/{}", m3o_platform_contract::quota_key(&customer)),
                 q.to_string(),
                 None,
             ));
@@ -56,8 +56,10 @@ async fn load_keys(env: &TestEnv) -> Vec<String> {
         });
         ops.push(TxnOp::put(
             format!(
-                "{p}/apikeys/{}",
-                m3o_controllers::apikey::secret::hash(key.as_bytes())
+                "{p}/{}",
+                m3o_platform_contract::apikey_key(&m3o_controllers::apikey::secret::hash(
+                    key.as_bytes()
+                ))
             ),
             entry.to_string(),
             None,

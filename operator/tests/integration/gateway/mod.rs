@@ -3,6 +3,7 @@
 //! upstream; limits shared through Redis; propagation confirmed in `GatewaySynced`.
 
 // Benchmarks, not tests: built only with `--features bench` (`make bench-gateway`).
+mod ban;
 #[cfg(feature = "bench")]
 mod bench;
 mod edges;

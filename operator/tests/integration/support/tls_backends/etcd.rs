@@ -46,12 +46,17 @@ impl Servers {
             .expect("root role");
         let operator = [
             Permission::read_write(format!("{prefix}/")).with_prefix(),
-            Permission::read_write(format!("{prefix}.writer-epoch")).with_prefix(),
+            Permission::read_write(m3o_platform_contract::keys::writer_epoch_key(prefix, ""))
+                .with_prefix(),
         ];
         add_user(&mut etcd, OPERATOR_USER, &self.password, operator).await;
         let gateway = [
             Permission::read(format!("{prefix}/")).with_prefix(),
-            Permission::read_write(format!("{prefix}/gateways/")).with_prefix(),
+            Permission::read_write(format!(
+                "{prefix}/{}",
+                m3o_platform_contract::keys::GATEWAY_REPORTS
+            ))
+            .with_prefix(),
         ];
         add_user(&mut etcd, GATEWAY_USER, &self.password, gateway).await;
         etcd.auth_enable().await.expect("auth enable");

@@ -1,0 +1,233 @@
+//! What every reconciler shares: clients, settings, metrics, backoff, Events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
+use m3o_crds::{Customer, Subscription};
+
+use crate::runtime::referents::ByCustomer;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::plans::Plans;
+use crate::platform::PlatformConfig;
+use crate::report::metrics::Metrics;
+use crate::runtime::backoff::Backoff;
+use crate::store::fence::{self, Term};
+
+/// Operator settings that reconcilers read (the binary maps flags onto these).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace to watch; `None` watches all.
+    pub namespace: Option<String>,
+    /// The label selector of this operator's shard; `None`: every object.
+    pub shard: Option<crate::runtime::shard::Shard>,
+    /// Reconciles running at once, per kind.
+    pub concurrency: u16,
+    /// How often each kind's objects are compared in bulk with their records (only
+    /// those that differ are reconciled, [`crate::runtime::resync`]), and the etcd full resync.
+    pub resync_interval: Duration,
+    /// First retry delay after a failure; doubles per failure up to `backoff_cap`.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How long to wait before retrying a resource blocked on something else
+    /// (a conflicting holder, a missing Customer).
+    pub blocked_retry: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            shard: None,
+            concurrency: 8,
+            resync_interval: Duration::from_secs(300),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(120),
+            blocked_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    pub client: Client,
+    pub db: PgPool,
+    pub platform: PlatformConfig,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    /// The plan catalog in force (built-in until [`Context::with_plans`]).
+    pub plans: Plans,
+    /// Kinds whose controller has listed its objects and is watching (for `/readyz`).
+    pub watching: Arc<Watching>,
+    /// This process's writer term: every write transaction checks it.
+    pub term: Arc<Term>,
+    /// The cache of the shared Customer watch of the current term ([`crate::runtime::feed`]).
+    customers: std::sync::Mutex<Option<Store<Customer>>>,
+    /// The Subscription controller's cache and its index by Customer.
+    subscriptions: std::sync::Mutex<Option<(Store<Subscription>, ByCustomer<Subscription>)>>,
+    reporter: Reporter,
+}
+
+/// Which kinds' controllers have completed their initial list and are watching.
+#[derive(Default)]
+pub struct Watching(std::sync::Mutex<std::collections::BTreeSet<&'static str>>);
+
+impl Watching {
+    pub fn mark(&self, kind: &'static str) {
+        if let Ok(mut kinds) = self.0.lock() {
+            kinds.insert(kind);
+        }
+    }
+
+    /// True once every kind in `KINDS` is watching.
+    pub fn all(&self) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|kinds| crate::KINDS.iter().all(|k| kinds.contains(k)))
+    }
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        db: PgPool,
+        platform: PlatformConfig,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "m3o-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let shard = settings.shard.as_ref().map(|s| s.canonical());
+        let term = Arc::new(Term::of(fence::fence_name(shard)));
+        let platform = platform.fenced_by(term.name(), term.shared_epoch());
+        Self {
+            reporter,
+            backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
+            client,
+            db,
+            platform,
+            settings,
+            metrics,
+            plans: Plans::default(),
+            watching: Arc::default(),
+            term,
+            customers: std::sync::Mutex::default(),
+            subscriptions: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Makes every etcd key derived from `customer_id` match Postgres
+    /// ([`crate::platform::sync::converge_customer`], under the writer fence); true if
+    /// anything was written.
+    pub async fn converge_customer(&self, customer_id: uuid::Uuid) -> Result<bool, crate::Error> {
+        let lock = self.begin_write().await?;
+        let written =
+            crate::platform::sync::converge_customer(lock, &self.platform, customer_id).await?;
+        self.metrics.config_keys_written(written);
+        Ok(written > 0)
+    }
+
+    /// Uses `plans` (loaded from `--plans-file`, and replaced when the file changes).
+    pub fn with_plans(mut self, plans: Plans) -> Self {
+        self.plans = plans;
+        self
+    }
+
+    /// Dependents read Customers from `store` (the shared watch's cache) from now on.
+    pub fn use_customer_cache(&self, store: Store<Customer>) {
+        if let Ok(mut customers) = self.customers.lock() {
+            *customers = Some(store);
+        }
+    }
+
+    /// The Subscription controller reads Subscriptions from `store`, found by `index`.
+    pub fn use_subscription_cache(
+        &self,
+        store: Store<Subscription>,
+        index: ByCustomer<Subscription>,
+    ) {
+        if let Ok(mut subscriptions) = self.subscriptions.lock() {
+            *subscriptions = Some((store, index));
+        }
+    }
+
+    /// The Subscriptions referencing Customer `namespace/customer`, from the Subscription
+    /// controller's cache (which holds, in watch order, every Subscription created before
+    /// the one being reconciled); `None` without that cache.
+    pub async fn subscriptions_of(
+        &self,
+        namespace: &str,
+        customer: &str,
+    ) -> Option<Vec<Subscription>> {
+        let (store, index) = self.subscriptions.lock().ok()?.clone()?;
+        store.wait_until_ready().await.ok()?;
+        let found = index
+            .referencing(namespace, customer)
+            .into_iter()
+            .filter_map(|r| store.get(&r))
+            .map(|s| Subscription::clone(&s))
+            .collect();
+        Some(found)
+    }
+
+    /// The Customer `namespace/name`: from the shared watch's cache once it has listed
+    /// (a dependent is triggered by that watch, so the cache is never older than the
+    /// change that woke it), else from the API server. A Customer the cache lacks is
+    /// looked up too: it may be outside this shard, which the caller reports.
+    pub async fn customer(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Customer>, kube::Error> {
+        let cache = self.customers.lock().ok().and_then(|c| c.clone());
+        if let Some(cache) = cache
+            && cache.wait_until_ready().await.is_ok()
+            && let Some(customer) = cache.get(&ObjectRef::new(name).within(namespace))
+        {
+            return Ok(Some(Customer::clone(&customer)));
+        }
+        Api::<Customer>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+    }
+
+    /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).
+    pub async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        fence::begin_write(&self.db, &self.term).await
+    }
+
+    /// Publishes a Kubernetes Event about `object`. Events are informational: a failure
+    /// to publish one is logged, never fails a reconcile.
+    pub async fn event(
+        &self,
+        object: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        // A recorder per Event: kube's Recorder caches every Event it published for six
+        // minutes (to count repeats) and scans that cache on each publish, which a bulk
+        // apply of thousands of objects turns into memory and quadratic work. The
+        // operator publishes an Event only when something changed, so there is nothing
+        // to count.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(err) = recorder.publish(&event, object).await {
+            tracing::warn!(%err, reason, "could not publish Kubernetes Event");
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Running a controller for any kind: watch scope, concurrency, metrics, the failure
+//! status, and per-object backoff, in one place.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use kube::runtime::controller::{Action, Config};
+use kube::runtime::events::EventType as K8sEventType;
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
+use kube::{Api, Resource, ResourceExt};
+use tracing::Instrument;
+
+use crate::report::error::Error;
+use crate::report::status::{self, Cond, HasStatus, types};
+use crate::runtime::context::Context;
+
+/// Changes to one object within this window collapse into one reconcile.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Retry delay after a lost race ([`Error::Transient`]): the winner's write is already
+/// visible, so the next pass resolves it; no growing backoff.
+const TRANSIENT_RETRY: Duration = Duration::from_millis(250);
+
+/// The API of `K` in the watched namespace, or in all namespaces.
+pub fn scoped_api<K>(ctx: &Context) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    }
+}
+
+/// The watch configuration of every watch: this operator's shard only, when sharded.
+pub fn watch_config(ctx: &Context) -> watcher::Config {
+    match &ctx.settings.shard {
+        Some(shard) => watcher::Config::default().labels(shard.as_str()),
+        None => watcher::Config::default(),
+    }
+}
+
+/// Watched objects are kept without `managedFields` and without kubectl's
+/// `last-applied-configuration` annotation (a second copy of the spec): nothing here
+/// reads them, and they are often the larger part of an object held in a cache.
+pub fn strip_unread_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Changes of Customers that matter to their dependents (Subscriptions, ApiKeys): the
+/// spec, the generation its record was last written for (a dependent reads the record,
+/// so it must look again once a change reached it), readiness, state, the record id,
+/// labels and finalizers, and the object itself (uid) - not every status write of the
+/// Customer controller. A deletion always passes: the deleted object carries the fields
+/// of its last update, which a filter would take for no change.
+pub fn customer_changes(
+    events: impl futures::Stream<Item = Result<watcher::Event<m3o_crds::Customer>, watcher::Error>>
+    + Send
+    + 'static,
+) -> impl futures::Stream<Item = Result<m3o_crds::Customer, watcher::Error>> + Send + 'static {
+    fn meaningful(c: &m3o_crds::Customer) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let status = c.status.as_ref();
+        let ready = c.ready_condition().map(|r| r.status.clone());
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &c.metadata.uid,
+            c.metadata.generation,
+            &c.metadata.labels,
+            &c.metadata.finalizers,
+            ready,
+            status.and_then(|s| s.observed_generation),
+            status.and_then(|s| s.state.map(|st| st.as_str())),
+            status.and_then(|s| s.customer_id.as_ref()),
+        )
+            .hash(&mut h);
+        h.finish()
+    }
+    let mut changes = crate::runtime::changes::Changed::new(meaningful);
+    events.filter_map(move |event| {
+        let passed = match event {
+            Ok(event) => changes.changed(&event).cloned().map(Ok),
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(passed)
+    })
+}
+
+/// The backoff key of an object: kinds share names, not failure counts.
+fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Runs the controller of `K` with `reconcile` until `shutdown` resolves, with
+/// `customise` adding triggers to the controller before it starts (for
+/// kinds that depend on other objects: `Controller::watches`, `reconcile_all_on`), and
+/// `observe` seeing every event of the kind's watch (to keep an index).
+pub async fn run_with<K, F, Fut>(
+    ctx: Arc<Context>,
+    kind: &'static str,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+    mut observe: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    customise: impl FnOnce(Controller<K>) -> Controller<K>,
+) where
+    K: crate::runtime::resync::ResyncedKind
+        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Send
+        + Sync
+        + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let api: Api<K> = scoped_api(&ctx);
+    // The watch stream is built here (not by Controller::new) to see its InitDone:
+    // that is when this kind is listed and watching, which `/readyz` reports.
+    let (cache, writer) = reflector::store();
+    let watching = ctx.watching.clone();
+    let events = watcher(api, watch_config(&ctx).any_semantic())
+        .default_backoff()
+        .modify(strip_unread_metadata)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                observe(event);
+            }
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                tracing::info!(kind, "listed; watching");
+                watching.mark(kind);
+            }
+        });
+    let changes = reflector(writer, events).applied_objects();
+    run_on(ctx, kind, shutdown, reconcile, changes, cache, customise).await;
+}
+
+/// Runs the controller of `K` on `objects` (the kind's applied objects, from a watch
+/// whose reflector fills `cache`).
+pub async fn run_on<K, F, Fut>(
+    ctx: Arc<Context>,
+    kind: &'static str,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+    objects: impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    cache: reflector::Store<K>,
+    customise: impl FnOnce(Controller<K>) -> Controller<K>,
+) where
+    K: crate::runtime::resync::ResyncedKind
+        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Send
+        + Sync
+        + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    // The operator's own status writes (and anything else that leaves the spec, the
+    // finalizers and the labels alone) trigger nothing: generation also moves when a
+    // deletion starts, finalizers when one is added, labels when an object changes shard.
+    let changes = objects.predicate_filter(
+        predicates::generation
+            .combine(predicates::finalizers)
+            .combine(predicates::labels),
+        Default::default(),
+    );
+    // Changes of provisioned objects go to the lane of changes ([`crate::runtime::lanes`]); the
+    // rest (new objects, triggers from other kinds, retries) to the bulk lane.
+    let (mut to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
+    let bulk = changes.filter_map(move |obj| {
+        let obj = match obj {
+            Ok(o) if crate::runtime::lanes::is_change_of_provisioned(&o) => {
+                match to_changes.try_send(o) {
+                    Ok(()) => None,
+                    // The lane is full or gone: the bulk lane takes it.
+                    Err(err) => Some(Ok(err.into_inner())),
+                }
+            }
+            other => Some(other),
+        };
+        std::future::ready(obj)
+    });
+    let locks = Arc::new(crate::runtime::lanes::ObjectLocks::default());
+    let shutdown = shutdown.shared();
+    ctx.metrics.init_kind(kind);
+    {
+        let cache = cache.clone();
+        ctx.metrics.track_resources(kind, move || {
+            let objects = cache.state();
+            let ready = objects.iter().filter(|o| o.is_ready()).count();
+            (ready as i64, (objects.len() - ready) as i64)
+        });
+    }
+    // The periodic resync is a bulk comparison ([`crate::runtime::resync`]): only the objects it
+    // finds due are reconciled.
+    let resync = crate::runtime::resync::due(ctx.clone(), kind, cache.clone());
+    let bulk_lane = customise(Controller::for_stream(bulk, cache.clone()))
+        .reconcile_on(resync)
+        .with_config(
+            Config::default()
+                .concurrency(ctx.settings.concurrency)
+                .debounce(DEBOUNCE),
+        )
+        .graceful_shutdown_on(shutdown.clone());
+    let changes_lane = Controller::for_stream(lane_of_changes.map(Ok), cache)
+        .with_config(
+            Config::default()
+                .concurrency(crate::runtime::lanes::CHANGES_CONCURRENCY)
+                .debounce(DEBOUNCE),
+        )
+        .graceful_shutdown_on(shutdown);
+    futures::join!(
+        run_lane(
+            bulk_lane,
+            ctx.clone(),
+            kind,
+            reconcile.clone(),
+            locks.clone()
+        ),
+        run_lane(changes_lane, ctx, kind, reconcile, locks)
+    );
+}
+
+/// Runs one lane's controller: reconciles under the object's lock (see
+/// [`crate::runtime::lanes`]), failures retried by [`observed`]'s rules.
+async fn run_lane<K, F, Fut>(
+    controller: Controller<K>,
+    ctx: Arc<Context>,
+    kind: &'static str,
+    reconcile: F,
+    locks: Arc<crate::runtime::lanes::ObjectLocks>,
+) where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    controller
+        .run(
+            move |obj, ctx| {
+                let (reconcile, locks) = (reconcile.clone(), locks.clone());
+                async move {
+                    let key = object_key(obj.as_ref());
+                    let _one_lane_at_a_time = locks.lock(&key).await;
+                    crate::runtime::failpoint::hang_for(&key).await;
+                    observed(obj, ctx, kind, reconcile).await
+                }
+            },
+            move |obj: Arc<K>, err: &Error, ctx: Arc<Context>| {
+                if err.is_transient() {
+                    Action::requeue(TRANSIENT_RETRY)
+                } else {
+                    Action::requeue(ctx.backoff.next_delay(&object_key(obj.as_ref())))
+                }
+            },
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, kind, "reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+/// Changes waiting for the lane of changes before the bulk lane takes more.
+const LANE_BUFFER: usize = 256;
+
+/// Times and counts a reconcile; on failure records the error in status (Ready=False
+/// with a specific reason) so admins see an outage without reading logs. A panic stays
+/// with its object: it becomes [`Error::Panicked`] (`InternalError` in status, a metric,
+/// a Warning Event) and the controller goes on with every other object.
+async fn observed<K, F, Fut>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    kind: &'static str,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: HasStatus + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    // Every log line of this reconcile (the kind's own, the store's) names its object
+    // (`object` is its name: a span's own name is `name` in the JSON log).
+    let span = tracing::info_span!(
+        "reconcile",
+        kind,
+        namespace = %obj.namespace().unwrap_or_default(),
+        object = %obj.name_any(),
+        generation = obj.meta().generation.unwrap_or_default(),
+    );
+    async move {
+        let _timer = ctx.metrics.reconcile_started(kind);
+        let key = object_key(obj.as_ref());
+        let result = AssertUnwindSafe(async {
+            crate::runtime::failpoint::panic_for(&key);
+            reconcile(obj.clone(), ctx.clone()).await
+        })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(Error::Panicked(panic_message(panic.as_ref()))));
+        match &result {
+            Ok(_) => ctx.backoff.reset(&key),
+            Err(err) if err.is_transient() => {
+                ctx.metrics.reconcile_failed(kind, err.metric_label());
+                tracing::debug!(error = %err, "reconcile lost a race");
+            }
+            // A replaced writer stays silent: the object is its successor's to report on.
+            Err(err) if err.is_fenced() => {
+                tracing::debug!(error = %err, "reconcile refused by the writer fence");
+            }
+            Err(err) => {
+                ctx.metrics.reconcile_failed(kind, err.metric_label());
+                tracing::warn!(error = %err, "reconcile failed");
+                let api: Api<K> =
+                    Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+                let message = format!("{err}; retrying with backoff");
+                let ready = Cond::new(types::READY, false, err.condition_reason(), message.clone());
+                match status::apply_failure(&api, obj.as_ref(), ready, &[]).await {
+                    Ok(true) => {
+                        let reference = obj.object_ref(&());
+                        ctx.event(
+                            &reference,
+                            K8sEventType::Warning,
+                            err.condition_reason(),
+                            "Reconcile",
+                            message,
+                        )
+                        .await;
+                    }
+                    Ok(false) => {}
+                    Err(status_err) => {
+                        tracing::debug!(%status_err, "could not record the failure in status")
+                    }
+                }
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_objects_lose_only_what_nothing_reads() {
+        let mut customer: m3o_crds::Customer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "m3o.com/v1alpha1", "kind": "Customer",
+            "metadata": {"name": "c", "namespace": "ns",
+                "annotations": {LAST_APPLIED: "{\"spec\":{}}", "team": "billing"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"email": "c@example.com"},
+        }))
+        .expect("a valid Customer");
+        strip_unread_metadata(&mut customer);
+        assert_eq!(customer.metadata.managed_fields, None);
+        let annotations = customer.metadata.annotations.expect("annotations");
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+    }
+
+    #[test]
+    fn panic_messages_are_read_from_both_payload_kinds() {
+        let literal = std::panic::catch_unwind(|| panic!("boom")).expect_err("panics");
+        assert_eq!(panic_message(literal.as_ref()), "boom");
+        let formatted = std::panic::catch_unwind(|| panic!("boom {}", 42)).expect_err("panics");
+        assert_eq!(panic_message(formatted.as_ref()), "boom 42");
+    }
+}

@@ -37,13 +37,13 @@ async fn load_keys(env: &TestEnv) -> Vec<String> {
             customer = uuid::Uuid::new_v4();
             let c = json!({"id": customer.to_string(), "email": format!("b{i}@example.com"), "name": "", "status": "active", "plan": "pro"});
             ops.push(TxnOp::put(
-                format!("{p}/{}", m3o_platform_contract::customer_key(&customer)),
+                format!("{p}/{}", m3o_platform_contract::customer_key(customer)),
                 c.to_string(),
                 None,
             ));
             let q = json!({"plan": "pro", "monthlyRequests": 1_000_000_000_000i64, "requestsPerSecond": 1_000_000});
             ops.push(TxnOp::put(
-                format!("{p}/{}", m3o_platform_contract::quota_key(&customer)),
+                format!("{p}/{}", m3o_platform_contract::quota_key(customer)),
                 q.to_string(),
                 None,
             ));

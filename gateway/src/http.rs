@@ -14,8 +14,9 @@ use chrono::Utc;
 
 use crate::decision::{self, Allowed, Denial};
 use crate::follow::IndexState;
-use crate::limits::{self, Exceeded, Limiter};
+use crate::limits::{self, Exceeded, Limiter, RareLog, Unavailable};
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::settings::UriSource;
 
 /// Headers the upstream receives on an allowed request (contract).
 pub const CUSTOMER_HEADER: &str = "X-M3O-Customer-Id";
@@ -27,8 +28,12 @@ pub struct Checker {
     /// `None` with `--no-limits`.
     pub limiter: Option<Limiter>,
     pub metrics: Arc<Metrics>,
+    /// The one place the original URI is read from.
+    pub uri_source: UriSource,
     pub path_prefix: String,
     pub fail_open: bool,
+    /// "Redis unavailable" at most every few seconds.
+    pub limiter_log: RareLog,
 }
 
 /// The forward-auth router: every method and path is a check.
@@ -45,30 +50,50 @@ pub fn ops_router(index: Arc<IndexState>, metrics: Arc<Metrics>) -> Router {
         .with_state((index, metrics))
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
+/// A header as text: `Ok(None)` when absent, `Err` when present but not visible ASCII
+/// (never read as absent: a header that cannot be read is a 400, not a fallback).
+fn header_str<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, Denial> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| Denial {
+            status: 400,
+            reason: "bad_header",
+            message: format!("the {name} header is not readable"),
+        }),
+    }
 }
 
 async fn check(State(checker): State<Arc<Checker>>, request: Request) -> Response {
     let started = Instant::now();
     let now = Utc::now();
     let response = match verdict(&checker, &request, now) {
-        None => {
-            checker.metrics.check("unavailable", "index_not_loaded");
-            plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "the gateway has not loaded its configuration yet",
-            )
-        }
+        None => not_loaded(&checker),
         Some(Err(denial)) => deny(&checker, &denial),
-        Some(Ok(allowed)) => limit(&checker, &allowed, now).await,
+        Some(Ok(allowed)) => match limit(&checker, &allowed, now).await {
+            // The index may have changed while Redis answered (a key blocked, a
+            // customer banned): a 200 goes out only if it still allows the request.
+            Limits::Through(allow_headers) => match verdict(&checker, &request, Utc::now()) {
+                Some(Ok(_)) => allow(&checker, &allowed, allow_headers),
+                Some(Err(denial)) => deny(&checker, &denial),
+                None => not_loaded(&checker),
+            },
+            Limits::Refused(refused) => refused,
+        },
     };
     checker
         .metrics
         .check_duration
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+fn not_loaded(checker: &Checker) -> Response {
+    checker.metrics.check("unavailable", "index_not_loaded");
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        "the gateway has not loaded its configuration yet",
+    )
 }
 
 /// The index's decision on a request (`None` before the index has loaded).
@@ -81,29 +106,46 @@ fn verdict(
         return None;
     }
     let headers = request.headers();
-    let key = decision::presented_key(
-        header_str(headers, "authorization"),
-        header_str(headers, "x-api-key"),
-    );
-    let path = decision::original_path(
-        header_str(headers, "x-original-uri"),
-        header_str(headers, "x-forwarded-uri"),
-        request.uri().path(),
-        &checker.path_prefix,
-    );
-    Some(decision::decide(
-        &checker.index.read(),
-        key,
-        path,
-        now.timestamp(),
-    ))
+    let read = || -> Result<_, Denial> {
+        let key = decision::presented_key(
+            header_str(headers, "authorization")?,
+            header_str(headers, "x-api-key")?,
+        );
+        let source = match decision::uri_header(checker.uri_source) {
+            Some(name) => {
+                let mut values = headers.get_all(name).iter();
+                let first = values.next();
+                if values.next().is_some() {
+                    return Err(Denial {
+                        status: 400,
+                        reason: "bad_uri",
+                        message: format!("the {name} header is sent more than once"),
+                    });
+                }
+                first.map(HeaderValue::as_bytes)
+            }
+            None => None,
+        };
+        let path = decision::original_path(
+            checker.uri_source,
+            source,
+            request.uri().path(),
+            &checker.path_prefix,
+        )?;
+        Ok((key, path))
+    };
+    Some(read().and_then(|(key, path)| {
+        checker
+            .index
+            .read(|index| decision::decide(index, key, path, now.timestamp()))
+    }))
 }
 
 fn deny(checker: &Checker, denial: &Denial) -> Response {
-    let decision = if denial.status == 401 {
-        "unauthorized"
-    } else {
-        "forbidden"
+    let decision = match denial.status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        _ => "forbidden",
     };
     checker.metrics.check(decision, denial.reason);
     let status = StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN);
@@ -125,46 +167,36 @@ fn deny(checker: &Checker, denial: &Denial) -> Response {
     response
 }
 
-async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>) -> Response {
+/// What the limits let through: the headers of the 200 and the metric's reason.
+type Limited = (Vec<(&'static str, String)>, &'static str);
+
+/// What the limits decided.
+enum Limits {
+    Through(Limited),
+    Refused(Response),
+}
+
+/// Limits and usage: `Ok` for a 200, or the refusal.
+async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>) -> Limits {
     let Some(limiter) = &checker.limiter else {
-        checker.metrics.check("allowed", "ok");
-        return allow(allowed, Vec::new());
+        return Limits::Through((Vec::new(), "ok"));
     };
+    if allowed.quota_unreadable {
+        // Fail closed: an unreadable quota must not make the customer unlimited. The
+        // follower logged the entry's key when it read it.
+        checker.metrics.check("unavailable", "quota_unreadable");
+        return Limits::Refused(retry_soon(
+            "quota_unreadable",
+            "the customer's quota cannot be read; retry shortly",
+        ));
+    }
     let outcome = match limiter.check(allowed, now).await {
         Ok(outcome) => outcome,
-        Err(err) => {
-            tracing::warn!(%err, fail_open = checker.fail_open, "rate limiter unavailable");
-            let outcome = if checker.fail_open {
-                "allowed"
-            } else {
-                "denied"
-            };
-            checker
-                .metrics
-                .limiter_unavailable
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc();
-            if !checker.fail_open {
-                checker.metrics.check("unavailable", "limiter");
-                let mut r = plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "limiter_unavailable",
-                    "rate limiter unavailable; retry shortly",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return r;
-            }
-            checker.metrics.check("allowed", "limiter_unavailable");
-            return allow(allowed, Vec::new());
-        }
+        Err(err) => return unlimited(checker, &err),
     };
     let headers = limits::headers(allowed.quota, &outcome, now);
     match outcome.exceeded {
-        None => {
-            checker.metrics.check("allowed", "ok");
-            allow(allowed, headers)
-        }
+        None => Limits::Through((headers, "ok")),
         Some(which) => {
             let (reason, message) = match which {
                 Exceeded::Rate => ("rate", "requests per second exceeded"),
@@ -173,23 +205,62 @@ async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>)
             checker.metrics.check("rate_limited", reason);
             let mut r = plain(StatusCode::TOO_MANY_REQUESTS, reason, message);
             add_headers(&mut r, headers);
-            r
+            Limits::Refused(r)
         }
     }
 }
 
-fn allow(allowed: &Allowed, headers: Vec<(&'static str, String)>) -> Response {
+/// The fail mode's answer when the limiter has none.
+fn unlimited(checker: &Checker, err: &Unavailable) -> Limits {
+    let outcome = if checker.fail_open {
+        "allowed"
+    } else {
+        "denied"
+    };
+    checker
+        .metrics
+        .limiter_unavailable
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    if let Some(skipped) = checker.limiter_log.due() {
+        tracing::warn!(%err, fail_open = checker.fail_open, skipped, "rate limiter unavailable (further occurrences are counted in m3o_gateway_limiter_unavailable_total)");
+    }
+    if checker.fail_open {
+        Limits::Through((Vec::new(), "limiter_unavailable"))
+    } else {
+        checker.metrics.check("unavailable", "limiter");
+        Limits::Refused(retry_soon(
+            "limiter_unavailable",
+            "rate limiter unavailable; retry shortly",
+        ))
+    }
+}
+
+fn retry_soon(reason: &str, message: &str) -> Response {
+    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, reason, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// A 200 carries both identity headers, or it is not a 200.
+fn allow(checker: &Checker, allowed: &Allowed, (headers, reason): Limited) -> Response {
+    let (Ok(customer), Ok(key)) = (
+        HeaderValue::from_str(&allowed.customer_id),
+        HeaderValue::from_str(&allowed.key_id),
+    ) else {
+        checker.metrics.check("unavailable", "bad_identity");
+        tracing::error!(
+            key_id = allowed.key_id.escape_debug().to_string(),
+            "an entry's customerId or keyId cannot be sent as a header; refused"
+        );
+        return retry_soon("bad_identity", "the key's entry cannot be sent upstream");
+    };
+    checker.metrics.check("allowed", reason);
     let mut r = StatusCode::OK.into_response();
     add_headers(&mut r, headers);
-    let ids = [
-        (CUSTOMER_HEADER, &allowed.customer_id),
-        (KEY_HEADER, &allowed.key_id),
-    ];
-    for (name, value) in ids {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            r.headers_mut().insert(name, v);
-        }
-    }
+    r.headers_mut().insert(CUSTOMER_HEADER, customer);
+    r.headers_mut().insert(KEY_HEADER, key);
     r
 }
 

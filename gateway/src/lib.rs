@@ -43,6 +43,29 @@ fn start_error(flag: &'static str, message: impl ToString) -> StartError {
     }
 }
 
+/// Connects to etcd until it answers (or `shutdown`: `None`), backing off to 10 s.
+async fn connect_retrying(
+    endpoints: &[String],
+    options: etcd_client::ConnectOptions,
+    shutdown: &CancellationToken,
+) -> Option<etcd_client::Client> {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        match etcd_client::Client::connect(endpoints, Some(options.clone())).await {
+            Ok(client) => {
+                tracing::info!("connected to etcd");
+                return Some(client);
+            }
+            Err(err) => tracing::warn!(%err, "cannot connect to etcd yet; retrying"),
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
 /// A running gateway: its bound addresses and tasks.
 pub struct Gateway {
     pub addr: SocketAddr,
@@ -77,6 +100,12 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         .map_err(setting)?
         .trim_end_matches('/')
         .to_owned();
+    if !args.path_prefix.is_empty() && args.uri_source != settings::UriSource::Envoy {
+        return Err(start_error(
+            "--path-prefix",
+            "only read with --uri-source=envoy (nginx and Traefik send the URI in a header)",
+        ));
+    }
     let limiter = if args.no_limits {
         None
     } else {
@@ -87,8 +116,16 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             ));
         }
         let redis = args.redis.connection.client().map_err(setting)?;
-        let limiter = Limiter::new(redis, &args.redis.redis_prefix, args.redis_timeout)
-            .map_err(|e| start_error("--redis-url", e))?;
+        let breaker =
+            limits::Breaker::new(args.redis_breaker_failures, args.redis_breaker_cooldown);
+        let limiter = Limiter::new(
+            redis,
+            &args.redis.redis_prefix,
+            args.redis_timeout,
+            &args.usage_apis,
+            breaker,
+        )
+        .map_err(|e| start_error("--redis-url", e))?;
         Some(limiter)
     };
     let options = etcd_client::ConnectOptions::new()
@@ -98,9 +135,19 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             std::time::Duration::from_secs(2),
         );
     let options = args.etcd.connect_options(options).map_err(setting)?;
-    let etcd = etcd_client::Client::connect(&endpoints, Some(options))
-        .await
-        .map_err(|e| start_error("--etcd-endpoints", e))?;
+    // With an etcd user, connecting authenticates, which fails while etcd is down: only
+    // a malformed endpoint is a start-up error; otherwise the gateway keeps trying in
+    // the background and is not ready until its first list.
+    let etcd = match etcd_client::Client::connect(&endpoints, Some(options.clone())).await {
+        Ok(client) => Some(client),
+        Err(e @ (etcd_client::Error::InvalidUri(_) | etcd_client::Error::InvalidArgs(_))) => {
+            return Err(start_error("--etcd-endpoints", e));
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot connect to etcd yet; retrying (not ready until the platform config is listed)");
+            None
+        }
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| start_error("--listen", format!("cannot bind {}: {e}", args.listen)))?;
@@ -126,25 +173,36 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(follow::run(
-        etcd.clone(),
-        prefix.clone(),
-        index.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(report::run(
-        etcd,
-        report::report_key(&prefix, &replica),
-        index.clone(),
-        shutdown.clone(),
-    ));
+    {
+        let (prefix, index, metrics, stop) = (
+            prefix.clone(),
+            index.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let report_key = report::report_key(&prefix, &replica);
+        tasks.spawn(async move {
+            let etcd = match etcd {
+                Some(client) => client,
+                None => match connect_retrying(&endpoints, options, &stop).await {
+                    Some(client) => client,
+                    None => return,
+                },
+            };
+            tokio::join!(
+                follow::run(etcd.clone(), prefix, index.clone(), metrics, stop.clone()),
+                report::run(etcd, report_key, index, stop),
+            );
+        });
+    }
     let checker = Arc::new(Checker {
         index: index.clone(),
         limiter,
         metrics: metrics.clone(),
+        uri_source: args.uri_source,
         path_prefix: args.path_prefix.clone(),
         fail_open: args.rate_limit_fail_open,
+        limiter_log: limits::RareLog::default(),
     });
     let stop = shutdown.clone();
     tasks.spawn(async move {

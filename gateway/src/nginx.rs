@@ -2,12 +2,29 @@
 //! `m3o-gateway-auth nginx-config` prints, docs/gateway.md shows, and the end-to-end
 //! test and the demo run.
 
+/// Request headers a client could set that a check could read as the original URI:
+/// the subrequest clears them all (an empty value drops the header), then sets
+/// `X-Original-URI` itself. Authorization and X-Api-Key are the client's to send.
+pub const CLEARED_HEADERS: &[&str] = &[
+    "X-Forwarded-Uri",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Path",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-Envoy-Original-Path",
+];
+
 /// The `http {}` body: a server on `listen` proxying to `upstream` (host:port), asking
 /// the `auth` replicas (host:port each) about every request. auth_request passes a 401
 /// or 403 on as is and turns any other non-2xx status into a 500, which is mapped back
-/// to 429 (with Retry-After) or 503.
+/// to 400 (an unreadable URI), 429 (with Retry-After) or 503. Run the replicas with
+/// `--uri-source=nginx` (the default).
 pub fn site(listen: &str, auth: &[String], upstream: &str) -> String {
     let servers: String = auth.iter().map(|a| format!("    server {a};\n")).collect();
+    let cleared: String = CLEARED_HEADERS
+        .iter()
+        .map(|h| format!("      proxy_set_header {h} \"\";\n"))
+        .collect();
     format!(
         r#"
   upstream m3o_gateway_auth {{
@@ -41,8 +58,9 @@ pub fn site(listen: &str, auth: &[String], upstream: &str) -> String {
       proxy_pass http://m3o_gateway_auth;
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
+      # The original URI, as the client sent it, from nginx and nowhere else.
       proxy_set_header X-Original-URI $request_uri;
-      proxy_http_version 1.1;
+{cleared}      proxy_http_version 1.1;
       proxy_set_header Connection "";
     }}
     location @m3o_auth_error {{
@@ -50,6 +68,9 @@ pub fn site(listen: &str, auth: &[String], upstream: &str) -> String {
       add_header RateLimit-Limit $m3o_rl_limit always;
       add_header RateLimit-Remaining $m3o_rl_remaining always;
       add_header RateLimit-Reset $m3o_rl_reset always;
+      if ($m3o_status = 400) {{
+        return 400 "bad request\n";
+      }}
       if ($m3o_status = 429) {{
         return 429 "too many requests\n";
       }}
@@ -81,5 +102,17 @@ mod tests {
         assert!(site.contains("server a:1;") && site.contains("server b:2;"));
         assert!(site.contains("listen 127.0.0.1:8000;") && site.contains("server api:80;"));
         assert!(standalone("/d", &site).contains("pid /d/nginx.pid;"));
+    }
+
+    #[test]
+    fn the_check_gets_the_uri_from_nginx_only() {
+        let site = site("127.0.0.1:8000", &["a:1".into()], "api:80");
+        assert!(site.contains("proxy_set_header X-Original-URI $request_uri;"));
+        // Traefik's header, which a client could otherwise send through nginx.
+        assert!(site.contains("proxy_set_header X-Forwarded-Uri \"\";"));
+        for h in CLEARED_HEADERS {
+            assert!(site.contains(&format!("proxy_set_header {h} \"\";")), "{h}");
+        }
+        assert!(site.contains("if ($m3o_status = 400)"));
     }
 }

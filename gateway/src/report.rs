@@ -90,3 +90,18 @@ async fn session(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_is_the_contract_value_under_gateways() {
+        assert_eq!(report_key("/m3o", "gw-1"), "/m3o/gateways/gw-1");
+        let value = serde_json::to_value(GatewayReport {
+            applied_revision: 812,
+        })
+        .expect("json");
+        assert_eq!(value, serde_json::json!({"appliedRevision": 812}));
+    }
+}

@@ -77,14 +77,35 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
+    /// Where the original request's URI comes from, one source per deployment:
+    /// X-Original-URI (nginx), X-Forwarded-Uri (traefik), or the check's own path less
+    /// --path-prefix (envoy). No other header is ever read for it.
+    #[arg(long, env = "M3O_GATEWAY_URI_SOURCE", value_enum, default_value_t = UriSource::Nginx)]
+    pub uri_source: UriSource,
+
     /// Stripped from a check's own path to get the original path (Envoy ext_authz HTTP
-    /// mode's path_prefix), when neither X-Original-URI nor X-Forwarded-Uri is sent.
+    /// mode's path_prefix); only with --uri-source=envoy.
     #[arg(long, env = "M3O_GATEWAY_PATH_PREFIX", default_value = "")]
     pub path_prefix: String,
+
+    /// APIs usage is metered under besides those named in a scope of a key of the
+    /// customer (comma separated); any other path counts under `-`.
+    #[arg(long, env = "M3O_GATEWAY_USAGE_APIS", value_delimiter = ',')]
+    pub usage_apis: Vec<String>,
 
     /// When Redis does not answer: let requests through (true) or refuse them with 503 (false).
     #[arg(long, env = "M3O_GATEWAY_RATE_LIMIT_FAIL_OPEN", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub rate_limit_fail_open: bool,
+
+    /// Consecutive Redis failures (timeouts or errors) after which checks stop asking
+    /// Redis for --redis-breaker-cooldown and the fail mode decides at once.
+    #[arg(long, env = "M3O_GATEWAY_REDIS_BREAKER_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub redis_breaker_failures: u32,
+
+    /// How long checks skip Redis once the breaker has opened (a background probe then
+    /// closes it when Redis answers again).
+    #[arg(long, env = "M3O_GATEWAY_REDIS_BREAKER_COOLDOWN", default_value = "5s", value_parser = parse_duration)]
+    pub redis_breaker_cooldown: Duration,
 
     /// Authenticate only: no quotas and no usage metering (Redis is not used).
     #[arg(long, env = "M3O_GATEWAY_NO_LIMITS")]
@@ -111,6 +132,17 @@ pub struct UsageArgs {
 
     #[command(flatten)]
     pub redis: RedisArgs,
+}
+
+/// The one header (or path) a deployment's proxy puts the original URI in.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UriSource {
+    /// `X-Original-URI` (nginx `auth_request`, set to `$request_uri`).
+    Nginx,
+    /// `X-Forwarded-Uri` (Traefik ForwardAuth).
+    Traefik,
+    /// The check's own path less `--path-prefix` (Envoy ext_authz, HTTP service).
+    Envoy,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,5 +181,17 @@ mod tests {
         let cli = Cli::parse_from(["m3o-gateway-auth", "usage", "--customer", "c"]);
         assert!(matches!(cli.command, Some(Command::Usage(u)) if u.customer == "c"));
         assert!(parse_duration("5x").is_err());
+        assert_eq!(cli.run.uri_source, UriSource::Nginx);
+        let cli = Cli::parse_from([
+            "m3o-gateway-auth",
+            "--uri-source=envoy",
+            "--usage-apis=a,b",
+            "--redis-breaker-failures=2",
+        ]);
+        assert_eq!(cli.run.uri_source, UriSource::Envoy);
+        assert_eq!(cli.run.usage_apis, ["a", "b"]);
+        assert_eq!(cli.run.redis_breaker_failures, 2);
+        assert!(Cli::try_parse_from(["m3o-gateway-auth", "--uri-source=header"]).is_err());
+        assert!(Cli::try_parse_from(["m3o-gateway-auth", "--redis-breaker-failures=0"]).is_err());
     }
 }

@@ -4,7 +4,11 @@
 //! customer, key, API and day). The pure parts (key layout, time windows, headers) are
 //! here; [`Limiter`] does the I/O.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use redis::aio::ConnectionManager;
@@ -14,6 +18,25 @@ use crate::entries::Quota;
 
 /// Usage counts are kept this long.
 const USAGE_TTL_SECS: i64 = 400 * 24 * 3600;
+/// Longest API name metered as such; a longer one counts under `-`.
+pub const MAX_USAGE_API_LEN: usize = 64;
+/// At most one "Redis unavailable" log line per this long (the rest are counted in it).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The API a request is metered under: its API when a scope of some key of the
+/// customer names it or `--usage-apis` lists it (and it is at most
+/// [`MAX_USAGE_API_LEN`] long), else `-`. So a client cannot add hash fields at will by
+/// calling made-up `/v1/<x>` paths.
+pub fn usage_api<'a>(allowed: &'a Allowed, listed: &HashSet<String>) -> &'a str {
+    match allowed.api.as_deref() {
+        Some(api)
+            if api.len() <= MAX_USAGE_API_LEN && (allowed.known_api || listed.contains(api)) =>
+        {
+            api
+        }
+        _ => "-",
+    }
+}
 
 /// Redis keys of one customer. The `{customer}` hash tag keeps them in one cluster slot,
 /// as a script's keys must be.
@@ -34,9 +57,10 @@ pub fn usage_pattern(prefix: &str, customer: &str) -> String {
     format!("{prefix}usage:{{{customer}}}:*")
 }
 
-/// The usage hash field of a key and API (`-` for a path outside `/v1/<api>`).
-pub fn usage_field(key_id: &str, api: Option<&str>) -> String {
-    format!("{key_id} {}", api.unwrap_or("-"))
+/// The usage hash field of a key and API (`-` for a path outside `/v1/<api>` or an
+/// API not metered, see [`usage_api`]).
+pub fn usage_field(key_id: &str, api: &str) -> String {
+    format!("{key_id} {api}")
 }
 
 /// Start of the next UTC calendar month.
@@ -139,6 +163,85 @@ pub fn headers(
     out
 }
 
+/// Why the limiter has no answer: the fail mode decides.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// The breaker is open: Redis was not asked.
+    #[error("Redis skipped: the circuit breaker is open after repeated failures")]
+    Open,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis ran the script after its deadline and counted nothing.
+    #[error("Redis answered too late; the request was not counted")]
+    Late,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A circuit breaker on Redis: after `threshold` failures in a row, checks skip Redis
+/// (the fail mode decides at once) until a background probe finds it answering again,
+/// at most every `cooldown`.
+pub struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    failures: AtomicU32,
+    open: AtomicBool,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            cooldown,
+            failures: AtomicU32::new(0),
+            open: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Release);
+    }
+
+    /// Records a failure; true for the one that opened the breaker.
+    fn failed(&self) -> bool {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        failures >= self.threshold
+            && self
+                .open
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn close(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.open.store(false, Ordering::Release);
+    }
+}
+
+/// Logs at most once per [`LOG_EVERY`], saying how many were left out.
+#[derive(Default)]
+pub struct RareLog {
+    last: Mutex<Option<Instant>>,
+    skipped: AtomicU32,
+}
+
+impl RareLog {
+    /// True when this occurrence should be logged; `skipped` then says how many were not.
+    pub fn due(&self) -> Option<u32> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.skipped.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The Redis side of limits and usage.
 #[derive(Clone)]
 pub struct Limiter {
@@ -146,11 +249,26 @@ pub struct Limiter {
     prefix: String,
     script: redis::Script,
     timeout: Duration,
+    usage_apis: Arc<HashSet<String>>,
+    pub breaker: Arc<Breaker>,
+    /// Redis's clock minus ours (µs), learnt from replies: the script's deadline is on
+    /// Redis's clock. `i64::MIN` until the first reply.
+    offset_us: Arc<AtomicI64>,
+}
+
+fn unix_micros() -> i64 {
+    Utc::now().timestamp_micros()
 }
 
 impl Limiter {
     /// A limiter on `client` that connects lazily (a gateway starts while Redis is down).
-    pub fn new(client: redis::Client, prefix: &str, timeout: Duration) -> redis::RedisResult<Self> {
+    pub fn new(
+        client: redis::Client,
+        prefix: &str,
+        timeout: Duration,
+        usage_apis: &[String],
+        breaker: Breaker,
+    ) -> redis::RedisResult<Self> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -161,11 +279,42 @@ impl Limiter {
             prefix: prefix.to_owned(),
             script: redis::Script::new(include_str!("script.lua")),
             timeout,
+            usage_apis: Arc::new(usage_apis.iter().cloned().collect()),
+            breaker: Arc::new(breaker),
+            offset_us: Arc::new(AtomicI64::new(i64::MIN)),
         })
     }
 
-    /// Checks and counts one allowed request; `Err` when Redis did not answer in time.
-    pub async fn check(&self, allowed: &Allowed, now: DateTime<Utc>) -> Result<Outcome, String> {
+    /// Checks and counts one allowed request. `Err` when the breaker is open, or Redis
+    /// did not answer in time; a request it did not answer is not counted (the script
+    /// refuses to count after a deadline before ours).
+    pub async fn check(
+        &self,
+        allowed: &Allowed,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, Unavailable> {
+        if self.breaker.is_open() {
+            return Err(Unavailable::Open);
+        }
+        let result = self.invoke(allowed, now).await;
+        match &result {
+            Ok(_) => self.breaker.succeeded(),
+            Err(err) => {
+                if self.breaker.failed() {
+                    tracing::warn!(
+                        %err,
+                        failures = self.breaker.threshold,
+                        cooldown = ?self.breaker.cooldown,
+                        "Redis failed repeatedly: the rate limiter skips it (the fail mode decides) until it answers again"
+                    );
+                    self.probe();
+                }
+            }
+        }
+        result
+    }
+
+    async fn invoke(&self, allowed: &Allowed, now: DateTime<Utc>) -> Result<Outcome, Unavailable> {
         let customer = &allowed.customer_id;
         let (rps, monthly) = allowed.quota.map_or((-1, -1), |q| {
             (
@@ -174,6 +323,16 @@ impl Limiter {
             )
         });
         let month_ttl = (next_month(now) - now).num_seconds() + 7 * 24 * 3600;
+        let timeout_us = i64::try_from(self.timeout.as_micros()).unwrap_or(i64::MAX);
+        let sent = unix_micros();
+        // Half our timeout on Redis's clock: the other half covers the offset's error
+        // (at most half a round trip of at most half the timeout) and the reply's trip.
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        let deadline = if offset == i64::MIN {
+            -1
+        } else {
+            sent.saturating_add(offset).saturating_add(timeout_us / 2)
+        };
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(rate_key(&self.prefix, customer))
@@ -182,14 +341,48 @@ impl Limiter {
             .arg(rps)
             .arg(monthly)
             .arg(month_ttl)
-            .arg(usage_field(&allowed.key_id, allowed.api.as_deref()))
-            .arg(USAGE_TTL_SECS);
+            .arg(usage_field(
+                &allowed.key_id,
+                usage_api(allowed, &self.usage_apis),
+            ))
+            .arg(USAGE_TTL_SECS)
+            .arg(deadline);
         let mut conn = self.conn.clone();
-        let reply = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.timeout))?
-            .map_err(|e| e.to_string())?;
-        Ok(Outcome::from_reply(reply))
+        let reply: (i64, String, i64, i64, i64, i64, i64) =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| Unavailable::Timeout(self.timeout))?
+                .map_err(|e| Unavailable::Failed(e.to_string()))?;
+        let received = unix_micros();
+        let (allowed, exceeded, retry_us, remaining, used, reset_us, redis_now) = reply;
+        let rtt = received - sent;
+        if rtt <= timeout_us / 2 {
+            self.offset_us
+                .store(redis_now - (sent + rtt / 2), Ordering::Relaxed);
+        }
+        if allowed < 0 {
+            return Err(Unavailable::Late);
+        }
+        Ok(Outcome::from_reply((
+            allowed, exceeded, retry_us, remaining, used, reset_us,
+        )))
+    }
+
+    /// Closes the breaker once Redis answers a PING, trying every cooldown.
+    fn probe(&self) {
+        let (mut conn, breaker, timeout) = (self.conn.clone(), self.breaker.clone(), self.timeout);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(breaker.cooldown).await;
+                let ping = redis::cmd("PING");
+                let answered = tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn));
+                if let Ok(Ok(_)) = answered.await {
+                    breaker.close();
+                    tracing::info!("Redis answers again: the rate limiter uses it again");
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -217,7 +410,7 @@ mod tests {
             next_month(at("2026-02-10T00:00:00Z")),
             at("2026-03-01T00:00:00Z")
         );
-        assert_eq!(usage_field("k", None), "k -");
+        assert_eq!(usage_field("k", "-"), "k -");
     }
 
     #[test]

@@ -2,26 +2,33 @@
 -- KEYS[1] rate (GCRA theoretical arrival time, microseconds), KEYS[2] this month's
 -- count, KEYS[3] today's usage hash.
 -- ARGV[1] requests per second (-1: none), ARGV[2] monthly requests (-1: none),
--- ARGV[3] TTL of the month key (s), ARGV[4] usage field, ARGV[5] TTL of usage (s).
--- Returns {allowed, exceeded ("rate"|"monthly"|""), retry_after_us, rate_remaining,
---          month_used, rate_reset_us}.
+-- ARGV[3] TTL of the month key (s), ARGV[4] usage field, ARGV[5] TTL of usage (s),
+-- ARGV[6] deadline (microseconds on this server's clock, -1: none): a script run
+-- after it counts nothing, as the gateway has given up waiting and decided without it.
+-- Returns {allowed (1, 0, or -1: too late, nothing counted), exceeded
+--          ("rate"|"monthly"|""), retry_after_us, rate_remaining, month_used,
+--          rate_reset_us, now_us}.
 local rps = tonumber(ARGV[1])
 local monthly = tonumber(ARGV[2])
+local deadline = tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if deadline >= 0 and now > deadline then
+  return {-1, '', 0, 0, 0, 0, now}
+end
 
 local used = 0
 if monthly >= 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
   if used >= monthly then
-    return {0, 'monthly', 0, 0, used, 0}
+    return {0, 'monthly', 0, 0, used, 0, now}
   end
 end
 
 local remaining = -1
 local reset = 0
 if rps == 0 then
-  return {0, 'rate', 1000000, 0, used, 1000000}
+  return {0, 'rate', 1000000, 0, used, 1000000, now}
 elseif rps > 0 then
   -- GCRA with a burst of one second's worth of requests.
   local interval = 1000000 / rps
@@ -31,7 +38,7 @@ elseif rps > 0 then
   local new_tat = tat + interval
   local allow_at = new_tat - tolerance
   if now < allow_at then
-    return {0, 'rate', math.ceil(allow_at - now), 0, used, math.ceil(tat - now)}
+    return {0, 'rate', math.ceil(allow_at - now), 0, used, math.ceil(tat - now), now}
   end
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
   remaining = math.floor((tolerance - (new_tat - now)) / interval)
@@ -45,4 +52,4 @@ end
 if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
-return {1, '', 0, remaining, used, reset}
+return {1, '', 0, remaining, used, reset, now}

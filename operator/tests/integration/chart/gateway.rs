@@ -19,6 +19,7 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
         "gateway.enabled=true",
         "gateway.replicas=3",
         "gateway.rateLimitFailOpen=false",
+        "gateway.uriSource=envoy",
         "gateway.pathPrefix=/ext-authz",
         "tls.redis.existingSecret=redis-tls",
         "tls.etcd.existingSecret=etcd-tls",
@@ -60,6 +61,7 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
     )
     .unwrap_or_else(|e| panic!("m3o-gateway-auth rejects the chart's arguments {args:?}: {e}"));
     assert!(!cli.run.rate_limit_fail_open);
+    assert_eq!(cli.run.uri_source, m3o_gateway::settings::UriSource::Envoy);
     assert_eq!(cli.run.path_prefix, "/ext-authz");
     assert_eq!(cli.run.listen.port(), 8081);
     // The same TLS flags as the operator's, its own etcd user, the files mounted read-only.

@@ -37,18 +37,19 @@ async fn load_keys(env: &TestEnv) -> Vec<String> {
             customer = uuid::Uuid::new_v4();
             let c = json!({"id": customer.to_string(), "email": format!("b{i}@example.com"), "name": "", "status": "active", "plan": "pro"});
             ops.push(TxnOp::put(
-                format!("{p}/{}", m3o_platform_contract::customer_key(&customer)),
+                format!("{p}/{}", m3o_platform_contract::customer_key(customer)),
                 c.to_string(),
                 None,
             ));
             let q = json!({"plan": "pro", "monthlyRequests": 1_000_000_000_000i64, "requestsPerSecond": 1_000_000});
             ops.push(TxnOp::put(
-                format!("{p}/{}", m3o_platform_contract::quota_key(&customer)),
+                format!("{p}/{}", m3o_platform_contract::quota_key(customer)),
                 q.to_string(),
                 None,
             ));
         }
-        let key = format!("m3o_bench{i}_{}", uuid::Uuid::new_v4().simple());
+        // Well formed: the gateway refuses anything else before hashing it.
+        let key = crate::support::gateway::new_key();
         let entry = json!({
             "keyId": uuid::Uuid::new_v4().to_string(), "customerId": customer.to_string(),
             "scopes": ["*"], "status": "active", "expiresAt": null,

@@ -6,7 +6,10 @@
 mod ban;
 #[cfg(feature = "bench")]
 mod bench;
+mod edges;
+mod limiter;
 mod outages;
+mod relist;
 
 use std::time::Duration;
 
@@ -139,16 +142,22 @@ async fn keys_are_checked_through_nginx_and_revocation_is_confirmed() {
     let outside = through(&nginx, &key, "/v1/weather/Now").await;
     assert_eq!(outside.status, 403, "{outside:?}");
     let sneaky = through(&nginx, &key, "/v1/helloworld/../weather/Now").await;
-    assert_ne!(sneaky.status, 200, "{sneaky:?}");
+    assert_eq!(sneaky.status, 403, "{sneaky:?}");
 
-    // Over requestsPerSecond: 429 with Retry-After (the burst is one second's worth).
+    // Over requestsPerSecond: 429 with Retry-After (the burst is one second's worth:
+    // 5 at once, plus 5 per second of the burst's own duration, less the one above).
+    let started = std::time::Instant::now();
     let burst =
         futures::future::join_all((0..30).map(|_| through(&nginx, &key, "/v1/helloworld/Call")))
             .await;
+    let took = started.elapsed().as_secs_f64();
+    let ok = burst.iter().filter(|r| r.status == 200).count();
     let limited: Vec<_> = burst.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok + limited.len(), 30, "only 200 or 429: {burst:?}");
+    let most = 5 + (took * 5.0).ceil() as usize;
     assert!(
-        !limited.is_empty(),
-        "30 requests at once against 5/s: {burst:?}"
+        (4..=most).contains(&ok),
+        "{ok} of 30 requests at once in {took:.3}s got through a 5/s limit: {burst:?}"
     );
     for r in &limited {
         let retry: u64 = r
@@ -241,7 +250,9 @@ async fn replicas_share_one_quota_and_meter_usage() {
         json!({"requestsPerSecond": 1000, "monthlyRequests": 6}),
     )
     .await;
-    let config = env.gateway_config();
+    // A `*` key: its APIs are metered under their names only when listed.
+    let mut config = env.gateway_config();
+    config.extra_args = vec!["--usage-apis=weather".into()];
     let (a, b) = (
         env.start_gateway(&config).await,
         env.start_gateway(&config).await,

@@ -10,7 +10,7 @@ use super::issue;
 use crate::support::gateway::check;
 use crate::support::{Backends, PrivateEtcd, PrivateRedis, TestEnv, eventually, http_get};
 
-async fn metrics(gateway: &m3o_gateway::Gateway) -> String {
+pub(super) async fn metrics(gateway: &m3o_gateway::Gateway) -> String {
     http_get(&gateway.metrics_addr.to_string(), "/metrics")
         .await
         .map(|(_, body)| body)
@@ -18,7 +18,7 @@ async fn metrics(gateway: &m3o_gateway::Gateway) -> String {
 }
 
 /// The value of the first sample of `name` whose line contains `labels`.
-fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+pub(super) fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
     metrics
         .lines()
         .filter(|l| l.starts_with(name) && l.contains(labels))

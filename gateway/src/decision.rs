@@ -35,7 +35,7 @@ pub struct Allowed {
     pub quota_unreadable: bool,
 }
 
-pub type Verdict = Result<Allowed, Denial>;
+pub type Decision = Result<Allowed, Denial>;
 
 /// Longest key accepted: a key is 54 characters (47 for the keys issued before the
 /// checksum format); anything longer is refused before it is hashed.
@@ -220,7 +220,7 @@ fn forbidden(reason: &'static str, message: impl Into<String>) -> Denial {
 }
 
 /// Decides a request from the index at `now` (unix seconds).
-pub fn decide(index: &Index, key: Option<&str>, path: &str, now: i64) -> Verdict {
+pub fn decide(index: &Index, key: Option<&str>, path: &str, now: i64) -> Decision {
     let key = key.ok_or_else(|| {
         unauthorized(
             "missing_key",

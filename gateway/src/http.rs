@@ -101,7 +101,7 @@ fn verdict(
     checker: &Checker,
     request: &Request,
     now: chrono::DateTime<Utc>,
-) -> Option<decision::Verdict> {
+) -> Option<decision::Decision> {
     if !checker.index.loaded() {
         return None;
     }

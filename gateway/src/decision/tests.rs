@@ -50,7 +50,7 @@ fn active(scopes: &[&str]) -> Index {
 }
 
 /// (status, reason) of a verdict; 200 "ok" when allowed.
-fn outcome(v: &Verdict) -> (u16, &'static str) {
+fn outcome(v: &Decision) -> (u16, &'static str) {
     v.as_ref()
         .map_or_else(|d| (d.status, d.reason), |_| (200, "ok"))
 }

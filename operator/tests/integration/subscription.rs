@@ -17,6 +17,17 @@ impl TestEnv {
         Api::namespaced(self.kube.clone(), &self.ns)
     }
 
+    /// A Ready Customer `name` (a unique email) whose `pro` Subscription is Provisioned.
+    pub async fn customer_with_pro_subscription(&self, name: &str) {
+        let email = format!("{name}-{}@example.com", crate::support::suffix());
+        self.apply_customer(name, json!({"email": email, "name": name}))
+            .await;
+        self.wait_ready(name).await;
+        let spec = json!({"customerRef": {"name": name}, "plan": "pro"});
+        self.apply_subscription(name, spec).await;
+        self.wait_subscription(name, "True", "Provisioned").await;
+    }
+
     pub async fn apply_subscription(&self, name: &str, spec: Value) -> Subscription {
         let body = json!({
             "apiVersion": "m3o.com/v1alpha1", "kind": "Subscription",

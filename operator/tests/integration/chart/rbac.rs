@@ -296,18 +296,7 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
     assert_eq!(holder, format!("{sa}-test-pod"), "the operator leads");
 
     // Customer + Subscription + ApiKey to Ready, then deleted in GitOps order.
-    env.apply_customer(
-        "alice",
-        json!({"email": format!("alice-{}@example.com", suffix()), "name": "Alice"}),
-    )
-    .await;
-    env.wait_ready("alice").await;
-    env.apply_subscription(
-        "alice",
-        json!({"customerRef": {"name": "alice"}, "plan": "pro"}),
-    )
-    .await;
-    env.wait_subscription("alice", "True", "Provisioned").await;
+    env.customer_with_pro_subscription("alice").await;
     env.apply_apikey(
         "alice-key",
         json!({

@@ -12,6 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::outages::{metrics, sample};
+use m3o_gateway::Gateway;
+
 use crate::support::gateway::new_key;
 use crate::support::proxy::{CuttableProxy, host_port};
 use crate::support::{TestEnv, eventually};
@@ -116,6 +118,22 @@ async fn worker(
     out
 }
 
+/// A replica without limits that reaches etcd through a proxy the test can cut.
+async fn gateway_behind_proxy(env: &TestEnv) -> (CuttableProxy, Gateway) {
+    let etcd = env
+        .etcd_endpoints
+        .split(',')
+        .next()
+        .expect("endpoint")
+        .to_owned();
+    let proxy = CuttableProxy::start(host_port(&etcd)).await;
+    let mut config = env.gateway_config();
+    config.etcd_endpoints = format!("http://127.0.0.1:{}", proxy.port);
+    config.extra_args = vec!["--no-limits".into()];
+    let gateway = env.start_gateway(&config).await;
+    (proxy, gateway)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
@@ -128,17 +146,7 @@ async fn a_relist_of_100k_keys_never_stalls_a_check() {
     let loading = Instant::now();
     let keys = Arc::new(load(&env).await);
     eprintln!("loaded {KEYS} keys in {:?}", loading.elapsed());
-    let etcd = env
-        .etcd_endpoints
-        .split(',')
-        .next()
-        .expect("endpoint")
-        .to_owned();
-    let proxy = CuttableProxy::start(host_port(&etcd)).await;
-    let mut config = env.gateway_config();
-    config.etcd_endpoints = format!("http://127.0.0.1:{}", proxy.port);
-    config.extra_args = vec!["--no-limits".into()];
-    let gateway = env.start_gateway(&config).await;
+    let (proxy, gateway) = gateway_behind_proxy(&env).await;
     let relists = || async {
         let m = metrics(&gateway).await;
         sample(&m, "m3o_gateway_index_relists_total", "cause=\"reconnect\"").unwrap_or(0.0)
@@ -251,17 +259,7 @@ async fn a_relist_of_100k_keys_never_stalls_a_check() {
 async fn a_watch_that_keeps_breaking_backs_off() {
     let env = TestEnv::new("gw-relist-backoff").await;
     env.put_gateway_key(&["*"], None).await;
-    let etcd = env
-        .etcd_endpoints
-        .split(',')
-        .next()
-        .expect("endpoint")
-        .to_owned();
-    let proxy = CuttableProxy::start(host_port(&etcd)).await;
-    let mut config = env.gateway_config();
-    config.etcd_endpoints = format!("http://127.0.0.1:{}", proxy.port);
-    config.extra_args = vec!["--no-limits".into()];
-    let gateway = env.start_gateway(&config).await;
+    let (proxy, gateway) = gateway_behind_proxy(&env).await;
     let relists = || async {
         let m = metrics(&gateway).await;
         sample(&m, "m3o_gateway_index_relists_total", "cause=\"reconnect\"").unwrap_or(0.0)

@@ -198,18 +198,7 @@ async fn operator_and_gateway(env: &TestEnv, release: &Release) {
     .await;
     assert_eq!(holder, operator.name, "the Pod's name (POD_NAME) leads");
 
-    env.apply_customer(
-        "alice",
-        json!({"email": format!("alice-{}@example.com", suffix()), "name": "Alice"}),
-    )
-    .await;
-    env.wait_ready("alice").await;
-    env.apply_subscription(
-        "alice",
-        json!({"customerRef": {"name": "alice"}, "plan": "pro"}),
-    )
-    .await;
-    env.wait_subscription("alice", "True", "Provisioned").await;
+    env.customer_with_pro_subscription("alice").await;
     env.apply_apikey(
         "alice-key",
         json!({"customerRef": {"name": "alice"}, "description": "image test", "scopes": ["*"]}),

@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{Txn, TxnOp};
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::{issue, through};
-use crate::support::gateway::start_upstream;
+use crate::support::gateway::{CheckLoop, start_upstream};
 use crate::support::nginx::Nginx;
 use crate::support::{TestEnv, eventually, http_get};
 
@@ -84,44 +82,12 @@ async fn worker(
     until: Instant,
     seed: usize,
 ) -> (Vec<u32>, usize) {
-    let mut stream = TcpStream::connect(&addr).await.expect("connect gateway");
+    let mut checks = CheckLoop::connect(&addr, keys, seed).await;
     let mut latencies = Vec::new();
     let mut failures = 0;
-    let mut buf = vec![0u8; 4096];
-    let mut i = seed;
     while Instant::now() < until {
-        i = i
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let key = &keys[(i >> 33) % keys.len()];
-        let request = format!(
-            "GET /auth HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nX-Original-URI: /v1/helloworld/Call\r\n\r\n"
-        );
         let started = Instant::now();
-        stream.write_all(request.as_bytes()).await.expect("send");
-        // Read one response: headers, then Content-Length bytes of body.
-        let mut have = 0;
-        let (status, total) = loop {
-            let n = stream.read(&mut buf[have..]).await.expect("read");
-            assert!(n > 0, "gateway closed the connection");
-            have += n;
-            let text = String::from_utf8_lossy(&buf[..have]);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let status: u16 = text[9..12].parse().unwrap_or(0);
-                let length: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                break (status, end + 4 + length);
-            }
-        };
-        while have < total {
-            have += stream.read(&mut buf[have..]).await.expect("read body");
-        }
+        let status = checks.next().await;
         latencies.push(started.elapsed().as_micros() as u32);
         if status != 200 {
             failures += 1;

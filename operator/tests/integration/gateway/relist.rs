@@ -8,13 +8,11 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Txn, TxnOp};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::outages::{metrics, sample};
 use m3o_gateway::Gateway;
 
-use crate::support::gateway::new_key;
+use crate::support::gateway::{CheckLoop, new_key};
 use crate::support::proxy::{CuttableProxy, host_port};
 use crate::support::{TestEnv, eventually};
 
@@ -77,41 +75,12 @@ async fn worker(
     done: Arc<AtomicUsize>,
     seed: usize,
 ) -> Vec<(Instant, Duration)> {
-    let mut stream = TcpStream::connect(&addr).await.expect("connect gateway");
+    let mut checks = CheckLoop::connect(&addr, keys, seed).await;
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let mut i = seed;
     while !stop.load(Ordering::Relaxed) {
-        i = i
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let key = &keys[(i >> 33) % keys.len()];
-        let request = format!(
-            "GET /auth HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nX-Original-URI: /v1/helloworld/Call\r\n\r\n"
-        );
         let started = Instant::now();
-        stream.write_all(request.as_bytes()).await.expect("send");
-        let mut have = 0;
-        loop {
-            let n = stream.read(&mut buf[have..]).await.expect("read");
-            assert!(n > 0, "gateway closed the connection");
-            have += n;
-            let text = String::from_utf8_lossy(&buf[..have]);
-            if let Some(end) = text.find("\r\n\r\n") {
-                assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-                let length: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if have >= end + 4 + length {
-                    break;
-                }
-            }
-        }
+        let status = checks.next().await;
+        assert_eq!(status, 200, "a check during the re-list");
         out.push((started, started.elapsed()));
         done.fetch_add(1, Ordering::Relaxed);
     }

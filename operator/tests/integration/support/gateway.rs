@@ -464,3 +464,71 @@ impl HoldProxy {
         self.received.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A keep-alive connection sending raw forward-auth checks, each for the next key of a
+/// fixed pseudo-random walk over `keys` (from `seed`), for load tests and benches.
+pub struct CheckLoop {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    keys: std::sync::Arc<Vec<String>>,
+    step: usize,
+}
+
+impl CheckLoop {
+    pub async fn connect(addr: &str, keys: std::sync::Arc<Vec<String>>, seed: usize) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect gateway");
+        Self {
+            stream,
+            buf: vec![0u8; 4096],
+            keys,
+            step: seed,
+        }
+    }
+
+    /// Sends one check of `/v1/helloworld/Call` and reads its whole response (headers,
+    /// then Content-Length bytes of body); returns its status.
+    pub async fn next(&mut self) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.step = self
+            .step
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let key = &self.keys[(self.step >> 33) % self.keys.len()];
+        let request = format!(
+            "GET /auth HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nX-Original-URI: /v1/helloworld/Call\r\n\r\n"
+        );
+        self.stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send");
+        let mut have = 0;
+        let (status, total) = loop {
+            let n = self.stream.read(&mut self.buf[have..]).await.expect("read");
+            assert!(n > 0, "gateway closed the connection");
+            have += n;
+            let text = String::from_utf8_lossy(&self.buf[..have]);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let status: u16 = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                break (status, end + 4 + length);
+            }
+        };
+        while have < total {
+            have += self
+                .stream
+                .read(&mut self.buf[have..])
+                .await
+                .expect("read body");
+        }
+        status
+    }
+}

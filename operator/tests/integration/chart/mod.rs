@@ -7,7 +7,9 @@
 //! The chart's Deployment never runs here (the test control plane has no kubelet); the
 //! operator binary is run by the test instead, with the ServiceAccount's identity.
 
+mod drain;
 mod gateway;
+mod identity;
 mod install;
 mod rbac;
 mod render;

@@ -13,6 +13,7 @@ mod identity;
 mod install;
 mod rbac;
 mod render;
+mod rollback;
 
 use std::path::{Path, PathBuf};
 

@@ -11,7 +11,7 @@ PATH="$("$root/hack/build-tools.sh"):$PATH"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-helm template t "$root/charts/m3o-operator" \
+helm template t "$root/charts/m3o-operator" --kube-version 1.34.0 \
   --set metrics.prometheusRule.enabled=true \
   --set-string 'metrics.prometheusRule.selector=job="m3o"' \
   --show-only templates/prometheusrule.yaml >"$tmp/prometheusrule.yaml"

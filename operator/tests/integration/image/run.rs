@@ -75,6 +75,8 @@ impl Release {
             format!("leaderElection.leaseName={lease}"),
             format!("metrics.port={metrics_port}"),
             "gateway.enabled=true".to_owned(),
+            // The plain test servers have no ACLs: the gateway may share the URLs here.
+            "gateway.existingSecret=m3o-operator-backends".to_owned(),
             format!("gateway.port={gateway_port}"),
             format!("gateway.metricsPort={gateway_metrics_port}"),
             format!("gateway.redisPrefix={}gw:", env.stream_prefix),
@@ -326,15 +328,20 @@ async fn the_image_runs_the_charts_operator_and_gateway_over_tls_under_runc() {
         .replace(&cert, "/etc/m3o-operator/tls/postgres/tls.crt")
         .replace(&key, "/etc/m3o-operator/tls/postgres/tls.key");
     let gateway = tls.servers.gateway_config(&env);
-    let mut backend_values = backends(
+    let backend_values = backends(
         &database_url,
         operator.redis_url.as_deref().expect("redis URL"),
         operator.etcd_endpoints.as_deref().expect("etcd endpoints"),
     );
-    backend_values.insert("GATEWAY_REDIS_URL".into(), gateway.redis_url.clone());
+    // The gateway's own Secret: its Redis ACL user (README: Secure connections).
+    let gateway_values = BTreeMap::from([
+        ("REDIS_URL".to_owned(), gateway.redis_url.clone()),
+        ("ETCD_ENDPOINTS".to_owned(), gateway.etcd_endpoints.clone()),
+    ]);
     let password = BTreeMap::from([("password".to_owned(), tls.servers.password())]);
     let secrets = [
         ("m3o-operator-backends", backend_values),
+        ("gateway-backends", gateway_values),
         ("backend-tls", files),
         ("etcd-auth", password),
     ];
@@ -348,7 +355,11 @@ async fn the_image_runs_the_charts_operator_and_gateway_over_tls_under_runc() {
         "etcdAuth.passwordSecret=etcd-auth",
         "gateway.etcdAuth.username=m3o-gateway",
         "gateway.etcdAuth.passwordSecret=etcd-auth",
-        "gateway.redisUrlKey=GATEWAY_REDIS_URL",
+        "gateway.existingSecret=gateway-backends",
+        "gateway.tls.redis.existingSecret=backend-tls",
+        "gateway.tls.redis.clientCertificate=true",
+        "gateway.tls.etcd.existingSecret=backend-tls",
+        "gateway.tls.etcd.clientCertificate=true",
     ]
     .map(str::to_owned)
     .to_vec();

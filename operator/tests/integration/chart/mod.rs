@@ -7,6 +7,7 @@
 //! The chart's Deployment never runs here (the test control plane has no kubelet); the
 //! operator binary is run by the test instead, with the ServiceAccount's identity.
 
+mod docs;
 mod drain;
 mod gateway;
 mod identity;
@@ -15,6 +16,7 @@ mod lifecycle;
 mod rbac;
 mod render;
 mod rollback;
+mod uninstall;
 
 use std::path::{Path, PathBuf};
 

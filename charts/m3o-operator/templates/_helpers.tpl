@@ -166,3 +166,12 @@ the etcd password readable by the pod's group (fsGroup) only.
         path: password
 {{- end }}
 {{- end }}
+
+{{/* The label matchers selecting this release's gateway metrics in PrometheusRule queries. */}}
+{{- define "m3o-operator.gatewayMetricsSelector" -}}
+{{- if .Values.metrics.prometheusRule.gatewaySelector }}
+{{- .Values.metrics.prometheusRule.gatewaySelector }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (include "m3o-operator.gatewayName" .) .Release.Namespace }}
+{{- end }}
+{{- end }}

@@ -1,5 +1,5 @@
 //! Upgrade-time objects of the chart: the migration hook Job (pre-install and
-//! pre-upgrade, `m3o-operator migrate`, no API token), the configurable startupProbe,
+//! pre-upgrade, `m3o-operator migrate`, no API token), the pre-delete uninstall check, the configurable startupProbe,
 //! the optional NetworkPolicies and extra volumes, all accepted by the API server under
 //! the restricted Pod Security Standard.
 
@@ -26,8 +26,19 @@ async fn the_migration_hook_network_policies_and_extra_volumes_render_and_apply(
     let docs = documents(&rendered);
     let job = docs
         .iter()
-        .find(|d| d["kind"] == "Job")
+        .find(|d| d["kind"] == "Job" && d["metadata"]["name"] == "t-m3o-operator-migrate")
         .expect("migration Job");
+    let check = docs
+        .iter()
+        .find(|d| d["kind"] == "Job" && d["metadata"]["name"] == "t-m3o-operator-uninstall-check")
+        .expect("uninstall check Job");
+    assert_eq!(
+        check["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-delete"
+    );
+    let check_pod = &check["spec"]["template"]["spec"];
+    assert_eq!(check_pod["serviceAccountName"], "t-m3o-operator");
+    assert_eq!(check_pod["containers"][0]["args"][0], "uninstall-check");
     assert_eq!(
         job["metadata"]["annotations"]["helm.sh/hook"],
         "pre-install,pre-upgrade"
@@ -59,6 +70,14 @@ async fn the_migration_hook_network_policies_and_extra_volumes_render_and_apply(
     assert_eq!(policies.len(), 2, "operator and gateway");
 
     // Off: no Job (for `--no-hooks`-less installs on clusters without Jobs).
-    let off = render("t", &ns, &["migrations.hook=false"]).await;
+    let off = render(
+        "t",
+        &ns,
+        &[
+            "migrations.hook=false",
+            "uninstall.refuseWhileObjectsExist=false",
+        ],
+    )
+    .await;
     assert!(!documents(&off).iter().any(|d| d["kind"] == "Job"));
 }

@@ -188,7 +188,7 @@ async fn cluster_wide_rbac_allows_exactly_what_the_operator_does() {
             failures.push(format!("{verb} {typed}: {got} (want {want})"));
         }
     }
-    helm(&["uninstall", &release, "-n", ns]).await;
+    helm(&["uninstall", &release, "-n", ns, "--no-hooks"]).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -375,5 +375,5 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
         "the ServiceAccount was refused something:\n{}",
         denied.join("\n")
     );
-    helm(&["uninstall", &release, "-n", &release_ns]).await;
+    helm(&["uninstall", &release, "-n", &release_ns, "--no-hooks"]).await;
 }

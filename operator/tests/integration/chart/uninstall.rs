@@ -2,7 +2,8 @@
 //! the operator running, deleting the objects first leaves nothing behind, and nothing
 //! Terminating; then `helm uninstall`. The other order is what the section warns about:
 //! with no operator, a deleted object stays Terminating on its finalizer until the
-//! documented patch removes it.
+//! documented patch removes it. The chart's pre-delete hook command refuses, under the
+//! hook's ServiceAccount, while objects exist, and passes once they are gone.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use serde_json::json;
 
 use super::*;
 use crate::apikey::key_spec;
+use crate::support::kubeconfig::service_account_kubeconfig;
 use crate::support::{TestEnv, eventually};
 
 /// The README's Uninstall commands, `-A` narrowed to `namespace`, release names kept.
@@ -62,8 +64,45 @@ async fn the_documented_uninstall_leaves_nothing_terminating() {
 
     let steps = documented_steps(&env.ns);
     assert_eq!(steps.len(), 3, "delete, check, helm uninstall: {steps:?}");
-    for step in &steps {
-        let args: Vec<&str> = step[1..].iter().map(String::as_str).collect();
+    // The chart's pre-delete hook, as its Job runs it: the operator's ServiceAccount.
+    let kubeconfig = service_account_kubeconfig("m3o-operator", &env.ns, &env.ns).await;
+    let hook = || {
+        let (kubeconfig, ns) = (kubeconfig.display().to_string(), env.ns.clone());
+        async move {
+            crate::support::cli::run(
+                env!("CARGO_BIN_EXE_m3o-operator"),
+                &[
+                    "uninstall-check",
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "--namespace",
+                    &ns,
+                ],
+                None,
+            )
+            .await
+        }
+    };
+    let refused = hook().await;
+    let line = crate::support::cli::text(&refused);
+    assert!(!refused.status.success(), "objects exist: {line}");
+    assert!(
+        line.trim().lines().count() == 1
+            && line.contains("refusing to uninstall")
+            && line.contains("m3o.com/cleanup"),
+        "{line}"
+    );
+    for (i, step) in steps.iter().enumerate() {
+        let mut args: Vec<&str> = step[1..].iter().map(String::as_str).collect();
+        if i == 2 {
+            let passed = hook().await;
+            assert!(
+                passed.status.success(),
+                "{}",
+                crate::support::cli::text(&passed)
+            );
+            args.push("--no-hooks"); // no kubelet to run the hook Job: run above
+        }
         let out = crate::support::cli::ok(&step[0], &args, None).await;
         if step.get(1).map(String::as_str) == Some("get") {
             assert!(

@@ -169,7 +169,7 @@ impl Release {
     }
 
     async fn uninstall(&self) {
-        helm(&["uninstall", &self.name, "-n", &self.namespace]).await;
+        helm(&["uninstall", &self.name, "-n", &self.namespace, "--no-hooks"]).await;
     }
 }
 

@@ -17,6 +17,7 @@ mod rbac;
 mod render;
 mod rollback;
 mod uninstall;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 

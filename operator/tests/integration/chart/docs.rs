@@ -29,10 +29,11 @@ fn service_hosts(text: &str) -> Vec<(String, String, u16)> {
             .chars()
             .take_while(char::is_ascii_digit)
             .collect();
-        if let (Some((svc, ns)), Ok(port)) = (host.split_once('.'), port.parse()) {
-            if svc != "kubernetes" && svc != "api" {
-                out.push((svc.to_owned(), ns.to_owned(), port));
-            }
+        if let (Some((svc, ns)), Ok(port)) = (host.split_once('.'), port.parse())
+            && svc != "kubernetes"
+            && svc != "api"
+        {
+            out.push((svc.to_owned(), ns.to_owned(), port));
         }
     }
     out

@@ -5,6 +5,7 @@
 //! operator with a token of the ServiceAccount the chart's RBAC binds.
 
 use std::collections::BTreeMap;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -111,8 +112,13 @@ impl Release {
 
     /// Runs the rendered Deployment of `component` from the image.
     async fn run(&self, env: &TestEnv, component: &str) -> Pod {
-        let image = image();
         let deployment = deployment(&self.docs, component);
+        self.run_template(env, component, deployment).await
+    }
+
+    /// Runs the Pod template of `owner` (a Deployment or a Job) from the image.
+    async fn run_template(&self, env: &TestEnv, component: &str, deployment: &Value) -> Pod {
+        let image = image();
         let pod_name = format!("{}-{component}-{}", self.name, suffix());
         let config = kube::Config::infer().await.expect("kubeconfig");
         let api_host = config
@@ -132,12 +138,14 @@ impl Release {
         };
         let (id, dir) = container_dir(component);
         let spec = runtime_spec(image, &self.docs, deployment, &node, &dir).await;
+        // A Pod without them gets the Kubernetes defaults (30 s, no ports).
         let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             .as_u64()
-            .expect("terminationGracePeriodSeconds");
+            .unwrap_or(30);
         let ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
             .as_array()
-            .expect("container ports")
+            .cloned()
+            .unwrap_or_default()
             .iter()
             .map(|p| {
                 let name = p["name"].as_str().expect("port name").to_owned();
@@ -166,6 +174,80 @@ impl Release {
             "jsonpath={.spec.holderIdentity}",
         ])
         .await
+    }
+
+    /// `helm uninstall` with its pre-delete hook, this test acting as the kubelet and
+    /// the Job controller: the hook Job Helm creates is run from the image under runc,
+    /// and its outcome written to the Job's status, which Helm waits for. Returns
+    /// Helm's output and the hook container's exit status.
+    async fn uninstall_through_hook(&self, env: &TestEnv) -> (std::process::Output, ExitStatus) {
+        let args = [
+            "uninstall",
+            &self.name,
+            "-n",
+            &self.namespace,
+            "--timeout",
+            "90s",
+        ]
+        .map(str::to_owned);
+        let helm = tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::support::cli::run("helm", &args, None).await
+        });
+        let job_name = format!("{}-m3o-operator-uninstall-check", self.name);
+        let job: Value = crate::support::eventually(
+            "Helm to create the pre-delete hook Job",
+            Duration::from_secs(30),
+            || async {
+                let out = crate::support::cli::run(
+                    "kubectl",
+                    &["get", "job", &job_name, "-n", &self.namespace, "-o", "json"],
+                    None,
+                )
+                .await;
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice(&out.stdout).expect("Job JSON"))
+            },
+        )
+        .await;
+        let mut pod = self.run_template(env, "uninstall-check", &job).await;
+        let exit = crate::support::eventually(
+            "the hook container to exit",
+            Duration::from_secs(60),
+            || {
+                let exit = pod.container.try_exit();
+                async move { exit }
+            },
+        )
+        .await;
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let condition = |kind: &str| {
+            json!({"type": kind, "status": "True", "reason": "ByTest", "message": "run under runc",
+                   "lastProbeTime": now, "lastTransitionTime": now})
+        };
+        let status = if exit.success() {
+            json!({"status": {"startTime": now, "completionTime": now, "succeeded": 1,
+                   "conditions": [condition("SuccessCriteriaMet"), condition("Complete")]}})
+        } else {
+            json!({"status": {"startTime": now, "failed": 1,
+                   "conditions": [condition("FailureTarget"), condition("Failed")]}})
+        };
+        kubectl(&[
+            "patch",
+            "job",
+            &job_name,
+            "-n",
+            &self.namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .await;
+        let out = helm.await.expect("helm uninstall");
+        println!("hook output: {}", pod.container.output());
+        (out, exit)
     }
 
     async fn uninstall(&self) {
@@ -274,6 +356,52 @@ fn backends(database_url: &str, redis_url: &str, etcd: &str) -> BTreeMap<String,
         ("REDIS_URL".to_owned(), redis_url.to_owned()),
         ("ETCD_ENDPOINTS".to_owned(), etcd.to_owned()),
     ])
+}
+
+/// README "Uninstall": `helm uninstall` is refused by the chart's pre-delete hook (the
+/// image's `uninstall-check`, run under runc with the chart's ServiceAccount token)
+/// while an object carries the finalizer, leaving the release in place; once the
+/// objects are deleted (the operator running), the same uninstall goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_uninstall_is_refused_by_the_pre_delete_hook_while_objects_exist() {
+    let env = TestEnv::new("image-hook").await;
+    let image = image();
+    let secrets = [(
+        "m3o-operator-backends",
+        backends(&env.database_url, &env.redis_url, &env.etcd_endpoints),
+    )];
+    let release = Release::install(&env, image, &secrets, &[]).await;
+    let op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+
+    let (refused, exit) = release.uninstall_through_hook(&env).await;
+    let said = crate::support::cli::text(&refused);
+    assert!(!exit.success(), "the hook refuses while alice exists");
+    assert!(
+        !refused.status.success(),
+        "helm uninstall went through: {said}"
+    );
+    let deployment = format!("deployment/{}-m3o-operator", release.name);
+    kubectl(&["get", &deployment, "-n", &release.namespace]).await; // still installed
+
+    kubectl(&[
+        "delete",
+        "customers.m3o.com",
+        "--all",
+        "-n",
+        &env.ns,
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .await;
+    let (done, exit) = release.uninstall_through_hook(&env).await;
+    assert!(exit.success(), "the hook passes once the objects are gone");
+    assert!(
+        done.status.success(),
+        "{}",
+        crate::support::cli::text(&done)
+    );
+    op.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,12 +118,12 @@ async fn sigterm_to_a_gateway_under_load_through_nginx_loses_no_request() {
     let upstream = start_upstream().await;
     let nginx = Nginx::start(&[balancer.port], upstream).await;
 
-    // The load: four loops of requests through nginx, every status kept.
+    // The load: eight loops (each keeps an nginx keep-alive connection to the Service busy) of requests through nginx, every status kept.
     let stop = Arc::new(AtomicBool::new(false));
     let statuses = Arc::new(Mutex::new(Vec::<u16>::new()));
     let auth = format!("Bearer {}", key.key);
     let mut loops = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         let (stop, statuses, addr, auth) =
             (stop.clone(), statuses.clone(), nginx.addr(), auth.clone());
         loops.push(tokio::spawn(async move {

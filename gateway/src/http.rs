@@ -190,13 +190,15 @@ async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>)
             "the customer's quota cannot be read; retry shortly",
         ));
     }
-    if let Some(reason) = limiter.forbidden() {
-        // A configuration error, not an outage: never let it make limits vanish.
-        return unlimited(checker, &Unavailable::Forbidden(reason));
-    }
     let outcome = match limiter.check(allowed, now).await {
         Ok(outcome) => outcome,
-        Err(err) => return unlimited(checker, &err),
+        // A refusal of the script (now, or remembered while Redis is away) is a
+        // configuration error, not an outage: never let it make limits vanish. Every
+        // check still asks Redis, so fixing the ACL clears it without a restart.
+        Err(err) => match limiter.forbidden() {
+            Some(reason) => return unlimited(checker, &Unavailable::Forbidden(reason)),
+            None => return unlimited(checker, &err),
+        },
     };
     let headers = limits::headers(allowed.quota, &outcome, now);
     match outcome.exceeded {

@@ -192,7 +192,13 @@ async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>)
     }
     let outcome = match limiter.check(allowed, now).await {
         Ok(outcome) => outcome,
-        Err(err) => return unlimited(checker, &err),
+        // A refusal of the script (now, or remembered while Redis is away) is a
+        // configuration error, not an outage: never let it make limits vanish. Every
+        // check still asks Redis, so fixing the ACL clears it without a restart.
+        Err(err) => match limiter.forbidden() {
+            Some(reason) => return unlimited(checker, &Unavailable::Forbidden(reason)),
+            None => return unlimited(checker, &err),
+        },
     };
     let headers = limits::headers(allowed.quota, &outcome, now);
     match outcome.exceeded {
@@ -212,20 +218,24 @@ async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>)
 
 /// The fail mode's answer when the limiter has none.
 fn unlimited(checker: &Checker, err: &Unavailable) -> Limits {
-    let outcome = if checker.fail_open {
-        "allowed"
-    } else {
-        "denied"
-    };
+    // The fail mode covers Redis being away, never Redis refusing the script.
+    let fail_open = checker.fail_open && !matches!(err, Unavailable::Forbidden(_));
+    let outcome = if fail_open { "allowed" } else { "denied" };
     checker
         .metrics
         .limiter_unavailable
         .get_or_create(&OutcomeLabels { outcome })
         .inc();
     if let Some(skipped) = checker.limiter_log.due() {
-        tracing::warn!(%err, fail_open = checker.fail_open, skipped, "rate limiter unavailable (further occurrences are counted in m3o_gateway_limiter_unavailable_total)");
+        tracing::warn!(%err, fail_open, skipped, "rate limiter unavailable (further occurrences are counted in m3o_gateway_limiter_unavailable_total)");
     }
-    if checker.fail_open {
+    if let Unavailable::Forbidden(_) = err {
+        checker.metrics.check("unavailable", "limiter_forbidden");
+        Limits::Refused(retry_soon(
+            "limiter_forbidden",
+            "the gateway's Redis user may not run the rate limiter; see its /readyz",
+        ))
+    } else if fail_open {
         Limits::Through((Vec::new(), "limiter_unavailable"))
     } else {
         checker.metrics.check("unavailable", "limiter");

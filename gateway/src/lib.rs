@@ -11,6 +11,7 @@ pub mod index;
 pub mod limits;
 pub mod metrics;
 pub mod nginx;
+pub mod readiness;
 pub mod report;
 pub mod settings;
 pub mod usage;
@@ -71,6 +72,7 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub index: Arc<IndexState>,
+    pub readiness: Arc<readiness::Gate>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -80,6 +82,19 @@ impl Gateway {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// The SIGTERM path: fails `/readyz` at once, keeps answering checks for `delay`
+    /// (the time a Service, kube-proxy or an ingress takes to stop sending new
+    /// connections here), then closes gracefully: in-flight checks are answered.
+    pub async fn drain(self, delay: std::time::Duration) {
+        self.readiness.start_draining();
+        tracing::info!(
+            ?delay,
+            "draining: /readyz fails, checks are still answered until the delay ends"
+        );
+        tokio::time::sleep(delay).await;
+        self.stop().await;
     }
 
     /// Resolves when any task ends (a server failed) or `stop` was called elsewhere.
@@ -195,6 +210,19 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             );
         });
     }
+    let readiness = Arc::new(readiness::Gate::new(limiter.clone()));
+    if let Some(limiter) = limiter.clone() {
+        // Detached: `tasks` are the servers, whose end `wait` reports.
+        tokio::spawn(async move {
+            // Once at start, so a wrong Redis user is one line in the log at once (and
+            // /readyz keeps saying it on every probe).
+            if let Err(err @ limits::Unavailable::Forbidden(_)) = limiter.verify().await {
+                tracing::error!(
+                    "--redis-url: {err}: not ready, and checks answer 503 whatever --rate-limit-fail-open says"
+                );
+            }
+        });
+    }
     let checker = Arc::new(Checker {
         index: index.clone(),
         limiter,
@@ -214,7 +242,9 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         }
     });
     let stop = shutdown.clone();
-    let ops_app = http::ops_router(index.clone(), metrics);
+    let ops_app = http::ops_router(index.clone(), metrics).layer(
+        axum::middleware::from_fn_with_state(readiness.clone(), readiness::gate),
+    );
     tasks.spawn(async move {
         let served = axum::serve(ops, ops_app)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -228,6 +258,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         addr,
         metrics_addr,
         index,
+        readiness,
         shutdown,
         tasks,
     })

@@ -119,6 +119,12 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_GATEWAY_REPLICA_ID")]
     pub replica_id: Option<String>,
 
+    /// On SIGTERM: fail /readyz at once and keep answering checks this long (until
+    /// Services and proxies have stopped sending new connections), then close
+    /// gracefully. SIGINT stops at once.
+    #[arg(long, env = "M3O_GATEWAY_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// Log format.
     #[arg(long, env = "M3O_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -176,6 +182,7 @@ mod tests {
         assert_eq!(cli.run.etcd.etcd_endpoints, ["a", "b"]);
         assert!(cli.run.rate_limit_fail_open);
         assert_eq!(cli.run.redis_timeout, Duration::from_millis(250));
+        assert_eq!(cli.run.shutdown_delay, Duration::from_secs(5));
         let cli = Cli::parse_from(["m3o-gateway-auth", "--rate-limit-fail-open=false"]);
         assert!(!cli.run.rate_limit_fail_open);
         let cli = Cli::parse_from(["m3o-gateway-auth", "usage", "--customer", "c"]);

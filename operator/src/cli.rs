@@ -36,6 +36,20 @@ pub enum Command {
     /// Inspect and re-drive the event outbox (read-only except `redrive`).
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Exit 1 (one line) while objects still carry the finalizer m3o.com/cleanup: the
+    /// chart's pre-delete hook (read only).
+    UninstallCheck(UninstallCheckArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UninstallCheckArgs {
+    /// Path of a kubeconfig. Unset: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Namespace the release watches; empty: all.
+    #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
+    pub namespace: String,
 }
 
 /// The backends an admin command reads, with the same flags as `run`.

@@ -145,6 +145,16 @@ impl WriterFence {
         self.epoch
     }
 
+    /// Moves this term, before it writes anything, to epoch `to`; false when the term
+    /// moved meanwhile.
+    pub async fn raise_to(&mut self, to: i64) -> Result<bool, sqlx::Error> {
+        let raised = fence::raise(&mut self.conn, &self.name, self.epoch, to).await?;
+        if raised {
+            self.epoch = to;
+        }
+        Ok(raised)
+    }
+
     /// Beats every retry period until shutdown or loss: loss when a newer term has
     /// begun, or when no beat succeeded within the renew deadline (so this process
     /// stops before its heartbeat can look stale to a successor).

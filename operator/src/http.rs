@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use m3o_controllers::platform::divergence::Divergence;
 use m3o_controllers::report::metrics::{Metrics, StreamGroupLabels};
 use m3o_controllers::runtime::context::Watching;
 use m3o_events::relay::RelayStats;
@@ -79,6 +80,12 @@ impl Role {
         self.set(Phase::Leading);
     }
 
+    pub fn is_leading(&self) -> bool {
+        self.phase
+            .lock()
+            .is_ok_and(|p| matches!(*p, Phase::Leading))
+    }
+
     pub fn stopped(&self) {
         self.set(Phase::Connecting);
     }
@@ -139,6 +146,8 @@ pub struct HttpState {
     pub health: Arc<Health>,
     /// Which controllers have listed their objects and are watching.
     pub watching: Arc<Watching>,
+    /// A writer-term divergence being healed (the leader is not ready until then).
+    pub divergence: Arc<Divergence>,
     pub metrics: Arc<Metrics>,
     pub relay: Arc<RelayStats>,
     pub db: PgPool,
@@ -158,8 +167,17 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 /// Ready once connected and, on the leader, once every controller is watching; a
 /// standby is ready as soon as it is connected, since it can take over at any time,
 /// except an elected one that has waited too long on the writer fence (it says on what).
+/// A leader healing a writer-term divergence is not ready until it has converged the
+/// etcd prefix again.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    state.role.answer(state.watching.all())
+    let (code, body) = state.role.answer(state.watching.all());
+    match state.divergence.unhealed() {
+        Some(what) if code == StatusCode::OK && state.role.is_leading() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: healing a divergence of the writer term: {what}"),
+        ),
+        _ => (code, body),
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use m3o_controllers::platform::{PlatformConfig, divergence};
 use m3o_controllers::report::metrics::Metrics;
 use m3o_controllers::runtime::feed::CustomerFeed;
 use m3o_controllers::store::fence::Term;
@@ -223,6 +224,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         role: role.clone(),
         health: health.clone(),
         watching: ctx.watching.clone(),
+        divergence: ctx.platform.divergence(),
         metrics: metrics.clone(),
         relay: relay.stats(),
         db: db.clone(),
@@ -341,7 +343,7 @@ impl Writer {
                 return Ok(());
             };
             self.term.begin(fence.epoch());
-            if let Err(err) = work.ctx.platform.begin_term().await {
+            if let Err(err) = start_term(&mut fence, &self.term, &work.ctx.platform).await {
                 fence.release().await;
                 return Err(StartupError(format!(
                     "--etcd-endpoints: cannot record the writer term in etcd: {err}"
@@ -413,6 +415,30 @@ impl Writer {
             }
         }
     }
+}
+
+/// Records the term just won in etcd, first moving it above a newer epoch that etcd
+/// records (Postgres restored from an older backup): one start heals that divergence,
+/// where each restart would otherwise gain one epoch and exit again.
+async fn start_term(
+    fence: &mut WriterFence,
+    term: &Term,
+    platform: &PlatformConfig,
+) -> Result<(), String> {
+    let won = fence.epoch();
+    let recorded = platform.recorded_term().await.map_err(|e| e.to_string())?;
+    if let Some(to) = divergence::start_epoch(won, recorded) {
+        platform.divergence().found(format!(
+            "etcd recorded writer term {} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both",
+            recorded.unwrap_or_default()
+        ));
+        match fence.raise_to(to).await {
+            Ok(true) => term.begin(to),
+            Ok(false) => return Err("the writer term moved while being raised above etcd's".into()),
+            Err(err) => return Err(format!("raising the writer term above etcd's: {err}")),
+        }
+    }
+    platform.begin_term().await.map_err(|e| e.to_string())
 }
 
 /// Renews the lease until shutdown or loss; without leader election, waits for shutdown.

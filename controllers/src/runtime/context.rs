@@ -106,7 +106,9 @@ impl Context {
         };
         let shard = settings.shard.as_ref().map(|s| s.canonical());
         let term = Arc::new(Term::of(fence::fence_name(shard)));
-        let platform = platform.fenced_by(term.name(), term.shared_epoch());
+        let divergence =
+            crate::platform::divergence::Divergence::counting(metrics.fence_divergence.clone());
+        let platform = platform.fenced_by(&term, db.clone(), divergence);
         Self {
             reporter,
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),

@@ -58,7 +58,7 @@ async fn wait_gateway_synced(
 
 /// Issues a Ready key `name` for a new Ready customer `customer` whose Subscription has
 /// `quota`; returns the plaintext key and the ApiKey.
-async fn issue(
+pub(crate) async fn issue(
     env: &TestEnv,
     customer: &str,
     name: &str,

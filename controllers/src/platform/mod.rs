@@ -242,9 +242,14 @@ impl PlatformConfig {
 
     /// The current values of `relatives` (keys relative to the prefix) that exist, read
     /// in one request per [`MAX_TXN_OPS`] keys (a transaction of gets, so all of one
-    /// request are read at one revision).
-    pub async fn read(&self, relatives: &[&str]) -> Result<HashMap<String, Current>, Error> {
+    /// request are read at one revision), and the latest revision read at (0 when none was read; every
+    /// change to these keys before the call is at or below it).
+    pub async fn read(
+        &self,
+        relatives: &[&str],
+    ) -> Result<(HashMap<String, Current>, i64), Error> {
         let mut found = HashMap::new();
+        let mut read_at = 0;
         for chunk in relatives.chunks(MAX_TXN_OPS) {
             let gets = chunk.iter().map(|r| TxnOp::get(self.key(r), None));
             let resp = self
@@ -252,6 +257,7 @@ impl PlatformConfig {
                 .kv_client()
                 .txn(Txn::new().and_then(gets.collect::<Vec<_>>()))
                 .await?;
+            read_at = read_at.max(resp.header().map_or(0, |h| h.revision()));
             for (relative, op) in chunk.iter().zip(resp.op_responses()) {
                 if let TxnOpResponse::Get(get) = op
                     && let Some(kv) = get.kvs().first()
@@ -264,7 +270,7 @@ impl PlatformConfig {
                 }
             }
         }
-        Ok(found)
+        Ok((found, read_at))
     }
 
     /// Writes `changes` in fenced transactions of up to [`MAX_TXN_OPS`] keys (one for

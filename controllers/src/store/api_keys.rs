@@ -293,16 +293,20 @@ pub async fn customers_crossing<'e, E: sqlx::PgExecutor<'e>>(
         .await
 }
 
-/// Records the etcd revision of the last write to these keys' gateway entries (one
-/// etcd transaction wrote them all; for `GatewaySynced`).
+/// Raises the recorded etcd revision of these keys' gateway entries to `revision` (a
+/// write's, or a convergence's floor: see `platform::sync`; for `GatewaySynced`). Never
+/// lowers it; rows already at or above it are neither written nor locked.
 pub async fn record_config_revision(
     tx: &mut PgConnection,
     hashes: &[String],
     revision: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE api_keys SET config_revision = $2 WHERE id IN ({LOCK_IN_ORDER})"
-    ))
+    sqlx::query(
+        "UPDATE api_keys SET config_revision = $2 WHERE id IN (\
+         SELECT id FROM api_keys WHERE key_hash = ANY($1) \
+           AND (config_revision IS NULL OR config_revision < $2) \
+         ORDER BY created_at, id FOR UPDATE)",
+    )
     .bind(hashes)
     .bind(revision)
     .execute(tx)

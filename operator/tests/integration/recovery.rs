@@ -1,15 +1,16 @@
 //! Recovery (DESIGN section 4, recovery rule): writer terms that diverge between
-//! Postgres and etcd heal in one step and without a restart.
+//! Postgres and etcd heal in one step and without a restart; a convergence whose
+//! recording rolled back after its etcd write still keeps `GatewaySynced` honest.
 
 use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use crate::gateway::issue;
+use crate::gateway::{issue, wait_gateway_synced};
 use crate::production::metric;
 use crate::support::gateway::check;
-use crate::support::{TestEnv, eventually, http_get};
+use crate::support::{Backends, TestEnv, eventually, exit_log, http_get};
 
 /// `<prefix>.writer-epoch` of the test's (unsharded) operator.
 fn epoch_key(env: &TestEnv) -> String {
@@ -172,4 +173,89 @@ async fn a_deleted_etcd_fence_key_heals_without_a_restart() {
             .filter(|(code, _)| *code == 200)
     })
     .await;
+}
+
+/// The key's row: its hash and the etcd revision recorded for its entry.
+async fn key_row(env: &TestEnv, id: &str) -> (String, i64) {
+    sqlx::query_as("SELECT key_hash, coalesce(config_revision, 0) FROM api_keys WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(&env.db)
+        .await
+        .expect("read the key's row")
+}
+
+/// A replica's report, as a gateway writes it: it has applied etcd up to `revision`.
+async fn report_applied(env: &TestEnv, revision: i64) {
+    env.etcd
+        .kv_client()
+        .put(
+            format!("{}/gateways/stand-in", env.etcd_prefix),
+            json!({"appliedRevision": revision}).to_string(),
+            None,
+        )
+        .await
+        .expect("put the replica report");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_convergence_is_still_awaited_by_gateway_synced() {
+    let env = TestEnv::new("rolled-back").await;
+    let first = env.start_operator().await;
+    let quota = json!({"requestsPerSecond": 100});
+    let (_, issued) = issue(&env, "fay", "fay-key", &["*"], quota).await;
+    let id = issued.status.and_then(|s| s.key_id).expect("keyId");
+    // A replica (a stand-in report) that has applied everything up to now.
+    let now = env
+        .etcd
+        .kv_client()
+        .get(epoch_key(&env), None)
+        .await
+        .expect("etcd get")
+        .header()
+        .map(|h| h.revision())
+        .expect("revision");
+    report_applied(&env, now).await;
+    wait_gateway_synced(&env, "fay-key", |_, s, _| s == "True").await;
+    first.stop().await;
+
+    // A writer that aborts right after its etcd write: the blocked entry lands in etcd,
+    // the transaction recording its revision rolls back.
+    let aborting = env.spawn_operator_with(Backends {
+        extra_env: vec![("M3O_FAILPOINTS".into(), "abort-after-etcd-write".into())],
+        ..Backends::default()
+    });
+    env.apikeys()
+        .patch(
+            "fay-key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"blocked": true}})),
+        )
+        .await
+        .expect("block the key");
+    let (status, log) = exit_log(aborting, "the writer aborts after its etcd write").await;
+    assert!(!status.success() && log.contains("abort-after-etcd-write"), "{log}");
+    let (hash, recorded) = key_row(&env, &id).await;
+    let entry = m3o_platform_contract::apikey_key(&hash);
+    assert_eq!(env.etcd_json(&entry).await.expect("entry")["status"], "blocked");
+    let entry_revision = env.etcd_mod_revision(&entry).await;
+    assert!(
+        recorded < entry_revision && now < entry_revision,
+        "set-up: the write landed at {entry_revision}, the record ({recorded}) rolled back"
+    );
+
+    // The next writer finds nothing to write; the revision of the entry it now has is
+    // still what every replica must have applied.
+    let _second = env.start_operator().await;
+    let (status, reason, message) = wait_gateway_synced(&env, "fay-key", |_, _, _| true).await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "Propagating"),
+        "a replica at {now} < {entry_revision} still accepts the key: {message}"
+    );
+    assert!(message.contains(&entry_revision.to_string()), "{message}");
+    assert_eq!(key_row(&env, &id).await.1, entry_revision, "the floor recorded");
+
+    report_applied(&env, entry_revision).await;
+    let (_, _, message) = wait_gateway_synced(&env, "fay-key", |_, s, _| s == "True").await;
+    assert!(message.contains(&entry_revision.to_string()), "{message}");
 }

@@ -34,7 +34,7 @@ async fn through(nginx: &Nginx, key: &str, path: &str) -> Reply {
 
 /// The key's `GatewaySynced` condition (status, reason, message) once the status
 /// describes the current generation and `accept` holds for it.
-async fn wait_gateway_synced(
+pub(crate) async fn wait_gateway_synced(
     env: &TestEnv,
     name: &str,
     accept: impl Fn(&ApiKey, &str, &str) -> bool,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use m3o_controllers::platform::{PlatformConfig, divergence};
 use m3o_controllers::report::metrics::Metrics;
 use m3o_controllers::runtime::feed::CustomerFeed;
+use m3o_controllers::runtime::lanes::CHANGES_CONCURRENCY;
 use m3o_controllers::store::fence::Term;
 use m3o_controllers::{
     Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription,
@@ -27,9 +28,15 @@ use crate::parked_events;
 use crate::startup::{self, StartupError};
 
 /// Database connections of the operator process: one per reconcile that may run at
-/// once (three kinds), plus the relay, the drift watcher, the fence and scrapes.
+/// once (three kinds, each with `--concurrency` in its bulk lane and
+/// [`CHANGES_CONCURRENCY`] in its lane of changes), plus the relay, the drift watcher,
+/// the resync, usage, gateway-sync re-checks and scrapes. Not capped: a pool smaller
+/// than the reconciles it serves reports false `DatabaseUnavailable` under load (the
+/// connections are opened only as needed; size Postgres's `max_connections` for it).
 fn db_pool_size(concurrency: u16) -> u32 {
-    (3 * u32::from(concurrency) + 8).min(128)
+    const KINDS: u32 = 3;
+    const OTHER_TASKS: u32 = 8;
+    KINDS * (u32::from(concurrency) + u32::from(CHANGES_CONCURRENCY)) + OTHER_TASKS
 }
 
 pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
@@ -581,4 +588,16 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = shutdown.cancelled() => return,
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_serves_every_reconcile_of_both_lanes() {
+        assert_eq!(db_pool_size(8), 3 * (8 + 2) + 8);
+        // The largest --concurrency: no cap below its reconciles.
+        assert!(db_pool_size(256) >= 3 * (256 + u32::from(CHANGES_CONCURRENCY)));
+    }
 }

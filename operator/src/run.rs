@@ -82,6 +82,13 @@ impl LeaderWork {
             ),
             supervised("customer-watch", until(stop.clone(), customer_watch)),
             supervised(
+                "orphan-retirement",
+                until(
+                    stop.clone(),
+                    m3o_controllers::runtime::orphans::run(ctx.clone()),
+                ),
+            ),
+            supervised(
                 "customer-controller",
                 customer::run(
                     ctx.clone(),

@@ -130,7 +130,11 @@ mod tests {
     fn refusals_heal_only_a_term_postgres_says_is_ours() {
         use Refusal::*;
         assert_eq!(on_refusal(5, Some(5), None), Reestablish, "key deleted");
-        assert_eq!(on_refusal(5, Some(5), Some(3)), Reestablish, "etcd restored");
+        assert_eq!(
+            on_refusal(5, Some(5), Some(3)),
+            Reestablish,
+            "etcd restored"
+        );
         assert_eq!(on_refusal(5, Some(5), Some(5)), Retry, "healed by another");
         assert_eq!(on_refusal(5, Some(5), Some(7)), Stop, "Postgres behind");
         assert_eq!(on_refusal(5, Some(6), None), Stop, "superseded");

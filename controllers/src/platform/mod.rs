@@ -170,9 +170,8 @@ impl PlatformConfig {
             return Ok(done);
         }
         let mine = self.epoch.load(Ordering::SeqCst);
-        let refused = || {
-            Error::Fenced("etcd refused a write: another process holds the writer term".into())
-        };
+        let refused =
+            || Error::Fenced("etcd refused a write: another process holds the writer term".into());
         let Some(check) = &self.term else {
             return Err(refused());
         };
@@ -244,10 +243,7 @@ impl PlatformConfig {
     /// in one request per [`MAX_TXN_OPS`] keys (a transaction of gets, so all of one
     /// request are read at one revision), and the latest revision read at (0 when none was read; every
     /// change to these keys before the call is at or below it).
-    pub async fn read(
-        &self,
-        relatives: &[&str],
-    ) -> Result<(HashMap<String, Current>, i64), Error> {
+    pub async fn read(&self, relatives: &[&str]) -> Result<(HashMap<String, Current>, i64), Error> {
         let mut found = HashMap::new();
         let mut read_at = 0;
         for chunk in relatives.chunks(MAX_TXN_OPS) {

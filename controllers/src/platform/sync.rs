@@ -153,7 +153,10 @@ mod tests {
 
     #[test]
     fn every_convergence_records_a_floor_even_without_writes() {
-        let keys = keys(&[(H_A, true), (H_B, true), (H_C, false), (H_D, false)], &[H_C]);
+        let keys = keys(
+            &[(H_A, true), (H_B, true), (H_C, false), (H_D, false)],
+            &[H_C],
+        );
         let current: HashMap<String, diff::Current> = [(
             m3o_platform_contract::apikey_key(H_A),
             diff::Current {

@@ -1,6 +1,8 @@
 //! Recovery (DESIGN section 4, recovery rule): writer terms that diverge between
 //! Postgres and etcd heal in one step and without a restart; a convergence whose
-//! recording rolled back after its etcd write still keeps `GatewaySynced` honest.
+//! recording rolled back after its etcd write still keeps `GatewaySynced` honest; and
+//! after a disaster (Postgres restored from an older backup, the etcd prefix wiped, the
+//! stream flushed, all at once) the resources win while the ids are kept.
 
 use std::time::{Duration, Instant};
 
@@ -78,7 +80,10 @@ async fn postgres_behind_etcd_starts_once_above_both() {
         "provisioned into etcd"
     );
     assert!(op.is_running(), "started once: no exit, no crash loop");
-    assert_eq!(metric(&op, "m3o_operator_fence_divergence_total").await, 1.0);
+    assert_eq!(
+        metric(&op, "m3o_operator_fence_divergence_total").await,
+        1.0
+    );
     let log = std::fs::read_to_string(&op.log_path).expect("log");
     assert!(
         log.contains("\"level\":\"WARN\"") && log.contains("writer term diverged"),
@@ -177,11 +182,13 @@ async fn a_deleted_etcd_fence_key_heals_without_a_restart() {
 
 /// The key's row: its hash and the etcd revision recorded for its entry.
 async fn key_row(env: &TestEnv, id: &str) -> (String, i64) {
-    sqlx::query_as("SELECT key_hash, coalesce(config_revision, 0) FROM api_keys WHERE id = $1::uuid")
-        .bind(id)
-        .fetch_one(&env.db)
-        .await
-        .expect("read the key's row")
+    sqlx::query_as(
+        "SELECT key_hash, coalesce(config_revision, 0) FROM api_keys WHERE id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(&env.db)
+    .await
+    .expect("read the key's row")
 }
 
 /// A replica's report, as a gateway writes it: it has applied etcd up to `revision`.
@@ -233,10 +240,16 @@ async fn a_rolled_back_convergence_is_still_awaited_by_gateway_synced() {
         .await
         .expect("block the key");
     let (status, log) = exit_log(aborting, "the writer aborts after its etcd write").await;
-    assert!(!status.success() && log.contains("abort-after-etcd-write"), "{log}");
+    assert!(
+        !status.success() && log.contains("abort-after-etcd-write"),
+        "{log}"
+    );
     let (hash, recorded) = key_row(&env, &id).await;
     let entry = m3o_platform_contract::apikey_key(&hash);
-    assert_eq!(env.etcd_json(&entry).await.expect("entry")["status"], "blocked");
+    assert_eq!(
+        env.etcd_json(&entry).await.expect("entry")["status"],
+        "blocked"
+    );
     let entry_revision = env.etcd_mod_revision(&entry).await;
     assert!(
         recorded < entry_revision && now < entry_revision,
@@ -253,9 +266,272 @@ async fn a_rolled_back_convergence_is_still_awaited_by_gateway_synced() {
         "a replica at {now} < {entry_revision} still accepts the key: {message}"
     );
     assert!(message.contains(&entry_revision.to_string()), "{message}");
-    assert_eq!(key_row(&env, &id).await.1, entry_revision, "the floor recorded");
+    assert_eq!(
+        key_row(&env, &id).await.1,
+        entry_revision,
+        "the floor recorded"
+    );
 
     report_applied(&env, entry_revision).await;
     let (_, _, message) = wait_gateway_synced(&env, "fay-key", |_, s, _| s == "True").await;
     assert!(message.contains(&entry_revision.to_string()), "{message}");
+}
+
+/// Runs `program args`, asserting success.
+async fn must(program: &str, args: &[&str]) -> String {
+    crate::support::cli::ok(program, args, None).await
+}
+
+/// A key of `customer` (already Ready) named `name`, Ready; its plaintext.
+async fn key_for(env: &TestEnv, customer: &str, name: &str, extra: serde_json::Value) -> String {
+    let mut spec = crate::apikey::key_spec(extra);
+    spec["customerRef"]["name"] = json!(customer);
+    env.apply_apikey(name, spec).await;
+    env.wait_apikey(name, "True", "Provisioned").await;
+    env.secret_key(&format!("{name}-api-key"))
+        .await
+        .expect("the key's Secret")
+}
+
+async fn customer_id(env: &TestEnv, name: &str) -> String {
+    let c = env.customers().get(name).await.expect("customer");
+    c.status.and_then(|s| s.customer_id).expect("customerId")
+}
+
+async fn wait_deleted<K>(api: &kube::Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        &format!("{name} to be deleted"),
+        Duration::from_secs(60),
+        || async { api.get_opt(name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
+    let env = TestEnv::new("restore").await;
+    let started = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let op = env.start_operator().await;
+    let quota = json!({"requestsPerSecond": 100});
+    let (live, _) = issue(&env, "alpha", "a-live", &["*"], quota.clone()).await;
+    let rotated_out = key_for(&env, "alpha", "a-rot", json!({"rotationGracePeriod": "0s"})).await;
+    let blocked = key_for(&env, "alpha", "a-block", json!({})).await;
+    let deleted = key_for(&env, "alpha", "a-del", json!({})).await;
+    let (gone_key, _) = issue(&env, "gone", "g-key", &["*"], quota).await;
+    let (alpha_id, gone_id) = (
+        customer_id(&env, "alpha").await,
+        customer_id(&env, "gone").await,
+    );
+    op.settle().await;
+
+    // The backup: this test's schema, as an admin would take it.
+    let dump =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.dump", env.schema));
+    let dump = dump.to_str().expect("utf-8 path");
+    must(
+        "pg_dump",
+        &[
+            "--format=custom",
+            "--schema",
+            &env.schema,
+            "--file",
+            dump,
+            &env.database_url,
+        ],
+    )
+    .await;
+
+    // After the backup: a rotation without grace, a block, a key and a customer deleted.
+    env.apikeys()
+        .patch(
+            "a-rot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"rotationGeneration": 1}})),
+        )
+        .await
+        .expect("rotate");
+    env.apikeys()
+        .patch(
+            "a-block",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"blocked": true}})),
+        )
+        .await
+        .expect("block");
+    let rotated = eventually(
+        "the rotated key in its Secret",
+        Duration::from_secs(60),
+        || async {
+            env.secret_key("a-rot-api-key")
+                .await
+                .filter(|k| *k != rotated_out)
+        },
+    )
+    .await;
+    env.wait_apikey("a-rot", "True", "Provisioned").await;
+    env.wait_apikey("a-block", "True", "Blocked").await;
+    let delete = kube::api::DeleteParams::default();
+    env.apikeys()
+        .delete("a-del", &delete)
+        .await
+        .expect("delete a-del");
+    env.apikeys()
+        .delete("g-key", &delete)
+        .await
+        .expect("delete g-key");
+    env.subscriptions()
+        .delete("gone", &delete)
+        .await
+        .expect("delete sub");
+    env.customers()
+        .delete("gone", &delete)
+        .await
+        .expect("delete gone");
+    for name in ["a-del", "g-key"] {
+        wait_deleted(&env.apikeys(), name).await;
+    }
+    wait_deleted(&env.customers(), "gone").await;
+    op.settle().await;
+    assert_eq!(op.stop().await.code(), Some(0));
+
+    // The disaster, all at once: Postgres restored from the backup, the etcd prefix
+    // wiped (the fence key with it), the stream flushed.
+    sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", env.schema))
+        .execute(&env.db)
+        .await
+        .expect("drop the schema");
+    must("pg_restore", &["--dbname", &env.database_url, dump]).await;
+    env.etcd
+        .kv_client()
+        .delete(
+            env.etcd_prefix.clone(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("wipe the prefix");
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let stream = m3o_events::stream_key(&env.stream_prefix, m3o_events::customers::TOPIC);
+    redis::cmd("DEL")
+        .arg(&stream)
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("flush the stream");
+
+    let restarted_at = Instant::now();
+    let op = env.start_operator().await;
+    let gateway = env.start_gateway(&env.gateway_config()).await;
+    let expected = [
+        (&live, 200, "a-live"),
+        (&rotated, 200, "a-rot (its Secret's key)"),
+        (&rotated_out, 401, "a-rot's key rotated out without grace"),
+        (&blocked, 401, "a-block, blocked after the backup"),
+        (&deleted, 401, "a-del, deleted after the backup"),
+        (
+            &gone_key,
+            401,
+            "the key of the customer deleted after the backup",
+        ),
+    ];
+    eventually(
+        "every key as its resource says",
+        Duration::from_secs(60),
+        || async {
+            for (key, status, _) in &expected {
+                if check(&gateway, key, "/v1/x/y").await.status != *status {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "restore + wipe + flush -> every key right after {:?}",
+        restarted_at.elapsed()
+    );
+    op.settle().await;
+    for (key, status, what) in &expected {
+        assert_eq!(
+            check(&gateway, key, "/v1/x/y").await.status,
+            *status,
+            "{what}"
+        );
+    }
+    assert_eq!(customer_id(&env, "alpha").await, alpha_id, "the id is kept");
+    assert_eq!(env.row_by_id(&alpha_id).await.status, "active");
+    let gone: (Option<chrono::DateTime<chrono::Utc>>,) =
+        sqlx::query_as("SELECT deleted_at FROM customers WHERE id = $1::uuid")
+            .bind(&gone_id)
+            .fetch_one(&env.db)
+            .await
+            .expect("the deleted customer's row");
+    assert!(
+        gone.0.is_some(),
+        "the customer deleted after the backup is retired"
+    );
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&gone_id))
+            .await
+            .is_none(),
+        "and absent from etcd"
+    );
+
+    let audit = env
+        .admin(
+            &["audit", "--namespace", &env.ns],
+            &crate::admin::AdminBackends::default(),
+        )
+        .await;
+    assert_eq!(
+        audit.status.code(),
+        Some(0),
+        "{}",
+        crate::support::cli::text(&audit)
+    );
+
+    // Consumers whose stream was lost: the retained events again, with their ids.
+    let retained: Vec<(uuid::Uuid,)> =
+        sqlx::query_as("SELECT id FROM outbox WHERE published_at IS NOT NULL AND created_at >= $1")
+            .bind(started)
+            .fetch_all(&env.db)
+            .await
+            .expect("retained events");
+    assert!(!retained.is_empty());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+        .args(["outbox", "replay", "--since", &started.to_rfc3339()])
+        .args([
+            "--database-schema",
+            &env.schema,
+            "--stream-prefix",
+            &env.stream_prefix,
+        ])
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", &env.redis_url)
+        .output()
+        .await
+        .expect("run outbox replay");
+    assert!(out.status.success(), "{}", crate::support::cli::text(&out));
+    let ids: std::collections::HashSet<String> = env
+        .stream_events()
+        .await
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    for (id,) in &retained {
+        assert!(
+            ids.contains(&id.to_string()),
+            "event {id} re-sent with its id"
+        );
+    }
+    eprintln!(
+        "outbox replay re-sent {} retained events with their ids",
+        retained.len()
+    );
 }

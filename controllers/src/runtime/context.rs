@@ -266,9 +266,15 @@ mod tests {
     async fn the_wait_for_a_cache_is_bounded() {
         let (store, mut writer) = reflector::store::<Customer>();
         let started = std::time::Instant::now();
-        assert!(!ready_within(&store, Duration::from_millis(50)).await, "never listed");
+        assert!(
+            !ready_within(&store, Duration::from_millis(50)).await,
+            "never listed"
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
         writer.apply_watcher_event(&watcher::Event::InitDone);
-        assert!(ready_within(&store, Duration::from_millis(50)).await, "listed");
+        assert!(
+            ready_within(&store, Duration::from_millis(50)).await,
+            "listed"
+        );
     }
 }

@@ -537,3 +537,60 @@ async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
         retained.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
+    let env = TestEnv::new("beat-reopen").await;
+    let mut op = env
+        .start_operator_with(Backends {
+            extra_args: crate::production::FAST_TIMINGS.map(String::from).to_vec(),
+            ..Backends::default()
+        })
+        .await;
+    // The heartbeat's session (of this schema's holder): its last statement is the beat.
+    let heartbeat_session = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE query LIKE 'UPDATE writer_fence SET beat_at%' \
+               AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
+        )
+        .fetch_optional(&env.db)
+        .await
+        .ok()
+        .flatten()
+    };
+    let pid = eventually(
+        "the heartbeat session",
+        Duration::from_secs(10),
+        heartbeat_session,
+    )
+    .await;
+    // As a proxy's idle timeout would: the session is gone under the holder.
+    let cut_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp() FROM pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&env.db)
+            .await
+            .expect("terminate the heartbeat session");
+    // Beats go on past the renew deadline (3s), which a lost term would not see.
+    let renewed = eventually(
+        "a beat later than the renew deadline after the cut",
+        Duration::from_secs(15),
+        || async {
+            let beat_at: chrono::DateTime<chrono::Utc> =
+                sqlx::query_scalar("SELECT beat_at FROM writer_fence WHERE name = ''")
+                    .fetch_one(&env.db)
+                    .await
+                    .ok()?;
+            (beat_at > cut_at + chrono::Duration::seconds(4)).then_some(beat_at)
+        },
+    )
+    .await;
+    eprintln!(
+        "heartbeat session terminated -> still beating {:?} later",
+        (renewed - cut_at).to_std().unwrap_or_default()
+    );
+    assert!(op.is_running(), "the term was kept");
+    assert_ne!(heartbeat_session().await, Some(pid), "on a new session");
+    assert_eq!(metric(&op, "m3o_operator_leader").await, 1.0);
+}

@@ -76,6 +76,10 @@ pub async fn retire_gone(ctx: &Context) -> Result<usize, Error> {
             "retired records whose resource is gone (restored from an older backup?), as if deleted now"
         );
     }
+    tracing::info!(
+        retired = count,
+        "compared the live records with the resources"
+    );
     Ok(count)
 }
 

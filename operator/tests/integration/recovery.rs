@@ -594,3 +594,97 @@ async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
     assert_ne!(heartbeat_session().await, Some(pid), "on a new session");
     assert_eq!(metric(&op, "m3o_operator_leader").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_kept_by_orphan_survive_and_records_of_vanished_resources_are_retired() {
+    let env = TestEnv::new("orphan-pass").await;
+    let op = env.start_operator().await;
+    let orphan = json!({"deletionPolicy": "Orphan"});
+    env.apply_customer(
+        "kept",
+        json!({"email": "kept@example.com", "deletionPolicy": "Orphan"}),
+    )
+    .await;
+    env.apply_customer("vanished", json!({"email": "v@example.com"}))
+        .await;
+    let kept_key = key_for(&env, "kept", "kept-key", orphan).await;
+    let kept_id = customer_id(&env, "kept").await;
+    let vanished_id = customer_id(&env, "vanished").await;
+    let delete = kube::api::DeleteParams::default();
+    env.apikeys()
+        .delete("kept-key", &delete)
+        .await
+        .expect("delete kept-key");
+    env.customers()
+        .delete("kept", &delete)
+        .await
+        .expect("delete kept");
+    wait_deleted(&env.apikeys(), "kept-key").await;
+    wait_deleted(&env.customers(), "kept").await;
+    op.settle().await;
+    assert_eq!(op.stop().await.code(), Some(0));
+    // Gone without its cleanup (its finalizer removed by hand while no operator ran).
+    env.customers()
+        .delete("vanished", &delete)
+        .await
+        .expect("delete vanished");
+    env.customers()
+        .patch(
+            "vanished",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("remove the finalizer");
+    wait_deleted(&env.customers(), "vanished").await;
+
+    let op = env.start_operator().await;
+    let log = op.log_path.clone();
+    eventually(
+        "the pass over the live records",
+        Duration::from_secs(30),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("compared the live records with the resources")
+                .then_some(())
+        },
+    )
+    .await;
+    op.settle().await;
+    let deleted_at = |id: String| {
+        let db = env.db.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+                "SELECT deleted_at FROM customers WHERE id = $1::uuid",
+            )
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .expect("customer row")
+        }
+    };
+    assert!(
+        deleted_at(kept_id.clone()).await.is_none(),
+        "Orphan kept it"
+    );
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&kept_id))
+            .await
+            .is_some()
+    );
+    let gateway = env.start_gateway(&env.gateway_config()).await;
+    assert_eq!(
+        check(&gateway, &kept_key, "/v1/x/y").await.status,
+        200,
+        "the orphaned key keeps working"
+    );
+    assert!(
+        deleted_at(vanished_id.clone()).await.is_some(),
+        "the vanished one is retired"
+    );
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&vanished_id))
+            .await
+            .is_none()
+    );
+}

@@ -170,9 +170,13 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 /// A leader healing a writer-term divergence is not ready until it has converged the
 /// etcd prefix again.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    let (code, body) = state.role.answer(state.watching.all());
-    match state.divergence.unhealed() {
-        Some(what) if code == StatusCode::OK && state.role.is_leading() => (
+    readiness(&state.role, state.watching.all(), &state.divergence)
+}
+
+fn readiness(role: &Role, watching: bool, divergence: &Divergence) -> (StatusCode, String) {
+    let (code, body) = role.answer(watching);
+    match divergence.unhealed() {
+        Some(what) if code == StatusCode::OK && role.is_leading() => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: healing a divergence of the writer term: {what}"),
         ),
@@ -257,6 +261,27 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_healing_a_divergence_is_not_ready_until_healed() {
+        let role = Role::new(Duration::from_secs(60));
+        role.leading();
+        let divergence = Divergence::default();
+        assert_eq!(
+            readiness(&role, true, &divergence),
+            (StatusCode::OK, "ready (leader)".into())
+        );
+        divergence.found("etcd recorded writer term none".into());
+        let (code, text) = readiness(&role, true, &divergence);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            text.contains("healing a divergence of the writer term: etcd recorded"),
+            "{text}"
+        );
+        let healing = divergence.pending_number().expect("pending");
+        divergence.healed(healing);
+        assert_eq!(readiness(&role, true, &divergence).0, StatusCode::OK);
+    }
 
     #[test]
     fn readiness_says_what_it_waits_on() {

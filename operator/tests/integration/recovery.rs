@@ -320,6 +320,7 @@ async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
     let rotated_out = key_for(&env, "alpha", "a-rot", json!({"rotationGracePeriod": "0s"})).await;
     let blocked = key_for(&env, "alpha", "a-block", json!({})).await;
     let deleted = key_for(&env, "alpha", "a-del", json!({})).await;
+    let (banned, _) = issue(&env, "beta", "b-key", &["*"], quota.clone()).await;
     let (gone_key, _) = issue(&env, "gone", "g-key", &["*"], quota).await;
     let (alpha_id, gone_id) = (
         customer_id(&env, "alpha").await,
@@ -373,6 +374,15 @@ async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
     .await;
     env.wait_apikey("a-rot", "True", "Provisioned").await;
     env.wait_apikey("a-block", "True", "Blocked").await;
+    env.customers()
+        .patch(
+            "beta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"state": "Banned"}})),
+        )
+        .await
+        .expect("ban beta");
+    env.wait_apikey("b-key", "True", "Blocked").await;
     let delete = kube::api::DeleteParams::default();
     env.apikeys()
         .delete("a-del", &delete)
@@ -432,6 +442,7 @@ async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
         (&rotated, 200, "a-rot (its Secret's key)"),
         (&rotated_out, 401, "a-rot's key rotated out without grace"),
         (&blocked, 401, "a-block, blocked after the backup"),
+        (&banned, 403, "b-key, its customer banned after the backup"),
         (&deleted, 401, "a-del, deleted after the backup"),
         (
             &gone_key,

@@ -240,7 +240,7 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, blocked_message = $8, updated_at = now(), config_gone = false, \
+         generation = $7, blocked_message = $8, updated_at = now(), config_gone = false, orphaned_at = NULL, \
          revoked_at = CASE WHEN $3 = '{REVOKED}' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))

@@ -699,3 +699,47 @@ async fn records_kept_by_orphan_survive_and_records_of_vanished_resources_are_re
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_term_in_etcd_stops_the_writer_and_its_restart_begins_above_both() {
+    let env = TestEnv::new("etcd-ahead").await;
+    let op = env.start_operator().await;
+    env.apply_customer("cleo", json!({"email": "cleo@example.com"}))
+        .await;
+    let id = env
+        .wait_ready("cleo")
+        .await
+        .status
+        .and_then(|s| s.customer_id)
+        .expect("id");
+    let mine = postgres_epoch(&env).await;
+    // Postgres restored under a running operator: etcd records a term Postgres does not.
+    env.etcd
+        .kv_client()
+        .put(epoch_key(&env), format!("{:020}", mine + 10), None)
+        .await
+        .expect("put writer-epoch");
+    env.apply_customer("cleo", json!({"email": "cleo@example.com", "name": "Cleo"}))
+        .await;
+    let (status, log) = exit_log(op, "the writer stops").await;
+    assert!(!status.success());
+    assert!(
+        log.contains("etcd records a newer writer term than Postgres"),
+        "{log}"
+    );
+    let key = m3o_platform_contract::customer_key(&id);
+    assert_ne!(
+        env.etcd_json(&key).await.map(|v| v["name"].clone()),
+        Some(json!("Cleo")),
+        "nothing written under the newer term"
+    );
+
+    let mut op = env.start_operator().await;
+    assert_eq!(postgres_epoch(&env).await, mine + 11, "one step above both");
+    eventually("the change in etcd", Duration::from_secs(30), || async {
+        let name = env.etcd_json(&key).await?["name"].clone();
+        (name == json!("Cleo")).then_some(())
+    })
+    .await;
+    assert!(op.is_running());
+}

@@ -179,7 +179,10 @@ impl PlatformConfig {
         let etcd = self.recorded_term().await?;
         match divergence::on_refusal(mine, postgres, etcd) {
             Refusal::Stop => {
-                check.superseded.cancel();
+                // As the Postgres check does: only a process that began a term stops.
+                if mine > 0 {
+                    check.superseded.cancel();
+                }
                 if postgres == Some(mine) {
                     tracing::error!(
                         mine,

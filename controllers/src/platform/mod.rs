@@ -183,14 +183,15 @@ impl PlatformConfig {
                 if mine > 0 {
                     check.superseded.cancel();
                 }
-                if postgres == Some(mine) {
+                if mine > 0 && postgres == Some(mine) {
                     tracing::error!(
                         mine,
                         etcd,
                         "etcd records a newer writer term than Postgres (Postgres restored from an older backup?); stopping so that a restart begins a term above both"
                     );
                     self.divergence.found(format!(
-                        "etcd records writer term {etcd:?}, newer than this process's {mine} which Postgres records"
+                        "etcd records writer term {}, newer than this process's {mine} which Postgres records",
+                        etcd.unwrap_or_default()
                     ));
                 }
                 return Err(refused());

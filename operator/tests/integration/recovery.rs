@@ -478,6 +478,18 @@ async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
         );
     }
     assert_eq!(customer_id(&env, "alpha").await, alpha_id, "the id is kept");
+    for (key, what) in [(&rotated_out, "rotated out"), (&deleted, "deleted")] {
+        let hash = hex::encode(m3o_gateway::decision::key_hash(key));
+        let status: String = sqlx::query_scalar("SELECT status FROM api_keys WHERE key_hash = $1")
+            .bind(&hash)
+            .fetch_one(&env.db)
+            .await
+            .expect("the key's row");
+        assert_eq!(
+            status, "revoked",
+            "the key {what} after the backup is revoked"
+        );
+    }
     assert_eq!(env.row_by_id(&alpha_id).await.status, "active");
     let gone: (Option<chrono::DateTime<chrono::Utc>>,) =
         sqlx::query_as("SELECT deleted_at FROM customers WHERE id = $1::uuid")

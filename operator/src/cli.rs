@@ -182,16 +182,52 @@ pub enum OutboxCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Re-publish retained events (published, not yet deleted by --outbox-retention)
+    /// created at or after --since, in order and with their original ids, for consumers
+    /// whose stream was lost (a flushed Redis). Consumers dedupe by id.
+    Replay {
+        #[command(flatten)]
+        common: OutboxCommon,
+        /// Events created at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: chrono::DateTime<chrono::Utc>,
+        #[command(flatten)]
+        target: ReplayTarget,
+    },
 }
 
 impl OutboxCommand {
     pub fn common(&self) -> &OutboxCommon {
         match self {
-            Self::List { common, .. } | Self::Backlog { common } | Self::Redrive { common, .. } => {
-                common
-            }
+            Self::List { common, .. }
+            | Self::Backlog { common }
+            | Self::Redrive { common, .. }
+            | Self::Replay { common, .. } => common,
         }
     }
+}
+
+/// Where `outbox replay` re-publishes to: the streams' Redis and key prefix.
+#[derive(Args, Debug, Clone)]
+pub struct ReplayTarget {
+    /// Redis of the event streams: URL, TLS files.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Prefix of the Redis stream keys (`<prefix><topic>`).
+    #[arg(long, env = "M3O_STREAM_PREFIX", default_value = m3o_events::DEFAULT_STREAM_PREFIX)]
+    pub stream_prefix: String,
+
+    /// Approximate bound of each stream's length (XADD MAXLEN ~).
+    #[arg(long, env = "M3O_STREAM_MAXLEN", default_value_t = 100_000)]
+    pub stream_maxlen: usize,
+}
+
+/// An RFC 3339 time (`2026-01-02T03:04:05Z`).
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time ({e}); e.g. 2026-01-02T03:04:05Z"))
 }
 
 #[derive(Args, Debug, Clone)]

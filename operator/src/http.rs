@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use m3o_controllers::platform::divergence::Divergence;
 use m3o_controllers::report::metrics::{Metrics, StreamGroupLabels};
 use m3o_controllers::runtime::context::Watching;
 use m3o_events::relay::RelayStats;
@@ -79,6 +80,12 @@ impl Role {
         self.set(Phase::Leading);
     }
 
+    pub fn is_leading(&self) -> bool {
+        self.phase
+            .lock()
+            .is_ok_and(|p| matches!(*p, Phase::Leading))
+    }
+
     pub fn stopped(&self) {
         self.set(Phase::Connecting);
     }
@@ -139,6 +146,8 @@ pub struct HttpState {
     pub health: Arc<Health>,
     /// Which controllers have listed their objects and are watching.
     pub watching: Arc<Watching>,
+    /// A writer-term divergence being healed (the leader is not ready until then).
+    pub divergence: Arc<Divergence>,
     pub metrics: Arc<Metrics>,
     pub relay: Arc<RelayStats>,
     pub db: PgPool,
@@ -158,8 +167,21 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 /// Ready once connected and, on the leader, once every controller is watching; a
 /// standby is ready as soon as it is connected, since it can take over at any time,
 /// except an elected one that has waited too long on the writer fence (it says on what).
+/// A leader healing a writer-term divergence is not ready until it has converged the
+/// etcd prefix again.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    state.role.answer(state.watching.all())
+    readiness(&state.role, state.watching.all(), &state.divergence)
+}
+
+fn readiness(role: &Role, watching: bool, divergence: &Divergence) -> (StatusCode, String) {
+    let (code, body) = role.answer(watching);
+    match divergence.unhealed() {
+        Some(what) if code == StatusCode::OK && role.is_leading() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: healing a divergence of the writer term: {what}"),
+        ),
+        _ => (code, body),
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -239,6 +261,27 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_healing_a_divergence_is_not_ready_until_healed() {
+        let role = Role::new(Duration::from_secs(60));
+        role.leading();
+        let divergence = Divergence::default();
+        assert_eq!(
+            readiness(&role, true, &divergence),
+            (StatusCode::OK, "ready (leader)".into())
+        );
+        divergence.found("etcd recorded writer term none".into());
+        let (code, text) = readiness(&role, true, &divergence);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            text.contains("healing a divergence of the writer term: etcd recorded"),
+            "{text}"
+        );
+        let healing = divergence.pending_number().expect("pending");
+        divergence.healed(healing);
+        assert_eq!(readiness(&role, true, &divergence).0, StatusCode::OK);
+    }
 
     #[test]
     fn readiness_says_what_it_waits_on() {

@@ -7,8 +7,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use m3o_controllers::platform::{PlatformConfig, divergence};
 use m3o_controllers::report::metrics::Metrics;
 use m3o_controllers::runtime::feed::CustomerFeed;
+use m3o_controllers::runtime::lanes::CHANGES_CONCURRENCY;
 use m3o_controllers::store::fence::Term;
 use m3o_controllers::{
     Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription,
@@ -26,9 +28,15 @@ use crate::parked_events;
 use crate::startup::{self, StartupError};
 
 /// Database connections of the operator process: one per reconcile that may run at
-/// once (three kinds), plus the relay, the drift watcher, the fence and scrapes.
+/// once (three kinds, each with `--concurrency` in its bulk lane and
+/// [`CHANGES_CONCURRENCY`] in its lane of changes), plus the relay, the drift watcher,
+/// the resync, usage, gateway-sync re-checks and scrapes. Not capped: a pool smaller
+/// than the reconciles it serves reports false `DatabaseUnavailable` under load (the
+/// connections are opened only as needed; size Postgres's `max_connections` for it).
 fn db_pool_size(concurrency: u16) -> u32 {
-    (3 * u32::from(concurrency) + 8).min(128)
+    const KINDS: u32 = 3;
+    const OTHER_TASKS: u32 = 8;
+    KINDS * (u32::from(concurrency) + u32::from(CHANGES_CONCURRENCY)) + OTHER_TASKS
 }
 
 pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
@@ -73,6 +81,13 @@ impl LeaderWork {
                 m3o_controllers::runtime::drift::run(ctx.clone(), stop.clone()),
             ),
             supervised("customer-watch", until(stop.clone(), customer_watch)),
+            supervised(
+                "orphan-retirement",
+                until(
+                    stop.clone(),
+                    m3o_controllers::runtime::orphans::run(ctx.clone()),
+                ),
+            ),
             supervised(
                 "customer-controller",
                 customer::run(
@@ -223,6 +238,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         role: role.clone(),
         health: health.clone(),
         watching: ctx.watching.clone(),
+        divergence: ctx.platform.divergence(),
         metrics: metrics.clone(),
         relay: relay.stats(),
         db: db.clone(),
@@ -341,7 +357,7 @@ impl Writer {
                 return Ok(());
             };
             self.term.begin(fence.epoch());
-            if let Err(err) = work.ctx.platform.begin_term().await {
+            if let Err(err) = start_term(&mut fence, &self.term, &work.ctx.platform).await {
                 fence.release().await;
                 return Err(StartupError(format!(
                     "--etcd-endpoints: cannot record the writer term in etcd: {err}"
@@ -413,6 +429,30 @@ impl Writer {
             }
         }
     }
+}
+
+/// Records the term just won in etcd, first moving it above a newer epoch that etcd
+/// records (Postgres restored from an older backup): one start heals that divergence,
+/// where each restart would otherwise gain one epoch and exit again.
+async fn start_term(
+    fence: &mut WriterFence,
+    term: &Term,
+    platform: &PlatformConfig,
+) -> Result<(), String> {
+    let won = fence.epoch();
+    let recorded = platform.recorded_term().await.map_err(|e| e.to_string())?;
+    if let Some(to) = divergence::start_epoch(won, recorded) {
+        platform.divergence().found(format!(
+            "etcd recorded writer term {} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both",
+            recorded.unwrap_or_default()
+        ));
+        match fence.raise_to(to).await {
+            Ok(true) => term.begin(to),
+            Ok(false) => return Err("the writer term moved while being raised above etcd's".into()),
+            Err(err) => return Err(format!("raising the writer term above etcd's: {err}")),
+        }
+    }
+    platform.begin_term().await.map_err(|e| e.to_string())
 }
 
 /// Renews the lease until shutdown or loss; without leader election, waits for shutdown.
@@ -555,4 +595,16 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = shutdown.cancelled() => return,
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_serves_every_reconcile_of_both_lanes() {
+        assert_eq!(db_pool_size(8), 3 * (8 + 2) + 8);
+        // The largest --concurrency: no cap below its reconciles.
+        assert!(db_pool_size(256) >= 3 * (256 + u32::from(CHANGES_CONCURRENCY)));
+    }
 }

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub config_clock_converges: Counter,
     pub resync_due: Family<KindLabels, Counter>,
     pub object_resyncs: Family<KindLabels, Counter>,
+    pub fence_divergence: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +92,7 @@ impl Metrics {
         let config_clock_converges = Counter::default();
         let resync_due = Family::<KindLabels, Counter>::default();
         let object_resyncs = Family::<KindLabels, Counter>::default();
+        let fence_divergence = Counter::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -184,6 +186,11 @@ impl Metrics {
             "Bulk comparisons of a kind's objects with their records (one per resync interval), by kind",
             object_resyncs.clone(),
         );
+        registry.register(
+            "fence_divergence",
+            "Writer terms found to differ between Postgres and etcd (etcd restored, wiped or its fence key deleted; Postgres restored); each is healed by converging the etcd prefix from Postgres",
+            fence_divergence.clone(),
+        );
         for key_kind in ["customers", "apikeys", "quotas", "unowned"] {
             let _ = drift_corrections.get_or_create(&KindLabels {
                 kind: key_kind.to_owned(),
@@ -211,6 +218,7 @@ impl Metrics {
             config_clock_converges,
             resync_due,
             object_resyncs,
+            fence_divergence,
         }
     }
 

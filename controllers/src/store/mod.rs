@@ -10,6 +10,7 @@ pub mod api_keys;
 pub mod customers;
 pub mod fence;
 pub mod hot_queries;
+pub mod orphans;
 pub mod resync;
 pub mod subscriptions;
 

@@ -150,7 +150,53 @@ pub struct HttpState {
     pub divergence: Arc<Divergence>,
     pub metrics: Arc<Metrics>,
     pub relay: Arc<RelayStats>,
-    pub db: PgPool,
+    /// The outbox figures, read from Postgres at most every [`BACKLOG_MAX_AGE`].
+    pub backlog: Arc<BacklogReading>,
+}
+
+/// How old the outbox figures on `/metrics` may be: several Prometheus replicas (or a
+/// scrape storm) cost one query per interval, not one per scrape.
+pub const BACKLOG_MAX_AGE: Duration = Duration::from_secs(5);
+/// A backlog query slower than this is skipped (the figures keep their last value), so a
+/// slow database never stalls a scrape.
+const BACKLOG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The outbox backlog query behind `/metrics`, rate-limited: one caller at a time
+/// queries, the others reuse its reading.
+pub struct BacklogReading {
+    db: PgPool,
+    last: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl BacklogReading {
+    pub fn new(db: PgPool) -> Self {
+        Self {
+            db,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refreshes the outbox gauges when the last reading is older than
+    /// [`BACKLOG_MAX_AGE`].
+    async fn refresh(&self, metrics: &Metrics) {
+        let mut last = self.last.lock().await;
+        if !reading_due(*last, Instant::now()) {
+            return;
+        }
+        let read = tokio::time::timeout(BACKLOG_TIMEOUT, m3o_events::outbox::backlog(&self.db));
+        if let Ok(Ok(backlog)) = read.await {
+            metrics.outbox_backlog.set(backlog.count);
+            let age = backlog.age(chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics.outbox_oldest_age.set(age);
+            metrics.outbox_parked.set(backlog.parked);
+            *last = Some(Instant::now());
+        }
+    }
+}
+
+/// Whether a reading taken at `last` is too old at `now` (none yet: due).
+fn reading_due(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|at| now.saturating_duration_since(at) >= BACKLOG_MAX_AGE)
 }
 
 /// Fails while a long-running task is down (the process then exits non-zero).
@@ -185,13 +231,8 @@ fn readiness(role: &Role, watching: bool, divergence: &Divergence) -> (StatusCod
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    // Outbox figures are read at scrape time so they are never stale.
-    if let Ok(backlog) = m3o_events::outbox::backlog(&state.db).await {
-        state.metrics.outbox_backlog.set(backlog.count);
-        let age = backlog.age(chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
-        state.metrics.outbox_oldest_age.set(age);
-        state.metrics.outbox_parked.set(backlog.parked);
-    }
+    // Outbox figures are read at scrape time, at most every BACKLOG_MAX_AGE.
+    state.backlog.refresh(&state.metrics).await;
     catch_up(
         &state.metrics.events_published,
         state.relay.published_total(),
@@ -261,6 +302,15 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_is_read_at_most_every_max_age() {
+        let now = Instant::now();
+        assert!(reading_due(None, now), "no reading yet");
+        assert!(!reading_due(Some(now), now));
+        assert!(!reading_due(Some(now), now + BACKLOG_MAX_AGE / 2));
+        assert!(reading_due(Some(now), now + BACKLOG_MAX_AGE));
+    }
 
     #[test]
     fn a_leader_healing_a_divergence_is_not_ready_until_healed() {

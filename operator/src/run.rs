@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DatabaseArgs, RunArgs};
 use crate::fence::WriterFence;
-use crate::http::{self, Health, HttpState, Role};
+use crate::http::{self, BacklogReading, Health, HttpState, Role};
 use crate::leader::{ElectionConfig, Elector, Ended, Timing};
 use crate::parked_events;
 use crate::startup::{self, StartupError};
@@ -241,7 +241,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         divergence: ctx.platform.divergence(),
         metrics: metrics.clone(),
         relay: relay.stats(),
-        db: db.clone(),
+        backlog: Arc::new(BacklogReading::new(db.clone())),
     };
     let writer = Writer {
         client,

@@ -9,6 +9,7 @@
 pub mod desired;
 pub mod diff;
 pub mod entry;
+pub mod gateway_roster;
 pub mod gateways;
 pub mod published;
 pub mod scan;
@@ -47,6 +48,8 @@ pub struct PlatformConfig {
     epoch: Arc<AtomicI64>,
     /// The writer fence's name (`""` unsharded; one per shard).
     fence: String,
+    /// Gateway replicas seen reporting, and departed ones still within their bound.
+    roster: Arc<Mutex<gateway_roster::Roster>>,
 }
 
 /// The key holding the (unsharded) writer term of `prefix`: beside it, not under it
@@ -93,6 +96,7 @@ impl PlatformConfig {
             own_revisions: Arc::default(),
             epoch: Arc::default(),
             fence: String::new(),
+            roster: Arc::default(),
         })
     }
 

@@ -171,6 +171,29 @@ async fn a_frozen_replica_stops_serving_before_gateway_synced_says_true() {
         "{value:?}"
     );
 
+    // The happy path (every replica reporting) does not wait for any bound: a change
+    // of the key's entry is confirmed as soon as both have applied it.
+    let changed_at = Instant::now();
+    env.apikeys()
+        .patch(
+            "pat-key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"scopes": ["helloworld", "weather"]}})),
+        )
+        .await
+        .expect("change the key's scopes");
+    let (_, _, message) = wait_gateway_synced(&env, "pat-key", |_, s, _| s == "True").await;
+    let happy = changed_at.elapsed();
+    assert!(message.starts_with("2/2 "), "{message}");
+    assert!(
+        happy < Duration::from_secs(10),
+        "GatewaySynced took {happy:?} with every replica reporting"
+    );
+    eprintln!(
+        "happy path: GatewaySynced True {:.2}s after the change",
+        happy.as_secs_f64()
+    );
+
     // b is cut off without a FIN; then the key is blocked.
     proxy.freeze();
     let frozen_at = Instant::now();

@@ -79,10 +79,15 @@ async fn pump(
 }
 
 /// Replica `a` straight to etcd, replica `b` through a freezable proxy; both without
-/// limits (this is about the index, not Redis), `b` with `b_args`.
-async fn replicas(env: &TestEnv, b_args: &[&str]) -> (Gateway, FreezableProxy, Gateway) {
+/// limits (this is about the index, not Redis) and with `args`, `b` also with `b_args`.
+async fn replicas(
+    env: &TestEnv,
+    args: &[&str],
+    b_args: &[&str],
+) -> (Gateway, FreezableProxy, Gateway) {
     let mut config = env.gateway_config();
     config.extra_args = vec!["--no-limits".into()];
+    config.extra_args.extend(args.iter().map(|s| s.to_string()));
     let a = env.start_gateway(&config).await;
     let etcd = env
         .etcd_endpoints
@@ -149,7 +154,7 @@ async fn a_frozen_replica_stops_serving_before_gateway_synced_says_true() {
     .await;
     // b's bound is above its lease's 10 s, so its report vanishes before it stops
     // serving: only counting it for its bound after it left keeps True honest.
-    let (a, proxy, b) = replicas(&env, &["--max-staleness=15s"]).await;
+    let (a, proxy, b) = replicas(&env, &[], &["--max-staleness=15s"]).await;
     let (_, _, message) = wait_gateway_synced(&env, "pat-key", |k, s, _| {
         s == "True"
             && k.status
@@ -252,7 +257,7 @@ async fn a_frozen_replica_in_serve_mode_keeps_serving_and_voids_gateway_synced()
         json!({"requestsPerSecond": 1000, "monthlyRequests": 1_000_000}),
     )
     .await;
-    let (a, proxy, b) = replicas(&env, &["--stale-mode=serve"]).await;
+    let (a, proxy, b) = replicas(&env, &[], &["--stale-mode=serve"]).await;
     // b's report says so, and that alone keeps the condition from True.
     let value = reports(&env).await;
     assert!(value.iter().any(|r| r["staleMode"] == "serve"), "{value:?}");
@@ -318,6 +323,63 @@ async fn a_frozen_replica_in_serve_mode_keeps_serving_and_voids_gateway_synced()
     eprintln!(
         "partition (serve): frozen replica still 200 {:.1}s after its report vanished; {reason}: {message}",
         served_from.elapsed().as_secs_f64()
+    );
+    proxy.thaw();
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_restart_the_operator_waits_a_bound_for_replicas_it_never_saw_leave() {
+    let env = TestEnv::new("gw-partition-restart").await;
+    let operator = env.start_operator().await;
+    let (key, _) = issue(
+        &env,
+        "rio",
+        "rio-key",
+        &["helloworld"],
+        json!({"requestsPerSecond": 1000, "monthlyRequests": 1_000_000}),
+    )
+    .await;
+    // Bounds well above the 10 s lease: b serves its snapshot long after its report
+    // has vanished.
+    let (a, proxy, b) = replicas(&env, &["--max-staleness=25s"], &[]).await;
+    wait_gateway_synced(&env, "rio-key", |k, s, _| {
+        s == "True"
+            && k.status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .any(|c| c.type_ == "GatewaySynced" && c.message.starts_with("2/2 "))
+    })
+    .await;
+
+    // No operator sees b leave: it is stopped, b is frozen, b's report vanishes.
+    operator.kill().await;
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    eventually(
+        "the frozen replica's report to vanish",
+        Duration::from_secs(30),
+        || async { (reports(&env).await.len() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(check(&b, &key, PATH).await.status, 200, "b still serves");
+    let _operator = env.start_operator().await;
+    let started = Instant::now();
+    block(&env, "rio-key").await;
+    let (_, reason, message) =
+        wait_gateway_synced(&env, "rio-key", |k, s, _| s == "True" && is_blocked(k)).await;
+    let from_b = check(&b, &key, PATH).await;
+    assert!(
+        from_b.status == 503 || from_b.status == 401,
+        "GatewaySynced True ({reason}: {message}) {:?} after the restart, but the frozen replica answered {from_b:?}",
+        started.elapsed()
+    );
+    assert_eq!(check(&a, &key, PATH).await.status, 401);
+    eprintln!(
+        "restart: GatewaySynced True {:.1}s after the new operator started ({:.1}s after the freeze): {message}",
+        started.elapsed().as_secs_f64(),
+        frozen_at.elapsed().as_secs_f64()
     );
     proxy.thaw();
     a.stop().await;

@@ -344,14 +344,13 @@ async fn after_a_restart_the_operator_waits_a_bound_for_replicas_it_never_saw_le
     // Bounds well above the 10 s lease: b serves its snapshot long after its report
     // has vanished.
     let (a, proxy, b) = replicas(&env, &["--max-staleness=25s"], &[]).await;
-    wait_gateway_synced(&env, "rio-key", |k, s, _| {
-        s == "True"
-            && k.status
-                .iter()
-                .flat_map(|s| &s.conditions)
-                .any(|c| c.type_ == "GatewaySynced" && c.message.starts_with("2/2 "))
-    })
+    eventually(
+        "both replicas to report",
+        Duration::from_secs(30),
+        || async { (reports(&env).await.len() == 2).then_some(()) },
+    )
     .await;
+    wait_gateway_synced(&env, "rio-key", |_, s, _| s == "True").await;
 
     // No operator sees b leave: it is stopped, b is frozen, b's report vanishes.
     operator.kill().await;

@@ -399,7 +399,28 @@ async fn metrics_text(State(ops): State<Ops>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn only_the_fail_mode_refuses_past_the_bound() {
+        let index = IndexState::default();
+        let bound = |mode| Bound {
+            max_staleness: Duration::from_millis(20),
+            mode,
+        };
+        assert!(
+            !too_stale(&index, bound(StaleMode::Fail)),
+            "not loaded: not_ready, not stale"
+        );
+        drop(index.replace(crate::index::Index::default(), 1));
+        index.report_renewed(std::time::Instant::now());
+        assert!(!too_stale(&index, bound(StaleMode::Fail)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(too_stale(&index, bound(StaleMode::Fail)));
+        assert!(!too_stale(&index, bound(StaleMode::Serve)));
+    }
 
     #[test]
     fn messages_are_safe_in_a_quoted_header() {

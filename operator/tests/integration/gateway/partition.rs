@@ -258,9 +258,17 @@ async fn a_frozen_replica_in_serve_mode_keeps_serving_and_voids_gateway_synced()
     )
     .await;
     let (a, proxy, b) = replicas(&env, &[], &["--stale-mode=serve"]).await;
-    // b's report says so, and that alone keeps the condition from True.
-    let value = reports(&env).await;
-    assert!(value.iter().any(|r| r["staleMode"] == "serve"), "{value:?}");
+    // b's report says so (it registers just after its first list, which is all a
+    // serve-mode /readyz waits for), and that alone keeps the condition from True.
+    eventually(
+        "b to report staleMode serve",
+        Duration::from_secs(30),
+        || async {
+            let value = reports(&env).await;
+            (value.len() == 2 && value.iter().any(|r| r["staleMode"] == "serve")).then_some(())
+        },
+    )
+    .await;
     let (_, _, message) = wait_gateway_synced(&env, "sam-key", |_, s, r| {
         s == "False" && r == "StaleModeServe"
     })

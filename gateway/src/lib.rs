@@ -143,7 +143,10 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         .map_err(|e| start_error("--redis-url", e))?;
         Some(limiter)
     };
+    // A member cut off from its cluster must not keep the index looking fresh: every
+    // request (the watch's progress answers included) needs a leader.
     let options = etcd_client::ConnectOptions::new()
+        .with_require_leader(true)
         .with_connect_timeout(std::time::Duration::from_secs(3))
         .with_keep_alive(
             std::time::Duration::from_secs(2),
@@ -185,6 +188,10 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let index = Arc::new(IndexState::default());
+    let bound = report::Bound {
+        max_staleness: args.max_staleness,
+        mode: args.stale_mode,
+    };
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -206,7 +213,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             };
             tokio::join!(
                 follow::run(etcd.clone(), prefix, index.clone(), metrics, stop.clone()),
-                report::run(etcd, report_key, index, stop),
+                report::run(etcd, report_key, index, bound, stop),
             );
         });
     }
@@ -231,6 +238,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         path_prefix: args.path_prefix.clone(),
         fail_open: args.rate_limit_fail_open,
         limiter_log: limits::RareLog::default(),
+        bound,
     });
     let stop = shutdown.clone();
     tasks.spawn(async move {
@@ -242,7 +250,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         }
     });
     let stop = shutdown.clone();
-    let ops_app = http::ops_router(index.clone(), metrics).layer(
+    let ops_app = http::ops_router(index.clone(), metrics, bound).layer(
         axum::middleware::from_fn_with_state(readiness.clone(), readiness::gate),
     );
     tasks.spawn(async move {
@@ -253,7 +261,12 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             tracing::error!(%err, "metrics server failed");
         }
     });
-    tracing::info!(%addr, %metrics_addr, replica, prefix, "m3o-gateway-auth listening");
+    tracing::info!(%addr, %metrics_addr, replica, prefix, max_staleness = ?bound.max_staleness, stale_mode = ?bound.mode, "m3o-gateway-auth listening");
+    if bound.mode == settings::StaleMode::Serve {
+        tracing::warn!(
+            "--stale-mode=serve: a replica cut off from etcd keeps serving its snapshot, so GatewaySynced cannot confirm revocations"
+        );
+    }
     Ok(Gateway {
         addr,
         metrics_addr,

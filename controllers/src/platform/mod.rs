@@ -10,6 +10,7 @@ pub mod desired;
 pub mod diff;
 pub mod divergence;
 pub mod entry;
+pub mod gateway_roster;
 pub mod gateways;
 pub mod published;
 pub mod scan;
@@ -54,6 +55,8 @@ pub struct PlatformConfig {
     term: Option<TermCheck>,
     /// A divergence of the etcd fence from Postgres's, until healed.
     divergence: Arc<Divergence>,
+    /// Gateway replicas seen reporting, and departed ones still within their bound.
+    roster: Arc<Mutex<gateway_roster::Roster>>,
 }
 
 /// What an etcd refusal re-checks: the Postgres term, and who to stop when it is not
@@ -110,6 +113,7 @@ impl PlatformConfig {
             fence: String::new(),
             term: None,
             divergence: Arc::default(),
+            roster: Arc::default(),
         })
     }
 

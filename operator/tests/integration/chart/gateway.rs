@@ -21,6 +21,8 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
         "gateway.enabled=true",
         "gateway.replicas=3",
         "gateway.rateLimitFailOpen=false",
+        "gateway.maxStaleness=30s",
+        "gateway.staleMode=serve",
         "gateway.uriSource=envoy",
         "gateway.pathPrefix=/ext-authz",
         // The operator's client certificate and Secret must not reach the gateway.
@@ -70,6 +72,8 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
     assert!(!cli.run.rate_limit_fail_open);
     assert_eq!(cli.run.uri_source, m3o_gateway::settings::UriSource::Envoy);
     assert_eq!(cli.run.path_prefix, "/ext-authz");
+    assert_eq!(cli.run.max_staleness, std::time::Duration::from_secs(30));
+    assert_eq!(cli.run.stale_mode, m3o_gateway::settings::StaleMode::Serve);
     assert_eq!(cli.run.listen.port(), 8081);
     // The same TLS flags as the operator's, its own etcd user, the files mounted read-only.
     let etcd = &cli.run.etcd;

@@ -9,6 +9,7 @@ mod bench;
 mod edges;
 mod limiter;
 mod outages;
+mod partition;
 mod relist;
 
 use std::time::Duration;

@@ -280,6 +280,34 @@ pub struct RunArgs {
     /// Address of the HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub usage: UsageRunArgs,
+}
+
+/// The usage rollup's flags (README "Usage and quota").
+#[derive(Args, Debug, Clone)]
+pub struct UsageRunArgs {
+    /// How often the gateways' usage counters are rolled up into usage_daily (Go duration).
+    #[arg(long, env = "M3O_USAGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub usage_interval: Duration,
+
+    /// A Subscription's status.usage is written at most this often unless a threshold
+    /// (50/80/100%) is crossed or the period changes (Go duration).
+    #[arg(long, env = "M3O_USAGE_STATUS_INTERVAL", default_value = "15m", value_parser = parse_duration)]
+    pub usage_status_interval: Duration,
+
+    /// Redis the gateways count in (default: --redis-url; same TLS files).
+    #[arg(long, env = "M3O_USAGE_REDIS_URL", hide_env_values = true)]
+    pub usage_redis_url: Option<String>,
+
+    /// The gateways' --redis-prefix.
+    #[arg(long, env = "M3O_USAGE_REDIS_PREFIX", default_value = "m3o:gateway:")]
+    pub usage_redis_prefix: String,
+
+    /// Usage counters per Postgres transaction of the rollup.
+    #[arg(long, env = "M3O_USAGE_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub usage_page_size: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

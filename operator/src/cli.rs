@@ -1,4 +1,4 @@
-//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox`. Every flag
+//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox | usage`. Every flag
 //! has an environment fallback so the Helm chart can pass configuration through a Secret.
 
 use std::net::SocketAddr;
@@ -36,6 +36,62 @@ pub enum Command {
     /// Inspect and re-drive the event outbox (read-only except `redrive`).
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Billing export: a period's requests from usage_daily, by key, API or day (read only).
+    Usage(Box<UsageArgs>),
+}
+
+/// How `usage` groups a customer's requests.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageBy {
+    Key,
+    Api,
+    Day,
+}
+
+/// Output of `usage`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageFormat {
+    Text,
+    Json,
+    Csv,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["customer", "name", "all"])))]
+pub struct UsageArgs {
+    /// Customer id.
+    #[arg(long)]
+    pub customer: Option<uuid::Uuid>,
+
+    /// Namespace of the Customer NAME (default: default).
+    #[arg(short = 'n', long = "namespace", requires = "name")]
+    pub namespace: Option<String>,
+
+    /// Name of the Customer resource.
+    pub name: Option<String>,
+
+    /// Every customer with usage in the period, in keyset pages.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Billing period, YYYY-MM (UTC).
+    #[arg(long)]
+    pub period: String,
+
+    /// Group the period's requests by key, API or day.
+    #[arg(long, value_enum, default_value_t = UsageBy::Key)]
+    pub by: UsageBy,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = UsageFormat::Text)]
+    pub output: UsageFormat,
+
+    /// Customers per page of --all.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub page_size: i64,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// The backends an admin command reads, with the same flags as `run`.

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod compare;
 mod events;
 pub mod inspect;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -10,6 +10,7 @@ mod edges;
 mod limiter;
 mod outages;
 mod relist;
+mod usage;
 
 use std::time::Duration;
 

@@ -1,0 +1,408 @@
+//! Usage as durable, reconciled state: requests through nginx and two gateway replicas
+//! are rolled up from Redis into `usage_daily` exactly (whatever crashes and restarts),
+//! thresholds are announced once, and `m3o-operator usage` exports the totals.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Parser;
+use m3o_gateway::settings::Cli;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{issue, through, wait_gateway_synced};
+use crate::apikey::key_spec;
+use crate::support::gateway::{GatewayConfig, check, start_upstream};
+use crate::support::nginx::Nginx;
+use crate::support::operator::{Backends, Operator};
+use crate::support::{TestEnv, eventually, http_get};
+
+/// The operator flags that make it roll up this test's gateway counters, every second.
+fn usage_flags(config: &GatewayConfig) -> Vec<String> {
+    vec![
+        "--usage-redis-prefix".into(),
+        config.redis_prefix.clone(),
+        "--usage-interval".into(),
+        "1s".into(),
+    ]
+}
+
+/// A gateway replica listening on `addr` (a restarted replica, behind the same nginx).
+async fn start_gateway_at(
+    env: &TestEnv,
+    config: &GatewayConfig,
+    addr: &str,
+) -> m3o_gateway::Gateway {
+    let mut args = vec![
+        "m3o-gateway-auth".to_owned(),
+        "--etcd-endpoints".into(),
+        config.etcd_endpoints.clone(),
+        "--etcd-prefix".into(),
+        env.etcd_prefix.clone(),
+        "--redis-url".into(),
+        config.redis_url.clone(),
+        "--redis-prefix".into(),
+        config.redis_prefix.clone(),
+        "--listen".into(),
+        addr.to_owned(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+        "--replica-id".into(),
+        format!("restarted-{}", crate::support::suffix()),
+    ];
+    args.extend(config.extra_args.iter().cloned());
+    let cli = Cli::try_parse_from(args).expect("gateway flags");
+    let gateway = m3o_gateway::start(cli.run).await.expect("start gateway");
+    let ops = gateway.metrics_addr.to_string();
+    eventually(
+        "restarted gateway /readyz",
+        Duration::from_secs(30),
+        || async {
+            http_get(&ops, "/readyz")
+                .await
+                .filter(|(code, _)| *code == 200)
+                .map(|_| ())
+        },
+    )
+    .await;
+    gateway
+}
+
+/// `usage_daily` of a customer summed by (key, API).
+async fn totals(env: &TestEnv, customer: Uuid) -> BTreeMap<(String, String), i64> {
+    let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT key_id, api, sum(requests)::bigint FROM usage_daily WHERE customer_id = $1 \
+         GROUP BY key_id, api",
+    )
+    .bind(customer)
+    .fetch_all(&env.db)
+    .await
+    .expect("read usage_daily");
+    rows.into_iter()
+        .map(|(k, a, n)| ((k.to_string(), a), n))
+        .collect()
+}
+
+/// Waits until `usage_daily` of `customer` holds exactly `expected`.
+async fn wait_totals(env: &TestEnv, customer: Uuid, expected: &BTreeMap<(String, String), i64>) {
+    eventually(
+        "usage_daily to hold the exact totals",
+        Duration::from_secs(60),
+        || async { (totals(env, customer).await == *expected).then_some(()) },
+    )
+    .await;
+}
+
+/// How many rollups the operator has completed (its debug log line per rollup).
+fn rollups(op: &Operator) -> usize {
+    std::fs::read_to_string(&op.log_path)
+        .unwrap_or_default()
+        .matches("usage rolled up")
+        .count()
+}
+
+/// Waits until `n` more rollups than now have completed.
+async fn wait_rollups(op: &Operator, n: usize) {
+    let start = rollups(op);
+    eventually(
+        &format!("{n} more rollups"),
+        Duration::from_secs(60),
+        || async { (rollups(op) >= start + n).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn usage_totals_are_exact_through_nginx_and_a_restarted_replica_loses_no_count() {
+    let env = TestEnv::new("usage-totals").await;
+    let config = env.gateway_config();
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: usage_flags(&config),
+            ..Backends::default()
+        })
+        .await;
+    let quota = json!({"requestsPerSecond": 100_000, "monthlyRequests": 1_000_000});
+    let apis = ["helloworld", "weather"];
+    let (first, issued) = issue(&env, "carol", "carol-key-0", &apis, quota).await;
+    let status = issued.status.expect("status");
+    let customer: Uuid = status
+        .customer_id
+        .expect("customerId")
+        .parse()
+        .expect("uuid");
+    let mut keys = vec![(first, status.key_id.expect("keyId"))];
+    for i in 1..3 {
+        let name = format!("carol-key-{i}");
+        let mut spec = key_spec(json!({"scopes": apis}));
+        spec["customerRef"]["name"] = json!("carol");
+        env.apply_apikey(&name, spec).await;
+        let k = env.wait_apikey(&name, "True", "Provisioned").await;
+        let key = env
+            .secret_key(&format!("{name}-api-key"))
+            .await
+            .expect("Secret");
+        keys.push((key, k.status.and_then(|s| s.key_id).expect("keyId")));
+    }
+    let (a, b) = (
+        env.start_gateway(&config).await,
+        env.start_gateway(&config).await,
+    );
+    let a_addr = a.addr.to_string();
+    let nginx = Nginx::start(&[a.addr.port(), b.addr.port()], start_upstream().await).await;
+    for i in 0..3 {
+        wait_gateway_synced(&env, &format!("carol-key-{i}"), |k, s, _| {
+            let message = k
+                .status
+                .iter()
+                .flat_map(|st| &st.conditions)
+                .find(|c| c.type_ == "GatewaySynced")
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            s == "True" && message.starts_with("2/2 ")
+        })
+        .await;
+    }
+
+    // 1,000 requests over 3 keys and 2 APIs, 50 at a time; replica `a` restarts halfway.
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let plan: Vec<(usize, &str)> = (0..1000).map(|n| (n % 3, apis[(n / 3) % 2])).collect();
+    let mut a = Some(a);
+    for (batch, chunk) in plan.chunks(50).enumerate() {
+        if batch == 10 {
+            a.take().expect("replica a").stop().await;
+            a = Some(start_gateway_at(&env, &config, &a_addr).await);
+        }
+        let replies = futures::future::join_all(chunk.iter().map(|(k, api)| {
+            let (nginx, key, path) = (&nginx, &keys[*k].0, format!("/v1/{api}/Call"));
+            async move { through(nginx, key, &path).await }
+        }))
+        .await;
+        for (r, (k, api)) in replies.iter().zip(chunk) {
+            assert_eq!(r.status, 200, "{r:?}");
+            *expected
+                .entry((keys[*k].1.clone(), (*api).to_owned()))
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(expected.values().sum::<i64>(), 1000);
+    assert_eq!(expected.len(), 6);
+
+    wait_totals(&env, customer, &expected).await;
+    // Further rollups of the same counters add nothing.
+    wait_rollups(&op, 3).await;
+    assert_eq!(totals(&env, customer).await, expected);
+
+    // The billing export prints the same totals.
+    let period = chrono::Utc::now().format("%Y-%m").to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+        .args([
+            "usage",
+            "--customer",
+            &customer.to_string(),
+            "--period",
+            &period,
+        ])
+        .args(["--by", "key", "-o", "csv"])
+        .env("M3O_DATABASE_SCHEMA", &env.schema)
+        .env("DATABASE_URL", &env.database_url)
+        .output()
+        .await
+        .expect("run m3o-operator usage");
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{csv}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut by_key: Vec<String> = keys
+        .iter()
+        .map(|(_, id)| {
+            let n: i64 = expected
+                .iter()
+                .filter(|((k, _), _)| k == id)
+                .map(|(_, n)| n)
+                .sum();
+            format!("{customer},{id},{n}")
+        })
+        .collect();
+    by_key.sort();
+    let mut lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.remove(0), "customer_id,key_id,requests", "{csv}");
+    assert_eq!(lines, by_key, "{csv}");
+
+    if let Some(a) = a {
+        a.stop().await;
+    }
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_rollup_killed_midway_and_rerun_leaves_the_same_totals() {
+    let env = TestEnv::new("usage-crash").await;
+    let config = env.gateway_config();
+    let quota = json!({"plan": "pro", "monthlyRequests": 1_000_000, "requestsPerSecond": 100_000});
+    let customers = [
+        env.put_gateway_key(&["alpha", "beta"], Some(quota.clone()))
+            .await,
+        env.put_gateway_key(&["alpha", "beta"], Some(quota.clone()))
+            .await,
+        env.put_gateway_key(&["alpha", "beta"], Some(quota)).await,
+    ];
+    let (a, b) = (
+        env.start_gateway(&config).await,
+        env.start_gateway(&config).await,
+    );
+    // 3 customers x 2 APIs: 6 counters, 3 pages of 2.
+    for (i, key) in customers.iter().enumerate() {
+        for (j, api) in ["alpha", "beta"].iter().enumerate() {
+            for n in 0..(i + 1) * 10 + j {
+                let replica = if n % 2 == 0 { &a } else { &b };
+                let r = check(replica, &key.key, &format!("/v1/{api}/x")).await;
+                assert_eq!(r.status, 200, "{r:?}");
+            }
+        }
+    }
+    let all_rows = || async {
+        let rows: Vec<(Uuid, String, i64)> =
+            sqlx::query_as("SELECT customer_id, api, requests FROM usage_daily ORDER BY 1, 2")
+                .fetch_all(&env.db)
+                .await
+                .expect("usage_daily");
+        rows
+    };
+    let expected: Vec<(Uuid, String, i64)> = {
+        let mut e: Vec<_> = customers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, key)| {
+                ["alpha", "beta"].iter().enumerate().map(move |(j, api)| {
+                    (
+                        key.customer_id.parse().expect("uuid"),
+                        (*api).to_owned(),
+                        ((i + 1) * 10 + j) as i64,
+                    )
+                })
+            })
+            .collect();
+        e.sort();
+        e
+    };
+
+    // The first page commits, then the process dies (a SIGKILL-like abort).
+    let mut flags = usage_flags(&config);
+    flags.extend(["--usage-page-size".into(), "2".into()]);
+    let crashing = env.spawn_operator_with(Backends {
+        extra_args: flags.clone(),
+        extra_env: vec![(
+            "M3O_FAILPOINTS".into(),
+            "usage-rollup-page-committed".into(),
+        )],
+        ..Backends::default()
+    });
+    let status = tokio::time::timeout(Duration::from_secs(90), crashing.wait())
+        .await
+        .expect("the operator to abort at the failpoint");
+    assert!(!status.success(), "{status:?}");
+    let partial = all_rows().await;
+    assert_eq!(
+        partial.len(),
+        2,
+        "one page of 2 counters committed: {partial:?}"
+    );
+
+    // Rerun (twice over): the same totals, exactly. Its clock is the test's (no file
+    // yet: the wall clock).
+    let clock = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("usage-clock-{}", crate::support::suffix()));
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: flags,
+            extra_env: vec![("M3O_TEST_CLOCK_FILE".into(), clock.display().to_string())],
+            ..Backends::default()
+        })
+        .await;
+    eventually(
+        "all counters rolled up",
+        Duration::from_secs(60),
+        || async { (all_rows().await.len() == 6).then_some(()) },
+    )
+    .await;
+    wait_rollups(&op, 3).await;
+    assert_eq!(all_rows().await, expected);
+
+    // A counter that grows adds only its growth. (The operator removed the keys this
+    // test wrote into its etcd prefix, so the gateway's own script is mimicked.)
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let hash = m3o_platform_contract::usage::usage_key(
+        &config.redis_prefix,
+        &customers[0].customer_id,
+        &day,
+    );
+    let field = m3o_platform_contract::usage::usage_field(&customers[0].key_id, "alpha");
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(&hash)
+        .arg(&field)
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("HINCRBY");
+    let mut grown = expected.clone();
+    let first: Uuid = customers[0].customer_id.parse().expect("uuid");
+    if let Some(row) = grown
+        .iter_mut()
+        .find(|(c, api, _)| *c == first && api == "alpha")
+    {
+        row.2 += 1;
+    }
+    eventually(
+        "the grown counter rolled up",
+        Duration::from_secs(60),
+        || async { (all_rows().await == grown).then_some(()) },
+    )
+    .await;
+    wait_rollups(&op, 2).await;
+    assert_eq!(all_rows().await, grown);
+
+    // Retention: today's hash keeps the gateway's TTL while the day is open; once the
+    // operator's clock is past the day's end and grace, the committed day is confirmed
+    // and its TTL lowered.
+    let ttl = |conn: redis::aio::MultiplexedConnection| {
+        let hash = hash.clone();
+        async move {
+            let mut conn = conn;
+            redis::cmd("TTL")
+                .arg(&hash)
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("TTL")
+        }
+    };
+    let open_ttl = ttl(conn.clone()).await;
+    assert!(
+        open_ttl > m3o_platform_contract::usage::CONFIRMED_RETENTION_SECS,
+        "{open_ttl}"
+    );
+    let tomorrow = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+    let after_grace = tomorrow.and_hms_opt(0, 15, 0).expect("time").and_utc();
+    std::fs::write(&clock, after_grace.to_rfc3339()).expect("write the clock");
+    eventually(
+        "the closed day confirmed",
+        Duration::from_secs(60),
+        || async {
+            let left = ttl(conn.clone()).await;
+            (0 < left && left <= m3o_platform_contract::usage::CONFIRMED_RETENTION_SECS)
+                .then_some(())
+        },
+    )
+    .await;
+    // Confirming changed no total.
+    assert_eq!(all_rows().await, grown);
+    a.stop().await;
+    b.stop().await;
+}

@@ -249,6 +249,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             interval: args.usage.usage_interval,
             page_rows: args.usage.usage_page_size as usize,
             scan_count: 1000,
+            status_interval: args.usage.usage_status_interval,
         },
     );
     let work = LeaderWork {

@@ -66,6 +66,8 @@ pub struct Context {
     pub watching: Arc<Watching>,
     /// This process's writer term: every write transaction checks it.
     pub term: Arc<Term>,
+    /// Usage the rollup learnt, shown in Subscription status ([`crate::usage`]).
+    pub usage: Arc<crate::usage::book::UsageBook>,
     /// The cache of the shared Customer watch of the current term ([`crate::runtime::feed`]).
     customers: std::sync::Mutex<Option<Store<Customer>>>,
     /// The Subscription controller's cache and its index by Customer.
@@ -118,6 +120,7 @@ impl Context {
             plans: Plans::default(),
             watching: Arc::default(),
             term,
+            usage: Arc::default(),
             customers: std::sync::Mutex::default(),
             subscriptions: std::sync::Mutex::default(),
         }

@@ -6,5 +6,6 @@
 //! `plan.rs` decides (pure: parsing, days, periods, thresholds, event payloads);
 //! `rollup.rs` does the Redis and Postgres I/O.
 
+pub mod book;
 pub mod plan;
 pub mod rollup;

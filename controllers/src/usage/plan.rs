@@ -127,6 +127,114 @@ pub fn threshold_note(percent: u8, period: &str, requests: i64, monthly: i64) ->
     )
 }
 
+/// Condition type of a Subscription's quota (Ready does not depend on it).
+pub const QUOTA_AVAILABLE: &str = "QuotaAvailable";
+/// Reason of `QuotaAvailable=False`: the period's requests reached `monthlyRequests`.
+pub const QUOTA_EXHAUSTED: &str = "QuotaExhausted";
+/// Reason of `QuotaAvailable=True`.
+pub const QUOTA_REMAINING: &str = "QuotaRemaining";
+
+/// A customer's usage in a period, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageView {
+    pub period: String,
+    pub requests: i64,
+    pub monthly: i64,
+}
+
+/// The highest status band (0, 50, 80, 100 percent of the quota) `requests` reached:
+/// crossing into another band writes status at once.
+pub fn band(requests: i64, monthly: i64) -> u8 {
+    if monthly <= 0 {
+        return 100;
+    }
+    [100, 80, 50]
+        .into_iter()
+        .find(|p| i128::from(requests) * 100 >= i128::from(monthly) * i128::from(*p))
+        .unwrap_or(0)
+}
+
+/// Whether the status should show `current` now, given what it shows (`shown`, written
+/// at `shown_at`): a new period or another band at once; otherwise only a changed
+/// value, and at most every `interval`. This bounds the API-server writes from usage.
+pub fn status_write_due(
+    shown: Option<(&UsageView, DateTime<Utc>)>,
+    current: &UsageView,
+    now: DateTime<Utc>,
+    interval: std::time::Duration,
+) -> bool {
+    let Some((shown, at)) = shown else {
+        return true;
+    };
+    if shown == current {
+        return false;
+    }
+    if shown.period != current.period
+        || band(shown.requests, shown.monthly) != band(current.requests, current.monthly)
+    {
+        return true;
+    }
+    let interval = Duration::from_std(interval).unwrap_or(Duration::MAX);
+    now.signed_duration_since(at) >= interval
+}
+
+/// `used` of the status: the percentage, rounded down (`-` without a quota).
+pub fn used_percent(requests: i64, monthly: i64) -> String {
+    if monthly <= 0 {
+        return "-".into();
+    }
+    let pct = i128::from(requests.max(0)) * 100 / i128::from(monthly);
+    format!("{pct}%")
+}
+
+/// The status usage and the `QuotaAvailable` condition for `view`.
+pub fn usage_status(view: &UsageView) -> (m3o_crds::UsageStatus, crate::report::status::Cond) {
+    let exhausted = view.requests >= view.monthly;
+    let message = format!(
+        "{} of {} monthly requests used in {}",
+        view.requests, view.monthly, view.period
+    );
+    let cond = crate::report::status::Cond::new(
+        QUOTA_AVAILABLE,
+        !exhausted,
+        if exhausted {
+            QUOTA_EXHAUSTED
+        } else {
+            QUOTA_REMAINING
+        },
+        if exhausted {
+            format!(
+                "{message}: the gateways refuse further requests (429) until the next period or a higher quota"
+            )
+        } else {
+            message
+        },
+    );
+    let usage = m3o_crds::UsageStatus {
+        period: view.period.clone(),
+        requests: view.requests,
+        monthly_requests: view.monthly,
+        used: Some(used_percent(view.requests, view.monthly)),
+    };
+    (usage, cond)
+}
+
+/// `status` with `view`'s usage and condition (unchanged without a view: the status
+/// keeps what it showed).
+pub fn with_usage(
+    mut status: m3o_crds::SubscriptionStatus,
+    view: Option<&UsageView>,
+    generation: Option<i64>,
+) -> m3o_crds::SubscriptionStatus {
+    let Some(view) = view else {
+        return status;
+    };
+    let (usage, cond) = usage_status(view);
+    status.usage = Some(usage);
+    status.conditions = crate::report::status::merge(&status.conditions, &[cond], generation);
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +326,109 @@ mod tests {
         );
         assert_eq!(e.customer.map(|c| c.id).as_deref(), Some(C));
         assert!(threshold_note(100, "2026-12", 100, 100).contains("100%"));
+    }
+
+    fn view(period: &str, requests: i64) -> UsageView {
+        UsageView {
+            period: period.into(),
+            requests,
+            monthly: 100,
+        }
+    }
+
+    #[test]
+    fn bands_are_50_80_100() {
+        assert_eq!(band(49, 100), 0);
+        assert_eq!(band(50, 100), 50);
+        assert_eq!(band(80, 100), 80);
+        assert_eq!(band(100, 100), 100);
+        assert_eq!(band(0, 0), 100);
+    }
+
+    #[test]
+    fn status_is_written_on_crossings_and_periods_else_at_most_every_interval() {
+        let t0 = at("2026-12-10T00:00:00Z");
+        let i = std::time::Duration::from_secs(900);
+        assert!(status_write_due(None, &view("2026-12", 1), t0, i));
+        let shown = view("2026-12", 10);
+        // Same value: never.
+        assert!(!status_write_due(
+            Some((&shown, t0)),
+            &shown,
+            t0 + Duration::days(3),
+            i
+        ));
+        // Changed within a band: only after the interval.
+        assert!(!status_write_due(
+            Some((&shown, t0)),
+            &view("2026-12", 20),
+            t0 + Duration::minutes(14),
+            i
+        ));
+        assert!(status_write_due(
+            Some((&shown, t0)),
+            &view("2026-12", 20),
+            t0 + Duration::minutes(15),
+            i
+        ));
+        // A crossing (50, 80, 100) or a new period: at once.
+        for crossed in [50, 80, 100] {
+            assert!(status_write_due(
+                Some((&shown, t0)),
+                &view("2026-12", crossed),
+                t0,
+                i
+            ));
+        }
+        assert!(status_write_due(
+            Some((&shown, t0)),
+            &view("2027-01", 0),
+            t0,
+            i
+        ));
+    }
+
+    #[test]
+    fn usage_status_says_exhausted_at_100_percent() {
+        let (usage, cond) = usage_status(&view("2026-12", 100));
+        assert_eq!(
+            (cond.type_, cond.status, cond.reason),
+            (QUOTA_AVAILABLE, "False", QUOTA_EXHAUSTED)
+        );
+        assert_eq!(usage.used.as_deref(), Some("100%"));
+        assert_eq!(
+            (
+                usage.period.as_str(),
+                usage.requests,
+                usage.monthly_requests
+            ),
+            ("2026-12", 100, 100)
+        );
+        let (usage, cond) = usage_status(&view("2026-12", 99));
+        assert_eq!((cond.status, cond.reason), ("True", QUOTA_REMAINING));
+        assert_eq!(usage.used.as_deref(), Some("99%"));
+        assert_eq!(used_percent(5, 0), "-");
+    }
+
+    #[test]
+    fn with_usage_keeps_other_conditions_and_status_without_a_view() {
+        let status = m3o_crds::SubscriptionStatus {
+            plan: Some("pro".into()),
+            ..Default::default()
+        };
+        assert_eq!(with_usage(status.clone(), None, Some(1)), status);
+        let s = with_usage(status, Some(&view("2026-12", 100)), Some(1));
+        assert_eq!(s.plan.as_deref(), Some("pro"));
+        assert_eq!(s.usage.map(|u| u.requests), Some(100));
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == QUOTA_AVAILABLE)
+            .expect("condition");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", QUOTA_EXHAUSTED)
+        );
+        assert!(s.conditions.iter().all(|c| c.type_ != "Ready"));
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use kube::runtime::events::EventType as K8sEventType;
+use kube::runtime::reflector::ObjectRef;
 use m3o_crds::Subscription;
 use m3o_events::customers;
 use m3o_events::outbox::{self, OutboxMessage};
@@ -48,6 +49,8 @@ pub struct RollupSettings {
     pub page_rows: usize,
     /// `SCAN ... COUNT` hint.
     pub scan_count: usize,
+    /// `--usage-status-interval`.
+    pub status_interval: Duration,
 }
 
 /// A threshold reached in this rollup (its event is committed).
@@ -71,6 +74,8 @@ pub struct Summary {
     pub skipped: usize,
     pub confirmed: usize,
     pub reached: Vec<Reached>,
+    /// Subscription reconciles asked for, to write status.usage.
+    pub status_triggers: usize,
 }
 
 /// The rollup of one operator (the writer).
@@ -141,6 +146,8 @@ impl Rollup {
     /// One rollup of the days [`plan::days_to_roll`] at `now`.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Summary, RollupError> {
         let mut summary = Summary::default();
+        let period = plan::period_of(now.date_naive());
+        summary.status_triggers += self.ctx.usage.new_period(&period, now);
         for day in plan::days_to_roll(now) {
             self.roll_day(day, now, &mut summary).await?;
         }
@@ -199,9 +206,10 @@ impl Rollup {
                 summary.hashes += keys.len();
                 summary.counters += counters.len();
                 for page in counters.chunks(self.settings.page_rows.max(1)) {
-                    let (written, mut reached) = self.commit_page(page, day).await?;
+                    let (written, mut reached, usage) = self.commit_page(page, day).await?;
                     summary.rows_written += written;
                     summary.reached.append(&mut reached);
+                    summary.status_triggers += self.show(usage, day, now);
                     failpoint::hit(PAGE_COMMITTED_FAILPOINT);
                 }
                 // Committed: a closed day's counters may now go (after a little longer).
@@ -231,7 +239,7 @@ impl Rollup {
         &self,
         page: &[Counter],
         day: NaiveDate,
-    ) -> Result<(u64, Vec<Reached>), RollupError> {
+    ) -> Result<(u64, Vec<Reached>, Vec<PeriodUsage>), RollupError> {
         let mut tx = self.ctx.begin_write().await?;
         let written = upsert(&mut tx, page).await?;
         let customers: Vec<Uuid> = page
@@ -240,9 +248,38 @@ impl Rollup {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let reached = record_thresholds(&mut tx, &customers, &plan::period_of(day)).await?;
+        let period = plan::period_of(day);
+        let usage = period_usage(&mut tx, &customers, &period).await?;
+        let reached = record_thresholds(&mut tx, &usage, &period).await?;
         tx.commit().await?;
-        Ok((written, reached))
+        Ok((written, reached, usage))
+    }
+
+    /// Offers the current period's committed usage to status; returns the reconciles
+    /// asked for.
+    fn show(&self, usage: Vec<PeriodUsage>, day: NaiveDate, now: DateTime<Utc>) -> usize {
+        let period = plan::period_of(day);
+        if period != plan::period_of(now.date_naive()) {
+            return 0;
+        }
+        let mut triggered = 0;
+        for u in usage {
+            let view = plan::UsageView {
+                period: period.clone(),
+                requests: u.requests,
+                monthly: u.monthly_requests,
+            };
+            let subscription = ObjectRef::new(&u.k8s_name).within(&u.k8s_namespace);
+            let interval = self.settings.status_interval;
+            if self
+                .ctx
+                .usage
+                .observe(u.customer_id, view, subscription, now, interval)
+            {
+                triggered += 1;
+            }
+        }
+        triggered
     }
 
     /// A Kubernetes Event on each Subscription that reached a threshold.
@@ -300,9 +337,9 @@ pub async fn upsert(tx: &mut PgConnection, page: &[Counter]) -> Result<u64, sqlx
     Ok(done.rows_affected())
 }
 
-/// The live subscriptions of `customers` with their usage in `period`.
-#[derive(sqlx::FromRow)]
-struct PeriodUsage {
+/// A live subscription of a customer with its usage in a period.
+#[derive(sqlx::FromRow, Debug, Clone)]
+pub struct PeriodUsage {
     customer_id: Uuid,
     monthly_requests: i64,
     requests: i64,
@@ -311,17 +348,16 @@ struct PeriodUsage {
     k8s_uid: String,
 }
 
-/// Records every event threshold `customers` reached in `period` that has no row yet,
-/// queueing its event in `tx`.
-async fn record_thresholds(
+/// The live subscriptions of `customers` with their usage in `period`.
+async fn period_usage(
     tx: &mut PgConnection,
     customers: &[Uuid],
     period: &str,
-) -> Result<Vec<Reached>, sqlx::Error> {
+) -> Result<Vec<PeriodUsage>, sqlx::Error> {
     let Some((first, next)) = plan::period_days(period) else {
         return Ok(Vec::new());
     };
-    let usage: Vec<PeriodUsage> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT s.customer_id, s.monthly_requests, s.k8s_namespace, s.k8s_name, s.k8s_uid, \
            (SELECT COALESCE(sum(d.requests), 0)::bigint FROM usage_daily d \
              WHERE d.customer_id = s.customer_id AND d.day >= $2 AND d.day < $3) AS requests \
@@ -331,7 +367,16 @@ async fn record_thresholds(
     .bind(first)
     .bind(next)
     .fetch_all(&mut *tx)
-    .await?;
+    .await
+}
+
+/// Records every event threshold reached in `period` that has no row yet, queueing its
+/// event in `tx`.
+async fn record_thresholds(
+    tx: &mut PgConnection,
+    usage: &[PeriodUsage],
+    period: &str,
+) -> Result<Vec<Reached>, sqlx::Error> {
     let mut reached = Vec::new();
     for u in usage {
         for percent in plan::thresholds_reached(u.requests, u.monthly_requests) {

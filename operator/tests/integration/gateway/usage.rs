@@ -406,3 +406,191 @@ async fn a_rollup_killed_midway_and_rerun_leaves_the_same_totals() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The Subscription's usage status and QuotaAvailable condition (status, reason).
+fn quota_state(s: &m3o_crds::Subscription) -> Option<(m3o_crds::UsageStatus, String, String)> {
+    let status = s.status.as_ref()?;
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "QuotaAvailable")?;
+    Some((status.usage.clone()?, c.status.clone(), c.reason.clone()))
+}
+
+/// Waits until the Subscription's status shows `accept`.
+async fn wait_quota(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    accept: impl Fn(&m3o_crds::UsageStatus, &str, &str) -> bool,
+) -> (m3o_crds::UsageStatus, String, String) {
+    eventually(what, Duration::from_secs(60), || async {
+        let s = env.subscriptions().get_opt(name).await.ok()??;
+        let (usage, status, reason) = quota_state(&s)?;
+        accept(&usage, &status, &reason).then_some((usage, status, reason))
+    })
+    .await
+}
+
+/// The decoded QuotaThresholdReached events on the stream: (percent, period, requests, limit).
+async fn threshold_events(env: &TestEnv) -> Vec<(u32, String, u64, u64)> {
+    crate::support::dedupe(env.stream_events().await)
+        .into_iter()
+        .filter(|e| e.event_type == "EventTypeQuotaThresholdReached")
+        .filter_map(|e| e.event.quota_threshold_reached)
+        .map(|p| (p.percent, p.period, p.requests, p.monthly_requests))
+        .collect()
+}
+
+#[tokio::test]
+async fn quota_thresholds_reach_status_events_once_and_a_new_period_resets_status() {
+    let env = TestEnv::new("usage-quota").await;
+    let config = env.gateway_config();
+    let clock = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("usage-clock-{}", crate::support::suffix()));
+    let mut flags = usage_flags(&config);
+    // Only a crossing or a new period writes status within the test.
+    flags.extend(["--usage-status-interval".into(), "1h".into()]);
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: flags,
+            extra_env: vec![("M3O_TEST_CLOCK_FILE".into(), clock.display().to_string())],
+            ..Backends::default()
+        })
+        .await;
+    let quota = json!({"requestsPerSecond": 100_000, "monthlyRequests": 100});
+    let (key, _) = issue(&env, "dave", "dave-key", &["helloworld"], quota).await;
+    let (a, b) = (
+        env.start_gateway(&config).await,
+        env.start_gateway(&config).await,
+    );
+    let nginx = Nginx::start(&[a.addr.port(), b.addr.port()], start_upstream().await).await;
+    wait_gateway_synced(&env, "dave-key", |k, s, _| {
+        s == "True"
+            && k.status
+                .iter()
+                .flat_map(|st| &st.conditions)
+                .any(|c| c.type_ == "GatewaySynced" && c.message.starts_with("2/2 "))
+    })
+    .await;
+    let send = |n: usize| {
+        let (nginx, key) = (&nginx, &key);
+        async move {
+            for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
+                let replies = futures::future::join_all(
+                    chunk
+                        .iter()
+                        .map(|_| through(nginx, key, "/v1/helloworld/Call")),
+                )
+                .await;
+                for r in replies {
+                    assert_eq!(r.status, 200, "{r:?}");
+                }
+            }
+        }
+    };
+    let period = chrono::Utc::now().format("%Y-%m").to_string();
+
+    // 50%: a crossing, written although the status interval is an hour.
+    send(50).await;
+    wait_quota(&env, "dave", "status at 50 requests", |u, s, r| {
+        u.requests == 50 && u.period == period && s == "True" && r == "QuotaRemaining"
+    })
+    .await;
+    // 60: within the band, so status keeps 50 for the interval (several rollups).
+    send(10).await;
+    wait_rollups(&op, 3).await;
+    let s = env.subscriptions().get("dave").await.expect("subscription");
+    let (usage, _, _) = quota_state(&s).expect("quota state");
+    assert_eq!(usage.requests, 50, "{usage:?}");
+
+    // 100: exhausted in status, and the gateway refuses the 101st.
+    send(40).await;
+    let (usage, _, _) = wait_quota(&env, "dave", "QuotaExhausted", |u, s, r| {
+        u.requests == 100 && s == "False" && r == "QuotaExhausted"
+    })
+    .await;
+    assert_eq!(usage.used.as_deref(), Some("100%"));
+    assert_eq!(usage.monthly_requests, 100);
+    let refused = through(&nginx, &key, "/v1/helloworld/Call").await;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let s = env.subscriptions().get("dave").await.expect("subscription");
+    let ready = s
+        .status
+        .iter()
+        .flat_map(|st| &st.conditions)
+        .find(|c| c.type_ == "Ready");
+    assert_eq!(
+        ready.map(|c| c.status.as_str()),
+        Some("True"),
+        "Ready does not depend on usage"
+    );
+
+    // Exactly one event for 80 and one for 100, however many rollups run.
+    let expected = vec![
+        (80, period.clone(), 100, 100),
+        (100, period.clone(), 100, 100),
+    ];
+    let events = eventually("both threshold events", Duration::from_secs(60), || async {
+        let mut e = threshold_events(&env).await;
+        e.sort();
+        (e.len() >= 2).then_some(e)
+    })
+    .await;
+    assert!(
+        events.iter().all(|(p, _, _, _)| *p == 80 || *p == 100) && events.len() == 2,
+        "{events:?}"
+    );
+    wait_rollups(&op, 3).await;
+    let mut events = threshold_events(&env).await;
+    events.sort();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events.iter().map(|e| e.0).collect::<Vec<_>>(), [80, 100]);
+    assert_eq!(events[1], expected[1]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_thresholds")
+        .fetch_one(&env.db)
+        .await
+        .expect("usage_thresholds");
+    assert_eq!(rows, 2);
+    let kube_events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(env.kube.clone(), &env.ns);
+    eventually(
+        "QuotaThresholdReached Events on the Subscription",
+        Duration::from_secs(30),
+        || async {
+            let list = kube_events.list(&Default::default()).await.ok()?;
+            let n = list
+                .items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("QuotaThresholdReached"))
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("dave"))
+                .count();
+            (n == 2).then_some(())
+        },
+    )
+    .await;
+
+    // The operator's clock crosses into the next period: status resets, quota available.
+    let now = chrono::Utc::now().date_naive();
+    let next = next_month_start(now);
+    std::fs::write(&clock, format!("{next}T00:20:00Z")).expect("write the clock");
+    let next_period = next.format("%Y-%m").to_string();
+    let (usage, _, _) = wait_quota(&env, "dave", "status in the new period", |u, s, r| {
+        u.period == next_period && s == "True" && r == "QuotaRemaining"
+    })
+    .await;
+    assert_eq!((usage.requests, usage.used.as_deref()), (0, Some("0%")));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The first day of the month after `day`'s.
+fn next_month_start(day: chrono::NaiveDate) -> chrono::NaiveDate {
+    use chrono::Datelike;
+    let (y, m) = if day.month() == 12 {
+        (day.year() + 1, 1)
+    } else {
+        (day.year(), day.month() + 1)
+    };
+    chrono::NaiveDate::from_ymd_opt(y, m, 1).expect("first of the month")
+}

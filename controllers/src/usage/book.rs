@@ -36,8 +36,9 @@ impl UsageBook {
         shown.get(&customer).map(|(v, _, _)| v.clone())
     }
 
-    /// Records `current`; when status should show it now, makes it the shown value and
-    /// triggers a reconcile of `subscription`. True if triggered.
+    /// Records `current`; when status should show it now ([`plan::status_write`],
+    /// taking from `budget` unless a band or the period changed), makes it the shown
+    /// value and triggers a reconcile of `subscription`. True if triggered.
     pub fn observe(
         &self,
         customer: Uuid,
@@ -45,13 +46,17 @@ impl UsageBook {
         subscription: ObjectRef<Subscription>,
         now: DateTime<Utc>,
         interval: std::time::Duration,
+        budget: &mut u64,
     ) -> bool {
         let Ok(mut shown) = self.shown.lock() else {
             return false;
         };
         let before = shown.get(&customer).map(|(v, at, _)| (v, *at));
-        if !plan::status_write_due(before, &current, now, interval) {
-            return false;
+        match plan::status_write(before, &current, now, interval) {
+            plan::StatusWrite::No => return false,
+            plan::StatusWrite::Budgeted if *budget == 0 => return false,
+            plan::StatusWrite::Budgeted => *budget -= 1,
+            plan::StatusWrite::Now => {}
         }
         shown.insert(customer, (current, now, subscription.clone()));
         drop(shown);

@@ -154,28 +154,52 @@ pub fn band(requests: i64, monthly: i64) -> u8 {
         .unwrap_or(0)
 }
 
+/// Status writes per second from usage outside crossings and new periods, at most
+/// (the API-server budget; the issue's target is under 15).
+pub const STATUS_WRITES_PER_SECOND: u64 = 10;
+
 /// Whether the status should show `current` now, given what it shows (`shown`, written
-/// at `shown_at`): a new period or another band at once; otherwise only a changed
-/// value, and at most every `interval`. This bounds the API-server writes from usage.
-pub fn status_write_due(
+/// at `shown_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// Nothing to show, or not yet.
+    No,
+    /// A new period or another band (50/80/100%): at once.
+    Now,
+    /// A changed value after `--usage-status-interval`, or a first sighting (an
+    /// operator start: status may already show it): within the rollup's budget.
+    Budgeted,
+}
+
+/// See [`StatusWrite`]. This bounds the API-server writes from usage.
+pub fn status_write(
     shown: Option<(&UsageView, DateTime<Utc>)>,
     current: &UsageView,
     now: DateTime<Utc>,
     interval: std::time::Duration,
-) -> bool {
+) -> StatusWrite {
     let Some((shown, at)) = shown else {
-        return true;
+        return StatusWrite::Budgeted;
     };
     if shown == current {
-        return false;
+        return StatusWrite::No;
     }
     if shown.period != current.period
         || band(shown.requests, shown.monthly) != band(current.requests, current.monthly)
     {
-        return true;
+        return StatusWrite::Now;
     }
     let interval = Duration::from_std(interval).unwrap_or(Duration::MAX);
-    now.signed_duration_since(at) >= interval
+    if now.signed_duration_since(at) >= interval {
+        StatusWrite::Budgeted
+    } else {
+        StatusWrite::No
+    }
+}
+
+/// The budgeted writes one rollup may ask for.
+pub fn status_budget(rollup_interval: std::time::Duration) -> u64 {
+    (STATUS_WRITES_PER_SECOND * rollup_interval.as_secs()).max(1)
 }
 
 /// `used` of the status: the percentage, rounded down (`-` without a quota).
@@ -347,45 +371,30 @@ mod tests {
 
     #[test]
     fn status_is_written_on_crossings_and_periods_else_at_most_every_interval() {
+        use StatusWrite::*;
         let t0 = at("2026-12-10T00:00:00Z");
         let i = std::time::Duration::from_secs(900);
-        assert!(status_write_due(None, &view("2026-12", 1), t0, i));
+        assert_eq!(status_write(None, &view("2026-12", 1), t0, i), Budgeted);
         let shown = view("2026-12", 10);
+        let seen = Some((&shown, t0));
         // Same value: never.
-        assert!(!status_write_due(
-            Some((&shown, t0)),
-            &shown,
-            t0 + Duration::days(3),
-            i
-        ));
-        // Changed within a band: only after the interval.
-        assert!(!status_write_due(
-            Some((&shown, t0)),
-            &view("2026-12", 20),
-            t0 + Duration::minutes(14),
-            i
-        ));
-        assert!(status_write_due(
-            Some((&shown, t0)),
-            &view("2026-12", 20),
-            t0 + Duration::minutes(15),
-            i
-        ));
+        assert_eq!(status_write(seen, &shown, t0 + Duration::days(3), i), No);
+        // Changed within a band: only after the interval, within the budget.
+        let changed = view("2026-12", 20);
+        assert_eq!(
+            status_write(seen, &changed, t0 + Duration::minutes(14), i),
+            No
+        );
+        assert_eq!(
+            status_write(seen, &changed, t0 + Duration::minutes(15), i),
+            Budgeted
+        );
         // A crossing (50, 80, 100) or a new period: at once.
         for crossed in [50, 80, 100] {
-            assert!(status_write_due(
-                Some((&shown, t0)),
-                &view("2026-12", crossed),
-                t0,
-                i
-            ));
+            assert_eq!(status_write(seen, &view("2026-12", crossed), t0, i), Now);
         }
-        assert!(status_write_due(
-            Some((&shown, t0)),
-            &view("2027-01", 0),
-            t0,
-            i
-        ));
+        assert_eq!(status_write(seen, &view("2027-01", 0), t0, i), Now);
+        assert_eq!(status_budget(std::time::Duration::from_secs(60)), 600);
     }
 
     #[test]
@@ -430,5 +439,57 @@ mod tests {
             ("False", QUOTA_EXHAUSTED)
         );
         assert!(s.conditions.iter().all(|c| c.type_ != "Ready"));
+    }
+
+    /// The API-server write rate from usage at 10,000 active Subscriptions, computed
+    /// with the write decision and the rollup's budget: every value changes at every
+    /// 60 s rollup (the worst case), over a day that starts with an operator start;
+    /// each subscription also crosses 50/80/100% during it, at its own pace.
+    #[test]
+    fn write_rate_at_10000_subscriptions_is_bounded() {
+        const SUBS: usize = 10_000;
+        const TICKS: i64 = 24 * 60;
+        let interval = std::time::Duration::from_secs(15 * 60);
+        let t0 = at("2026-12-10T00:00:00Z");
+        let mut shown: Vec<Option<(UsageView, DateTime<Utc>)>> = vec![None; SUBS];
+        let (mut writes, mut peak) = (0u64, 0u64);
+        let budget_per_rollup = status_budget(std::time::Duration::from_secs(60));
+        for tick in 1..=TICKS {
+            let now = t0 + Duration::minutes(tick);
+            let (mut this_tick, mut budget) = (0, budget_per_rollup);
+            for (i, s) in shown.iter_mut().enumerate() {
+                // Reaches 60% to 160% of a quota of 1,000 by the end of the day.
+                let pace = 600 + (i as i64 % 101) * 10;
+                let current = UsageView {
+                    period: "2026-12".into(),
+                    requests: tick * pace / TICKS,
+                    monthly: 1000,
+                };
+                let before = s.as_ref().map(|(v, t)| (v, *t));
+                let write = match status_write(before, &current, now, interval) {
+                    StatusWrite::Now => true,
+                    StatusWrite::Budgeted if budget > 0 => {
+                        budget -= 1;
+                        true
+                    }
+                    _ => false,
+                };
+                if write {
+                    *s = Some((current, now));
+                    this_tick += 1;
+                }
+            }
+            writes += this_tick;
+            peak = peak.max(this_tick);
+        }
+        let per_second = writes as f64 / (TICKS * 60) as f64;
+        let peak_per_second = peak as f64 / 60.0;
+        eprintln!(
+            "{SUBS} subscriptions, a value change at every 60s rollup, 15m status interval: \
+             {writes} status writes in a day, {per_second:.2}/s on average, at most {peak} in \
+             one rollup ({peak_per_second:.1}/s over its minute)"
+        );
+        assert!(per_second < 15.0, "{per_second}");
+        assert!(peak_per_second < 15.0, "{peak_per_second}");
     }
 }

@@ -128,6 +128,7 @@ impl Rollup {
                         counters = summary.counters,
                         rows_written = summary.rows_written,
                         confirmed = summary.confirmed,
+                        status_triggers = summary.status_triggers,
                         took = ?begun.elapsed(),
                         "usage rolled up"
                     );
@@ -148,8 +149,9 @@ impl Rollup {
         let mut summary = Summary::default();
         let period = plan::period_of(now.date_naive());
         summary.status_triggers += self.ctx.usage.new_period(&period, now);
+        let mut budget = plan::status_budget(self.settings.interval);
         for day in plan::days_to_roll(now) {
-            self.roll_day(day, now, &mut summary).await?;
+            self.roll_day(day, now, &mut summary, &mut budget).await?;
         }
         self.ctx
             .metrics
@@ -167,6 +169,7 @@ impl Rollup {
         day: NaiveDate,
         now: DateTime<Utc>,
         summary: &mut Summary,
+        budget: &mut u64,
     ) -> Result<(), RollupError> {
         let prefix = &self.settings.prefix;
         let pattern = contract::usage_day_pattern(prefix, &day.format("%Y-%m-%d").to_string());
@@ -209,7 +212,7 @@ impl Rollup {
                     let (written, mut reached, usage) = self.commit_page(page, day).await?;
                     summary.rows_written += written;
                     summary.reached.append(&mut reached);
-                    summary.status_triggers += self.show(usage, day, now);
+                    summary.status_triggers += self.show(usage, day, now, budget);
                     failpoint::hit(PAGE_COMMITTED_FAILPOINT);
                 }
                 // Committed: a closed day's counters may now go (after a little longer).
@@ -257,7 +260,13 @@ impl Rollup {
 
     /// Offers the current period's committed usage to status; returns the reconciles
     /// asked for.
-    fn show(&self, usage: Vec<PeriodUsage>, day: NaiveDate, now: DateTime<Utc>) -> usize {
+    fn show(
+        &self,
+        usage: Vec<PeriodUsage>,
+        day: NaiveDate,
+        now: DateTime<Utc>,
+        budget: &mut u64,
+    ) -> usize {
         let period = plan::period_of(day);
         if period != plan::period_of(now.date_naive()) {
             return 0;
@@ -271,11 +280,8 @@ impl Rollup {
             };
             let subscription = ObjectRef::new(&u.k8s_name).within(&u.k8s_namespace);
             let interval = self.settings.status_interval;
-            if self
-                .ctx
-                .usage
-                .observe(u.customer_id, view, subscription, now, interval)
-            {
+            let book = &self.ctx.usage;
+            if book.observe(u.customer_id, view, subscription, now, interval, budget) {
                 triggered += 1;
             }
         }

@@ -594,3 +594,116 @@ fn next_month_start(day: chrono::NaiveDate) -> chrono::NaiveDate {
     };
     chrono::NaiveDate::from_ymd_opt(y, m, 1).expect("first of the month")
 }
+
+/// Measurement, not a test (`--ignored`): one rollup of 10,000 customers with usage
+/// (2 counters each) by the operator, beside the raw cost of the same Redis and
+/// Postgres work done directly.
+#[tokio::test]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn measure_a_rollup_of_10000_customers() {
+    const CUSTOMERS: usize = 10_000;
+    let env = TestEnv::new("usage-scale").await;
+    let config = env.gateway_config();
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    for chunk in (0..CUSTOMERS).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for _ in chunk {
+            let hash = m3o_platform_contract::usage::usage_key(
+                &config.redis_prefix,
+                &Uuid::new_v4().to_string(),
+                &day,
+            );
+            let key = Uuid::new_v4().to_string();
+            for (api, n) in [("alpha", 7), ("beta", 3)] {
+                pipe.hset(
+                    &hash,
+                    m3o_platform_contract::usage::usage_field(&key, api),
+                    n,
+                )
+                .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut conn).await.expect("seed");
+    }
+
+    // The raw work: paged SCAN + pipelined HGETALL, and the same rows upserted in pages
+    // of 1,000 into a copy of the table.
+    let started = std::time::Instant::now();
+    let pattern = m3o_platform_contract::usage::usage_day_pattern(&config.redis_prefix, &day);
+    let (mut cursor, mut rows) = (0u64, Vec::new());
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        let mut pipe = redis::pipe();
+        keys.iter().for_each(|k| {
+            pipe.hgetall(k);
+        });
+        let hashes: Vec<BTreeMap<String, i64>> =
+            pipe.query_async(&mut conn).await.expect("HGETALL");
+        for (k, h) in keys.iter().zip(hashes) {
+            for (f, n) in h {
+                rows.push((k.clone(), f, n));
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let redis_took = started.elapsed();
+    let pg_started = std::time::Instant::now();
+    sqlx::query("CREATE TABLE usage_raw (LIKE usage_daily INCLUDING ALL)")
+        .execute(&env.db)
+        .await
+        .expect("scratch table");
+    for page in rows.chunks(1000) {
+        let n = page.len();
+        sqlx::query(
+            "INSERT INTO usage_raw (customer_id, key_id, api, day, requests, counter) \
+             SELECT gen_random_uuid(), gen_random_uuid(), 'a', current_date, n, n \
+             FROM UNNEST($1::bigint[]) AS t(n)",
+        )
+        .bind(page.iter().map(|r| r.2).collect::<Vec<i64>>())
+        .execute(&env.db)
+        .await
+        .expect("insert");
+        assert_eq!(n, page.len());
+    }
+    let pg_took = pg_started.elapsed();
+    eprintln!(
+        "raw: {} hashes, {} counters: SCAN+HGETALL {redis_took:?}, INSERT in pages of 1000 {pg_took:?}",
+        CUSTOMERS,
+        rows.len()
+    );
+
+    let mut flags = usage_flags(&config);
+    flags[3] = "15s".into();
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: flags,
+            ..Backends::default()
+        })
+        .await;
+    wait_rollups(&op, 2).await;
+    let log = std::fs::read_to_string(&op.log_path).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("usage rolled up")) {
+        eprintln!("operator: {line}");
+    }
+    let total: i64 = sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_daily")
+        .fetch_one(&env.db)
+        .await
+        .expect("sum");
+    assert_eq!(total, (CUSTOMERS * 10) as i64);
+}

@@ -298,7 +298,8 @@ if [[ "$tls" == 1 ]]; then
     --user default off \
     --user admin on ">$tls_password" '~*' '&*' +@all \
     --user m3o-operator on ">$tls_password" resetkeys '~events:*' resetchannels -@all \
-    +ping +xadd +multi +exec '+xinfo|groups'
+    +ping +xadd +multi +exec '+xinfo|groups' \
+    '~m3o:gateway:usage:*' +scan +hgetall +expire
   printf '%s\n' "$tls_password" >"$dir/etcd-password"
   chmod 0600 "$dir/etcd-password"
 fi

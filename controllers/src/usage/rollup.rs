@@ -108,40 +108,64 @@ impl Rollup {
         }
     }
 
-    /// Rolls up every `--usage-interval` until `stop`, keeping the lag metric current.
+    /// Rolls up every `--usage-interval` until `stop`, keeping the lag metric current
+    /// (every few seconds, also while a rollup hangs on a backend).
     pub async fn run(self, stop: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.settings.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let started = std::time::Instant::now();
-        let mut last_done: Option<std::time::Instant> = None;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let begun = std::time::Instant::now();
-            match self.run_once(now()).await {
-                Ok(summary) => {
-                    last_done = Some(begun);
-                    tracing::debug!(
-                        hashes = summary.hashes,
-                        counters = summary.counters,
-                        rows_written = summary.rows_written,
-                        confirmed = summary.confirmed,
-                        status_triggers = summary.status_triggers,
-                        took = ?begun.elapsed(),
-                        "usage rolled up"
-                    );
-                    self.announce(&summary.reached).await;
-                }
-                Err(err) => {
-                    self.ctx.metrics.usage_rollups_failed.inc();
-                    tracing::warn!(%err, "usage rollup failed; retrying at the next interval");
+        // Milliseconds from `started` to the start of the last completed rollup.
+        let last_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lag = {
+            let (metrics, last_done, stop) =
+                (self.ctx.metrics.clone(), last_done.clone(), stop.clone());
+            async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = every.tick() => {}
+                    }
+                    let done =
+                        Duration::from_millis(last_done.load(std::sync::atomic::Ordering::Relaxed));
+                    let lag = started.elapsed().saturating_sub(done);
+                    metrics.usage_rollup_lag.set(lag.as_secs_f64());
                 }
             }
-            let since = last_done.unwrap_or(started).elapsed();
-            self.ctx.metrics.usage_rollup_lag.set(since.as_secs_f64());
-        }
+        };
+        let rollups = async {
+            let mut ticks = tokio::time::interval(self.settings.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let begun = std::time::Instant::now();
+                match self.run_once(now()).await {
+                    Ok(summary) => {
+                        let at = begun.duration_since(started).as_millis();
+                        last_done.store(
+                            u64::try_from(at).unwrap_or(u64::MAX),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        tracing::debug!(
+                            hashes = summary.hashes,
+                            counters = summary.counters,
+                            rows_written = summary.rows_written,
+                            confirmed = summary.confirmed,
+                            status_triggers = summary.status_triggers,
+                            took = ?begun.elapsed(),
+                            "usage rolled up"
+                        );
+                        self.announce(&summary.reached).await;
+                    }
+                    Err(err) => {
+                        self.ctx.metrics.usage_rollups_failed.inc();
+                        tracing::warn!(%err, "usage rollup failed; retrying at the next interval");
+                    }
+                }
+            }
+        };
+        tokio::join!(lag, rollups);
     }
 
     /// One rollup of the days [`plan::days_to_roll`] at `now`.

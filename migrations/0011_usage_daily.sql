@@ -37,3 +37,13 @@ CREATE TRIGGER usage_daily_writer_fence BEFORE INSERT OR UPDATE OR DELETE ON usa
     FOR EACH ROW EXECUTE FUNCTION writer_fence_stamp();
 CREATE TRIGGER usage_thresholds_writer_fence BEFORE INSERT OR UPDATE OR DELETE ON usage_thresholds
     FOR EACH ROW EXECUTE FUNCTION writer_fence_stamp();
+
+-- The newest day the rollup of a writer (fence name) has committed and confirmed in
+-- full: the next rollup reads every day after it, so days an outage skipped are not lost.
+CREATE TABLE usage_watermark (
+    fence text PRIMARY KEY,
+    confirmed_through date NOT NULL,
+    writer_epoch bigint
+);
+CREATE TRIGGER usage_watermark_writer_fence BEFORE INSERT OR UPDATE OR DELETE ON usage_watermark
+    FOR EACH ROW EXECUTE FUNCTION writer_fence_stamp();

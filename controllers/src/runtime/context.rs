@@ -201,6 +201,19 @@ impl Context {
             .await
     }
 
+    /// The record ids of the Customers in the shared watch's cache (this shard's), once
+    /// it has listed; `None` before.
+    pub async fn customer_ids(&self) -> Option<std::collections::HashSet<uuid::Uuid>> {
+        let cache = self.customers.lock().ok().and_then(|c| c.clone())?;
+        cache.wait_until_ready().await.ok()?;
+        let ids = cache
+            .state()
+            .iter()
+            .filter_map(|c| c.status.as_ref()?.customer_id.as_deref()?.parse().ok())
+            .collect();
+        Some(ids)
+    }
+
     /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).
     pub async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         fence::begin_write(&self.db, &self.term).await

@@ -53,11 +53,25 @@ pub fn counters_of(
     (out, skipped)
 }
 
-/// The days a rollup at `now` reads: today, and yesterday (its last requests, and its
-/// confirmation once closed).
-pub fn days_to_roll(now: DateTime<Utc>) -> [NaiveDate; 2] {
+/// The days a rollup at `now` reads: every day after the last one confirmed
+/// (`confirmed_through`) up to today, so days an operator outage skipped are rolled up
+/// once it is back, but none older than the gateways keep unconfirmed counters; without
+/// a confirmed day, yesterday and today.
+pub fn days_to_roll(now: DateTime<Utc>, confirmed_through: Option<NaiveDate>) -> Vec<NaiveDate> {
     let today = now.date_naive();
-    [today.pred_opt().unwrap_or(today), today]
+    let oldest_kept = today - Duration::seconds(contract::UNCONFIRMED_RETENTION_SECS);
+    let yesterday = today.pred_opt().unwrap_or(today);
+    let first = confirmed_through
+        .and_then(|d| d.succ_opt())
+        .map_or(yesterday, |d| d.max(oldest_kept))
+        .min(today);
+    first.iter_days().take_while(|d| *d <= today).collect()
+}
+
+/// The newest of `days` that is closed at `now`: once they are all committed, it is
+/// confirmed (see [`days_to_roll`]).
+pub fn newest_closed(days: &[NaiveDate], now: DateTime<Utc>) -> Option<NaiveDate> {
+    days.iter().copied().filter(|d| closed(*d, now)).max()
 }
 
 /// True once `day` is over for every gateway (its end plus the grace): its counters
@@ -297,11 +311,43 @@ mod tests {
         assert!(!closed(day, at("2026-12-31T23:59:59Z")));
         assert!(!closed(day, at("2027-01-01T00:09:59Z")));
         assert!(closed(day, at("2027-01-01T00:10:00Z")));
-        let [yesterday, today] = days_to_roll(at("2027-01-01T00:00:01Z"));
+        let days = days_to_roll(at("2027-01-01T00:00:01Z"), None);
+        let [yesterday, today] = days.as_slice() else {
+            panic!("{days:?}")
+        };
         assert_eq!(
             (yesterday.to_string(), today.to_string()),
             ("2026-12-31".into(), "2027-01-01".into())
         );
+    }
+
+    #[test]
+    fn days_after_the_last_confirmed_are_rolled_up_within_the_retention() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("day");
+        let now = at("2026-12-04T12:00:00Z");
+        let names = |days: Vec<NaiveDate>| days.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(days_to_roll(now, Some(d("2026-12-03")))),
+            ["2026-12-04"]
+        );
+        // An outage: every day since the last confirmed one.
+        assert_eq!(
+            names(days_to_roll(now, Some(d("2026-11-30")))),
+            ["2026-12-01", "2026-12-02", "2026-12-03", "2026-12-04"]
+        );
+        // Never older than the gateways keep counters.
+        assert_eq!(days_to_roll(now, Some(d("2025-01-01"))).len(), 36);
+        // A clock that went back: today still.
+        assert_eq!(
+            names(days_to_roll(now, Some(d("2026-12-10")))),
+            ["2026-12-04"]
+        );
+        let rolled = days_to_roll(at("2026-12-05T00:11:00Z"), Some(d("2026-12-03")));
+        assert_eq!(
+            newest_closed(&rolled, at("2026-12-05T00:11:00Z")),
+            Some(d("2026-12-04"))
+        );
+        assert_eq!(newest_closed(&rolled, at("2026-12-05T00:09:00Z")), None);
     }
 
     #[test]

@@ -174,8 +174,35 @@ impl Rollup {
         let period = plan::period_of(now.date_naive());
         summary.status_triggers += self.ctx.usage.new_period(&period, now);
         let mut budget = plan::status_budget(self.settings.interval);
-        for day in plan::days_to_roll(now) {
-            self.roll_day(day, now, &mut summary, &mut budget).await?;
+        let fence = self.ctx.term.name().to_owned();
+        let confirmed: Option<NaiveDate> =
+            sqlx::query_scalar("SELECT confirmed_through FROM usage_watermark WHERE fence = $1")
+                .bind(&fence)
+                .fetch_optional(&self.ctx.db)
+                .await?;
+        let days = plan::days_to_roll(now, confirmed);
+        // Shards of a fleet share the gateways' Redis: each rolls up its own customers
+        // only, so no counter has two writers (see `upsert`).
+        let mine = match &self.ctx.settings.shard {
+            Some(_) => Some(self.ctx.customer_ids().await.unwrap_or_default()),
+            None => None,
+        };
+        for day in &days {
+            self.roll_day(*day, now, &mut summary, &mut budget, mine.as_ref())
+                .await?;
+        }
+        if let Some(closed) = plan::newest_closed(&days, now) {
+            let mut tx = self.ctx.begin_write().await?;
+            sqlx::query(
+                "INSERT INTO usage_watermark (fence, confirmed_through) VALUES ($1, $2) \
+                 ON CONFLICT (fence) DO UPDATE SET confirmed_through = \
+                   GREATEST(usage_watermark.confirmed_through, EXCLUDED.confirmed_through)",
+            )
+            .bind(&fence)
+            .bind(closed)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
         }
         self.ctx
             .metrics
@@ -194,6 +221,7 @@ impl Rollup {
         now: DateTime<Utc>,
         summary: &mut Summary,
         budget: &mut u64,
+        mine: Option<&std::collections::HashSet<Uuid>>,
     ) -> Result<(), RollupError> {
         let prefix = &self.settings.prefix;
         let pattern = contract::usage_day_pattern(prefix, &day.format("%Y-%m-%d").to_string());
@@ -209,9 +237,17 @@ impl Rollup {
                 .arg(self.settings.scan_count)
                 .query_async(&mut conn)
                 .await?;
-            // SCAN may return a key twice; once is enough.
+            // SCAN may return a key twice; once is enough. Another shard's are not ours.
+            let ours = |key: &String| {
+                mine.is_none_or(|ids| {
+                    contract::parse_usage_key(prefix, key)
+                        .and_then(|(c, _)| Uuid::parse_str(c).ok())
+                        .is_some_and(|c| ids.contains(&c))
+                })
+            };
             let keys: Vec<String> = keys
                 .into_iter()
+                .filter(ours)
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();

@@ -403,6 +403,50 @@ async fn a_rollup_killed_midway_and_rerun_leaves_the_same_totals() {
     .await;
     // Confirming changed no total.
     assert_eq!(all_rows().await, grown);
+
+    // An outage of days: the operator's clock jumps 4 days on; a day in between that no
+    // rollup saw (counted while it was away) is rolled up from the last confirmed day on.
+    let watermark: chrono::NaiveDate =
+        sqlx::query_scalar("SELECT confirmed_through FROM usage_watermark")
+            .fetch_one(&env.db)
+            .await
+            .expect("watermark");
+    assert_eq!(watermark, chrono::Utc::now().date_naive());
+    let skipped = watermark + chrono::Days::new(2);
+    let skipped_hash = m3o_platform_contract::usage::usage_key(
+        &config.redis_prefix,
+        &customers[1].customer_id,
+        &skipped.format("%Y-%m-%d").to_string(),
+    );
+    let field = m3o_platform_contract::usage::usage_field(&customers[1].key_id, "beta");
+    let _: () = redis::cmd("HSET")
+        .arg(&skipped_hash)
+        .arg(&field)
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let later = (watermark + chrono::Days::new(4))
+        .and_hms_opt(12, 0, 0)
+        .expect("time");
+    std::fs::write(&clock, later.and_utc().to_rfc3339()).expect("write the clock");
+    let second: Uuid = customers[1].customer_id.parse().expect("uuid");
+    eventually(
+        "the skipped day rolled up",
+        Duration::from_secs(60),
+        || async {
+            let n: Option<i64> = sqlx::query_scalar(
+                "SELECT requests FROM usage_daily WHERE customer_id = $1 AND day = $2",
+            )
+            .bind(second)
+            .bind(skipped)
+            .fetch_optional(&env.db)
+            .await
+            .expect("usage_daily");
+            (n == Some(5)).then_some(())
+        },
+    )
+    .await;
     a.stop().await;
     b.stop().await;
 }

@@ -15,10 +15,12 @@ use uuid::Uuid;
 
 use super::plan::{self, UsageView};
 
+/// What status shows for one customer: the view, when it was chosen, its Subscription.
+type Shown = (UsageView, DateTime<Utc>, ObjectRef<Subscription>);
+
 #[derive(Default)]
 pub struct UsageBook {
-    /// Per customer: the view status shows, when it was chosen, and its Subscription.
-    shown: Mutex<HashMap<Uuid, (UsageView, DateTime<Utc>, ObjectRef<Subscription>)>>,
+    shown: Mutex<HashMap<Uuid, Shown>>,
     trigger: Mutex<Option<UnboundedSender<ObjectRef<Subscription>>>>,
 }
 

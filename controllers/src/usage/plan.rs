@@ -291,7 +291,7 @@ mod tests {
             (format!("{K} weather"), 7),
             (format!("{K} -"), 1),
             ("not-a-uuid x".to_owned(), 3),
-            (format!("{K}"), 3),
+            (K.to_string(), 3),
             (format!("{K} neg"), -1),
         ];
         let (counters, skipped) = counters_of("p:", &key, fields);

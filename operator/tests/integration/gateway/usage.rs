@@ -231,6 +231,46 @@ async fn usage_totals_are_exact_through_nginx_and_a_restarted_replica_loses_no_c
     assert_eq!(lines.remove(0), "customer_id,key_id,requests", "{csv}");
     assert_eq!(lines, by_key, "{csv}");
 
+    // The kubectl plugin (the same binary as kubectl-m3o), by Customer name and by API.
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("plugin-{}", crate::support::suffix()));
+    std::fs::create_dir_all(&dir).expect("plugin dir");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_m3o-operator"), dir.join("kubectl-m3o"))
+        .expect("symlink");
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new("kubectl")
+        .args(["m3o", "usage", "-n", &env.ns, "carol", "--period", &period])
+        .args(["--by", "api", "-o", "csv", "--database-schema", &env.schema])
+        .env("DATABASE_URL", &env.database_url)
+        .env("PATH", path)
+        .output()
+        .await
+        .expect("kubectl");
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{csv}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_api: Vec<String> = apis
+        .iter()
+        .map(|api| {
+            let n: i64 = expected
+                .iter()
+                .filter(|((_, a), _)| a == api)
+                .map(|(_, n)| n)
+                .sum();
+            format!("{customer},{api},{n}")
+        })
+        .collect();
+    let mut lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.remove(0), "customer_id,api,requests", "{csv}");
+    assert_eq!(lines, by_api, "{csv}");
+
     if let Some(a) = a {
         a.stop().await;
     }

@@ -444,6 +444,32 @@ async fn a_rollup_killed_midway_and_rerun_leaves_the_same_totals() {
     // Confirming changed no total.
     assert_eq!(all_rows().await, grown);
 
+    // The fleet export, one customer per keyset page: every customer, once, in order.
+    let period = chrono::Utc::now().format("%Y-%m").to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+        .args([
+            "usage", "--all", "--period", &period, "--by", "api", "-o", "csv",
+        ])
+        .args(["--page-size", "1"])
+        .env("M3O_DATABASE_SCHEMA", &env.schema)
+        .env("DATABASE_URL", &env.database_url)
+        .output()
+        .await
+        .expect("run m3o-operator usage --all");
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{csv}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = grown
+        .iter()
+        .map(|(c, api, n)| format!("{c},{api},{n}"))
+        .collect();
+    let mut lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.remove(0), "customer_id,api,requests", "{csv}");
+    assert_eq!(lines, want, "{csv}");
+
     // An outage of days: the operator's clock jumps 4 days on; a day in between that no
     // rollup saw (counted while it was away) is rolled up from the last confirmed day on.
     let watermark: chrono::NaiveDate =

@@ -66,23 +66,38 @@ impl UsageBook {
         true
     }
 
-    /// Moves every customer shown in an older period to `period` with no requests yet
-    /// (a customer without usage in the new period has no counters to say so).
-    pub fn new_period(&self, period: &str, now: DateTime<Utc>) -> usize {
+    /// Moves customers shown in an older period to `period` with no requests yet (a
+    /// customer without usage in the new period has no counters to say so), as
+    /// [`plan::status_write`] allows: the rest move at a later rollup.
+    pub fn new_period(
+        &self,
+        period: &str,
+        now: DateTime<Utc>,
+        interval: std::time::Duration,
+        budget: &mut u64,
+    ) -> usize {
         let Ok(mut shown) = self.shown.lock() else {
             return 0;
         };
         let mut moved = Vec::new();
         for (view, at, subscription) in shown.values_mut() {
-            if view.period != period {
-                *view = UsageView {
-                    period: period.to_owned(),
-                    requests: 0,
-                    monthly: view.monthly,
-                };
-                *at = now;
-                moved.push(subscription.clone());
+            if view.period == period {
+                continue;
             }
+            let reset = UsageView {
+                period: period.to_owned(),
+                requests: 0,
+                monthly: view.monthly,
+            };
+            match plan::status_write(Some((view, *at)), &reset, now, interval) {
+                plan::StatusWrite::No => continue,
+                plan::StatusWrite::Budgeted if *budget == 0 => continue,
+                plan::StatusWrite::Budgeted => *budget -= 1,
+                plan::StatusWrite::Now => {}
+            }
+            *view = reset;
+            *at = now;
+            moved.push(subscription.clone());
         }
         drop(shown);
         let n = moved.len();

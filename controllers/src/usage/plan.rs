@@ -178,10 +178,11 @@ pub const STATUS_WRITES_PER_SECOND: u64 = 10;
 pub enum StatusWrite {
     /// Nothing to show, or not yet.
     No,
-    /// A new period or another band (50/80/100%): at once.
+    /// Another band (50/80/100%), or a new period while status shows 80% or more: at once.
     Now,
-    /// A changed value after `--usage-status-interval`, or a first sighting (an
-    /// operator start: status may already show it): within the rollup's budget.
+    /// A changed value after `--usage-status-interval`, a new period under 80%, or a
+    /// first sighting (an operator start: status may already show it): within the
+    /// rollup's budget.
     Budgeted,
 }
 
@@ -198,9 +199,16 @@ pub fn status_write(
     if shown == current {
         return StatusWrite::No;
     }
-    if shown.period != current.period
-        || band(shown.requests, shown.monthly) != band(current.requests, current.monthly)
-    {
+    if shown.period != current.period {
+        // What matters at once is a status that says the quota is (nearly) used up;
+        // the rest of the fleet's month-start writes go within the budget.
+        return if band(shown.requests, shown.monthly) >= 80 {
+            StatusWrite::Now
+        } else {
+            StatusWrite::Budgeted
+        };
+    }
+    if band(shown.requests, shown.monthly) != band(current.requests, current.monthly) {
         return StatusWrite::Now;
     }
     let interval = Duration::from_std(interval).unwrap_or(Duration::MAX);
@@ -439,7 +447,13 @@ mod tests {
         for crossed in [50, 80, 100] {
             assert_eq!(status_write(seen, &view("2026-12", crossed), t0, i), Now);
         }
-        assert_eq!(status_write(seen, &view("2027-01", 0), t0, i), Now);
+        // A new period: at once when status showed 80% or more, else budgeted.
+        assert_eq!(status_write(seen, &view("2027-01", 0), t0, i), Budgeted);
+        let high = view("2026-12", 85);
+        assert_eq!(
+            status_write(Some((&high, t0)), &view("2027-01", 0), t0, i),
+            Now
+        );
         assert_eq!(status_budget(std::time::Duration::from_secs(60)), 600);
     }
 
@@ -489,8 +503,9 @@ mod tests {
 
     /// The API-server write rate from usage at 10,000 active Subscriptions, computed
     /// with the write decision and the rollup's budget: every value changes at every
-    /// 60 s rollup (the worst case), over a day that starts with an operator start;
-    /// each subscription also crosses 50/80/100% during it, at its own pace.
+    /// 60 s rollup (the worst case), over a day that starts with an operator start and
+    /// has a new period at midday; each subscription also crosses 50/80/100% during
+    /// it, at its own pace.
     #[test]
     fn write_rate_at_10000_subscriptions_is_bounded() {
         const SUBS: usize = 10_000;
@@ -506,9 +521,15 @@ mod tests {
             for (i, s) in shown.iter_mut().enumerate() {
                 // Reaches 60% to 160% of a quota of 1,000 by the end of the day.
                 let pace = 600 + (i as i64 % 101) * 10;
+                // At midday a new period begins: usage starts again from 0.
+                let (period, elapsed) = if tick <= TICKS / 2 {
+                    ("2026-12", tick)
+                } else {
+                    ("2027-01", tick - TICKS / 2)
+                };
                 let current = UsageView {
-                    period: "2026-12".into(),
-                    requests: tick * pace / TICKS,
+                    period: period.into(),
+                    requests: elapsed * pace / TICKS,
                     monthly: 1000,
                 };
                 let before = s.as_ref().map(|(v, t)| (v, *t));

@@ -172,8 +172,12 @@ impl Rollup {
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Summary, RollupError> {
         let mut summary = Summary::default();
         let period = plan::period_of(now.date_naive());
-        summary.status_triggers += self.ctx.usage.new_period(&period, now);
         let mut budget = plan::status_budget(self.settings.interval);
+        let interval = self.settings.status_interval;
+        summary.status_triggers += self
+            .ctx
+            .usage
+            .new_period(&period, now, interval, &mut budget);
         let fence = self.ctx.term.name().to_owned();
         let confirmed: Option<NaiveDate> =
             sqlx::query_scalar("SELECT confirmed_through FROM usage_watermark WHERE fence = $1")

@@ -409,6 +409,42 @@ async fn a_rollup_killed_midway_and_rerun_leaves_the_same_totals() {
     wait_rollups(&op, 2).await;
     assert_eq!(all_rows().await, grown);
 
+    // A flush (the hash lost, as FLUSHALL would in a Redis of its own): the counts
+    // made since then are added to the durable total, not compared with it.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&hash)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(&hash)
+        .arg(&field)
+        .arg(3)
+        .query_async(&mut conn)
+        .await
+        .expect("HINCRBY");
+    // As the gateway's script does for a new hash.
+    let _: i64 = redis::cmd("EXPIRE")
+        .arg(&hash)
+        .arg(m3o_platform_contract::usage::UNCONFIRMED_RETENTION_SECS)
+        .query_async(&mut conn)
+        .await
+        .expect("EXPIRE");
+    if let Some(row) = grown
+        .iter_mut()
+        .find(|(c, api, _)| *c == first && api == "alpha")
+    {
+        row.2 += 3;
+    }
+    eventually(
+        "the counts after a flush added",
+        Duration::from_secs(60),
+        || async { (all_rows().await == grown).then_some(()) },
+    )
+    .await;
+    wait_rollups(&op, 2).await;
+    assert_eq!(all_rows().await, grown);
+
     // Retention: today's hash keeps the gateway's TTL while the day is open; once the
     // operator's clock is past the day's end and grace, the committed day is confirmed
     // and its TTL lowered.

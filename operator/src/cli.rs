@@ -63,7 +63,7 @@ pub struct UsageArgs {
     #[arg(long)]
     pub customer: Option<uuid::Uuid>,
 
-    /// Namespace of the Customer NAME (default: default).
+    /// Namespace of the Customer NAME (default: the kubeconfig context's).
     #[arg(short = 'n', long = "namespace", requires = "name")]
     pub namespace: Option<String>,
 

@@ -85,7 +85,8 @@ async fn customer_by_name(
     namespace: Option<&str>,
     name: &str,
 ) -> Result<Uuid, StartupError> {
-    let namespace = namespace.unwrap_or("default");
+    let namespace = namespace.map_or_else(context_namespace, str::to_owned);
+    let namespace = namespace.as_str();
     customers::live_by_k8s_ref(db, namespace, name)
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?
@@ -95,6 +96,24 @@ async fn customer_by_name(
                 "Customer {namespace}/{name}: no live customer record (check -n and the name)"
             ))
         })
+}
+
+/// The kubeconfig context's namespace, as kubectl uses it (read from the file only:
+/// the export needs no API server), else `default`.
+fn context_namespace() -> String {
+    kube::config::Kubeconfig::read()
+        .ok()
+        .and_then(|config| {
+            let current = config.current_context.clone()?;
+            config
+                .contexts
+                .into_iter()
+                .find(|c| c.name == current)?
+                .context?
+                .namespace
+        })
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
 }
 
 /// The lines of up to `page` customers after `after` (all of `only`'s when given).

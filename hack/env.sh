@@ -305,6 +305,7 @@ if [[ "$tls" == 1 ]]; then
     --user admin on ">$tls_password" '~*' '&*' +@all \
     --user m3o-operator on ">$tls_password" resetkeys '~events:*' resetchannels -@all \
     +ping +xadd +multi +exec '+xinfo|groups' \
+    '~m3o:gateway:usage:*' +scan +hgetall +expire \
     --user m3o-gateway on ">$tls_password" resetkeys '~m3o:gateway:*' resetchannels -@all \
     +ping +evalsha '+script|load' +time +get +set +incr +expire +hincrby
   printf '%s\n' "$tls_password" >"$dir/etcd-password"

@@ -1,5 +1,11 @@
 //! `m3o-gateway-auth usage --customer ID`: a customer's metered requests per day, key
 //! and API, read from the counters the checks write (see [`crate::limits`]).
+//!
+//! Retention: a day's counters stay in Redis until the operator has confirmed them in
+//! Postgres, and a little longer; the layout and the TTLs are the contract crate's
+//! ([`m3o_platform_contract::usage`]): the script gives a new day
+//! `UNCONFIRMED_RETENTION_SECS`, the operator's rollup lowers it to
+//! `CONFIRMED_RETENTION_SECS` once the closed day is committed.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox`. Every flag
+//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox | usage`. Every flag
 //! has an environment fallback so the Helm chart can pass configuration through a Secret.
 
 use std::net::SocketAddr;
@@ -39,6 +39,8 @@ pub enum Command {
     /// Exit 1 (one line) while objects still carry the finalizer m3o.com/cleanup: the
     /// chart's pre-delete hook (read only).
     UninstallCheck(UninstallCheckArgs),
+    /// Billing export: a period's requests from usage_daily, by key, API or day (read only).
+    Usage(Box<UsageArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -50,6 +52,60 @@ pub struct UninstallCheckArgs {
     /// Namespace the release watches; empty: all.
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
     pub namespace: String,
+}
+
+/// How `usage` groups a customer's requests.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageBy {
+    Key,
+    Api,
+    Day,
+}
+
+/// Output of `usage`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageFormat {
+    Text,
+    Json,
+    Csv,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["customer", "name", "all"])))]
+pub struct UsageArgs {
+    /// Customer id.
+    #[arg(long)]
+    pub customer: Option<uuid::Uuid>,
+
+    /// Namespace of the Customer NAME (default: the kubeconfig context's).
+    #[arg(short = 'n', long = "namespace", requires = "name")]
+    pub namespace: Option<String>,
+
+    /// Name of the Customer resource.
+    pub name: Option<String>,
+
+    /// Every customer with usage in the period, in keyset pages.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Billing period, YYYY-MM (UTC).
+    #[arg(long)]
+    pub period: String,
+
+    /// Group the period's requests by key, API or day.
+    #[arg(long, value_enum, default_value_t = UsageBy::Key)]
+    pub by: UsageBy,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = UsageFormat::Text)]
+    pub output: UsageFormat,
+
+    /// Customers per page of --all.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub page_size: i64,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// The backends an admin command reads, with the same flags as `run`.
@@ -330,6 +386,34 @@ pub struct RunArgs {
     /// Address of the HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub usage: UsageRunArgs,
+}
+
+/// The usage rollup's flags (README "Usage and quota").
+#[derive(Args, Debug, Clone)]
+pub struct UsageRunArgs {
+    /// How often the gateways' usage counters are rolled up into usage_daily (Go duration).
+    #[arg(long, env = "M3O_USAGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub usage_interval: Duration,
+
+    /// A Subscription's status.usage is written at most this often unless a threshold
+    /// (50/80/100%) is crossed or the period changes (Go duration).
+    #[arg(long, env = "M3O_USAGE_STATUS_INTERVAL", default_value = "15m", value_parser = parse_duration)]
+    pub usage_status_interval: Duration,
+
+    /// Redis the gateways count in (default: --redis-url; same TLS files).
+    #[arg(long, env = "M3O_USAGE_REDIS_URL", hide_env_values = true)]
+    pub usage_redis_url: Option<String>,
+
+    /// The gateways' --redis-prefix.
+    #[arg(long, env = "M3O_USAGE_REDIS_PREFIX", default_value = "m3o:gateway:")]
+    pub usage_redis_prefix: String,
+
+    /// Usage counters per Postgres transaction of the rollup.
+    #[arg(long, env = "M3O_USAGE_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub usage_page_size: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -13,7 +13,7 @@ use m3o_controllers::runtime::feed::CustomerFeed;
 use m3o_controllers::runtime::lanes::CHANGES_CONCURRENCY;
 use m3o_controllers::store::fence::Term;
 use m3o_controllers::{
-    Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription,
+    Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription, usage,
 };
 use m3o_events::relay::{Relay, RelayConfig};
 use tokio::net::TcpListener;
@@ -54,6 +54,7 @@ struct LeaderWork {
     relay: Relay,
     plans: plans::Plans,
     plans_file: Option<std::path::PathBuf>,
+    usage: usage::rollup::Rollup,
 }
 
 /// A long-running task, by name (the name is what logs, `/healthz` and the
@@ -114,6 +115,7 @@ impl LeaderWork {
                 ),
             ),
         ];
+        tasks.push(supervised("usage-rollup", self.usage.run(stop.clone())));
         if let Some(path) = self.plans_file {
             tasks.push(supervised(
                 "plans-file-watch",
@@ -181,6 +183,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
     let redis = startup::redis(&args.backends.redis).await?;
+    let usage_redis = startup::usage_redis(&args.backends.redis, &args.usage).await?;
     let platform = startup::etcd(&args.backends.etcd).await?;
     let client = startup::kube(args.backends.kubeconfig.as_deref()).await?;
     startup::check_crds(&client, namespace.as_deref()).await?;
@@ -254,7 +257,19 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         health,
         metrics: metrics.clone(),
     };
+    let usage = usage::rollup::Rollup::new(
+        ctx.clone(),
+        usage_redis,
+        usage::rollup::RollupSettings {
+            prefix: args.usage.usage_redis_prefix.clone(),
+            interval: args.usage.usage_interval,
+            page_rows: args.usage.usage_page_size as usize,
+            scan_count: 1000,
+            status_interval: args.usage.usage_status_interval,
+        },
+    );
     let work = LeaderWork {
+        usage,
         ctx,
         relay,
         plans,

@@ -7,6 +7,7 @@
 
 pub mod keys;
 pub mod standing;
+pub mod usage;
 pub mod values;
 
 pub use keys::{Slot, apikey_key, classify, customer_key, gateway_key, quota_key};

@@ -60,6 +60,12 @@ pub struct Metrics {
     pub resync_due: Family<KindLabels, Counter>,
     pub object_resyncs: Family<KindLabels, Counter>,
     pub fence_divergence: Counter,
+    /// Age of the newest usage in Postgres: now minus the start of the last rollup that
+    /// completed (README "Usage and quota").
+    pub usage_rollup_lag: Gauge<f64, AtomicU64>,
+    pub usage_rollups_failed: Counter,
+    pub usage_rows_written: Counter,
+    pub usage_threshold_events: Counter,
 }
 
 impl Default for Metrics {
@@ -191,6 +197,31 @@ impl Metrics {
             "Writer terms found to differ between Postgres and etcd (etcd restored, wiped or its fence key deleted; Postgres restored); each is healed by converging the etcd prefix from Postgres",
             fence_divergence.clone(),
         );
+        let usage_rollup_lag = Gauge::<f64, AtomicU64>::default();
+        let usage_rollups_failed = Counter::default();
+        let usage_rows_written = Counter::default();
+        let usage_threshold_events = Counter::default();
+        registry.register_with_unit(
+            "usage_rollup_lag",
+            "Time since the start of the last completed rollup of the gateways' usage counters into Postgres",
+            prometheus_client::registry::Unit::Seconds,
+            usage_rollup_lag.clone(),
+        );
+        registry.register(
+            "usage_rollups_failed",
+            "Usage rollups that failed (Redis or Postgres error)",
+            usage_rollups_failed.clone(),
+        );
+        registry.register(
+            "usage_rows_written",
+            "usage_daily rows inserted or changed by the rollup",
+            usage_rows_written.clone(),
+        );
+        registry.register(
+            "usage_threshold_events",
+            "QuotaThresholdReached events queued",
+            usage_threshold_events.clone(),
+        );
         for key_kind in ["customers", "apikeys", "quotas", "unowned"] {
             let _ = drift_corrections.get_or_create(&KindLabels {
                 kind: key_kind.to_owned(),
@@ -219,6 +250,10 @@ impl Metrics {
             resync_due,
             object_resyncs,
             fence_divergence,
+            usage_rollup_lag,
+            usage_rollups_failed,
+            usage_rows_written,
+            usage_threshold_events,
         }
     }
 

@@ -81,6 +81,8 @@ pub struct Context {
     pub watching: Arc<Watching>,
     /// This process's writer term: every write transaction checks it.
     pub term: Arc<Term>,
+    /// Usage the rollup learnt, shown in Subscription status ([`crate::usage`]).
+    pub usage: Arc<crate::usage::book::UsageBook>,
     /// The cache of the shared Customer watch of the current term ([`crate::runtime::feed`]).
     customers: std::sync::Mutex<Option<Store<Customer>>>,
     /// The Subscription controller's cache and its index by Customer.
@@ -135,6 +137,7 @@ impl Context {
             plans: Plans::default(),
             watching: Arc::default(),
             term,
+            usage: Arc::default(),
             customers: std::sync::Mutex::default(),
             subscriptions: std::sync::Mutex::default(),
         }
@@ -221,6 +224,19 @@ impl Context {
         Api::<Customer>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
+    }
+
+    /// The record ids of the Customers in the shared watch's cache (this shard's), once
+    /// it has listed; `None` before.
+    pub async fn customer_ids(&self) -> Option<std::collections::HashSet<uuid::Uuid>> {
+        let cache = self.customers.lock().ok().and_then(|c| c.clone())?;
+        cache.wait_until_ready().await.ok()?;
+        let ids = cache
+            .state()
+            .iter()
+            .filter_map(|c| c.status.as_ref()?.customer_id.as_deref()?.parse().ok())
+            .collect();
+        Some(ids)
     }
 
     /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).

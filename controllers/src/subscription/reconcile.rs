@@ -57,7 +57,15 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
     lifecycle::converge_customers(ctx, customers.into_iter().flatten()).await?;
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
-    let status = build::provisioned_status(&sub, &row, &key);
+    let usage = ctx.usage.shown(row.customer_id).map(|mut view| {
+        view.monthly = row.monthly_requests;
+        view
+    });
+    let status = crate::usage::plan::with_usage(
+        build::provisioned_status(&sub, &row, &key),
+        usage.as_ref(),
+        sub.metadata.generation,
+    );
     let note = build::provisioned_note(&row, &key);
     lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await
 }

@@ -16,8 +16,9 @@ use redis::aio::ConnectionManager;
 use crate::decision::Allowed;
 use crate::entries::Quota;
 
-/// Usage counts are kept this long.
-const USAGE_TTL_SECS: i64 = 400 * 24 * 3600;
+/// A day's usage hash is kept this long unless the operator confirms it sooner
+/// (the contract's retention, see [`crate::usage`]).
+const USAGE_TTL_SECS: i64 = m3o_platform_contract::usage::UNCONFIRMED_RETENTION_SECS;
 /// Longest API name metered as such; a longer one counts under `-`.
 pub const MAX_USAGE_API_LEN: usize = 64;
 /// At most one "Redis unavailable" log line per this long (the rest are counted in it).
@@ -49,18 +50,19 @@ pub fn month_key(prefix: &str, customer: &str, now: DateTime<Utc>) -> String {
 }
 
 pub fn usage_key(prefix: &str, customer: &str, day: NaiveDate) -> String {
-    format!("{prefix}usage:{{{customer}}}:{}", day.format("%Y-%m-%d"))
+    let day = day.format("%Y-%m-%d").to_string();
+    m3o_platform_contract::usage::usage_key(prefix, customer, &day)
 }
 
 /// The pattern of every usage key of a customer (for `usage`).
 pub fn usage_pattern(prefix: &str, customer: &str) -> String {
-    format!("{prefix}usage:{{{customer}}}:*")
+    m3o_platform_contract::usage::usage_customer_pattern(prefix, customer)
 }
 
 /// The usage hash field of a key and API (`-` for a path outside `/v1/<api>` or an
 /// API not metered, see [`usage_api`]).
 pub fn usage_field(key_id: &str, api: &str) -> String {
-    format!("{key_id} {api}")
+    m3o_platform_contract::usage::usage_field(key_id, api)
 }
 
 /// Start of the next UTC calendar month.

@@ -7,6 +7,7 @@ pub mod compare;
 mod events;
 pub mod inspect;
 pub mod uninstall;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -11,6 +11,7 @@ mod limiter;
 mod outages;
 mod partition;
 mod relist;
+mod usage;
 
 use std::time::Duration;
 

@@ -17,7 +17,8 @@ impl Servers {
              user default off\n\
              user admin on >{pw} ~* &* +@all\n\
              user {OPERATOR_USER} on >{pw} resetkeys ~{stream_prefix}* resetchannels -@all \
-             +ping +xadd +multi +exec +xinfo|groups\n\
+             +ping +xadd +multi +exec +xinfo|groups \
+             ~{stream_prefix}gw:usage:* +scan +hgetall +expire\n\
              user {GATEWAY_USER} on >{pw} resetkeys ~{stream_prefix}gw:* resetchannels -@all \
              {GATEWAY_COMMANDS}\n",
             port = self.redis_port,

@@ -35,6 +35,14 @@ pub const KIND: &str = m3o_crds::kinds::API_KEY;
 
 crate::report::status::has_status!(ApiKey, ApiKeyStatus);
 
+/// A key's plan also needs its Customer's state, its Secret and the clock: a spec change
+/// shows as a generation not yet Ready, the others reach the key through the Customer
+/// feed, the Secret watch and the clock-driven expiry. Rows edited by hand are found by
+/// their digests.
+impl crate::runtime::resync::ResyncedKind for ApiKey {
+    const RECORDS: crate::store::resync::RecordTable = crate::store::resync::API_KEYS;
+}
+
 async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
         &ctx,

@@ -13,6 +13,8 @@
 //!    (block -> etcd entry changed, during the bulk apply).
 //! 3. At rest: peak RSS, CPU and etcd writes / Postgres transactions over one resync
 //!    interval, reconciles per object, and the block latency again.
+//! 4. A restart over the provisioned fleet, nothing changed: time until quiet, its
+//!    reconciles, API writes and requests, etcd revisions, Postgres transactions.
 
 use std::time::{Duration, Instant};
 
@@ -410,6 +412,53 @@ fn metric_sum(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// API-server writes (any verb but get, list and watch) between two samples.
+fn api_writes(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> f64 {
+    after
+        .iter()
+        .filter(|(k, _)| !["GET ", "LIST ", "WATCH "].iter().any(|v| k.starts_with(v)))
+        .map(|(k, v)| v - before.get(k).unwrap_or(&0.0))
+        .sum()
+}
+
+/// Waits until a restarted operator (metrics on `port`, spawned at `started`) is
+/// quiet: each kind compared in bulk at least once (after its first list) and no
+/// reconcile for a second. Returns the time to quiet (without that second) and the
+/// reconciles it ran.
+async fn restart_quiet(port: u16, started: Instant) -> Result<(Duration, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last: Option<(f64, Instant)> = None;
+    loop {
+        if Instant::now() > deadline {
+            return Err("the restarted operator was not quiet within 600 s".into());
+        }
+        let Ok(m) = metrics(port).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let compared = KINDS.iter().all(|k| {
+            m.lines().any(|l| {
+                l.starts_with(&format!(
+                    "m3o_operator_object_resyncs_total{{kind=\"{k}\"}}"
+                )) && !l.ends_with(" 0")
+            })
+        });
+        let reconciles = metric_sum(&m, "m3o_operator_reconciles_total");
+        match last {
+            Some((r, since)) if compared && r == reconciles => {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    return Ok((since - started, reconciles));
+                }
+            }
+            _ => last = compared.then(|| (reconciles, Instant::now())),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One block (or unblock) of the probe key, timed until its etcd entry says so (read
 /// from a watch on the entry, so the probe adds no load while it waits).
 async fn block_latency(
@@ -531,26 +580,29 @@ async fn main() -> Result<()> {
         .local_addr()?
         .port();
     let prefix = format!("/bench-{id}");
-    let mut operator = tokio::process::Command::new(&binary)
-        .args([
-            "run",
-            "--namespace",
-            &ns,
-            "--database-schema",
-            &format!("bench_{id}"),
-        ])
-        .args([
-            "--stream-prefix",
-            &format!("bench-{id}:"),
-            "--etcd-prefix",
-            &prefix,
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--resync-interval", &format!("{}s", RESYNC.as_secs())])
-        .args(["--concurrency", &concurrency.to_string()])
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
+    let spawn_operator = || {
+        tokio::process::Command::new(&binary)
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--database-schema",
+                &format!("bench_{id}"),
+            ])
+            .args([
+                "--stream-prefix",
+                &format!("bench-{id}:"),
+                "--etcd-prefix",
+                &prefix,
+            ])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--resync-interval", &format!("{}s", RESYNC.as_secs())])
+            .args(["--concurrency", &concurrency.to_string()])
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let mut operator = spawn_operator()?;
     let pid = operator.id().ok_or("operator exited")?;
     let etcd_client =
         etcd_client::Client::connect(var("ETCD_ENDPOINTS")?.split(',').collect::<Vec<_>>(), None)
@@ -683,6 +735,26 @@ async fn main() -> Result<()> {
         rest_latencies.push(block_latency(&keys, &mut etcd, &entry_key, i % 2 == 0).await?);
     }
     let rss = proc_field(pid, "status", "VmHWM:");
+
+    // 4. A restart over the provisioned fleet, nothing changed: SIGTERM, then a new
+    // process, until quiet (every kind compared in bulk, no reconcile for a second).
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    let _ = tokio::time::timeout(Duration::from_secs(30), operator.wait()).await;
+    operator.kill().await.ok();
+    let restart_requests0 = api_requests(&client).await?;
+    let (restart_rev0, restart_tx0) = (revision(etcd.clone()).await?, xacts().await?);
+    let started = Instant::now();
+    let mut operator = spawn_operator()?;
+    let restart_pid = operator.id().ok_or("operator exited")?;
+    let (quiet, restart_reconciles) = restart_quiet(port, started).await?;
+    let restart_requests =
+        requests_per_object(&restart_requests0, &api_requests(&client).await?, objects);
+    let restart_writes = api_writes(&restart_requests0, &api_requests(&client).await?);
+    let (restart_rev1, restart_tx1) = (revision(etcd.clone()).await?, xacts().await?);
+    let restart_rss = proc_field(restart_pid, "status", "VmHWM:");
     operator.kill().await?;
 
     let idle_cpu = match (cpu0, cpu1) {
@@ -749,6 +821,14 @@ async fn main() -> Result<()> {
         RESYNC.as_secs(),
         tx1 - tx0
     );
+    println!(
+        "restart over the fleet:        quiet after {:.2} s, {restart_reconciles:.0} reconciles, {restart_writes:.0} API writes, {} etcd revisions, {} Postgres transactions (all processes), peak RSS {}",
+        quiet.as_secs_f64(),
+        restart_rev1 - restart_rev0,
+        restart_tx1 - restart_tx0,
+        restart_rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+    );
+    println!("  API requests per object:     {restart_requests}");
     println!(
         "block -> etcd, during bulk:    {}",
         latencies(bulk_latencies)

@@ -15,6 +15,7 @@ use super::secret::{FoundKey, IssuedKey, SecretState, secret_name};
 use crate::duration;
 use crate::pipeline::dependent::{self, Gate, Refusal, Requires};
 use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::Digested;
 use crate::platform::published;
 pub use crate::platform::published::blocked_message;
 use crate::report::blocker::Blocker;
@@ -346,7 +347,10 @@ pub fn plan(o: &Observed) -> KeyPlan {
             ));
         }
         Some(row) => {
-            if row.fields() != fields {
+            // A stale stored digest alone (a row edited back by hand, or written before
+            // digests) is rewritten too: the bulk comparison would otherwise find the
+            // row differing from its plan at every pass.
+            if row.fields() != fields || row.plan_digest.as_deref() != Some(&fields.digest()) {
                 plan.events
                     .extend(transition(o, &row.status, status, row.id, &fields.scopes));
                 plan.updates.push((row.id, fields.clone()));
@@ -411,7 +415,7 @@ fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
         fields.status = status.to_owned();
     }
     fields.blocked_message = recorded_blocked_message(&o.key.spec);
-    if fields != row.fields() {
+    if fields != row.fields() || row.plan_digest.as_deref() != Some(&fields.digest()) {
         plan.updates.push((row.id, fields));
     }
 }

@@ -203,6 +203,13 @@ async fn report_synced(
     Ok(requeue_at(wake_at))
 }
 
+fn created_by_us() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    }
+}
+
 /// Writes a fresh key into the ApiKey's Secret and returns what to record; the
 /// plaintext is dropped on return. A missing Secret is created, never applied over an
 /// object that is there after all: that is `None`, for the caller to read it. One of
@@ -218,7 +225,9 @@ async fn issue(
     let generation = key.spec.rotation_generation;
     let (manifest, issued) = build::secret(key, plaintext, Uuid::now_v7(), generation);
     match read_at {
-        None => match secrets.create(&PostParams::default(), &manifest).await {
+        // Under the operator's field manager: a Secret whose data another manager
+        // wrote was edited by someone else (`data_written_by_others` at start-up).
+        None => match secrets.create(&created_by_us(), &manifest).await {
             Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => return Ok(None),
             created => {
                 created?;

@@ -23,6 +23,20 @@ pub const KIND: &str = m3o_crds::kinds::CUSTOMER;
 
 crate::report::status::has_status!(Customer, CustomerStatus);
 
+impl crate::runtime::resync::ResyncedKind for Customer {
+    const RECORDS: crate::store::resync::RecordTable = crate::store::resync::CUSTOMERS;
+
+    /// The record is read off the resource alone.
+    fn planned_digest(
+        &self,
+        _catalog: &crate::plans::Catalog,
+        _records: &crate::store::resync::LiveRecords,
+    ) -> Option<String> {
+        use crate::pipeline::row_plan::Digested;
+        plan::desired(self).ok().map(|d| d.record.digest())
+    }
+}
+
 async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
         &ctx,
@@ -38,7 +52,7 @@ async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action,
 pub async fn run(
     ctx: Arc<Context>,
     customers: kube::runtime::reflector::Store<Customer>,
-    changes: futures::channel::mpsc::Receiver<Customer>,
+    changes: futures::channel::mpsc::Receiver<kube::runtime::watcher::Event<Customer>>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     use futures::StreamExt;

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub usage_rollups_failed: Counter,
     pub usage_rows_written: Counter,
     pub usage_threshold_events: Counter,
+    pub rows_repaired: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,6 +100,7 @@ impl Metrics {
         let resync_due = Family::<KindLabels, Counter>::default();
         let object_resyncs = Family::<KindLabels, Counter>::default();
         let fence_divergence = Counter::default();
+        let rows_repaired = Family::<KindLabels, Counter>::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -222,6 +224,11 @@ impl Metrics {
             "QuotaThresholdReached events queued",
             usage_threshold_events.clone(),
         );
+        registry.register(
+            "rows_repaired",
+            "Objects whose records a bulk comparison found differing from their plan (edited by hand, or a plan changed while the operator was down) and sent to the reconcile that repairs them, by kind",
+            rows_repaired.clone(),
+        );
         for key_kind in ["customers", "apikeys", "quotas", "unowned"] {
             let _ = drift_corrections.get_or_create(&KindLabels {
                 kind: key_kind.to_owned(),
@@ -254,6 +261,7 @@ impl Metrics {
             usage_rollups_failed,
             usage_rows_written,
             usage_threshold_events,
+            rows_repaired,
         }
     }
 
@@ -264,6 +272,7 @@ impl Metrics {
             kind: kind.to_owned(),
         };
         let _ = self.reconciles.get_or_create(&labels);
+        let _ = self.rows_repaired.get_or_create(&labels);
         let _ = self.reconcile_duration.get_or_create(&labels);
         for reason in crate::report::error::Error::METRIC_LABELS {
             let _ = self.reconcile_errors.get_or_create(&ErrorLabels {
@@ -328,6 +337,14 @@ impl Metrics {
     pub fn config_keys_written(&self, keys: usize) {
         self.config_keys_written
             .inc_by(u64::try_from(keys).unwrap_or(u64::MAX));
+    }
+
+    pub fn rows_repaired(&self, kind: &str, objects: usize) {
+        self.rows_repaired
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc_by(u64::try_from(objects).unwrap_or(u64::MAX));
     }
 
     pub fn resync_due(&self, kind: &str, objects: usize) {

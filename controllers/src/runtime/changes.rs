@@ -1,7 +1,9 @@
 //! Telling the events of a watch that matter from those that do not: an object passes
 //! when a fingerprint of what matters about it differs from the last one seen (by uid);
 //! a deletion always passes (the deleted object carries the fields of its last update,
-//! which a fingerprint would take for no change).
+//! which a fingerprint would take for no change). The watch's first list only seeds the
+//! fingerprints: at start nothing passes for being seen the first time, since the bulk
+//! comparison ([`crate::runtime::resync`]) decides which objects a start reconciles.
 
 use std::collections::HashMap;
 
@@ -12,6 +14,8 @@ use kube::runtime::watcher;
 pub struct Changed<F> {
     seen: HashMap<u128, u64>,
     fingerprint: F,
+    /// The first list has ended (its `InitDone` was seen).
+    listed: bool,
 }
 
 impl<F> Changed<F> {
@@ -19,6 +23,7 @@ impl<F> Changed<F> {
         Self {
             seen: HashMap::new(),
             fingerprint,
+            listed: false,
         }
     }
 
@@ -32,13 +37,18 @@ impl<F> Changed<F> {
             watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
                 let uid = uid_key(o.meta().uid.as_deref());
                 let print = (self.fingerprint)(o);
-                (self.seen.insert(uid, print) != Some(print)).then_some(o)
+                let changed = self.seen.insert(uid, print) != Some(print);
+                (changed && self.listed).then_some(o)
             }
             watcher::Event::Delete(o) => {
                 self.seen.remove(&uid_key(o.meta().uid.as_deref()));
                 Some(o)
             }
-            watcher::Event::Init | watcher::Event::InitDone => None,
+            watcher::Event::InitDone => {
+                self.listed = true;
+                None
+            }
+            watcher::Event::Init => None,
         }
     }
 }
@@ -71,4 +81,59 @@ pub fn spec_fingerprint<K: Resource>(obj: &K) -> u64 {
     )
         .hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use m3o_crds::Customer;
+
+    fn customer(uid: &str, generation: i64) -> Customer {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "m3o.com/v1alpha1", "kind": "Customer",
+            "metadata": {"name": uid, "namespace": "ns", "uid": uid, "generation": generation},
+            "spec": {"email": "c@example.com"},
+        }))
+        .expect("a valid Customer")
+    }
+
+    #[test]
+    fn the_first_list_seeds_and_later_changes_pass() {
+        let mut changes = Changed::new(spec_fingerprint::<Customer>);
+        let passes =
+            |changes: &mut Changed<_>, e: watcher::Event<Customer>| changes.changed(&e).is_some();
+        assert!(!passes(&mut changes, watcher::Event::Init));
+        assert!(!passes(
+            &mut changes,
+            watcher::Event::InitApply(customer("a", 1))
+        ));
+        assert!(!passes(&mut changes, watcher::Event::InitDone));
+        // A status write (same generation) does not pass; a spec change does.
+        assert!(!passes(
+            &mut changes,
+            watcher::Event::Apply(customer("a", 1))
+        ));
+        assert!(passes(
+            &mut changes,
+            watcher::Event::Apply(customer("a", 2))
+        ));
+        // A new object after the first list passes, and so does a change a relist finds.
+        assert!(passes(
+            &mut changes,
+            watcher::Event::Apply(customer("b", 1))
+        ));
+        assert!(!passes(&mut changes, watcher::Event::Init));
+        assert!(passes(
+            &mut changes,
+            watcher::Event::InitApply(customer("b", 2))
+        ));
+        assert!(!passes(
+            &mut changes,
+            watcher::Event::InitApply(customer("a", 2))
+        ));
+        assert!(passes(
+            &mut changes,
+            watcher::Event::Delete(customer("a", 2))
+        ));
+    }
 }

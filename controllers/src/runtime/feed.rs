@@ -28,8 +28,8 @@ const BUFFER: usize = 1024;
 pub struct CustomerFeed {
     /// Every Customer in the watched scope (the Customer controller's cache).
     pub store: Store<Customer>,
-    /// What reconciles Customers.
-    pub for_customers: mpsc::Receiver<Customer>,
+    /// What reconciles Customers: every event of the watch.
+    pub for_customers: mpsc::Receiver<watcher::Event<Customer>>,
     /// Customer changes for the Subscription controller.
     pub for_subscriptions: mpsc::Receiver<watcher::Event<Customer>>,
     /// Customer changes for the ApiKey controller.
@@ -40,7 +40,7 @@ pub struct CustomerFeed {
 struct Pump {
     writer: reflector::store::Writer<Customer>,
     store: Store<Customer>,
-    customers: mpsc::Sender<Customer>,
+    customers: mpsc::Sender<watcher::Event<Customer>>,
     dependents: [mpsc::Sender<watcher::Event<Customer>>; 2],
 }
 
@@ -104,7 +104,7 @@ impl Pump {
                 }
             };
             relist.follow(&event, |c| c.metadata.uid.clone());
-            let object = match &event {
+            match &event {
                 watcher::Event::InitDone => {
                     tracing::info!(kind = m3o_crds::kinds::CUSTOMER, "listed; watching");
                     ctx.watching.mark(m3o_crds::kinds::CUSTOMER);
@@ -115,19 +115,15 @@ impl Pump {
                             let _ = dependents.send(deleted.clone()).await;
                         }
                     }
-                    continue;
                 }
-                watcher::Event::Init => {
-                    before_relist = self.store.state();
-                    continue;
-                }
-                watcher::Event::Apply(c) | watcher::Event::InitApply(c) => Some(c.clone()),
-                watcher::Event::Delete(_) => None,
-            };
-            // A consumer that is gone (its controller stopped) is not waited for.
-            if let Some(customer) = object {
-                let _ = self.customers.send(customer).await;
+                watcher::Event::Init => before_relist = self.store.state(),
+                _ => {}
             }
+            // Every consumer sees every event, the list's bounds too: the Customer
+            // controller compares in bulk at a list's end, and the dependents' change
+            // filters seed at the first. A consumer that is gone (its controller
+            // stopped) is not waited for.
+            let _ = self.customers.send(event.clone()).await;
             for dependents in &mut self.dependents {
                 let _ = dependents.send(event.clone()).await;
             }

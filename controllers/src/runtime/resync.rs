@@ -1,96 +1,156 @@
-//! The periodic resync, in bulk: every resync interval each kind's cache is compared,
-//! a page of 500 objects per statement, with the records in Postgres, and only the
-//! objects that need it are reconciled: no live record, or not Ready at their
-//! generation. A provisioned object is otherwise left alone between changes: etcd is
-//! kept by the drift watcher, the Secrets are watched, and the writer fence refuses
-//! hand edits of the records. So a resync of an unchanged fleet costs a statement per
-//! 500 objects, not a reconcile per object.
+//! The bulk comparison: at start, after every relist of the kind's watch, and every
+//! resync interval, each kind's cache is compared, a page of 500 objects per statement,
+//! with the records in Postgres, and only the objects that need it are reconciled (see
+//! [`due`]). A provisioned object is otherwise left alone: etcd is kept by the drift
+//! watcher, the Secrets are watched, and a record edited by hand is found by its
+//! digest. So a start, a relist or a resync over an unchanged fleet costs a statement
+//! per 500 objects, not a reconcile per object.
 
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
-use m3o_crds::{ApiKey, Customer, Subscription};
+use tokio::sync::watch;
 
+use crate::plans::Catalog;
 use crate::report::status::HasStatus;
 use crate::runtime::context::Context;
-use crate::store::resync::{self as records, RecordTable};
+use crate::runtime::finalizer::FINALIZER;
+use crate::store::resync::{self as records, LiveRecords, RecordTable};
 
 /// Objects compared per statement.
 const PAGE: usize = 500;
 
-/// A kind whose objects each have records in one table.
+/// A kind whose objects each have records in one table. Implemented by each kind.
 pub trait ResyncedKind: HasStatus {
     const RECORDS: RecordTable;
+
+    /// The digest of the record the object asks for now, when it can be told without
+    /// I/O (from the object, the catalog and the live record); `None` when the kind's
+    /// plan needs more (then a spec change shows as a generation not yet Ready, and
+    /// the other inputs reach the object through their own triggers).
+    fn planned_digest(&self, _catalog: &Catalog, _records: &LiveRecords) -> Option<String> {
+        None
+    }
 }
 
-impl ResyncedKind for Customer {
-    const RECORDS: RecordTable = records::CUSTOMERS;
-}
-impl ResyncedKind for Subscription {
-    const RECORDS: RecordTable = records::SUBSCRIPTIONS;
-}
-impl ResyncedKind for ApiKey {
-    const RECORDS: RecordTable = records::API_KEYS;
+/// Why an object is reconciled after a bulk comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Its deletion has begun, or the finalizer is missing.
+    Lifecycle,
+    /// Its status does not say Ready at its generation (changed, blocked or failed).
+    NotReady,
+    /// No live record.
+    NoRecord,
+    /// A live record differs from its plan: edited by hand, or the plan changed
+    /// (e.g. the catalog) while nothing else did. The reconcile repairs it.
+    RecordDiffers,
 }
 
-/// True when an object needs a reconcile at a resync: it has no live record, or its
-/// status does not say Ready at its current generation (a blocked or failed object is
-/// retried; a blocked one also on its own schedule).
-pub fn needs_reconcile<K: HasStatus>(obj: &K, has_live_record: bool) -> bool {
+/// Whether (and why) an object needs a reconcile, given its live records (`None`:
+/// none) and the digest it plans now (see [`ResyncedKind::planned_digest`]).
+pub fn due_for<K: HasStatus>(
+    obj: &K,
+    records: Option<&LiveRecords>,
+    planned: Option<String>,
+) -> Option<Due> {
+    let meta = obj.meta();
+    let finalized = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
+    if meta.deletion_timestamp.is_some() || !finalized {
+        return Some(Due::Lifecycle);
+    }
     let ready_at_generation = obj.is_ready()
-        && obj.ready_condition().and_then(|c| c.observed_generation) == obj.meta().generation;
-    !has_live_record || !ready_at_generation
+        && obj.ready_condition().and_then(|c| c.observed_generation) == meta.generation;
+    if !ready_at_generation {
+        return Some(Due::NotReady);
+    }
+    let Some(records) = records else {
+        return Some(Due::NoRecord);
+    };
+    let plan_changed = planned.is_some_and(|p| records.plan_digest.as_deref() != Some(&p));
+    (records.edited || plan_changed).then_some(Due::RecordDiffers)
 }
 
-/// Every resync interval, the objects of `cache` that [`needs_reconcile`].
+/// The objects of `cache` that are [`due_for`] a reconcile: after each relist of the
+/// kind's watch (`relisted` changes at its end, the first time at start) and every
+/// resync interval.
 pub fn due<K>(
     ctx: Arc<Context>,
     kind: &'static str,
     cache: Store<K>,
+    relisted: watch::Receiver<u64>,
 ) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
 where
     K: ResyncedKind + Send + Sync + 'static,
 {
-    futures::stream::unfold((ctx, cache), move |(ctx, cache)| async move {
-        tokio::time::sleep(ctx.settings.resync_interval).await;
-        let due = match compare(&ctx, &cache).await {
-            Ok(due) => due,
-            Err(err) => {
-                tracing::warn!(%err, kind, "resync could not read the records; next interval");
-                Vec::new()
+    futures::stream::unfold(
+        (ctx, cache, Some(relisted)),
+        move |(ctx, cache, mut relisted)| async move {
+            let interval = tokio::time::sleep(ctx.settings.resync_interval);
+            match relisted.as_mut() {
+                Some(rx) => tokio::select! {
+                    () = interval => {}
+                    changed = rx.changed() => if changed.is_err() {
+                        // The watch is gone: the interval alone from now on.
+                        relisted = None;
+                    },
+                },
+                None => interval.await,
             }
-        };
-        ctx.metrics.resync_due(kind, due.len());
-        Some((futures::stream::iter(due), (ctx, cache)))
-    })
+            let due = match compare(&ctx, kind, &cache).await {
+                Ok(due) => due,
+                Err(err) => {
+                    tracing::warn!(%err, kind, "bulk comparison could not read the records; next interval");
+                    Vec::new()
+                }
+            };
+            ctx.metrics.resync_due(kind, due.len());
+            Some((futures::stream::iter(due), (ctx, cache, relisted)))
+        },
+    )
     .flatten()
 }
 
 async fn compare<K: ResyncedKind>(
     ctx: &Context,
+    kind: &'static str,
     cache: &Store<K>,
 ) -> Result<Vec<ObjectRef<K>>, sqlx::Error> {
+    let catalog = ctx.plans.current();
     let mut due = Vec::new();
+    let mut differing = 0;
     for page in cache.state().chunks(PAGE) {
         let (namespaces, names): (Vec<String>, Vec<String>) = page
             .iter()
             .map(|o| (o.namespace().unwrap_or_default(), o.name_any()))
             .unzip();
-        let live = records::live_refs(&ctx.db, K::RECORDS, &namespaces, &names).await?;
+        let live = records::live_records(&ctx.db, K::RECORDS, &namespaces, &names).await?;
         for (obj, key) in page.iter().zip(namespaces.into_iter().zip(names)) {
-            if needs_reconcile(obj.as_ref(), live.contains(&key)) {
-                due.push(ObjectRef::from_obj(obj.as_ref()));
+            let records = live.get(&key);
+            let planned = records.and_then(|r| obj.planned_digest(&catalog, r));
+            match due_for(obj.as_ref(), records, planned) {
+                None => {}
+                Some(why) => {
+                    if why == Due::RecordDiffers {
+                        differing += 1;
+                        tracing::info!(kind, namespace = %key.0, object = %key.1,
+                            "record differs from its plan; reconciling to repair it");
+                    }
+                    due.push(ObjectRef::from_obj(obj.as_ref()));
+                }
             }
         }
     }
+    ctx.metrics.rows_repaired(kind, differing);
     Ok(due)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use m3o_crds::Customer;
 
     fn customer(generation: i64, ready: Option<(&str, i64)>) -> Customer {
         let conditions = ready.map_or(serde_json::json!([]), |(status, g)| {
@@ -99,28 +159,81 @@ mod tests {
         });
         serde_json::from_value(serde_json::json!({
             "apiVersion": "m3o.com/v1alpha1", "kind": "Customer",
-            "metadata": {"name": "c", "namespace": "ns", "generation": generation},
+            "metadata": {"name": "c", "namespace": "ns", "generation": generation,
+                "finalizers": [FINALIZER]},
             "spec": {"email": "c@example.com"},
             "status": {"conditions": conditions},
         }))
         .expect("a valid Customer")
     }
 
+    fn written(digest: &str) -> LiveRecords {
+        LiveRecords {
+            edited: false,
+            plan_digest: Some(digest.into()),
+            customer_id: None,
+        }
+    }
+
     #[test]
-    fn only_objects_without_a_record_or_not_ready_at_their_generation_are_due() {
-        assert!(!needs_reconcile(&customer(2, Some(("True", 2))), true));
-        assert!(
-            needs_reconcile(&customer(2, Some(("True", 2))), false),
-            "record gone"
+    fn only_objects_that_need_it_are_due() {
+        let ready = customer(2, Some(("True", 2)));
+        let plan = || Some("d1".to_owned());
+        assert_eq!(due_for(&ready, Some(&written("d1")), plan()), None);
+        assert_eq!(
+            due_for(&ready, Some(&written("d1")), None),
+            None,
+            "kind plans no digest"
         );
-        assert!(
-            needs_reconcile(&customer(3, Some(("True", 2))), true),
-            "changed since"
+        assert_eq!(due_for(&ready, None, None), Some(Due::NoRecord));
+        let changed = customer(3, Some(("True", 2)));
+        assert_eq!(
+            due_for(&changed, Some(&written("d1")), plan()),
+            Some(Due::NotReady)
         );
-        assert!(
-            needs_reconcile(&customer(2, Some(("False", 2))), true),
-            "failed"
+        let failed = customer(2, Some(("False", 2)));
+        assert_eq!(
+            due_for(&failed, Some(&written("d1")), plan()),
+            Some(Due::NotReady)
         );
-        assert!(needs_reconcile(&customer(1, None), true), "never reported");
+        assert_eq!(due_for(&customer(1, None), None, None), Some(Due::NotReady));
+        let mut unfinalized = ready.clone();
+        unfinalized.metadata.finalizers = None;
+        assert_eq!(
+            due_for(&unfinalized, Some(&written("d1")), plan()),
+            Some(Due::Lifecycle)
+        );
+    }
+
+    #[test]
+    fn a_record_edited_by_hand_or_planned_differently_now_is_due() {
+        let ready = customer(2, Some(("True", 2)));
+        // Edited by hand: the content no longer matches the stored digest.
+        let edited = LiveRecords {
+            edited: true,
+            ..written("d1")
+        };
+        assert_eq!(
+            due_for(&ready, Some(&edited), Some("d1".into())),
+            Some(Due::RecordDiffers)
+        );
+        assert_eq!(
+            due_for(&ready, Some(&edited), None),
+            Some(Due::RecordDiffers)
+        );
+        // The plan changed (the catalog) while the row and the object did not.
+        assert_eq!(
+            due_for(&ready, Some(&written("d1")), Some("d2".into())),
+            Some(Due::RecordDiffers)
+        );
+        // Written before digests.
+        let undigested = LiveRecords {
+            plan_digest: None,
+            ..written("d1")
+        };
+        assert_eq!(
+            due_for(&ready, Some(&undigested), Some("d1".into())),
+            Some(Due::RecordDiffers)
+        );
     }
 }

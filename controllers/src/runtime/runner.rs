@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType as K8sEventType;
-use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::Instrument;
 
@@ -141,18 +141,31 @@ pub async fn run_with<K, F, Fut>(
                 watching.mark(kind);
             }
         });
-    let changes = reflector(writer, events).applied_objects();
-    run_on(ctx, kind, shutdown, reconcile, changes, cache, customise).await;
+    let events = reflector(writer, events);
+    run_on(ctx, kind, shutdown, reconcile, events, cache, customise).await;
 }
 
-/// Runs the controller of `K` on `objects` (the kind's applied objects, from a watch
-/// whose reflector fills `cache`).
+/// What a change must touch to be reconciled: the spec (generation; it also moves when
+/// a deletion starts), the finalizers, the labels (an object changes shard).
+fn reconcile_fingerprint<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        crate::runtime::changes::spec_fingerprint(obj),
+        &obj.meta().labels,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
+/// Runs the controller of `K` on `events` (the kind's watch, after the reflector that
+/// fills `cache`).
 pub async fn run_on<K, F, Fut>(
     ctx: Arc<Context>,
     kind: &'static str,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     reconcile: F,
-    objects: impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     cache: reflector::Store<K>,
     customise: impl FnOnce(Controller<K>) -> Controller<K>,
 ) where
@@ -165,14 +178,29 @@ pub async fn run_on<K, F, Fut>(
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
     // The operator's own status writes (and anything else that leaves the spec, the
-    // finalizers and the labels alone) trigger nothing: generation also moves when a
-    // deletion starts, finalizers when one is added, labels when an object changes shard.
-    let changes = objects.predicate_filter(
-        predicates::generation
-            .combine(predicates::finalizers)
-            .combine(predicates::labels),
-        Default::default(),
-    );
+    // finalizers and the labels alone) trigger nothing. Neither does the first list:
+    // at its end (and every relist's) the bulk comparison ([`crate::runtime::resync`])
+    // picks the objects that need a reconcile, so a start over an unchanged fleet
+    // reconciles nothing.
+    let (relisted, relists) = tokio::sync::watch::channel(0u64);
+    let mut fingerprints = crate::runtime::changes::Changed::new(reconcile_fingerprint::<K>);
+    let changes = events.filter_map(move |event| {
+        let passed = match event {
+            Ok(event) => {
+                if matches!(event, watcher::Event::InitDone) {
+                    relisted.send_modify(|relists| *relists += 1);
+                }
+                let changed = fingerprints.changed(&event).cloned();
+                // A deletion is the finalizer's business: it came as an update first.
+                match event {
+                    watcher::Event::Delete(_) => None,
+                    _ => changed.map(Ok),
+                }
+            }
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(passed)
+    });
     // Changes of provisioned objects go to the lane of changes ([`crate::runtime::lanes`]); the
     // rest (new objects, triggers from other kinds, retries) to the bulk lane.
     let (mut to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
@@ -200,9 +228,9 @@ pub async fn run_on<K, F, Fut>(
             (ready as i64, (objects.len() - ready) as i64)
         });
     }
-    // The periodic resync is a bulk comparison ([`crate::runtime::resync`]): only the objects it
-    // finds due are reconciled.
-    let resync = crate::runtime::resync::due(ctx.clone(), kind, cache.clone());
+    // The start, each relist and the periodic resync are a bulk comparison
+    // ([`crate::runtime::resync`]): only the objects it finds due are reconciled.
+    let resync = crate::runtime::resync::due(ctx.clone(), kind, cache.clone(), relists);
     let bulk_lane = customise(Controller::for_stream(bulk, cache.clone()))
         .reconcile_on(resync)
         .with_config(

@@ -6,6 +6,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::pipeline::k8s_ref::K8sRef;
+use crate::pipeline::row_plan::{Digested, RowDigest};
 
 const REVOKED: &str = ApiKeyState::Revoked.as_str();
 
@@ -30,6 +31,9 @@ pub struct ApiKeyRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The digest of the fields as planned by the operator's last write (migration 0010).
+    #[serde(skip)]
+    pub plan_digest: Option<String>,
 }
 
 /// A key to record: everything but the plaintext.
@@ -57,7 +61,29 @@ pub struct ApiKeyFields {
     pub generation: i64,
 }
 
+/// The digest covers the fields a key's plan decides ([`ApiKeyFields`]): what a
+/// reconcile repairs. The hash, prefix and owner are its identity, never rewritten.
+impl Digested for ApiKeyFields {
+    fn digest(&self) -> String {
+        RowDigest::default()
+            .texts(self.scopes.iter())
+            .text(&self.status)
+            .text(&self.description)
+            .time(self.expires_at)
+            .time(self.grace_until)
+            .text(&self.blocked_message)
+            .int(self.generation)
+            .finish()
+    }
+}
+
 impl ApiKeyRow {
+    /// Whether the row holds other fields than its last write planned (edited by hand,
+    /// or written before digests).
+    pub fn differs_from_plan(&self) -> bool {
+        self.plan_digest.as_deref() != Some(self.fields().digest().as_str())
+    }
+
     pub fn fields(&self) -> ApiKeyFields {
         ApiKeyFields {
             scopes: self.scopes.clone(),
@@ -71,9 +97,9 @@ impl ApiKeyRow {
     }
 }
 
-const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
+pub(super) const COLUMNS: &str = "id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
                        k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, \
-                       blocked_message, created_at, updated_at, revoked_at";
+                       blocked_message, created_at, updated_at, revoked_at, plan_digest";
 
 // Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
 pub(super) const LIVE_FOR_RESOURCE: &str =
@@ -210,8 +236,9 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     let f = &key.fields;
     sqlx::query_as(&format!(
         "INSERT INTO api_keys (id, customer_id, key_hash, key_prefix, scopes, status, description, expires_at, \
-         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, blocked_message) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING {COLUMNS}"
+         k8s_namespace, k8s_name, k8s_uid, generation, rotation_generation, grace_until, blocked_message, \
+         plan_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         RETURNING {COLUMNS}"
     ))
     .bind(key.id)
     .bind(key.customer_id)
@@ -228,6 +255,7 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     .bind(key.rotation_generation)
     .bind(f.grace_until)
     .bind(&f.blocked_message)
+    .bind(f.digest())
     .fetch_one(tx)
     .await
 }
@@ -240,7 +268,7 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, blocked_message = $8, updated_at = now(), config_gone = false, orphaned_at = NULL, \
+         generation = $7, blocked_message = $8, plan_digest = $9, updated_at = now(), config_gone = false, orphaned_at = NULL, \
          revoked_at = CASE WHEN $3 = '{REVOKED}' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -252,6 +280,7 @@ pub async fn update(
     .bind(f.grace_until)
     .bind(f.generation)
     .bind(&f.blocked_message)
+    .bind(f.digest())
     .fetch_one(tx)
     .await
 }

@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::pipeline::k8s_ref::K8sRef;
-use crate::pipeline::row_plan::Recorded;
+use crate::pipeline::row_plan::{Digested, Recorded, RowDigest};
 
 /// A row of `customers`.
 #[derive(sqlx::FromRow, serde::Serialize, Clone, Debug, PartialEq)]
@@ -26,6 +26,9 @@ pub struct CustomerRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The digest of the record as planned by the operator's last write (migration 0010).
+    #[serde(skip)]
+    pub plan_digest: Option<String>,
 }
 
 /// The values the operator writes; everything else is bookkeeping.
@@ -54,10 +57,28 @@ impl Recorded for CustomerRow {
             generation: self.generation,
         }
     }
+    fn plan_digest(&self) -> Option<String> {
+        self.plan_digest.clone()
+    }
 }
 
-const COLUMNS: &str = "id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, \
-                       generation, created_at, updated_at, deleted_at";
+impl Digested for CustomerRecord {
+    fn digest(&self) -> String {
+        RowDigest::default()
+            .text(&self.email)
+            .text(&self.name)
+            .text(&self.status)
+            .map(&self.meta)
+            .text(&self.k8s.namespace)
+            .text(&self.k8s.name)
+            .text(&self.k8s.uid)
+            .int(self.generation)
+            .finish()
+    }
+}
+
+pub(super) const COLUMNS: &str = "id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, \
+                       generation, created_at, updated_at, deleted_at, plan_digest";
 
 // Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
 pub(super) const LIVE_BY_K8S_REF: &str =
@@ -188,8 +209,8 @@ pub async fn insert(
     rec: &CustomerRecord,
 ) -> Result<CustomerRow, sqlx::Error> {
     sqlx::query_as(&format!(
-        "INSERT INTO customers (id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, generation) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+        "INSERT INTO customers (id, email, name, status, meta, k8s_namespace, k8s_name, k8s_uid, generation, \
+         plan_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(&rec.email)
@@ -200,6 +221,7 @@ pub async fn insert(
     .bind(&rec.k8s.name)
     .bind(&rec.k8s.uid)
     .bind(rec.generation)
+    .bind(rec.digest())
     .fetch_one(tx)
     .await
 }
@@ -212,7 +234,7 @@ pub async fn update(
 ) -> Result<CustomerRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE customers SET email = $2, name = $3, status = $4, meta = $5, k8s_namespace = $6, \
-         k8s_name = $7, k8s_uid = $8, generation = $9, updated_at = now(), orphaned_at = NULL \
+         k8s_name = $7, k8s_uid = $8, generation = $9, plan_digest = $10, updated_at = now(), orphaned_at = NULL \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
@@ -224,6 +246,7 @@ pub async fn update(
     .bind(&rec.k8s.name)
     .bind(&rec.k8s.uid)
     .bind(rec.generation)
+    .bind(rec.digest())
     .fetch_one(tx)
     .await
 }

@@ -81,18 +81,18 @@ pub fn all() -> Vec<HotQuery> {
             args: &[Time, Time],
         },
         HotQuery {
-            name: "resync::live_refs(customers)",
-            sql: super::resync::live_refs_sql(super::resync::CUSTOMERS),
+            name: "resync::live_records(customers)",
+            sql: super::resync::live_records_sql(super::resync::CUSTOMERS),
             args: &[Namespaces, Names],
         },
         HotQuery {
-            name: "resync::live_refs(subscriptions)",
-            sql: super::resync::live_refs_sql(super::resync::SUBSCRIPTIONS),
+            name: "resync::live_records(subscriptions)",
+            sql: super::resync::live_records_sql(super::resync::SUBSCRIPTIONS),
             args: &[Namespaces, Names],
         },
         HotQuery {
-            name: "resync::live_refs(api_keys)",
-            sql: super::resync::live_refs_sql(super::resync::API_KEYS),
+            name: "resync::live_records(api_keys)",
+            sql: super::resync::live_records_sql(super::resync::API_KEYS),
             args: &[Namespaces, Names],
         },
         query(

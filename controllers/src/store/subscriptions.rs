@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::pipeline::k8s_ref::K8sRef;
-use crate::pipeline::row_plan::Recorded;
+use crate::pipeline::row_plan::{Digested, Recorded, RowDigest};
 
 /// `status` of a subscription in force.
 pub const ACTIVE: &str = SubscriptionState::Active.as_str();
@@ -35,6 +35,9 @@ pub struct SubscriptionRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub cancelled_at: Option<DateTime<Utc>>,
+    /// The digest of the record as planned by the operator's last write (migration 0010).
+    #[serde(skip)]
+    pub plan_digest: Option<String>,
 }
 
 /// The values the operator writes; everything else is bookkeeping.
@@ -63,11 +66,29 @@ impl Recorded for SubscriptionRow {
             generation: self.generation,
         }
     }
+    fn plan_digest(&self) -> Option<String> {
+        self.plan_digest.clone()
+    }
 }
 
-const COLUMNS: &str = "id, customer_id, plan, monthly_requests, requests_per_second, status, \
+impl Digested for SubscriptionRecord {
+    fn digest(&self) -> String {
+        RowDigest::default()
+            .uuid(self.customer_id)
+            .text(&self.plan)
+            .int(self.monthly_requests)
+            .int(i64::from(self.requests_per_second))
+            .text(&self.k8s.namespace)
+            .text(&self.k8s.name)
+            .text(&self.k8s.uid)
+            .int(self.generation)
+            .finish()
+    }
+}
+
+pub(super) const COLUMNS: &str = "id, customer_id, plan, monthly_requests, requests_per_second, status, \
                        k8s_namespace, k8s_name, k8s_uid, generation, created_at, updated_at, \
-                       cancelled_at";
+                       cancelled_at, plan_digest";
 
 // Filters of the per-object lookups, shared with `super::hot_queries` (the EXPLAIN test).
 pub(super) const LIVE_BY_K8S_REF: &str =
@@ -170,8 +191,8 @@ pub async fn insert(
 ) -> Result<SubscriptionRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "INSERT INTO subscriptions (id, customer_id, plan, monthly_requests, requests_per_second, \
-         status, k8s_namespace, k8s_name, k8s_uid, generation) \
-         VALUES ($1, $2, $3, $4, $5, '{ACTIVE}', $6, $7, $8, $9) RETURNING {COLUMNS}"
+         status, k8s_namespace, k8s_name, k8s_uid, generation, plan_digest) \
+         VALUES ($1, $2, $3, $4, $5, '{ACTIVE}', $6, $7, $8, $9, $10) RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(rec.customer_id)
@@ -182,6 +203,7 @@ pub async fn insert(
     .bind(&rec.k8s.name)
     .bind(&rec.k8s.uid)
     .bind(rec.generation)
+    .bind(rec.digest())
     .fetch_one(tx)
     .await
 }
@@ -195,7 +217,7 @@ pub async fn update(
     sqlx::query_as(&format!(
         "UPDATE subscriptions SET customer_id = $2, plan = $3, monthly_requests = $4, \
          requests_per_second = $5, k8s_namespace = $6, k8s_name = $7, k8s_uid = $8, \
-         generation = $9, updated_at = now(), orphaned_at = NULL WHERE id = $1 RETURNING {COLUMNS}"
+         generation = $9, plan_digest = $10, updated_at = now(), orphaned_at = NULL WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(rec.customer_id)
@@ -206,6 +228,7 @@ pub async fn update(
     .bind(&rec.k8s.name)
     .bind(&rec.k8s.uid)
     .bind(rec.generation)
+    .bind(rec.digest())
     .fetch_one(tx)
     .await
 }

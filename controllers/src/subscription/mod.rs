@@ -44,6 +44,22 @@ pub const KIND: &str = m3o_crds::kinds::SUBSCRIPTION;
 
 crate::report::status::has_status!(Subscription, SubscriptionStatus);
 
+impl crate::runtime::resync::ResyncedKind for Subscription {
+    const RECORDS: crate::store::resync::RecordTable = crate::store::resync::SUBSCRIPTIONS;
+
+    /// The record from the resource, the catalog in force and the record's customer:
+    /// a catalog edited while the operator was down shows here.
+    fn planned_digest(
+        &self,
+        catalog: &crate::plans::Catalog,
+        records: &crate::store::resync::LiveRecords,
+    ) -> Option<String> {
+        use crate::pipeline::row_plan::Digested;
+        let quota = plan::effective_quota(catalog, &self.spec).ok()?;
+        Some(plan::desired_record(self, records.customer_id?, quota).digest())
+    }
+}
+
 async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     reconcile_with_finalizer(
         &ctx,

@@ -120,6 +120,7 @@ fn customer_row() -> impl Strategy<Value = CustomerRow> {
             created_at: t,
             updated_at: t,
             deleted_at,
+            plan_digest: None,
         })
 }
 
@@ -195,6 +196,7 @@ fn key_row(customer_id: Uuid) -> impl Strategy<Value = ApiKeyRow> {
                 created_at: t,
                 updated_at: t,
                 revoked_at,
+                plan_digest: None,
             },
         )
 }
@@ -284,7 +286,7 @@ proptest! {
                 requests_per_second: quota.requests_per_second,
                 status: "active".into(), k8s_namespace: "team".into(), k8s_name: "s0".into(),
                 k8s_uid: "u".into(), generation: 1, created_at: row.created_at,
-                updated_at: row.updated_at, cancelled_at: None,
+                updated_at: row.updated_at, cancelled_at: None, plan_digest: None,
             };
             let _ = subscription_build::provisioned_status(this, &sub_row, "/m3o/quotas/x");
             let blocker = subscription_plan::conflict("alice", "s1", false);

@@ -32,12 +32,13 @@ pub fn customer_row(status: &str) -> CustomerRow {
         created_at: T0,
         updated_at: T0,
         deleted_at: None,
+        plan_digest: None,
     }
 }
 
 /// A live key `ns/k` of the nil customer with `status`, scopes `*`, no expiry.
 pub fn key_row(status: &str) -> ApiKeyRow {
-    ApiKeyRow {
+    let row = ApiKeyRow {
         id: Uuid::nil(),
         customer_id: Uuid::nil(),
         key_hash: "0".repeat(64),
@@ -56,6 +57,17 @@ pub fn key_row(status: &str) -> ApiKeyRow {
         created_at: T0,
         updated_at: T0,
         revoked_at: None,
+        plan_digest: None,
+    };
+    written(row)
+}
+
+/// `row` as the operator wrote it: its stored digest is that of its fields.
+pub fn written(row: ApiKeyRow) -> ApiKeyRow {
+    use crate::pipeline::row_plan::Digested;
+    ApiKeyRow {
+        plan_digest: Some(row.fields().digest()),
+        ..row
     }
 }
 
@@ -75,6 +87,7 @@ pub fn subscription_row(plan: &str) -> SubscriptionRow {
         created_at: T0,
         updated_at: T0,
         cancelled_at: None,
+        plan_digest: None,
     }
 }
 

@@ -16,6 +16,7 @@ mod manifests;
 mod outbox;
 mod production;
 mod recovery;
+mod restart;
 mod scale;
 mod sharding;
 mod subscription;

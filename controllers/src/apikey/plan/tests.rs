@@ -8,6 +8,7 @@ use sqlx::types::Json;
 use super::*;
 use crate::apikey::build::*;
 use crate::apikey::secret::hash;
+use crate::pipeline::row_plan::Digested;
 
 fn now() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).expect("time")
@@ -53,6 +54,7 @@ fn customer(status: &str) -> CustomerRow {
         created_at: now(),
         updated_at: now(),
         deleted_at: None,
+        plan_digest: None,
     }
 }
 
@@ -85,6 +87,8 @@ fn row_of(new: &NewApiKey) -> ApiKeyRow {
         created_at: now(),
         updated_at: now(),
         revoked_at: None,
+        // As the operator wrote it.
+        plan_digest: Some(new.fields.digest()),
     }
 }
 

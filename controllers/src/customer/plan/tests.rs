@@ -146,6 +146,7 @@ fn row() -> CustomerRow {
         created_at: Utc.timestamp_opt(1_700_000_000, 0).single().expect("time"),
         updated_at: Utc.timestamp_opt(1_700_000_100, 0).single().expect("time"),
         deleted_at: None,
+        plan_digest: None,
     }
 }
 

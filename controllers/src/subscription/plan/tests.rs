@@ -6,6 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use m3o_crds::{CustomerRef, CustomerSpec, CustomerStatus, QuotaOverride, SubscriptionSpec};
 
 use super::*;
+use crate::pipeline::row_plan::Digested;
 use crate::subscription::build::*;
 use m3o_crds::SubscriptionState;
 
@@ -77,6 +78,7 @@ fn sub_row(record: &SubscriptionRecord) -> SubscriptionRow {
         created_at: DateTime::UNIX_EPOCH,
         updated_at: DateTime::UNIX_EPOCH,
         cancelled_at: None,
+        plan_digest: Some(record.digest()),
     }
 }
 

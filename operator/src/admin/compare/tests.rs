@@ -89,6 +89,7 @@ fn key_row(key: &str, revoked: bool) -> ApiKeyRow {
         updated_at: Utc::now(),
         revoked_at: revoked.then(Utc::now),
         blocked_message: String::new(),
+        plan_digest: None,
     }
 }
 

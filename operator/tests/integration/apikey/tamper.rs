@@ -184,3 +184,41 @@ async fn a_recorded_key_of_the_old_format_keeps_working() {
     )
     .await;
 }
+
+/// A start reconciles only what its bulk comparison finds due; what happened to the
+/// Secrets while the operator was down is found by the Secret watch's first list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_edited_or_deleted_while_the_operator_was_down_is_repaired_at_start() {
+    let env = TestEnv::new("key-down").await;
+    let op = env.start_operator().await;
+    let (old_id, old) = provisioned_key(&env).await;
+    op.settle().await;
+    assert!(op.stop().await.success());
+
+    // Edited while down (the default resync interval, 30 s, is longer than the wait).
+    forge(&env, "m3o_x", None).await;
+    let op = env.start_operator().await;
+    let fresh = replaced(&env, "m3o_x", &old, &old_id).await;
+    let fresh_id = key_id(&env.apikeys().get("ci").await.expect("get"));
+    op.settle().await;
+    assert!(op.stop().await.success());
+
+    // Deleted while down.
+    Api::<Secret>::namespaced(env.kube.clone(), &env.ns)
+        .delete("ci-api-key", &Default::default())
+        .await
+        .expect("delete the Secret");
+    let _op = env.start_operator().await;
+    eventually("a key in a new Secret", Duration::from_secs(20), || async {
+        let key = env.secret_key("ci-api-key").await?;
+        (key != fresh).then_some(())
+    })
+    .await;
+    env.wait_apikey_where("ci", "True", "Provisioned", "with a new key id", |k| {
+        k.status
+            .as_ref()
+            .and_then(|s| s.key_id.as_deref())
+            .is_some_and(|id| id != fresh_id)
+    })
+    .await;
+}

@@ -191,13 +191,15 @@ async fn key_row(env: &TestEnv, id: &str) -> (String, i64) {
     .expect("read the key's row")
 }
 
-/// A replica's report, as a gateway writes it: it has applied etcd up to `revision`.
+/// A replica's report, as a gateway writes it: it has applied etcd up to `revision`,
+/// and stops serving when etcd has not confirmed its index for 10 s (the default
+/// `--max-staleness`; a report without a bound voids GatewaySynced).
 async fn report_applied(env: &TestEnv, revision: i64) {
     env.etcd
         .kv_client()
         .put(
             format!("{}/gateways/stand-in", env.etcd_prefix),
-            json!({"appliedRevision": revision}).to_string(),
+            json!({"appliedRevision": revision, "maxStalenessSeconds": 10}).to_string(),
             None,
         )
         .await

@@ -743,12 +743,12 @@ fn next_month_start(day: chrono::NaiveDate) -> chrono::NaiveDate {
     chrono::NaiveDate::from_ymd_opt(y, m, 1).expect("first of the month")
 }
 
-/// Measurement, not a test (`--ignored`): one rollup of 10,000 customers with usage
-/// (2 counters each) by the operator, beside the raw cost of the same Redis and
+/// Measurement, not a test (`make bench-usage`): one rollup of 10,000 customers with
+/// usage (2 counters each) by the operator, beside the raw cost of the same Redis and
 /// Postgres work done directly.
+#[cfg(feature = "bench")]
 #[tokio::test]
-#[ignore = "measurement: run with --ignored --nocapture"]
-async fn measure_a_rollup_of_10000_customers() {
+async fn bench_usage_rollup_of_10000_customers() {
     const CUSTOMERS: usize = 10_000;
     let env = TestEnv::new("usage-scale").await;
     let config = env.gateway_config();

@@ -2,8 +2,10 @@
 -- `requests` is the day's durable total; `counter` is the gateway counter it last
 -- accounted for. The counters are absolute per day, so re-reading one adds nothing
 -- (counter - counter = 0): the rollup is idempotent whatever crashes or overlaps. A
--- counter smaller than `counter` means Redis lost it (a flush): what the new counter
--- holds is added and the loss is at most what was counted since the previous rollup.
+-- counter of a hash with another `counter_epoch` (the gateway's creation time of the
+-- hash, platform-contract usage::EPOCH_FIELD), or a smaller one, means Redis lost the
+-- hash (a flush): the new counter is added whole, so the loss is at most what was
+-- counted between the previous rollup and the flush.
 CREATE TABLE usage_daily (
     customer_id uuid NOT NULL,
     key_id uuid NOT NULL,
@@ -11,6 +13,7 @@ CREATE TABLE usage_daily (
     day date NOT NULL,
     requests bigint NOT NULL CHECK (requests >= 0),
     counter bigint NOT NULL CHECK (counter >= 0),
+    counter_epoch bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (customer_id, key_id, api, day)
 );

@@ -41,6 +41,9 @@ pub async fn read(
         let day = key.rsplit(':').next().unwrap_or_default().to_owned();
         let fields: BTreeMap<String, u64> = conn.hgetall(&key).await?;
         for (field, requests) in fields {
+            if field == m3o_platform_contract::usage::EPOCH_FIELD {
+                continue;
+            }
             let (key_id, api) = field.split_once(' ').unwrap_or((&field, "-"));
             rows.push(UsageRow {
                 day: day.clone(),

@@ -44,6 +44,12 @@ pub fn parse_usage_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a s
     Some((customer, day))
 }
 
+/// The field of a day's hash that holds when a gateway created the hash (Redis time, µs;
+/// written by the first increment). A hash whose epoch differs from the one the operator
+/// last rolled up is a new hash: Redis lost the old one (a flush), so its counters are
+/// counted whole, not as growth. Not a `<keyId> <api>` field.
+pub const EPOCH_FIELD: &str = "~epoch";
+
 /// The hash field of a key and API.
 pub fn usage_field(key_id: &str, api: &str) -> String {
     format!("{key_id} {api}")

@@ -16,6 +16,8 @@ pub struct Counter {
     pub api: String,
     pub day: NaiveDate,
     pub requests: i64,
+    /// The epoch of the hash it was read from ([`contract::EPOCH_FIELD`]; 0 without one).
+    pub epoch: i64,
 }
 
 /// The counters of one usage hash (`key`, its `fields`), and how many fields were not
@@ -31,9 +33,17 @@ pub fn counters_of(
             NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()?,
         ))
     });
+    let (mut counted, mut epoch): (Vec<(String, i64)>, i64) = (Vec::new(), 0);
+    for (field, value) in fields {
+        if field == contract::EPOCH_FIELD {
+            epoch = value.max(0);
+        } else {
+            counted.push((field, value));
+        }
+    }
     let mut out = Vec::new();
     let mut skipped = 0;
-    for (field, requests) in fields {
+    for (field, requests) in counted {
         let counter = parsed.and_then(|(customer_id, day)| {
             let (key_id, api) = contract::parse_usage_field(&field)?;
             (requests >= 0).then_some(())?;
@@ -43,6 +53,7 @@ pub fn counters_of(
                 api: api.to_owned(),
                 day,
                 requests,
+                epoch,
             })
         });
         match counter {
@@ -265,6 +276,29 @@ pub fn usage_status(view: &UsageView) -> (m3o_crds::UsageStatus, crate::report::
     (usage, cond)
 }
 
+/// What status must show when the rollup has nothing for a customer (after a restart
+/// the book is empty, and a customer with no requests today never enters it): a status
+/// of an older period, or of another quota, would otherwise stay as it was (an
+/// exhausted quota shown for ever after a month with no traffic).
+pub enum Fallback {
+    /// The status shows `period` at this quota: keep it.
+    Keep,
+    /// Read the period's requests from `usage_daily` and show them at `monthly`.
+    Read { period: String, monthly: i64 },
+}
+
+/// [`Fallback`] for a status that shows `shown` (none: nothing shown yet, which the
+/// first rollup with usage fills in) in `period` under a quota of `monthly`.
+pub fn fallback(shown: Option<&m3o_crds::UsageStatus>, period: &str, monthly: i64) -> Fallback {
+    match shown {
+        Some(s) if s.period != period || s.monthly_requests != monthly => Fallback::Read {
+            period: period.to_owned(),
+            monthly,
+        },
+        _ => Fallback::Keep,
+    }
+}
+
 /// `status` with `view`'s usage and condition (unchanged without a view: the status
 /// keeps what it showed).
 pub fn with_usage(
@@ -308,6 +342,21 @@ mod tests {
         assert_eq!(counters[0].api, "weather");
         assert_eq!(counters[0].requests, 7);
         assert_eq!(counters[0].day.to_string(), "2026-12-04");
+        assert!(
+            counters.iter().all(|c| c.epoch == 0),
+            "a hash without an epoch"
+        );
+        let (with_epoch, skipped_here) = counters_of(
+            "p:",
+            &key,
+            [
+                (format!("{K} a"), 2),
+                (contract::EPOCH_FIELD.to_owned(), 1_733_000_000),
+            ],
+        );
+        assert_eq!(skipped_here, 0, "the epoch is not a counter");
+        assert_eq!(with_epoch.len(), 1);
+        assert_eq!(with_epoch[0].epoch, 1_733_000_000);
         let (none, skipped) = counters_of("p:", "p:usage:{x}:2026-12-04", [(format!("{K} a"), 1)]);
         assert!(none.is_empty());
         assert_eq!(skipped, 1);
@@ -455,6 +504,29 @@ mod tests {
             Now
         );
         assert_eq!(status_budget(std::time::Duration::from_secs(60)), 600);
+    }
+
+    #[test]
+    fn a_status_of_another_period_or_quota_is_read_again_without_the_rollup() {
+        let shown = |period: &str, monthly| m3o_crds::UsageStatus {
+            period: period.into(),
+            requests: 100,
+            monthly_requests: monthly,
+            used: Some("100%".into()),
+        };
+        assert!(matches!(fallback(None, "2026-12", 100), Fallback::Keep));
+        assert!(matches!(
+            fallback(Some(&shown("2026-12", 100)), "2026-12", 100),
+            Fallback::Keep
+        ));
+        assert!(matches!(
+            fallback(Some(&shown("2026-11", 100)), "2026-12", 100),
+            Fallback::Read { period, monthly: 100 } if period == "2026-12"
+        ));
+        assert!(matches!(
+            fallback(Some(&shown("2026-12", 100)), "2026-12", 1000),
+            Fallback::Read { monthly: 1000, .. }
+        ));
     }
 
     #[test]

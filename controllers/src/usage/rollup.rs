@@ -36,6 +36,10 @@ pub enum RollupError {
     Redis(#[from] redis::RedisError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A shard rolls up only its own customers, which its Customer cache names: without
+    /// it the rollup would skip every counter and still close the day.
+    #[error("the Customer cache has not listed yet (a shard rolls up only its own customers)")]
+    CustomersUnlisted,
 }
 
 /// How the rollup reads the gateways' counters.
@@ -188,7 +192,12 @@ impl Rollup {
         // Shards of a fleet share the gateways' Redis: each rolls up its own customers
         // only, so no counter has two writers (see `upsert`).
         let mine = match &self.ctx.settings.shard {
-            Some(_) => Some(self.ctx.customer_ids().await.unwrap_or_default()),
+            Some(_) => Some(
+                self.ctx
+                    .customer_ids()
+                    .await
+                    .ok_or(RollupError::CustomersUnlisted)?,
+            ),
             None => None,
         };
         for day in &days {
@@ -371,17 +380,25 @@ impl Rollup {
 }
 
 /// Upserts counters; returns the rows inserted or changed. Re-reading a counter adds
-/// nothing (its delta to `counter` is 0); a smaller one means Redis lost the old value
-/// (a flush): it is added whole (see migration 0011).
+/// nothing (its delta to `counter` is 0); a counter of a hash with another epoch, or a
+/// smaller one, means Redis lost the old hash (a flush): it is added whole (see
+/// migration 0011).
 pub async fn upsert(tx: &mut PgConnection, page: &[Counter]) -> Result<u64, sqlx::Error> {
     let mut page = page.to_vec();
     page.sort();
     page.dedup_by(|a, b| {
         (a.customer_id, a.key_id, &a.api, a.day) == (b.customer_id, b.key_id, &b.api, b.day)
     });
-    let (mut customers, mut keys, mut apis, mut days, mut counts) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut customers, mut keys, mut apis, mut days, mut counts, mut epochs) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for c in page {
+        epochs.push(c.epoch);
         customers.push(c.customer_id);
         keys.push(c.key_id);
         apis.push(c.api);
@@ -389,19 +406,20 @@ pub async fn upsert(tx: &mut PgConnection, page: &[Counter]) -> Result<u64, sqlx
         counts.push(c.requests);
     }
     let done = sqlx::query(
-        "INSERT INTO usage_daily AS u (customer_id, key_id, api, day, requests, counter) \
-         SELECT c, k, a, d, n, n FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::bigint[]) AS t(c, k, a, d, n) \
+        "INSERT INTO usage_daily AS u (customer_id, key_id, api, day, requests, counter, counter_epoch) \
+         SELECT c, k, a, d, n, n, e FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::bigint[], $6::bigint[]) AS t(c, k, a, d, n, e) \
          ON CONFLICT (customer_id, key_id, api, day) DO UPDATE SET \
-           requests = u.requests + CASE WHEN EXCLUDED.counter >= u.counter \
+           requests = u.requests + CASE WHEN EXCLUDED.counter_epoch = u.counter_epoch AND EXCLUDED.counter >= u.counter \
                                    THEN EXCLUDED.counter - u.counter ELSE EXCLUDED.counter END, \
-           counter = EXCLUDED.counter, updated_at = now() \
-         WHERE u.counter <> EXCLUDED.counter",
+           counter = EXCLUDED.counter, counter_epoch = EXCLUDED.counter_epoch, updated_at = now() \
+         WHERE u.counter <> EXCLUDED.counter OR u.counter_epoch <> EXCLUDED.counter_epoch",
     )
     .bind(customers)
     .bind(keys)
     .bind(apis)
     .bind(days)
     .bind(counts)
+    .bind(epochs)
     .execute(tx)
     .await?;
     Ok(done.rows_affected())
@@ -416,6 +434,26 @@ pub struct PeriodUsage {
     k8s_namespace: String,
     k8s_name: String,
     k8s_uid: String,
+}
+
+/// `customer`'s requests in `period`, from `usage_daily` (its primary key's prefix).
+pub async fn requests_in_period<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    customer: Uuid,
+    period: &str,
+) -> Result<i64, sqlx::Error> {
+    let Some((first, next)) = plan::period_days(period) else {
+        return Ok(0);
+    };
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(requests), 0)::bigint FROM usage_daily \
+         WHERE customer_id = $1 AND day >= $2 AND day < $3",
+    )
+    .bind(customer)
+    .bind(first)
+    .bind(next)
+    .fetch_one(db)
+    .await
 }
 
 /// The live subscriptions of `customers` with their usage in `period`.

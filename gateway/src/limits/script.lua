@@ -68,5 +68,10 @@ if monthly >= 0 then
 end
 if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then
   redis.call('EXPIRE', KEYS[3], ARGV[5])
+  -- A hash's epoch (platform-contract usage::EPOCH_FIELD): set by the first increment
+  -- of a new hash, so the operator tells a hash Redis lost and re-created from growth.
+  if redis.call('HINCRBY', KEYS[3], '~epoch', 0) == 0 then
+    redis.call('HINCRBY', KEYS[3], '~epoch', string.format('%.0f', now))
+  end
 end
 return {1, '', 0, remaining, used, reset, now}

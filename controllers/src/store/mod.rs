@@ -147,9 +147,17 @@ async fn open_pool(
 /// So a binary may run on a schema whose extra applied versions are all newer than the
 /// newest it knows (a rollback after an upgrade). An unknown version older than that is
 /// a schema from another branch: refused.
+/// A migration that an older binary cannot use raises the schema's floor
+/// (`schema_compat.oldest_binary_migration`, migration 0013) to its version: a binary
+/// whose newest migration is below `floor` is refused.
 /// `known`: this binary's versions; `applied`: the database's. Returns the newer ones.
-pub fn newer_applied(known: &[i64], applied: &[i64]) -> Result<Vec<i64>, String> {
+pub fn newer_applied(known: &[i64], applied: &[i64], floor: i64) -> Result<Vec<i64>, String> {
     let newest = known.iter().copied().max().unwrap_or(0);
+    if floor > newest {
+        return Err(format!(
+            "the schema needs a binary that knows migration {floor} (schema_compat): this one knows up to {newest}; roll forward, or restore the backup taken before the upgrade"
+        ));
+    }
     let unknown: Vec<i64> = applied
         .iter()
         .copied()
@@ -178,8 +186,19 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreSetupError> {
     } else {
         Vec::new()
     };
+    let floor: i64 = if has_table {
+        sqlx::query_scalar(
+            "SELECT CASE WHEN to_regclass('schema_compat') IS NULL THEN 0 \
+             ELSE (SELECT COALESCE(max(oldest_binary_migration), 0) FROM schema_compat) END",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(StoreSetupError::Connect)?
+    } else {
+        0
+    };
     let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
-    let newer = newer_applied(&known, &applied).map_err(StoreSetupError::Rollback)?;
+    let newer = newer_applied(&known, &applied, floor).map_err(StoreSetupError::Rollback)?;
     if newer.is_empty() {
         return MIGRATOR.run(pool).await.map_err(StoreSetupError::Migrate);
     }
@@ -255,11 +274,14 @@ mod tests {
     #[test]
     fn a_schema_migrated_further_by_a_newer_release_is_accepted_and_a_foreign_one_is_not() {
         let known = [1, 2, 3];
-        assert_eq!(newer_applied(&known, &[]), Ok(vec![]));
-        assert_eq!(newer_applied(&known, &[1, 2]), Ok(vec![]));
-        assert_eq!(newer_applied(&known, &[1, 2, 3, 4, 5]), Ok(vec![4, 5]));
-        assert_eq!(newer_applied(&known, &[1, 2, 4]), Ok(vec![4]));
-        let foreign = newer_applied(&[1, 2, 5], &[1, 2, 3, 5]).unwrap_err();
+        assert_eq!(newer_applied(&known, &[], 0), Ok(vec![]));
+        assert_eq!(newer_applied(&known, &[1, 2], 0), Ok(vec![]));
+        assert_eq!(newer_applied(&known, &[1, 2, 3, 4, 5], 0), Ok(vec![4, 5]));
+        assert_eq!(newer_applied(&known, &[1, 2, 4], 0), Ok(vec![4]));
+        let too_old = newer_applied(&known, &[1, 2, 3, 4, 5], 4).unwrap_err();
+        assert!(too_old.contains("knows migration 4"), "{too_old}");
+        assert_eq!(newer_applied(&known, &[1, 2, 3, 4, 5], 3), Ok(vec![4, 5]));
+        let foreign = newer_applied(&[1, 2, 5], &[1, 2, 3, 5], 0).unwrap_err();
         assert!(foreign.contains("migration 3"), "{foreign}");
     }
 

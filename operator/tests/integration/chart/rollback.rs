@@ -1,7 +1,8 @@
 //! Rollback policy (README, "Upgrade and roll back"): after a newer release has
 //! migrated the schema further (an extra applied migration this binary does not know,
 //! and the additive change it made), this binary's `migrate` (the chart's hook Job)
-//! succeeds and `run` starts and serves, as after `helm rollback` to the older image.
+//! succeeds and `run` starts and serves, as after `helm rollback` to the older image;
+//! unless that release raised the schema's floor (`schema_compat`), when it refuses.
 
 use crate::support::TestEnv;
 use crate::support::cli::run;
@@ -46,4 +47,30 @@ async fn an_older_binary_migrates_and_serves_on_a_schema_a_newer_release_migrate
     let op = env.start_operator().await;
     env.customer_ready("after", "Active").await;
     op.stop().await;
+
+    // A newer release whose migration this binary cannot use raises the floor: the
+    // older binary then refuses at once, with one line saying what to do.
+    sqlx::query("UPDATE schema_compat SET oldest_binary_migration = $1")
+        .bind(newer)
+        .execute(&env.db)
+        .await
+        .expect("raise the floor");
+    let out = run(
+        env!("CARGO_BIN_EXE_m3o-operator"),
+        &[
+            "migrate",
+            "--database-url",
+            &env.database_url,
+            "--database-schema",
+            &env.schema,
+        ],
+        None,
+    )
+    .await;
+    let log = crate::support::cli::text(&out);
+    assert!(!out.status.success(), "migrate below the floor: {log}");
+    assert!(
+        log.contains(&format!("needs a binary that knows migration {newer}")),
+        "{log}"
+    );
 }

@@ -49,7 +49,7 @@ pub struct UninstallCheckArgs {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Namespace the release watches; empty: all.
+    /// Namespace the release watches, or several separated by commas; empty: all.
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
     pub namespace: String,
 }

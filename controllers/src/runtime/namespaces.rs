@@ -7,7 +7,12 @@
 //! emits one `Init`..`InitDone` for the first lists of all namespaces together
 //! (`InitDone` once every namespace has listed), and turns a later relist of one
 //! namespace into `Apply` for what it lists and `Delete` for that namespace's objects
-//! it did not list again. It tracks only object names per namespace.
+//! it did not list again. It keeps the last state of each object (a `Delete` must
+//! carry the object: its consumers read its uid, owners and fields), so several
+//! namespaces cost one more in-memory copy of the watched objects than one or all.
+//! A later relist of one namespace ends in no `InitDone`, so it does not start the bulk
+//! comparison a relist starts ([`crate::runtime::resync`]); its `Apply`s (changed
+//! objects pass the change filters), its `Delete`s and the periodic resync do the rest.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -49,7 +49,7 @@ pub struct UninstallCheckArgs {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Namespace the release watches; empty: all.
+    /// Namespace the release watches, or several separated by commas; empty: all.
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
     pub namespace: String,
 }
@@ -323,7 +323,8 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_STREAM_MAXLEN", default_value_t = 100_000)]
     pub stream_maxlen: usize,
 
-    /// Namespace to watch; empty watches all namespaces.
+    /// Namespace to watch, or several separated by commas (one watch and one RBAC Role
+    /// each); empty watches all namespaces.
     #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
     pub namespace: String,
 

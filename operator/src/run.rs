@@ -170,7 +170,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             .unwrap_or(std::path::Path::new(""));
         StartupError(format!("--plans-file {}: {e}", path.display()))
     })?;
-    let namespace = Some(args.namespace.trim().to_owned()).filter(|ns| !ns.is_empty());
+    let namespace = watched_namespaces(&args.namespace)?;
     let schema = args.backends.database.database_schema.clone();
 
     let db = startup::database(
@@ -621,5 +621,44 @@ mod tests {
         assert_eq!(db_pool_size(8), 3 * (8 + 2) + 8);
         // The largest --concurrency: no cap below its reconciles.
         assert!(db_pool_size(256) >= 3 * (256 + u32::from(CHANGES_CONCURRENCY)));
+    }
+}
+
+/// The `--namespace` value: empty (all namespaces), one namespace, or several separated
+/// by commas; each a DNS-1123 label, none twice.
+fn watched_namespaces(value: &str) -> Result<Option<String>, StartupError> {
+    let list = m3o_controllers::runtime::context::namespace_list(value);
+    let mut seen = std::collections::BTreeSet::new();
+    for ns in &list {
+        let label = ns.len() <= 63
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !ns.starts_with('-')
+            && !ns.ends_with('-');
+        if !label {
+            return Err(StartupError(format!(
+                "--namespace: {ns:?} is not a namespace name (a DNS-1123 label)"
+            )));
+        }
+        if !seen.insert(*ns) {
+            return Err(StartupError(format!("--namespace: {ns:?} is listed twice")));
+        }
+    }
+    Ok(Some(list.join(",")).filter(|ns| !ns.is_empty()))
+}
+
+#[cfg(test)]
+mod namespace_tests {
+    use super::watched_namespaces;
+
+    #[test]
+    fn namespace_flag_takes_one_several_or_none() {
+        assert_eq!(watched_namespaces("").unwrap(), None);
+        assert_eq!(watched_namespaces(" a ").unwrap().as_deref(), Some("a"));
+        assert_eq!(watched_namespaces("a, b").unwrap().as_deref(), Some("a,b"));
+        let err = watched_namespaces("a,B_").unwrap_err().to_string();
+        assert!(err.starts_with("--namespace:"), "{err}");
+        assert!(watched_namespaces("a,a").is_err());
     }
 }

@@ -233,10 +233,28 @@ where
         + fmt::Debug
         + serde::de::DeserializeOwned,
 {
-    let api: Api<K> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    // Listed in each watched namespace: what RBAC allows where the operator works.
+    let namespaces = namespace.map(m3o_controllers::runtime::context::namespace_list);
+    let apis: Vec<Api<K>> = match namespaces.filter(|list| !list.is_empty()) {
+        Some(list) => list
+            .into_iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect(),
+        None => vec![Api::all(client.clone())],
     };
+    for api in apis {
+        check_list(&api).await?;
+    }
+    Ok(())
+}
+
+async fn check_list<K>(api: &Api<K>) -> Result<(), StartupError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + fmt::Debug
+        + serde::de::DeserializeOwned,
+{
     match api.list_metadata(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Err(StartupError(format!(

@@ -175,3 +175,19 @@ the etcd password readable by the pod's group (fsGroup) only.
 {{- printf "job=%q,namespace=%q" (include "m3o-operator.gatewayName" .) .Release.Namespace }}
 {{- end }}
 {{- end }}
+
+{{/*
+The watched namespaces, comma-separated (the operator's --namespace); empty: all.
+`watchNamespaces` (a list) supersedes the older single `watchNamespace`, which still
+works alone; setting both is refused.
+*/}}
+{{- define "m3o-operator.watchNamespaces" -}}
+{{- if and .Values.watchNamespaces .Values.watchNamespace -}}
+{{- fail "set watchNamespaces only (watchNamespace is its older single-namespace form)" -}}
+{{- end -}}
+{{- if .Values.watchNamespaces -}}
+{{- join "," .Values.watchNamespaces -}}
+{{- else -}}
+{{- .Values.watchNamespace -}}
+{{- end -}}
+{{- end }}

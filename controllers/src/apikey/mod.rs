@@ -20,8 +20,8 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
 use crate::report::error::Error;
@@ -63,8 +63,11 @@ pub async fn run(
     customers: futures::channel::mpsc::Receiver<watcher::Event<Customer>>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let secrets: Api<PartialObjectMeta<Secret>> = runner::scoped_api(&ctx);
     let managed = format!("{}={}", secret::MANAGED_BY.0, secret::MANAGED_BY.1);
+    let secrets = runner::scoped_watch::<PartialObjectMeta<Secret>>(
+        &ctx,
+        watcher::Config::default().labels(&managed),
+    );
     let by_customer = ByCustomer::<ApiKey>::default();
     let observe = {
         let by_customer = by_customer.clone();
@@ -75,10 +78,7 @@ pub async fn run(
         let keys = controller.store();
         let keys_of_secrets = keys.clone();
         let report_changes = gateway_sync::report_changes(sync_ctx, keys);
-        let secrets = secret_changes(
-            watcher(secrets, watcher::Config::default().labels(&managed)).default_backoff(),
-            keys_of_secrets,
-        );
+        let secrets = secret_changes(secrets, keys_of_secrets);
         controller
             .reconcile_on(report_changes)
             .owns_stream(secrets)

@@ -21,7 +21,7 @@ use crate::store::fence::{self, Term};
 /// Operator settings that reconcilers read (the binary maps flags onto these).
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Namespace to watch; `None` watches all.
+    /// Namespace to watch, or several separated by commas; `None` watches all.
     pub namespace: Option<String>,
     /// The label selector of this operator's shard; `None`: every object.
     pub shard: Option<crate::runtime::shard::Shard>,
@@ -36,6 +36,25 @@ pub struct Settings {
     /// How long to wait before retrying a resource blocked on something else
     /// (a conflicting holder, a missing Customer).
     pub blocked_retry: Duration,
+}
+
+impl Settings {
+    /// The watched namespaces, from [`Settings::namespace`]; empty: all.
+    pub fn watched_namespaces(&self) -> Vec<&str> {
+        self.namespace
+            .as_deref()
+            .map(namespace_list)
+            .unwrap_or_default()
+    }
+}
+
+/// The namespaces of a `--namespace` value: comma-separated, blanks ignored (pure).
+pub fn namespace_list(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|ns| !ns.is_empty())
+        .collect()
 }
 
 impl Default for Settings {

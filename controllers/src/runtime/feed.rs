@@ -86,10 +86,9 @@ impl Default for CustomerFeed {
 
 impl Pump {
     async fn run(mut self, ctx: Arc<Context>) {
-        let api = runner::scoped_api::<Customer>(&ctx);
-        let events = watcher(api, runner::watch_config(&ctx).any_semantic())
-            .default_backoff()
-            .modify(runner::strip_unread_metadata);
+        let events =
+            runner::scoped_watch::<Customer>(&ctx, runner::watch_config(&ctx).any_semantic())
+                .modify(runner::strip_unread_metadata);
         let mut events = std::pin::pin!(reflector::reflector(self.writer, events));
         // The Customers cached when a relist began: one it does not list again was
         // deleted while the watch was interrupted, and no Delete event comes for it.

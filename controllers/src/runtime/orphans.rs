@@ -95,13 +95,39 @@ where
         + std::fmt::Debug,
 {
     let live = resource_names::<K>(ctx).await?;
-    let namespace = ctx.settings.namespace.as_deref();
+    // Only the records of watched namespaces: a record elsewhere is another scope's.
+    let watched = ctx.settings.watched_namespaces();
+    let scopes: Vec<Option<&str>> = match watched.is_empty() {
+        true => vec![None],
+        false => watched.into_iter().map(Some).collect(),
+    };
     let mut done: HashSet<Named> = HashSet::new();
+    for namespace in scopes {
+        retire_scope::<K>(ctx, table, namespace, &live, &mut done, touched).await?;
+    }
+    Ok(done.len())
+}
+
+/// [`retire_table`] within one namespace (`None`: all).
+async fn retire_scope<K>(
+    ctx: &Context,
+    table: Table,
+    namespace: Option<&str>,
+    live: &HashSet<Named>,
+    done: &mut HashSet<Named>,
+    touched: &mut BTreeSet<uuid::Uuid>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
     let mut after = None;
     loop {
         let page = orphans::live_page(&ctx.db, table, namespace, after).await?;
         after = page.last().map(|r| r.id);
-        for record in retired(&page, &live) {
+        for record in retired(&page, live) {
             let named = (record.k8s_namespace.clone(), record.k8s_name.clone());
             if done.contains(&named) {
                 touched.insert(record.customer_id);
@@ -119,7 +145,7 @@ where
             done.insert(named);
         }
         if (page.len() as i64) < PAGE {
-            return Ok(done.len());
+            return Ok(());
         }
     }
 }
@@ -145,22 +171,24 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    let api: Api<K> = crate::runtime::runner::scoped_api(ctx);
     let mut names = HashSet::new();
-    let mut params = ListParams::default().limit(PAGE as u32);
-    loop {
-        let list = api.list_metadata(&params).await?;
-        for item in &list.items {
-            let meta = &item.metadata;
-            if let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) {
-                names.insert((ns.clone(), name.clone()));
+    for api in crate::runtime::runner::scoped_apis::<K>(ctx) {
+        let mut params = ListParams::default().limit(PAGE as u32);
+        loop {
+            let list = api.list_metadata(&params).await?;
+            for item in &list.items {
+                let meta = &item.metadata;
+                if let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) {
+                    names.insert((ns.clone(), name.clone()));
+                }
+            }
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
             }
         }
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Ok(names),
-        }
     }
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -23,14 +23,46 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// visible, so the next pass resolves it; no growing backoff.
 const TRANSIENT_RETRY: Duration = Duration::from_millis(250);
 
-/// The API of `K` in the watched namespace, or in all namespaces.
-pub fn scoped_api<K>(ctx: &Context) -> Api<K>
+/// The APIs of `K` in the watched namespaces, or the one API of all namespaces.
+pub fn scoped_apis<K>(ctx: &Context) -> Vec<Api<K>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {
-    match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
+    let namespaces = ctx.settings.watched_namespaces();
+    if namespaces.is_empty() {
+        return vec![Api::all(ctx.client.clone())];
+    }
+    namespaces
+        .into_iter()
+        .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+        .collect()
+}
+
+/// The watch of `K` in the watched scope, with the default backoff: one watch per
+/// watched namespace, merged ([`crate::runtime::namespaces`]), or one watch.
+pub fn scoped_watch<K>(
+    ctx: &Context,
+    config: watcher::Config,
+) -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let mut watches: Vec<_> = scoped_apis::<K>(ctx)
+        .into_iter()
+        .map(|api| watcher(api, config.clone()).default_backoff().boxed())
+        .collect();
+    match watches.pop() {
+        Some(only) if watches.is_empty() => only,
+        Some(last) => {
+            watches.push(last);
+            crate::runtime::namespaces::merged(watches).boxed()
+        }
+        None => futures::stream::empty().boxed(),
     }
 }
 
@@ -124,13 +156,11 @@ pub async fn run_with<K, F, Fut>(
     F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
-    let api: Api<K> = scoped_api(&ctx);
     // The watch stream is built here (not by Controller::new) to see its InitDone:
     // that is when this kind is listed and watching, which `/readyz` reports.
     let (cache, writer) = reflector::store();
     let watching = ctx.watching.clone();
-    let events = watcher(api, watch_config(&ctx).any_semantic())
-        .default_backoff()
+    let events = scoped_watch::<K>(&ctx, watch_config(&ctx).any_semantic())
         .modify(strip_unread_metadata)
         .inspect(move |event| {
             if let Ok(event) = event {

@@ -60,10 +60,18 @@ where
 
 pub async fn run(args: UninstallCheckArgs) -> Result<(), StartupError> {
     let client = startup::kube(args.kubeconfig.as_deref()).await?;
-    let namespace = Some(args.namespace.trim()).filter(|n| !n.is_empty());
-    let mut blocking = blocking_of::<Customer>(&client, namespace).await?;
-    blocking.extend(blocking_of::<Subscription>(&client, namespace).await?);
-    blocking.extend(blocking_of::<ApiKey>(&client, namespace).await?);
+    // Several watched namespaces (a,b): each is checked (the release may list only there).
+    let listed = m3o_controllers::runtime::context::namespace_list(&args.namespace);
+    let scopes: Vec<Option<&str>> = match listed.is_empty() {
+        true => vec![None],
+        false => listed.into_iter().map(Some).collect(),
+    };
+    let mut blocking = Vec::new();
+    for namespace in scopes {
+        blocking.extend(blocking_of::<Customer>(&client, namespace).await?);
+        blocking.extend(blocking_of::<Subscription>(&client, namespace).await?);
+        blocking.extend(blocking_of::<ApiKey>(&client, namespace).await?);
+    }
     match refusal(&blocking) {
         Some(line) => Err(StartupError(line)),
         None => {

@@ -13,6 +13,7 @@ mod gateway;
 mod identity;
 mod install;
 mod lifecycle;
+mod namespaces;
 mod rbac;
 mod render;
 mod rollback;

@@ -42,7 +42,7 @@ async fn can_i(sa_ns: &str, sa: &str, verb: &str, resource: &str, namespace: &st
 }
 
 /// Checks every (verb, resource, namespace) against `expected`, reporting all mismatches.
-async fn check_access(
+pub(super) async fn check_access(
     sa_ns: &str,
     sa: &str,
     expected: bool,
@@ -64,7 +64,7 @@ async fn check_access(
 }
 
 /// What the operator does in a namespace it watches.
-fn needed(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
+pub(super) fn needed(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
     let mut cases = Vec::new();
     for kind in [
         "customers.m3o.com",
@@ -91,7 +91,7 @@ fn needed(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
 }
 
 /// What it must never be able to do in a namespace it watches.
-fn forbidden(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
+pub(super) fn forbidden(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
     let mut cases = vec![
         // It never deletes, creates or replaces m3o resources: it removes its finalizer.
         ("delete", "customers.m3o.com", ns),
@@ -141,7 +141,7 @@ fn forbidden(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
     cases
 }
 
-fn lease_verbs(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
+pub(super) fn lease_verbs(ns: &str) -> Vec<(&'static str, &'static str, &str)> {
     vec![("create", "leases.coordination.k8s.io", ns)]
 }
 

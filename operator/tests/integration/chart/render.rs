@@ -14,6 +14,7 @@ async fn lint_is_clean_and_the_schema_catches_typos() {
         &[][..],
         &["--strict"],
         &["--strict", "--set", "watchNamespace=apps"],
+        &["--strict", "--set", "watchNamespaces={apps,billing}"],
     ] {
         let mut args = vec!["lint", chart.as_str()];
         args.extend(extra);
@@ -25,6 +26,13 @@ async fn lint_is_clean_and_the_schema_catches_typos() {
     for (set, expect) in [
         ("concurency=3", "concurency"),
         ("watchNamespace=Apps", "/watchNamespace"),
+        ("watchNamespaces={apps,Billing}", "/watchNamespaces/1"),
+        ("watchNamespaces={apps,apps}", "/watchNamespaces"),
+        // Both forms at once: refused, naming the one to keep.
+        (
+            "watchNamespace=apps,watchNamespaces={apps}",
+            "set watchNamespaces only",
+        ),
         ("logFormat=xml", "/logFormat"),
         ("resyncInterval=soon", "/resyncInterval"),
         ("plans.gold.monthlyRequests=-1", "/plans/gold"),

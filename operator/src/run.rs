@@ -551,10 +551,13 @@ fn election_config(args: &RunArgs, timing: Timing) -> Result<Option<ElectionConf
         .clone()
         .filter(|n| !n.is_empty());
     let namespace = namespace
-        .or_else(|| Some(args.namespace.clone()).filter(|n| !n.is_empty()))
+        // The one watched namespace, if only one is (a list names no single home).
+        .or_else(|| {
+            Some(args.namespace.clone()).filter(|n| !n.is_empty() && !n.contains(','))
+        })
         .ok_or_else(|| {
             StartupError(
-                "--leader-election-namespace: required with --leader-election (or set POD_NAMESPACE)"
+                "--leader-election-namespace: required with --leader-election when --namespace is empty or a list (or set POD_NAMESPACE)"
                     .into(),
             )
         })?;

@@ -8,7 +8,7 @@ CARGO ?= cargo
 #   make test TEST_ARGS='-p m3o-controllers -- --test-threads=2 customer'
 TEST_ARGS ?= --workspace --no-fail-fast -- --test-threads=4
 
-.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway argocd-health alert-rules install image dockerfile-check test-image
+.PHONY: help deps tools toolchain build test demo env lint fmt crds bench bench-gateway bench-usage argocd-health alert-rules install image dockerfile-check test-image
 
 help:
 	@echo 'make deps    install missing Debian packages (postgresql, redis, protoc, openssl)'
@@ -23,6 +23,7 @@ help:
 	@echo 'make crds    regenerate charts/m3o-operator/crds/crds.yaml'
 	@echo 'make bench   N of each kind from apply to all Ready, with the raw rate (BENCH_N=1000)'
 	@echo 'make bench-gateway  gateway checks/s, latency, revocation latency, index memory'
+	@echo 'make bench-usage  one usage rollup of 10,000 customers beside the raw Redis and Postgres work'
 	@echo 'make install m3o-operator and the kubectl plugin kubectl-m3o into $$(PREFIX)/bin (PREFIX=~/.local)'
 	@echo 'make image   the OCI image (no daemon): target/image/layout and its oci-archive; prints the digest'
 	@echo 'make test-image  the image tests alone: the image run under runc with the chart'"'"'s Pod settings'
@@ -101,6 +102,13 @@ bench-gateway: deps tools
 	$(CARGO) build --release -p m3o-operator --features bench --tests --bins
 	hack/env.sh run -- $(CARGO) test --release -p m3o-operator --features bench --test integration -- \
 	  --nocapture --test-threads=1 bench_gateway
+
+# Figures, not a pass/fail: one usage rollup of 10,000 customers beside the raw Redis and
+# Postgres work (README "Usage and quota").
+bench-usage: deps tools
+	$(CARGO) build --release -p m3o-operator --features bench --tests --bins
+	hack/env.sh run -- $(CARGO) test --release -p m3o-operator --features bench --test integration -- \
+	  --nocapture --test-threads=1 bench_usage
 
 env: deps tools
 	hack/env.sh up

@@ -19,6 +19,9 @@
 # REDIS_URL, ETCD_ENDPOINTS and the M3O_REDIS_*/M3O_ETCD_* fallbacks of the TLS and
 # credential flags). For running the operator by hand: the test suite starts its own
 # TLS servers (operator/tests/integration/tls.rs) and needs the default, plain.
+# The gateway's own identity (README: Secure connections) is in $M3O_ENV_DIR/gateway.env:
+# its REDIS_URL (ACL user m3o-gateway: limiter keys and script only), client
+# certificate and etcd user m3o-gateway (reads <prefix>/, writes <prefix>/gateways/).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -233,11 +236,12 @@ pg_init_pid=$!
   key() { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null; }
   key ca.key & key apiserver.key & key admin.key & key sa.key & wait
   if [[ "$tls" == 1 ]]; then
-    key backend.key & key operator.key & wait
+    key backend.key & key operator.key & key gateway.key & wait
     openssl req -new -key backend.key -subj "/CN=127.0.0.1" -out backend.csr
     printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
       "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >backend.ext
     openssl req -new -key operator.key -subj "/CN=m3o-operator" -out operator.csr
+    openssl req -new -key gateway.key -subj "/CN=m3o-gateway" -out gateway.csr
   fi
   openssl req -x509 -new -key ca.key -subj "/CN=m3o-test-ca" -days 30 -out ca.crt \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
@@ -259,6 +263,8 @@ pg_init_pid=$!
       -extfile backend.ext -out backend.crt 2>/dev/null
     openssl x509 -req -in operator.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
       -extfile admin.ext -out operator.crt 2>/dev/null
+    openssl x509 -req -in gateway.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+      -extfile admin.ext -out gateway.crt 2>/dev/null
   fi
 ) >"$dir/logs/pki.log" 2>&1 || fail "PKI generation (openssl)" "$dir/logs/pki.log"
 
@@ -298,7 +304,10 @@ if [[ "$tls" == 1 ]]; then
     --user default off \
     --user admin on ">$tls_password" '~*' '&*' +@all \
     --user m3o-operator on ">$tls_password" resetkeys '~events:*' resetchannels -@all \
-    +ping +xadd +multi +exec '+xinfo|groups'
+    +ping +xadd +multi +exec '+xinfo|groups' \
+    '~m3o:gateway:usage:*' +scan +hgetall +expire \
+    --user m3o-gateway on ">$tls_password" resetkeys '~m3o:gateway:*' resetchannels -@all \
+    +ping +evalsha '+script|load' +time +get +set +incr +expire +hincrby
   printf '%s\n' "$tls_password" >"$dir/etcd-password"
   chmod 0600 "$dir/etcd-password"
 fi
@@ -374,6 +383,11 @@ if [[ "$tls" == 1 ]]; then
     /v3/auth/role/grant '{"name":"m3o-operator","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o.writer-epoch)"'","range_end":"'"$(b64s /m3o.writer-epoci)"'"}}' \
     /v3/auth/user/add '{"name":"m3o-operator","password":"'"$tls_password"'"}' \
     /v3/auth/user/grant '{"user":"m3o-operator","role":"m3o-operator"}' \
+    /v3/auth/role/add '{"name":"m3o-gateway"}' \
+    /v3/auth/role/grant '{"name":"m3o-gateway","perm":{"permType":"READ","key":"'"$(b64s /m3o/)"'","range_end":"'"$(b64s /m3o0)"'"}}' \
+    /v3/auth/role/grant '{"name":"m3o-gateway","perm":{"permType":"READWRITE","key":"'"$(b64s /m3o/gateways/)"'","range_end":"'"$(b64s /m3o/gateways0)"'"}}' \
+    /v3/auth/user/add '{"name":"m3o-gateway","password":"'"$tls_password"'"}' \
+    /v3/auth/user/grant '{"user":"m3o-gateway","role":"m3o-gateway"}' \
     /v3/auth/enable '{}'; do
     if [[ "$req" == /* ]]; then path="$req"; continue; fi
     etcd_tls "$path" "$req" >>"$dir/logs/etcd-config.log" 2>&1 ||
@@ -402,6 +416,12 @@ if [[ "$tls" == 1 ]]; then
   export M3O_ETCD_CERT_FILE="$pki/operator.crt" M3O_ETCD_KEY_FILE="$pki/operator.key"
   export M3O_ETCD_USERNAME=m3o-operator M3O_ETCD_PASSWORD_FILE="$dir/etcd-password"
   tls_vars=(M3O_REDIS_CA_FILE M3O_ETCD_CA_FILE M3O_ETCD_CERT_FILE M3O_ETCD_KEY_FILE M3O_ETCD_USERNAME M3O_ETCD_PASSWORD_FILE)
+  # The gateway's own identity: `source $M3O_ENV_DIR/gateway.env` before m3o-gateway-auth.
+  {
+    printf 'export REDIS_URL=%q\n' "rediss://m3o-gateway:$tls_password@127.0.0.1:$redis_port"
+    printf 'export M3O_ETCD_CERT_FILE=%q M3O_ETCD_KEY_FILE=%q\n' "$pki/gateway.crt" "$pki/gateway.key"
+    printf 'export M3O_ETCD_USERNAME=m3o-gateway\n'
+  } >"$dir/gateway.env"
 else
   export DATABASE_URL="postgres://m3o:m3o@127.0.0.1:$pg_port/m3o"
   export REDIS_URL="redis://127.0.0.1:$redis_port"

@@ -29,6 +29,7 @@ pub mod store;
 pub mod subscription;
 #[cfg(test)]
 mod testkit;
+pub mod usage;
 
 pub use runtime::context::{Context, Settings};
 

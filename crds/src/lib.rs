@@ -19,6 +19,7 @@ pub use common::{Condition, CustomerRef, DeletionPolicy, Quota};
 pub use customer::{Customer, CustomerSpec, CustomerState, CustomerStatus, CustomerStatusState};
 pub use subscription::{
     QuotaOverride, Subscription, SubscriptionSpec, SubscriptionState, SubscriptionStatus,
+    UsageStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

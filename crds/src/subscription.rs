@@ -32,6 +32,7 @@ use crate::common::{Condition, CustomerRef, DeletionPolicy, Quota};
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(name = "Used", type_ = "string", json_path = ".status.usage.used"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -130,4 +131,25 @@ pub struct SubscriptionStatus {
     /// Lifecycle state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<SubscriptionState>,
+
+    /// The period's metered requests (from the gateways' counters, rolled up every
+    /// --usage-interval; written on a 50/80/100% crossing or a new period, otherwise at
+    /// most every --usage-status-interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+}
+
+/// A subscription's usage in the current billing period.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// Billing period, `YYYY-MM` (UTC calendar month).
+    pub period: String,
+    /// Requests the gateways allowed in the period.
+    pub requests: i64,
+    /// The quota's monthly requests.
+    pub monthly_requests: i64,
+    /// `requests` as a percentage of `monthlyRequests`, e.g. `80%` (the `Used` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<String>,
 }

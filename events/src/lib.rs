@@ -100,6 +100,7 @@ mod tests {
             (EventType::KeyRotated, 100),
             (EventType::KeyExpired, 101),
             (EventType::SubscriptionCancelled, 102),
+            (EventType::QuotaThresholdReached, 103),
         ];
         for (ty, n) in expected {
             assert_eq!(ty as i32, n, "{}", ty.as_str_name());

@@ -1,7 +1,10 @@
 //! Keeps the index equal to `<prefix>/` in etcd: a paginated list at one revision,
 //! then a watch from the next; a full re-list when the watch is compacted away or
-//! breaks. Checks read the index and never wait on etcd: while etcd is unreachable the
-//! last snapshot keeps serving and its staleness is reported.
+//! breaks. Checks read the index and never wait on etcd. While etcd does not confirm
+//! the index (no watch progress from a member with a leader, or this replica's report
+//! lease not renewed) its staleness grows; past `--max-staleness` the replica refuses
+//! checks (`--stale-mode=fail`, the default) or keeps serving the snapshot and says so
+//! in its report (`serve`, which voids `GatewaySynced`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -65,6 +68,9 @@ pub struct IndexState {
     loaded: AtomicBool,
     /// Milliseconds since `start` when etcd last confirmed the index.
     confirmed_ms: AtomicU64,
+    /// Milliseconds since `start` (plus one; 0: never) when a request that renewed this
+    /// replica's report lease was sent.
+    report_renewed_ms: AtomicU64,
     revision: AtomicI64,
     start: Instant,
     /// The revision applied from the platform config (not other replicas' reports).
@@ -77,6 +83,7 @@ impl Default for IndexState {
             index: ArcSwap::from_pointee(RwLock::default()),
             loaded: AtomicBool::new(false),
             confirmed_ms: AtomicU64::new(0),
+            report_renewed_ms: AtomicU64::new(0),
             revision: AtomicI64::new(0),
             start: Instant::now(),
             applied: watch::Sender::new(0),
@@ -114,6 +121,31 @@ impl IndexState {
             let confirmed = Duration::from_millis(self.confirmed_ms.load(Ordering::Acquire));
             self.start.elapsed().saturating_sub(confirmed)
         })
+    }
+
+    /// Time since etcd last vouched for this replica as a whole: the older of the
+    /// index's confirmation and the renewal of its report lease (`None` before the
+    /// first list). The operator stops counting a replica only a bound after its
+    /// report's lease expired, so a replica must stop serving within that bound of its
+    /// last renewal too, even if its watch still answered after it.
+    pub fn unconfirmed_for(&self) -> Option<Duration> {
+        let index = self.staleness()?;
+        let renewed = self.report_renewed_ms.load(Ordering::Acquire);
+        let report = match renewed.checked_sub(1) {
+            Some(ms) => self
+                .start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(ms)),
+            // Not registered yet: the operator does not count this replica.
+            None => self.start.elapsed(),
+        };
+        Some(index.max(report))
+    }
+
+    /// The report lease was renewed by a request sent at `sent`.
+    pub fn report_renewed(&self, sent: Instant) {
+        let ms = sent.saturating_duration_since(self.start).as_millis() as u64 + 1;
+        self.report_renewed_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
     /// Follows the revision applied from the platform config.
@@ -426,6 +458,33 @@ mod tests {
             state
                 .staleness()
                 .is_some_and(|s| s < Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn a_replica_is_unconfirmed_since_the_older_of_its_index_and_its_report_lease() {
+        let state = IndexState::default();
+        assert_eq!(state.unconfirmed_for(), None, "nothing loaded");
+        std::thread::sleep(Duration::from_millis(30));
+        drop(state.replace(Index::default(), 3));
+        // Listed but not registered: unconfirmed since start.
+        assert!(
+            state
+                .unconfirmed_for()
+                .is_some_and(|d| d >= Duration::from_millis(30))
+        );
+        state.report_renewed(Instant::now());
+        assert!(
+            state
+                .unconfirmed_for()
+                .is_some_and(|d| d < Duration::from_millis(30))
+        );
+        // An older renewal never moves it back.
+        state.report_renewed(state.start);
+        assert!(
+            state
+                .unconfirmed_for()
+                .is_some_and(|d| d < Duration::from_millis(30))
         );
     }
 

@@ -16,7 +16,8 @@ use crate::decision::{self, Allowed, Denial};
 use crate::follow::IndexState;
 use crate::limits::{self, Exceeded, Limiter, RareLog, Unavailable};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::settings::UriSource;
+use crate::report::Bound;
+use crate::settings::{StaleMode, UriSource};
 
 /// Headers the upstream receives on an allowed request (contract).
 pub const CUSTOMER_HEADER: &str = "X-M3O-Customer-Id";
@@ -34,6 +35,17 @@ pub struct Checker {
     pub fail_open: bool,
     /// "Redis unavailable" at most every few seconds.
     pub limiter_log: RareLog,
+    /// `--max-staleness` and `--stale-mode`.
+    pub bound: Bound,
+}
+
+/// True when checks must be refused: etcd has not vouched for this replica for longer
+/// than its bound, under `--stale-mode=fail`.
+pub fn too_stale(index: &IndexState, bound: Bound) -> bool {
+    bound.mode == StaleMode::Fail
+        && index
+            .unconfirmed_for()
+            .is_some_and(|d| d > bound.max_staleness)
 }
 
 /// The forward-auth router: every method and path is a check.
@@ -42,12 +54,23 @@ pub fn check_router(checker: Arc<Checker>) -> Router {
 }
 
 /// The operations router.
-pub fn ops_router(index: Arc<IndexState>, metrics: Arc<Metrics>) -> Router {
+pub fn ops_router(index: Arc<IndexState>, metrics: Arc<Metrics>, bound: Bound) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state((index, metrics))
+        .with_state(Ops {
+            index,
+            metrics,
+            bound,
+        })
+}
+
+#[derive(Clone)]
+struct Ops {
+    index: Arc<IndexState>,
+    metrics: Arc<Metrics>,
+    bound: Bound,
 }
 
 /// A header as text: `Ok(None)` when absent, `Err` when present but not visible ASCII
@@ -68,11 +91,15 @@ async fn check(State(checker): State<Arc<Checker>>, request: Request) -> Respons
     let now = Utc::now();
     let response = match verdict(&checker, &request, now) {
         None => not_loaded(&checker),
+        // Decided from a snapshot etcd no longer vouches for: the operator may already
+        // have stopped counting this replica (`GatewaySynced`).
+        Some(_) if too_stale(&checker.index, checker.bound) => index_stale(&checker),
         Some(Err(denial)) => deny(&checker, &denial),
         Some(Ok(allowed)) => match limit(&checker, &allowed, now).await {
             // The index may have changed while Redis answered (a key blocked, a
             // customer banned): a 200 goes out only if it still allows the request.
             Limits::Through(allow_headers) => match verdict(&checker, &request, Utc::now()) {
+                Some(_) if too_stale(&checker.index, checker.bound) => index_stale(&checker),
                 Some(Ok(_)) => allow(&checker, &allowed, allow_headers),
                 Some(Err(denial)) => deny(&checker, &denial),
                 None => not_loaded(&checker),
@@ -93,6 +120,14 @@ fn not_loaded(checker: &Checker) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         "not_ready",
         "the gateway has not loaded its configuration yet",
+    )
+}
+
+fn index_stale(checker: &Checker) -> Response {
+    checker.metrics.check("unavailable", "index_stale");
+    retry_soon(
+        "index_stale",
+        "etcd has not confirmed this gateway's configuration for longer than --max-staleness; retry shortly",
     )
 }
 
@@ -192,7 +227,13 @@ async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>)
     }
     let outcome = match limiter.check(allowed, now).await {
         Ok(outcome) => outcome,
-        Err(err) => return unlimited(checker, &err),
+        // A refusal of the script (now, or remembered while Redis is away) is a
+        // configuration error, not an outage: never let it make limits vanish. Every
+        // check still asks Redis, so fixing the ACL clears it without a restart.
+        Err(err) => match limiter.forbidden() {
+            Some(reason) => return unlimited(checker, &Unavailable::Forbidden(reason)),
+            None => return unlimited(checker, &err),
+        },
     };
     let headers = limits::headers(allowed.quota, &outcome, now);
     match outcome.exceeded {
@@ -212,20 +253,24 @@ async fn limit(checker: &Checker, allowed: &Allowed, now: chrono::DateTime<Utc>)
 
 /// The fail mode's answer when the limiter has none.
 fn unlimited(checker: &Checker, err: &Unavailable) -> Limits {
-    let outcome = if checker.fail_open {
-        "allowed"
-    } else {
-        "denied"
-    };
+    // The fail mode covers Redis being away, never Redis refusing the script.
+    let fail_open = checker.fail_open && !matches!(err, Unavailable::Forbidden(_));
+    let outcome = if fail_open { "allowed" } else { "denied" };
     checker
         .metrics
         .limiter_unavailable
         .get_or_create(&OutcomeLabels { outcome })
         .inc();
     if let Some(skipped) = checker.limiter_log.due() {
-        tracing::warn!(%err, fail_open = checker.fail_open, skipped, "rate limiter unavailable (further occurrences are counted in m3o_gateway_limiter_unavailable_total)");
+        tracing::warn!(%err, fail_open, skipped, "rate limiter unavailable (further occurrences are counted in m3o_gateway_limiter_unavailable_total)");
     }
-    if checker.fail_open {
+    if let Unavailable::Forbidden(_) = err {
+        checker.metrics.check("unavailable", "limiter_forbidden");
+        Limits::Refused(retry_soon(
+            "limiter_forbidden",
+            "the gateway's Redis user may not run the rate limiter; see its /readyz",
+        ))
+    } else if fail_open {
         Limits::Through((Vec::new(), "limiter_unavailable"))
     } else {
         checker.metrics.check("unavailable", "limiter");
@@ -297,9 +342,24 @@ fn quoted_safe(message: &str) -> String {
         .collect()
 }
 
-/// Ready once the first list has loaded; afterwards always ready (a stale snapshot
-/// beats refusing everything), saying how stale.
-async fn readyz(State((index, _)): State<(Arc<IndexState>, Arc<Metrics>)>) -> Response {
+/// Ready once the first list has loaded and while etcd vouches for the index (within
+/// `--max-staleness`); under `--stale-mode=serve` ready on a stale snapshot too, saying
+/// how stale.
+async fn readyz(State(ops): State<Ops>) -> Response {
+    let index = &ops.index;
+    if too_stale(index, ops.bound) {
+        let unconfirmed = index.unconfirmed_for().unwrap_or_default();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: index_stale: etcd has not confirmed the index at revision {} (or this replica's report lease) for {}s, over --max-staleness {}s",
+                index.revision(),
+                unconfirmed.as_secs(),
+                ops.bound.max_staleness.as_secs_f64()
+            ),
+        )
+            .into_response();
+    }
     match index.staleness() {
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -327,10 +387,16 @@ async fn readyz(State((index, _)): State<(Arc<IndexState>, Arc<Metrics>)>) -> Re
     }
 }
 
-async fn metrics_text(State((index, metrics)): State<(Arc<IndexState>, Arc<Metrics>)>) -> Response {
+async fn metrics_text(State(ops): State<Ops>) -> Response {
+    let Ops {
+        index,
+        metrics,
+        bound,
+    } = &ops;
     if let Some(stale) = index.staleness() {
         metrics.index_staleness.set(stale.as_secs_f64());
     }
+    metrics.index_stale.set(i64::from(too_stale(index, *bound)));
     (
         [(
             header::CONTENT_TYPE,
@@ -343,7 +409,28 @@ async fn metrics_text(State((index, metrics)): State<(Arc<IndexState>, Arc<Metri
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn only_the_fail_mode_refuses_past_the_bound() {
+        let index = IndexState::default();
+        let bound = |mode| Bound {
+            max_staleness: Duration::from_millis(20),
+            mode,
+        };
+        assert!(
+            !too_stale(&index, bound(StaleMode::Fail)),
+            "not loaded: not_ready, not stale"
+        );
+        drop(index.replace(crate::index::Index::default(), 1));
+        index.report_renewed(std::time::Instant::now());
+        assert!(!too_stale(&index, bound(StaleMode::Fail)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(too_stale(&index, bound(StaleMode::Fail)));
+        assert!(!too_stale(&index, bound(StaleMode::Serve)));
+    }
 
     #[test]
     fn messages_are_safe_in_a_quoted_header() {

@@ -11,6 +11,7 @@ pub mod index;
 pub mod limits;
 pub mod metrics;
 pub mod nginx;
+pub mod readiness;
 pub mod report;
 pub mod settings;
 pub mod usage;
@@ -71,6 +72,7 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub index: Arc<IndexState>,
+    pub readiness: Arc<readiness::Gate>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -80,6 +82,19 @@ impl Gateway {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// The SIGTERM path: fails `/readyz` at once, keeps answering checks for `delay`
+    /// (the time a Service, kube-proxy or an ingress takes to stop sending new
+    /// connections here), then closes gracefully: in-flight checks are answered.
+    pub async fn drain(self, delay: std::time::Duration) {
+        self.readiness.start_draining();
+        tracing::info!(
+            ?delay,
+            "draining: /readyz fails, checks are still answered until the delay ends"
+        );
+        tokio::time::sleep(delay).await;
+        self.stop().await;
     }
 
     /// Resolves when any task ends (a server failed) or `stop` was called elsewhere.
@@ -128,7 +143,10 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         .map_err(|e| start_error("--redis-url", e))?;
         Some(limiter)
     };
+    // A member cut off from its cluster must not keep the index looking fresh: every
+    // request (the watch's progress answers included) needs a leader.
     let options = etcd_client::ConnectOptions::new()
+        .with_require_leader(true)
         .with_connect_timeout(std::time::Duration::from_secs(3))
         .with_keep_alive(
             std::time::Duration::from_secs(2),
@@ -170,6 +188,10 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let index = Arc::new(IndexState::default());
+    let bound = report::Bound {
+        max_staleness: args.max_staleness,
+        mode: args.stale_mode,
+    };
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -191,8 +213,21 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             };
             tokio::join!(
                 follow::run(etcd.clone(), prefix, index.clone(), metrics, stop.clone()),
-                report::run(etcd, report_key, index, stop),
+                report::run(etcd, report_key, index, bound, stop),
             );
+        });
+    }
+    let readiness = Arc::new(readiness::Gate::new(limiter.clone()));
+    if let Some(limiter) = limiter.clone() {
+        // Detached: `tasks` are the servers, whose end `wait` reports.
+        tokio::spawn(async move {
+            // Once at start, so a wrong Redis user is one line in the log at once (and
+            // /readyz keeps saying it on every probe).
+            if let Err(err @ limits::Unavailable::Forbidden(_)) = limiter.verify().await {
+                tracing::error!(
+                    "--redis-url: {err}: not ready, and checks answer 503 whatever --rate-limit-fail-open says"
+                );
+            }
         });
     }
     let checker = Arc::new(Checker {
@@ -203,6 +238,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         path_prefix: args.path_prefix.clone(),
         fail_open: args.rate_limit_fail_open,
         limiter_log: limits::RareLog::default(),
+        bound,
     });
     let stop = shutdown.clone();
     tasks.spawn(async move {
@@ -214,7 +250,9 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         }
     });
     let stop = shutdown.clone();
-    let ops_app = http::ops_router(index.clone(), metrics);
+    let ops_app = http::ops_router(index.clone(), metrics, bound).layer(
+        axum::middleware::from_fn_with_state(readiness.clone(), readiness::gate),
+    );
     tasks.spawn(async move {
         let served = axum::serve(ops, ops_app)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -223,11 +261,17 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             tracing::error!(%err, "metrics server failed");
         }
     });
-    tracing::info!(%addr, %metrics_addr, replica, prefix, "m3o-gateway-auth listening");
+    tracing::info!(%addr, %metrics_addr, replica, prefix, max_staleness = ?bound.max_staleness, stale_mode = ?bound.mode, "m3o-gateway-auth listening");
+    if bound.mode == settings::StaleMode::Serve {
+        tracing::warn!(
+            "--stale-mode=serve: a replica cut off from etcd keeps serving its snapshot, so GatewaySynced cannot confirm revocations"
+        );
+    }
     Ok(Gateway {
         addr,
         metrics_addr,
         index,
+        readiness,
         shutdown,
         tasks,
     })

@@ -40,6 +40,7 @@ async fn run(args: m3o_gateway::settings::RunArgs) -> Result<(), String> {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    let shutdown_delay = args.shutdown_delay;
     let mut gateway = m3o_gateway::start(args).await.map_err(|e| e.to_string())?;
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -49,13 +50,18 @@ async fn run(args: m3o_gateway::settings::RunArgs) -> Result<(), String> {
             Err(_) => std::future::pending().await,
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
+    // SIGTERM (Kubernetes) drains; Ctrl-C stops at once.
+    let drain = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = terminate => true,
         _ = gateway.wait() => return Err("a server stopped unexpectedly".into()),
-    }
+    };
     tracing::info!("shutting down");
-    gateway.stop().await;
+    if drain {
+        gateway.drain(shutdown_delay).await;
+    } else {
+        gateway.stop().await;
+    }
     Ok(())
 }
 

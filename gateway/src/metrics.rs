@@ -42,6 +42,7 @@ pub struct Metrics {
     pub index_entries: Family<KindLabels, Gauge>,
     pub index_revision: Gauge,
     pub index_staleness: Gauge<f64, AtomicU64>,
+    pub index_stale: Gauge,
     pub index_relists: Family<CauseLabels, Counter>,
     pub index_invalid_values: Counter,
 }
@@ -61,6 +62,7 @@ impl Metrics {
         let index_entries = Family::<KindLabels, Gauge>::default();
         let index_revision = Gauge::default();
         let index_staleness = Gauge::<f64, AtomicU64>::default();
+        let index_stale = Gauge::default();
         let index_relists = Family::<CauseLabels, Counter>::default();
         let index_invalid_values = Counter::default();
         registry.register(
@@ -96,6 +98,11 @@ impl Metrics {
             index_staleness.clone(),
         );
         registry.register(
+            "index_stale",
+            "1 while checks are refused because etcd has not vouched for this replica for --max-staleness (--stale-mode=fail)",
+            index_stale.clone(),
+        );
+        registry.register(
             "index_relists",
             "Full re-lists of the prefix, by cause",
             index_relists.clone(),
@@ -113,6 +120,7 @@ impl Metrics {
             index_entries,
             index_revision,
             index_staleness,
+            index_stale,
             index_relists,
             index_invalid_values,
         }

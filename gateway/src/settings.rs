@@ -115,9 +115,27 @@ pub struct RunArgs {
     #[arg(long, env = "M3O_GATEWAY_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub redis_timeout: Duration,
 
+    /// How long the index may go unconfirmed by etcd (a watch progress answer from a
+    /// member with a leader, and this replica's report lease renewed) before the
+    /// --stale-mode applies. Reported, so the operator's GatewaySynced accounts for it.
+    #[arg(long, env = "M3O_GATEWAY_MAX_STALENESS", default_value = "10s", value_parser = parse_positive_duration)]
+    pub max_staleness: Duration,
+
+    /// Past --max-staleness: `fail` answers 503 (index_stale, with Retry-After) and
+    /// fails /readyz; `serve` keeps answering from the snapshot, says so in its report,
+    /// and so voids GatewaySynced.
+    #[arg(long, env = "M3O_GATEWAY_STALE_MODE", value_enum, default_value_t = StaleMode::Fail)]
+    pub stale_mode: StaleMode,
+
     /// This replica's name under <prefix>/gateways/ (default: $HOSTNAME, else random).
     #[arg(long, env = "M3O_GATEWAY_REPLICA_ID")]
     pub replica_id: Option<String>,
+
+    /// On SIGTERM: fail /readyz at once and keep answering checks this long (until
+    /// Services and proxies have stopped sending new connections), then close
+    /// gracefully. SIGINT stops at once.
+    #[arg(long, env = "M3O_GATEWAY_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
 
     /// Log format.
     #[arg(long, env = "M3O_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -145,6 +163,15 @@ pub enum UriSource {
     Envoy,
 }
 
+/// What a replica does with a snapshot etcd has not confirmed for --max-staleness.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleMode {
+    /// Refuse checks with 503 and fail /readyz.
+    Fail,
+    /// Keep serving the snapshot (voids GatewaySynced).
+    Serve,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -165,6 +192,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A duration above zero (a zero bound would refuse every check).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be above zero")),
+        d => Ok(d),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +211,7 @@ mod tests {
         assert_eq!(cli.run.etcd.etcd_endpoints, ["a", "b"]);
         assert!(cli.run.rate_limit_fail_open);
         assert_eq!(cli.run.redis_timeout, Duration::from_millis(250));
+        assert_eq!(cli.run.shutdown_delay, Duration::from_secs(5));
         let cli = Cli::parse_from(["m3o-gateway-auth", "--rate-limit-fail-open=false"]);
         assert!(!cli.run.rate_limit_fail_open);
         let cli = Cli::parse_from(["m3o-gateway-auth", "usage", "--customer", "c"]);
@@ -193,5 +229,16 @@ mod tests {
         assert_eq!(cli.run.redis_breaker_failures, 2);
         assert!(Cli::try_parse_from(["m3o-gateway-auth", "--uri-source=header"]).is_err());
         assert!(Cli::try_parse_from(["m3o-gateway-auth", "--redis-breaker-failures=0"]).is_err());
+        assert_eq!(cli.run.max_staleness, Duration::from_secs(10));
+        assert_eq!(cli.run.stale_mode, StaleMode::Fail);
+        let cli = Cli::parse_from([
+            "m3o-gateway-auth",
+            "--max-staleness=1500ms",
+            "--stale-mode=serve",
+        ]);
+        assert_eq!(cli.run.max_staleness, Duration::from_millis(1500));
+        assert_eq!(cli.run.stale_mode, StaleMode::Serve);
+        assert!(Cli::try_parse_from(["m3o-gateway-auth", "--max-staleness=0s"]).is_err());
+        assert!(Cli::try_parse_from(["m3o-gateway-auth", "--stale-mode=maybe"]).is_err());
     }
 }

@@ -1,5 +1,11 @@
 //! `m3o-gateway-auth usage --customer ID`: a customer's metered requests per day, key
 //! and API, read from the counters the checks write (see [`crate::limits`]).
+//!
+//! Retention: a day's counters stay in Redis until the operator has confirmed them in
+//! Postgres, and a little longer; the layout and the TTLs are the contract crate's
+//! ([`m3o_platform_contract::usage`]): the script gives a new day
+//! `UNCONFIRMED_RETENTION_SECS`, the operator's rollup lowers it to
+//! `CONFIRMED_RETENTION_SECS` once the closed day is committed.
 
 use std::collections::BTreeMap;
 
@@ -35,6 +41,9 @@ pub async fn read(
         let day = key.rsplit(':').next().unwrap_or_default().to_owned();
         let fields: BTreeMap<String, u64> = conn.hgetall(&key).await?;
         for (field, requests) in fields {
+            if field == m3o_platform_contract::usage::EPOCH_FIELD {
+                continue;
+            }
             let (key_id, api) = field.split_once(' ').unwrap_or((&field, "-"));
             rows.push(UsageRow {
                 day: day.clone(),

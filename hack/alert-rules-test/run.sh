@@ -11,7 +11,7 @@ PATH="$("$root/hack/build-tools.sh"):$PATH"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-helm template t "$root/charts/m3o-operator" \
+helm template t "$root/charts/m3o-operator" --kube-version 1.34.0 \
   --set metrics.prometheusRule.enabled=true \
   --set-string 'metrics.prometheusRule.selector=job="m3o"' \
   --show-only templates/prometheusrule.yaml >"$tmp/prometheusrule.yaml"
@@ -26,5 +26,18 @@ for alert in $(sed -n 's/^ *- alert: //p' "$tmp/rules.yaml"); do
 done
 ((missing == 0)) || exit 1
 
-cp "$here/alerts_test.yaml" "$tmp/"
-cd "$tmp" && promtool test rules alerts_test.yaml
+# The gateway's alerts: their own PrometheusRule and test file.
+helm template t "$root/charts/m3o-operator" --kube-version 1.34.0 \
+  --set metrics.prometheusRule.enabled=true --set gateway.enabled=true \
+  --set-string 'metrics.prometheusRule.gatewaySelector=job="m3o-gateway"' \
+  --show-only templates/prometheusrule-gateway.yaml >"$tmp/prometheusrule-gateway.yaml"
+sed -n '/^spec:$/,$p' "$tmp/prometheusrule-gateway.yaml" | tail -n +2 | sed 's/^  //' >"$tmp/gateway-rules.yaml"
+promtool check rules "$tmp/gateway-rules.yaml"
+for alert in $(sed -n 's/^ *- alert: //p' "$tmp/gateway-rules.yaml"); do
+  grep -q "alertname: $alert\$" "$here/gateway_alerts_test.yaml" || { log "$alert has no test in gateway_alerts_test.yaml"; missing=1; }
+  grep -q "\`$alert\`" "$root/README.md" || { log "$alert has no runbook line in README.md"; missing=1; }
+done
+((missing == 0)) || exit 1
+
+cp "$here/alerts_test.yaml" "$here/gateway_alerts_test.yaml" "$tmp/"
+cd "$tmp" && promtool test rules alerts_test.yaml gateway_alerts_test.yaml

@@ -1,4 +1,4 @@
-//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox`. Every flag
+//! Command line: `m3o-operator run | migrate | crds | inspect | audit | outbox | usage`. Every flag
 //! has an environment fallback so the Helm chart can pass configuration through a Secret.
 
 use std::net::SocketAddr;
@@ -36,6 +36,76 @@ pub enum Command {
     /// Inspect and re-drive the event outbox (read-only except `redrive`).
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Exit 1 (one line) while objects still carry the finalizer m3o.com/cleanup: the
+    /// chart's pre-delete hook (read only).
+    UninstallCheck(UninstallCheckArgs),
+    /// Billing export: a period's requests from usage_daily, by key, API or day (read only).
+    Usage(Box<UsageArgs>),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UninstallCheckArgs {
+    /// Path of a kubeconfig. Unset: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Namespace the release watches; empty: all.
+    #[arg(long, env = "M3O_NAMESPACE", default_value = "")]
+    pub namespace: String,
+}
+
+/// How `usage` groups a customer's requests.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageBy {
+    Key,
+    Api,
+    Day,
+}
+
+/// Output of `usage`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageFormat {
+    Text,
+    Json,
+    Csv,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["customer", "name", "all"])))]
+pub struct UsageArgs {
+    /// Customer id.
+    #[arg(long)]
+    pub customer: Option<uuid::Uuid>,
+
+    /// Namespace of the Customer NAME (default: the kubeconfig context's).
+    #[arg(short = 'n', long = "namespace", requires = "name")]
+    pub namespace: Option<String>,
+
+    /// Name of the Customer resource.
+    pub name: Option<String>,
+
+    /// Every customer with usage in the period, in keyset pages.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Billing period, YYYY-MM (UTC).
+    #[arg(long)]
+    pub period: String,
+
+    /// Group the period's requests by key, API or day.
+    #[arg(long, value_enum, default_value_t = UsageBy::Key)]
+    pub by: UsageBy,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = UsageFormat::Text)]
+    pub output: UsageFormat,
+
+    /// Customers per page of --all.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub page_size: i64,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// The backends an admin command reads, with the same flags as `run`.
@@ -168,16 +238,52 @@ pub enum OutboxCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Re-publish retained events (published, not yet deleted by --outbox-retention)
+    /// created at or after --since, in order and with their original ids, for consumers
+    /// whose stream was lost (a flushed Redis). Consumers dedupe by id.
+    Replay {
+        #[command(flatten)]
+        common: OutboxCommon,
+        /// Events created at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: chrono::DateTime<chrono::Utc>,
+        #[command(flatten)]
+        target: ReplayTarget,
+    },
 }
 
 impl OutboxCommand {
     pub fn common(&self) -> &OutboxCommon {
         match self {
-            Self::List { common, .. } | Self::Backlog { common } | Self::Redrive { common, .. } => {
-                common
-            }
+            Self::List { common, .. }
+            | Self::Backlog { common }
+            | Self::Redrive { common, .. }
+            | Self::Replay { common, .. } => common,
         }
     }
+}
+
+/// Where `outbox replay` re-publishes to: the streams' Redis and key prefix.
+#[derive(Args, Debug, Clone)]
+pub struct ReplayTarget {
+    /// Redis of the event streams: URL, TLS files.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Prefix of the Redis stream keys (`<prefix><topic>`).
+    #[arg(long, env = "M3O_STREAM_PREFIX", default_value = m3o_events::DEFAULT_STREAM_PREFIX)]
+    pub stream_prefix: String,
+
+    /// Approximate bound of each stream's length (XADD MAXLEN ~).
+    #[arg(long, env = "M3O_STREAM_MAXLEN", default_value_t = 100_000)]
+    pub stream_maxlen: usize,
+}
+
+/// An RFC 3339 time (`2026-01-02T03:04:05Z`).
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time ({e}); e.g. 2026-01-02T03:04:05Z"))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -280,6 +386,34 @@ pub struct RunArgs {
     /// Address of the HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "M3O_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub usage: UsageRunArgs,
+}
+
+/// The usage rollup's flags (README "Usage and quota").
+#[derive(Args, Debug, Clone)]
+pub struct UsageRunArgs {
+    /// How often the gateways' usage counters are rolled up into usage_daily (Go duration).
+    #[arg(long, env = "M3O_USAGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub usage_interval: Duration,
+
+    /// A Subscription's status.usage is written at most this often unless a threshold
+    /// (50/80/100%) is crossed or the period changes (Go duration).
+    #[arg(long, env = "M3O_USAGE_STATUS_INTERVAL", default_value = "15m", value_parser = parse_duration)]
+    pub usage_status_interval: Duration,
+
+    /// Redis the gateways count in (default: --redis-url; same TLS files).
+    #[arg(long, env = "M3O_USAGE_REDIS_URL", hide_env_values = true)]
+    pub usage_redis_url: Option<String>,
+
+    /// The gateways' --redis-prefix.
+    #[arg(long, env = "M3O_USAGE_REDIS_PREFIX", default_value = "m3o:gateway:")]
+    pub usage_redis_prefix: String,
+
+    /// Usage counters per Postgres transaction of the rollup.
+    #[arg(long, env = "M3O_USAGE_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub usage_page_size: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

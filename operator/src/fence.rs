@@ -58,9 +58,24 @@ impl Renew for WriterFence {
     const WHAT: &'static str = "the writer fence heartbeat";
 
     async fn renew(&mut self) -> Result<bool, String> {
-        fence::beat(&mut self.conn, &self.name, self.epoch)
-            .await
-            .map_err(|e| e.to_string())
+        match fence::beat(&mut self.conn, &self.name, self.epoch).await {
+            Ok(held) => Ok(held),
+            // The session may be gone (a proxy's idle timeout, a restarted pooler): open
+            // another inside the lease and beat on it, rather than lose the term.
+            Err(err) => {
+                tracing::warn!(%err, "writer fence heartbeat failed; reopening its session");
+                let fresh = self
+                    .db
+                    .acquire()
+                    .await
+                    .map_err(|e| format!("{err}; reopening the session: {e}"))?
+                    .detach();
+                self.conn = fresh;
+                fence::beat(&mut self.conn, &self.name, self.epoch)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 }
 
@@ -68,6 +83,8 @@ impl Renew for WriterFence {
 /// presence tells a successor that the holder is alive).
 pub struct WriterFence {
     conn: PgConnection,
+    /// Where a new session comes from when the heartbeat's is gone.
+    db: PgPool,
     /// The fence (`""` unsharded, one per shard).
     name: String,
     epoch: i64,
@@ -112,6 +129,7 @@ impl WriterFence {
                         let conn = session.take()?;
                         return Some(Self {
                             conn,
+                            db: db.clone(),
                             name: fence.to_owned(),
                             epoch,
                             timing,
@@ -143,6 +161,16 @@ impl WriterFence {
 
     pub fn epoch(&self) -> i64 {
         self.epoch
+    }
+
+    /// Moves this term, before it writes anything, to epoch `to`; false when the term
+    /// moved meanwhile.
+    pub async fn raise_to(&mut self, to: i64) -> Result<bool, sqlx::Error> {
+        let raised = fence::raise(&mut self.conn, &self.name, self.epoch, to).await?;
+        if raised {
+            self.epoch = to;
+        }
+        Ok(raised)
     }
 
     /// Beats every retry period until shutdown or loss: loss when a newer term has

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use m3o_controllers::platform::divergence::Divergence;
 use m3o_controllers::report::metrics::{Metrics, StreamGroupLabels};
 use m3o_controllers::runtime::context::Watching;
 use m3o_events::relay::RelayStats;
@@ -79,6 +80,12 @@ impl Role {
         self.set(Phase::Leading);
     }
 
+    pub fn is_leading(&self) -> bool {
+        self.phase
+            .lock()
+            .is_ok_and(|p| matches!(*p, Phase::Leading))
+    }
+
     pub fn stopped(&self) {
         self.set(Phase::Connecting);
     }
@@ -139,9 +146,57 @@ pub struct HttpState {
     pub health: Arc<Health>,
     /// Which controllers have listed their objects and are watching.
     pub watching: Arc<Watching>,
+    /// A writer-term divergence being healed (the leader is not ready until then).
+    pub divergence: Arc<Divergence>,
     pub metrics: Arc<Metrics>,
     pub relay: Arc<RelayStats>,
-    pub db: PgPool,
+    /// The outbox figures, read from Postgres at most every [`BACKLOG_MAX_AGE`].
+    pub backlog: Arc<BacklogReading>,
+}
+
+/// How old the outbox figures on `/metrics` may be: several Prometheus replicas (or a
+/// scrape storm) cost one query per interval, not one per scrape.
+pub const BACKLOG_MAX_AGE: Duration = Duration::from_secs(5);
+/// A backlog query slower than this is skipped (the figures keep their last value), so a
+/// slow database never stalls a scrape.
+const BACKLOG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The outbox backlog query behind `/metrics`, rate-limited: one caller at a time
+/// queries, the others reuse its reading.
+pub struct BacklogReading {
+    db: PgPool,
+    last: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl BacklogReading {
+    pub fn new(db: PgPool) -> Self {
+        Self {
+            db,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refreshes the outbox gauges when the last reading is older than
+    /// [`BACKLOG_MAX_AGE`].
+    async fn refresh(&self, metrics: &Metrics) {
+        let mut last = self.last.lock().await;
+        if !reading_due(*last, Instant::now()) {
+            return;
+        }
+        let read = tokio::time::timeout(BACKLOG_TIMEOUT, m3o_events::outbox::backlog(&self.db));
+        if let Ok(Ok(backlog)) = read.await {
+            metrics.outbox_backlog.set(backlog.count);
+            let age = backlog.age(chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics.outbox_oldest_age.set(age);
+            metrics.outbox_parked.set(backlog.parked);
+            *last = Some(Instant::now());
+        }
+    }
+}
+
+/// Whether a reading taken at `last` is too old at `now` (none yet: due).
+fn reading_due(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|at| now.saturating_duration_since(at) >= BACKLOG_MAX_AGE)
 }
 
 /// Fails while a long-running task is down (the process then exits non-zero).
@@ -158,18 +213,26 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 /// Ready once connected and, on the leader, once every controller is watching; a
 /// standby is ready as soon as it is connected, since it can take over at any time,
 /// except an elected one that has waited too long on the writer fence (it says on what).
+/// A leader healing a writer-term divergence is not ready until it has converged the
+/// etcd prefix again.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    state.role.answer(state.watching.all())
+    readiness(&state.role, state.watching.all(), &state.divergence)
+}
+
+fn readiness(role: &Role, watching: bool, divergence: &Divergence) -> (StatusCode, String) {
+    let (code, body) = role.answer(watching);
+    match divergence.unhealed() {
+        Some(what) if code == StatusCode::OK && role.is_leading() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: healing a divergence of the writer term: {what}"),
+        ),
+        _ => (code, body),
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    // Outbox figures are read at scrape time so they are never stale.
-    if let Ok(backlog) = m3o_events::outbox::backlog(&state.db).await {
-        state.metrics.outbox_backlog.set(backlog.count);
-        let age = backlog.age(chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
-        state.metrics.outbox_oldest_age.set(age);
-        state.metrics.outbox_parked.set(backlog.parked);
-    }
+    // Outbox figures are read at scrape time, at most every BACKLOG_MAX_AGE.
+    state.backlog.refresh(&state.metrics).await;
     catch_up(
         &state.metrics.events_published,
         state.relay.published_total(),
@@ -239,6 +302,36 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_is_read_at_most_every_max_age() {
+        let now = Instant::now();
+        assert!(reading_due(None, now), "no reading yet");
+        assert!(!reading_due(Some(now), now));
+        assert!(!reading_due(Some(now), now + BACKLOG_MAX_AGE / 2));
+        assert!(reading_due(Some(now), now + BACKLOG_MAX_AGE));
+    }
+
+    #[test]
+    fn a_leader_healing_a_divergence_is_not_ready_until_healed() {
+        let role = Role::new(Duration::from_secs(60));
+        role.leading();
+        let divergence = Divergence::default();
+        assert_eq!(
+            readiness(&role, true, &divergence),
+            (StatusCode::OK, "ready (leader)".into())
+        );
+        divergence.found("etcd recorded writer term none".into());
+        let (code, text) = readiness(&role, true, &divergence);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            text.contains("healing a divergence of the writer term: etcd recorded"),
+            "{text}"
+        );
+        let healing = divergence.pending_number().expect("pending");
+        divergence.healed(healing);
+        assert_eq!(readiness(&role, true, &divergence).0, StatusCode::OK);
+    }
 
     #[test]
     fn readiness_says_what_it_waits_on() {

@@ -55,6 +55,11 @@ async fn main() -> ExitCode {
             init_logging(args.backends.database.logging.log_format);
             run::run(*args).await
         }
+        Command::UninstallCheck(args) => admin::uninstall::run(args).await,
+        Command::Usage(args) => {
+            init_logging(args.database.logging.log_format);
+            admin::usage::run(*args).await
+        }
         Command::Inspect(args) => {
             init_logging(args.backends.database.logging.log_format);
             admin::inspect::run(*args).await

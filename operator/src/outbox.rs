@@ -1,12 +1,13 @@
-//! `m3o-operator outbox list | backlog | redrive`: what does not flow in the event
-//! outbox, and re-driving parked events. Read-only except `redrive`.
+//! `m3o-operator outbox list | backlog | redrive | replay`: what does not flow in the
+//! event outbox, re-driving parked events, and re-publishing retained ones to a lost
+//! stream. Read-only except `redrive` (rows) and `replay` (streams).
 
 use chrono::{DateTime, Utc};
 use m3o_events::outbox::EventRef;
 use m3o_events::outbox::admin::{self, Redrive, StuckRow, TopicBacklog};
 use serde_json::json;
 
-use crate::cli::{OutboxCommand, OutputFormat};
+use crate::cli::{OutboxCommand, OutputFormat, ReplayTarget};
 use crate::startup::{self, StartupError};
 
 pub async fn run(command: OutboxCommand) -> Result<(), StartupError> {
@@ -22,6 +23,10 @@ pub async fn run(command: OutboxCommand) -> Result<(), StartupError> {
         |what: &str, e: sqlx::Error| StartupError(format!("--database-url: {what} failed: {e}"));
     let now = Utc::now();
     let out = match &command {
+        OutboxCommand::Replay { since, target, .. } => {
+            let replayed = replay(&db, *since, target).await?;
+            render_replay(&replayed, *since, format)
+        }
         OutboxCommand::List {
             older_than, limit, ..
         } => {
@@ -65,6 +70,87 @@ pub async fn run(command: OutboxCommand) -> Result<(), StartupError> {
     };
     print!("{out}");
     Ok(())
+}
+
+/// What `outbox replay` re-sent: events per topic, and the seq range.
+#[derive(Debug, Default)]
+struct Replayed {
+    per_topic: std::collections::BTreeMap<String, u64>,
+    first_seq: Option<i64>,
+    last_seq: Option<i64>,
+}
+
+/// Re-sends every retained event created at or after `since` to its stream, a page at
+/// a time in `seq` order, with its original id and fields.
+async fn replay(
+    db: &sqlx::PgPool,
+    since: DateTime<Utc>,
+    target: &ReplayTarget,
+) -> Result<Replayed, StartupError> {
+    let client = startup::redis(&target.redis).await?;
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| StartupError(format!("--redis-url: {e}")))?;
+    let mut done = Replayed::default();
+    let mut after = 0;
+    loop {
+        let page = admin::retained_page(db, since, after)
+            .await
+            .map_err(|e| StartupError(format!("--database-url: reading the outbox failed: {e}")))?;
+        let Some(last) = page.last() else {
+            return Ok(done);
+        };
+        after = last.event.seq;
+        let mut pipe = redis::pipe();
+        for row in &page {
+            pipe.add_command(m3o_events::relay::xadd(
+                &target.stream_prefix,
+                target.stream_maxlen,
+                &row.event,
+                &row.payload,
+                row.created_at,
+            ));
+        }
+        pipe.query_async::<()>(&mut redis)
+            .await
+            .map_err(|e| StartupError(format!("--redis-url: XADD failed: {e}")))?;
+        for row in &page {
+            *done.per_topic.entry(row.event.topic.clone()).or_default() += 1;
+        }
+        done.first_seq.get_or_insert(page[0].event.seq);
+        done.last_seq = Some(after);
+        if (page.len() as i64) < admin::REPLAY_PAGE {
+            return Ok(done);
+        }
+    }
+}
+
+fn render_replay(done: &Replayed, since: DateTime<Utc>, format: OutputFormat) -> String {
+    let total: u64 = done.per_topic.values().sum();
+    match format {
+        OutputFormat::Json => format!(
+            "{}\n",
+            json!({
+                "since": since.to_rfc3339(),
+                "replayed": total,
+                "topics": done.per_topic,
+                "firstSeq": done.first_seq,
+                "lastSeq": done.last_seq,
+            })
+        ),
+        OutputFormat::Text => {
+            let mut out = format!("replayed {total} retained events created since {since}");
+            if let (Some(first), Some(last)) = (done.first_seq, done.last_seq) {
+                out.push_str(&format!(" (seq {first}..={last})"));
+            }
+            out.push('\n');
+            for (topic, n) in &done.per_topic {
+                out.push_str(&format!("  {topic}: {n}\n"));
+            }
+            out
+        }
+    }
 }
 
 /// `1h2m`, `3m4s`, `5s`: how long ago `t` was, coarse enough to read at a glance.

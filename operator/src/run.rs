@@ -7,11 +7,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use m3o_controllers::platform::{PlatformConfig, divergence};
 use m3o_controllers::report::metrics::Metrics;
 use m3o_controllers::runtime::feed::CustomerFeed;
+use m3o_controllers::runtime::lanes::CHANGES_CONCURRENCY;
 use m3o_controllers::store::fence::Term;
 use m3o_controllers::{
-    Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription,
+    Context, Settings, apikey, customer, plans, runtime::failpoint, store, subscription, usage,
 };
 use m3o_events::relay::{Relay, RelayConfig};
 use tokio::net::TcpListener;
@@ -20,15 +22,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DatabaseArgs, RunArgs};
 use crate::fence::WriterFence;
-use crate::http::{self, Health, HttpState, Role};
+use crate::http::{self, BacklogReading, Health, HttpState, Role};
 use crate::leader::{ElectionConfig, Elector, Ended, Timing};
 use crate::parked_events;
 use crate::startup::{self, StartupError};
 
 /// Database connections of the operator process: one per reconcile that may run at
-/// once (three kinds), plus the relay, the drift watcher, the fence and scrapes.
+/// once (three kinds, each with `--concurrency` in its bulk lane and
+/// [`CHANGES_CONCURRENCY`] in its lane of changes), plus the relay, the drift watcher,
+/// the resync, usage, gateway-sync re-checks and scrapes. Not capped: a pool smaller
+/// than the reconciles it serves reports false `DatabaseUnavailable` under load (the
+/// connections are opened only as needed; size Postgres's `max_connections` for it).
 fn db_pool_size(concurrency: u16) -> u32 {
-    (3 * u32::from(concurrency) + 8).min(128)
+    const KINDS: u32 = 3;
+    const OTHER_TASKS: u32 = 8;
+    KINDS * (u32::from(concurrency) + u32::from(CHANGES_CONCURRENCY)) + OTHER_TASKS
 }
 
 pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
@@ -46,6 +54,7 @@ struct LeaderWork {
     relay: Relay,
     plans: plans::Plans,
     plans_file: Option<std::path::PathBuf>,
+    usage: usage::rollup::Rollup,
 }
 
 /// A long-running task, by name (the name is what logs, `/healthz` and the
@@ -74,6 +83,13 @@ impl LeaderWork {
             ),
             supervised("customer-watch", until(stop.clone(), customer_watch)),
             supervised(
+                "orphan-retirement",
+                until(
+                    stop.clone(),
+                    m3o_controllers::runtime::orphans::run(ctx.clone()),
+                ),
+            ),
+            supervised(
                 "customer-controller",
                 customer::run(
                     ctx.clone(),
@@ -99,6 +115,7 @@ impl LeaderWork {
                 ),
             ),
         ];
+        tasks.push(supervised("usage-rollup", self.usage.run(stop.clone())));
         if let Some(path) = self.plans_file {
             tasks.push(supervised(
                 "plans-file-watch",
@@ -166,6 +183,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
     let redis = startup::redis(&args.backends.redis).await?;
+    let usage_redis = startup::usage_redis(&args.backends.redis, &args.usage).await?;
     let platform = startup::etcd(&args.backends.etcd).await?;
     let client = startup::kube(args.backends.kubeconfig.as_deref()).await?;
     startup::check_crds(&client, namespace.as_deref()).await?;
@@ -223,9 +241,10 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         role: role.clone(),
         health: health.clone(),
         watching: ctx.watching.clone(),
+        divergence: ctx.platform.divergence(),
         metrics: metrics.clone(),
         relay: relay.stats(),
-        db: db.clone(),
+        backlog: Arc::new(BacklogReading::new(db.clone())),
     };
     let writer = Writer {
         client,
@@ -238,7 +257,19 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         health,
         metrics: metrics.clone(),
     };
+    let usage = usage::rollup::Rollup::new(
+        ctx.clone(),
+        usage_redis,
+        usage::rollup::RollupSettings {
+            prefix: args.usage.usage_redis_prefix.clone(),
+            interval: args.usage.usage_interval,
+            page_rows: args.usage.usage_page_size as usize,
+            scan_count: 1000,
+            status_interval: args.usage.usage_status_interval,
+        },
+    );
     let work = LeaderWork {
+        usage,
         ctx,
         relay,
         plans,
@@ -341,7 +372,7 @@ impl Writer {
                 return Ok(());
             };
             self.term.begin(fence.epoch());
-            if let Err(err) = work.ctx.platform.begin_term().await {
+            if let Err(err) = start_term(&mut fence, &self.term, &work.ctx.platform).await {
                 fence.release().await;
                 return Err(StartupError(format!(
                     "--etcd-endpoints: cannot record the writer term in etcd: {err}"
@@ -413,6 +444,30 @@ impl Writer {
             }
         }
     }
+}
+
+/// Records the term just won in etcd, first moving it above a newer epoch that etcd
+/// records (Postgres restored from an older backup): one start heals that divergence,
+/// where each restart would otherwise gain one epoch and exit again.
+async fn start_term(
+    fence: &mut WriterFence,
+    term: &Term,
+    platform: &PlatformConfig,
+) -> Result<(), String> {
+    let won = fence.epoch();
+    let recorded = platform.recorded_term().await.map_err(|e| e.to_string())?;
+    if let Some(to) = divergence::start_epoch(won, recorded) {
+        platform.divergence().found(format!(
+            "etcd recorded writer term {} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both",
+            recorded.unwrap_or_default()
+        ));
+        match fence.raise_to(to).await {
+            Ok(true) => term.begin(to),
+            Ok(false) => return Err("the writer term moved while being raised above etcd's".into()),
+            Err(err) => return Err(format!("raising the writer term above etcd's: {err}")),
+        }
+    }
+    platform.begin_term().await.map_err(|e| e.to_string())
 }
 
 /// Renews the lease until shutdown or loss; without leader election, waits for shutdown.
@@ -555,4 +610,16 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = shutdown.cancelled() => return,
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_serves_every_reconcile_of_both_lanes() {
+        assert_eq!(db_pool_size(8), 3 * (8 + 2) + 8);
+        // The largest --concurrency: no cap below its reconciles.
+        assert!(db_pool_size(256) >= 3 * (256 + u32::from(CHANGES_CONCURRENCY)));
+    }
 }

@@ -145,6 +145,39 @@ pub async fn redis(args: &RedisArgs) -> Result<redis::Client, StartupError> {
     Ok(client)
 }
 
+/// The Redis of the gateways' usage counters (`--usage-redis-url`, default
+/// `--redis-url`, with the same TLS files), checked with a PING.
+pub async fn usage_redis(
+    args: &RedisArgs,
+    usage: &crate::cli::UsageRunArgs,
+) -> Result<redis::aio::ConnectionManager, StartupError> {
+    let mut args = args.clone();
+    let flag = match usage
+        .usage_redis_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
+        Some(url) => {
+            args.redis_url = Some(url.to_owned());
+            "--usage-redis-url"
+        }
+        None => "--redis-url",
+    };
+    let client = args
+        .client()
+        .map_err(|e| StartupError(format!("{flag}: {e}")))?;
+    let target = redact(args.url().map_err(setting)?);
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    bounded(flag, &target, async {
+        let mut conn = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok::<_, redis::RedisError>(conn)
+    })
+    .await
+}
+
 /// Connects to the platform-config etcd (TLS and user included).
 pub async fn etcd(args: &EtcdArgs) -> Result<PlatformConfig, StartupError> {
     let endpoints = args.endpoints().map_err(setting)?;

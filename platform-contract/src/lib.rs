@@ -7,8 +7,9 @@
 
 pub mod keys;
 pub mod standing;
+pub mod usage;
 pub mod values;
 
 pub use keys::{Slot, apikey_key, classify, customer_key, gateway_key, quota_key};
 pub use standing::{KeyFacts, Owner, Standing, standing};
-pub use values::{ApiKeyValue, CustomerValue, GatewayReport, KeyStatus, QuotaValue};
+pub use values::{ApiKeyValue, CustomerValue, GatewayReport, KeyStatus, QuotaValue, StaleMode};

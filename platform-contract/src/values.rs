@@ -141,11 +141,44 @@ impl KeyStatus {
     }
 }
 
-/// `gateways/<replica>`: the etcd revision a replica has applied, under its lease.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+/// `gateways/<replica>`: the etcd revision a replica has applied, under its lease, and
+/// how long it may serve a snapshot etcd has not confirmed (docs/gateway.md).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayReport {
     pub applied_revision: i64,
+    /// The replica's `--max-staleness`, rounded up to whole seconds. Absent from a
+    /// gateway older than the flag, which has no bound: read as `--stale-mode=serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staleness_seconds: Option<u64>,
+    /// `"serve"` when the replica keeps serving past its bound (which voids
+    /// `GatewaySynced`); absent under the default `fail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_mode: Option<StaleMode>,
+}
+
+/// What a replica does once etcd has not confirmed its index for `--max-staleness`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StaleMode {
+    /// Refuse checks (503) and fail `/readyz`.
+    Fail,
+    /// Keep answering from the snapshot.
+    Serve,
+    /// A mode this reader does not know: not trusted to stop serving.
+    #[serde(other)]
+    Unknown,
+}
+
+impl GatewayReport {
+    /// How long after its report vanished the replica may still serve a snapshot;
+    /// `None` when it may serve one for ever (serve mode, an unknown mode, no bound).
+    pub fn staleness_bound(&self) -> Option<u64> {
+        match self.stale_mode {
+            None | Some(StaleMode::Fail) => self.max_staleness_seconds,
+            Some(StaleMode::Serve | StaleMode::Unknown) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -178,6 +211,28 @@ mod tests {
         let report: GatewayReport =
             serde_json::from_str(r#"{"appliedRevision":42,"more":1}"#).expect("json");
         assert_eq!(report.applied_revision, 42);
+        assert_eq!(report.staleness_bound(), None, "no bound: an older gateway");
+        let report = GatewayReport {
+            applied_revision: 7,
+            max_staleness_seconds: Some(10),
+            stale_mode: None,
+        };
+        assert_eq!(
+            serde_json::to_value(report).expect("json"),
+            serde_json::json!({"appliedRevision": 7, "maxStalenessSeconds": 10})
+        );
+        assert_eq!(report.staleness_bound(), Some(10));
+        let serve: GatewayReport = serde_json::from_str(
+            r#"{"appliedRevision":7,"maxStalenessSeconds":10,"staleMode":"serve"}"#,
+        )
+        .expect("json");
+        assert_eq!(serve.stale_mode, Some(StaleMode::Serve));
+        assert_eq!(serve.staleness_bound(), None);
+        let odd: GatewayReport = serde_json::from_str(
+            r#"{"appliedRevision":7,"maxStalenessSeconds":10,"staleMode":"later"}"#,
+        )
+        .expect("an unknown mode still parses");
+        assert_eq!(odd.staleness_bound(), None);
     }
 
     #[test]

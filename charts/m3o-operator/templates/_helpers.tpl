@@ -58,9 +58,10 @@ app.kubernetes.io/component: operator
 {{- printf "%s-plans" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The Lease the operator elects its leader on (in $POD_NAMESPACE, the release's). */}}
+{{/* The Lease the operator elects its leader on (in $POD_NAMESPACE, the release's):
+<fullname>-leader unless set, so two releases in one namespace never share one. */}}
 {{- define "m3o-operator.leaseName" -}}
-{{- .Values.leaderElection.leaseName }}
+{{- .Values.leaderElection.leaseName | default (printf "%s-leader" (include "m3o-operator.fullname" .) | trunc 63 | trimSuffix "-") }}
 {{- end }}
 
 {{/* Labels selecting the gateway's pods (m3o-gateway-auth). */}}
@@ -96,9 +97,10 @@ app.kubernetes.io/part-of: m3o
 Flags of the etcd and Redis clients' TLS files (tls.redis, tls.etcd; mounted by
 m3o-operator.tlsMounts) and of the etcd user (`auth`: etcdAuth or gateway.etcdAuth).
 Usage: include "m3o-operator.connectArgs" (dict "root" . "auth" .Values.etcdAuth)
+(`tls`: another set of TLS Secrets, e.g. gateway.tls; default tls.)
 */}}
 {{- define "m3o-operator.connectArgs" -}}
-{{- $tls := .root.Values.tls -}}
+{{- $tls := .tls | default .root.Values.tls -}}
 {{- if $tls.redis.existingSecret }}
 - --redis-ca-file=/etc/m3o-operator/tls/redis/ca.crt
 {{- if $tls.redis.clientCertificate }}
@@ -125,8 +127,9 @@ password (`auth`). Usage: include "m3o-operator.tlsMounts" (dict "root" . "backe
 (list "redis" "etcd") "auth" .Values.etcdAuth)
 */}}
 {{- define "m3o-operator.tlsMounts" -}}
+{{- $tls := .tls | default .root.Values.tls -}}
 {{- range $backend := .backends }}
-{{- if (get $.root.Values.tls $backend).existingSecret }}
+{{- if (get $tls $backend).existingSecret }}
 - name: {{ printf "tls-%s" $backend }}
   mountPath: {{ printf "/etc/m3o-operator/tls/%s" $backend }}
   readOnly: true
@@ -144,8 +147,9 @@ The volumes of m3o-operator.tlsMounts (same arguments): certificates, client key
 the etcd password readable by the pod's group (fsGroup) only.
 */}}
 {{- define "m3o-operator.tlsVolumes" -}}
+{{- $tls := .tls | default .root.Values.tls -}}
 {{- range $backend := .backends }}
-{{- with (get $.root.Values.tls $backend).existingSecret }}
+{{- with (get $tls $backend).existingSecret }}
 - name: {{ printf "tls-%s" $backend }}
   secret:
     secretName: {{ . }}
@@ -160,5 +164,14 @@ the etcd password readable by the pod's group (fsGroup) only.
     items:
       - key: {{ .auth.passwordKey | default "password" }}
         path: password
+{{- end }}
+{{- end }}
+
+{{/* The label matchers selecting this release's gateway metrics in PrometheusRule queries. */}}
+{{- define "m3o-operator.gatewayMetricsSelector" -}}
+{{- if .Values.metrics.prometheusRule.gatewaySelector }}
+{{- .Values.metrics.prometheusRule.gatewaySelector }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (include "m3o-operator.gatewayName" .) .Release.Namespace }}
 {{- end }}
 {{- end }}

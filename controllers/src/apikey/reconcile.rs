@@ -335,7 +335,10 @@ async fn revoke_orphaned(api: &Api<ApiKey>, key: &ApiKey, ctx: &Context) -> Resu
 /// Revokes every unrevoked key of the resource (events included) and removes their entries.
 pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
-    revoke_rows(ctx, key, &ns, &name).await.at(Step::Database)?;
+    let generation = key.metadata.generation.unwrap_or_default();
+    revoke_rows(ctx, Some(generation), &ns, &name)
+        .await
+        .at(Step::Database)?;
     let rows = api_keys::all_for_resource(&ctx.db, &ns, &name)
         .await
         .at(Step::Load("the key records"))?;
@@ -344,15 +347,21 @@ pub async fn revoke_all(ctx: &Context, key: &ApiKey) -> Result<(), Error> {
     lifecycle::converge_customers(ctx, rows.iter().map(|r| r.customer_id)).await
 }
 
-/// Revokes the unrevoked rows of the resource, with their events, in one transaction.
-async fn revoke_rows(ctx: &Context, key: &ApiKey, ns: &str, name: &str) -> Result<(), Error> {
+/// Revokes the unrevoked rows of the resource, with their events, in one transaction,
+/// recording `generation` (`None`: each row's own, for a resource that is gone).
+pub(crate) async fn revoke_rows(
+    ctx: &Context,
+    generation: Option<i64>,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error> {
     let mut tx = ctx.begin_write().await?;
     let rows = api_keys::lock_live_for_resource(&mut tx, ns, name).await?;
-    let generation = key.metadata.generation.unwrap_or_default();
     for row in &rows {
         let Some(customer) = customers::by_id(&mut *tx, row.customer_id).await? else {
             continue;
         };
+        let generation = generation.unwrap_or(row.generation);
         let single = plan::revoke_all(std::slice::from_ref(row), generation);
         write(&mut tx, &single, &customer).await?;
     }

@@ -59,7 +59,11 @@ pub async fn cleanup(customer: Arc<Customer>, ctx: &Context) -> Result<Action, E
 
 /// Marks the live row deleted, cancelling its subscription in force, with both events,
 /// in one transaction. Returns its id (none when no row is live).
-async fn mark_deleted(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Uuid>, Error> {
+pub(crate) async fn mark_deleted(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Uuid>, Error> {
     let mut tx = ctx.begin_write().await?;
     let deleted = match customers::lock_live_by_k8s_ref(&mut tx, namespace, name).await? {
         Some(row) => {

@@ -1,20 +1,25 @@
-//! Reading what gateway replicas report under `<prefix>/gateways/` (each under its own
-//! lease, so only live replicas are listed): the etcd revision each has applied.
+//! What gateway replicas report under `<prefix>/gateways/`, each under its own lease:
+//! the etcd revision each has applied and how long it may serve an unconfirmed snapshot
+//! (`maxStalenessSeconds`, `staleMode`), followed into the
+//! [`super::gateway_roster::Roster`] for `GatewaySynced` (`apikey/gateway_sync.rs`).
+
+use std::time::Instant;
 
 use etcd_client::{GetOptions, WatchOptions, WatchStream};
-use m3o_platform_contract::GatewayReport;
 use m3o_platform_contract::keys::GATEWAY_REPORTS;
 
 use super::PlatformConfig;
-
-/// The applied revision in a report; an unreadable report counts as nothing applied.
-pub fn applied_revision(value: &[u8]) -> i64 {
-    serde_json::from_slice::<GatewayReport>(value).map_or(0, |r| r.applied_revision)
-}
+use super::gateway_roster::{RosterView, parse_report};
 
 impl PlatformConfig {
-    /// The applied revision of every live gateway replica.
-    pub async fn gateway_reports(&self) -> Result<Vec<i64>, etcd_client::Error> {
+    /// The roster of gateway replicas this process follows (`follow_gateway_reports`).
+    pub fn gateway_roster(&self) -> RosterView {
+        let mut roster = self.roster.lock().unwrap_or_else(|e| e.into_inner());
+        roster.view(Instant::now())
+    }
+
+    /// Lists every report into the roster; returns the revision of the list.
+    pub async fn list_gateway_reports(&self) -> Result<i64, etcd_client::Error> {
         let resp = self
             .client()
             .kv_client()
@@ -23,11 +28,43 @@ impl PlatformConfig {
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        Ok(resp
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let reports = resp
             .kvs()
             .iter()
-            .map(|kv| applied_revision(kv.value()))
-            .collect())
+            .filter_map(|kv| Some((self.replica_of(kv.key())?, parse_report(kv.value()))))
+            .collect();
+        let mut roster = self.roster.lock().unwrap_or_else(|e| e.into_inner());
+        roster.listed(reports, Instant::now());
+        Ok(revision)
+    }
+
+    /// Applies one watch response to the roster; true when it changed anything.
+    pub fn note_gateway_reports(&self, response: &etcd_client::WatchResponse) -> bool {
+        let now = Instant::now();
+        let mut roster = self.roster.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Some(id) = self.replica_of(kv.key()) else {
+                continue;
+            };
+            match event.event_type() {
+                etcd_client::EventType::Put => roster.put(id, parse_report(kv.value())),
+                etcd_client::EventType::Delete => roster.gone(&id, now),
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    /// The replica id of a report key.
+    fn replica_of(&self, key: &[u8]) -> Option<String> {
+        let relative = std::str::from_utf8(key).ok()?.strip_prefix(&self.key(""))?;
+        match m3o_platform_contract::classify(relative) {
+            m3o_platform_contract::Slot::GatewayReport(id) => Some(id.to_owned()),
+            _ => None,
+        }
     }
 
     /// The revision at which `key` was last written, if it exists.
@@ -36,24 +73,21 @@ impl PlatformConfig {
         Ok(resp.kvs().first().map(|kv| kv.mod_revision()))
     }
 
-    /// A watch on the replicas' reports (registrations, updates, departures).
-    pub async fn watch_gateway_reports(&self) -> Result<WatchStream, etcd_client::Error> {
+    /// A watch on the replicas' reports (registrations, updates, departures) after
+    /// `revision` (a list's), so nothing between the list and the watch is missed.
+    pub async fn watch_gateway_reports(
+        &self,
+        revision: i64,
+    ) -> Result<WatchStream, etcd_client::Error> {
         self.client()
             .watch(
                 self.key(GATEWAY_REPORTS),
-                Some(WatchOptions::new().with_prefix()),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
             )
             .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reports_parse_and_unreadable_ones_count_as_nothing_applied() {
-        assert_eq!(applied_revision(br#"{"appliedRevision":42}"#), 42);
-        assert_eq!(applied_revision(b"junk"), 0);
     }
 }

@@ -8,7 +8,9 @@
 
 pub mod desired;
 pub mod diff;
+pub mod divergence;
 pub mod entry;
+pub mod gateway_roster;
 pub mod gateways;
 pub mod published;
 pub mod scan;
@@ -24,7 +26,9 @@ use etcd_client::{
 };
 
 use crate::report::error::Error;
+use crate::store::fence::{self, Term};
 use diff::{Change, Current, Write};
+use divergence::{Divergence, Refusal};
 
 /// How many of our own write revisions are remembered to tell them from hand edits.
 const OWN_REVISIONS: usize = 16_384;
@@ -47,6 +51,20 @@ pub struct PlatformConfig {
     epoch: Arc<AtomicI64>,
     /// The writer fence's name (`""` unsharded; one per shard).
     fence: String,
+    /// Where an etcd refusal re-checks the term (none: every refusal stands).
+    term: Option<TermCheck>,
+    /// A divergence of the etcd fence from Postgres's, until healed.
+    divergence: Arc<Divergence>,
+    /// Gateway replicas seen reporting, and departed ones still within their bound.
+    roster: Arc<Mutex<gateway_roster::Roster>>,
+}
+
+/// What an etcd refusal re-checks: the Postgres term, and who to stop when it is not
+/// ours.
+#[derive(Clone)]
+struct TermCheck {
+    db: sqlx::PgPool,
+    superseded: tokio_util::sync::CancellationToken,
 }
 
 /// The key holding the (unsharded) writer term of `prefix`: beside it, not under it
@@ -93,14 +111,34 @@ impl PlatformConfig {
             own_revisions: Arc::default(),
             epoch: Arc::default(),
             fence: String::new(),
+            term: None,
+            divergence: Arc::default(),
+            roster: Arc::default(),
         })
     }
 
-    /// Writes only while `epoch` holds this process's writer term of fence `name`.
-    pub fn fenced_by(mut self, name: &str, epoch: Arc<AtomicI64>) -> Self {
-        self.fence = name.to_owned();
-        self.epoch = epoch;
+    /// Writes only during `term`, which `db` records; an etcd refusal re-checks it
+    /// there, and `divergence` says what it found.
+    pub fn fenced_by(mut self, term: &Term, db: sqlx::PgPool, divergence: Divergence) -> Self {
+        self.fence = term.name().to_owned();
+        self.epoch = term.shared_epoch();
+        self.term = Some(TermCheck {
+            db,
+            superseded: term.superseded().clone(),
+        });
+        self.divergence = Arc::new(divergence);
         self
+    }
+
+    /// The divergence of the etcd fence from Postgres's being healed, if any.
+    pub fn divergence(&self) -> Arc<Divergence> {
+        self.divergence.clone()
+    }
+
+    /// The writer term etcd records (`None`: no fence key, or not a number).
+    pub async fn recorded_term(&self) -> Result<Option<i64>, Error> {
+        let value = self.get(&self.fence_key()).await?;
+        Ok(value.and_then(|v| String::from_utf8(v).ok()?.trim().parse().ok()))
     }
 
     /// The key holding the current writer term (one per fence, beside the prefix).
@@ -128,19 +166,64 @@ impl PlatformConfig {
     }
 
     /// Runs `op` if this process's term is the one etcd records; the response of `op`.
+    /// A refusal re-checks the term in Postgres ([`divergence::on_refusal`]): when it is
+    /// ours and etcd is behind, the term is written into etcd again, the whole prefix
+    /// is to be converged ([`Divergence`]), and `op` is tried once more.
     async fn fenced(&self, op: TxnOp) -> Result<(TxnOpResponse, Option<i64>), Error> {
+        if let Some(done) = self.try_fenced(op.clone()).await? {
+            return Ok(done);
+        }
+        let mine = self.epoch.load(Ordering::SeqCst);
+        let refused =
+            || Error::Fenced("etcd refused a write: another process holds the writer term".into());
+        let Some(check) = &self.term else {
+            return Err(refused());
+        };
+        let postgres = fence::current_epoch(&check.db, &self.fence).await?;
+        let etcd = self.recorded_term().await?;
+        match divergence::on_refusal(mine, postgres, etcd) {
+            Refusal::Stop => {
+                // As the Postgres check does: only a process that began a term stops.
+                if mine > 0 {
+                    check.superseded.cancel();
+                }
+                if mine > 0 && postgres == Some(mine) {
+                    tracing::error!(
+                        mine,
+                        etcd,
+                        "etcd records a newer writer term than Postgres (Postgres restored from an older backup?); stopping so that a restart begins a term above both"
+                    );
+                    self.divergence.found(format!(
+                        "etcd records writer term {}, newer than this process's {mine} which Postgres records",
+                        etcd.unwrap_or_default()
+                    ));
+                }
+                return Err(refused());
+            }
+            Refusal::Retry => {}
+            Refusal::Reestablish => {
+                self.begin_term().await?;
+                self.divergence.found(format!(
+                    "etcd recorded writer term {} while Postgres records {mine} (etcd restored, wiped or its fence key deleted); re-established it",
+                    etcd.map_or_else(|| "none".to_owned(), |e| e.to_string())
+                ));
+            }
+        }
+        self.try_fenced(op).await?.ok_or_else(refused)
+    }
+
+    /// One attempt of [`Self::fenced`]: `None` when etcd refused it.
+    async fn try_fenced(&self, op: TxnOp) -> Result<Option<(TxnOpResponse, Option<i64>)>, Error> {
         let mine = epoch_value(self.epoch.load(Ordering::SeqCst));
         let txn = Txn::new()
             .when([Compare::value(self.fence_key(), CompareOp::Equal, mine)])
             .and_then([op]);
         let resp = self.client.kv_client().txn(txn).await?;
         let revision = resp.header().map(|h| h.revision());
-        match resp.op_responses().into_iter().next() {
-            Some(op) if resp.succeeded() => Ok((op, revision)),
-            _ => Err(Error::Fenced(
-                "etcd refused a write: another process holds the writer term".to_owned(),
-            )),
-        }
+        Ok(match resp.op_responses().into_iter().next() {
+            Some(op) if resp.succeeded() => Some((op, revision)),
+            _ => None,
+        })
     }
 
     /// The configured prefix, without trailing slash.
@@ -166,9 +249,11 @@ impl PlatformConfig {
 
     /// The current values of `relatives` (keys relative to the prefix) that exist, read
     /// in one request per [`MAX_TXN_OPS`] keys (a transaction of gets, so all of one
-    /// request are read at one revision).
-    pub async fn read(&self, relatives: &[&str]) -> Result<HashMap<String, Current>, Error> {
+    /// request are read at one revision), and the latest revision read at (0 when none was read; every
+    /// change to these keys before the call is at or below it).
+    pub async fn read(&self, relatives: &[&str]) -> Result<(HashMap<String, Current>, i64), Error> {
         let mut found = HashMap::new();
+        let mut read_at = 0;
         for chunk in relatives.chunks(MAX_TXN_OPS) {
             let gets = chunk.iter().map(|r| TxnOp::get(self.key(r), None));
             let resp = self
@@ -176,6 +261,7 @@ impl PlatformConfig {
                 .kv_client()
                 .txn(Txn::new().and_then(gets.collect::<Vec<_>>()))
                 .await?;
+            read_at = read_at.max(resp.header().map_or(0, |h| h.revision()));
             for (relative, op) in chunk.iter().zip(resp.op_responses()) {
                 if let TxnOpResponse::Get(get) = op
                     && let Some(kv) = get.kvs().first()
@@ -188,7 +274,7 @@ impl PlatformConfig {
                 }
             }
         }
-        Ok(found)
+        Ok((found, read_at))
     }
 
     /// Writes `changes` in fenced transactions of up to [`MAX_TXN_OPS`] keys (one for

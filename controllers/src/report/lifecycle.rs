@@ -14,6 +14,7 @@ use crate::report::blocker::Blocker;
 use crate::report::error::{AtStep, Error, Step};
 use crate::report::status::{self, Cond, HasStatus, reasons, types};
 use crate::runtime::context::Context;
+use crate::store::orphans;
 
 /// Writes the status of a provisioned object; the first time it is Ready, also a
 /// Normal `Provisioned` Event with `note`. The object is looked at again on a change,
@@ -100,6 +101,7 @@ pub async fn begin_cleanup<K: HasStatus>(
         .await
         .at(Step::Status)?;
     if policy == DeletionPolicy::Orphan {
+        mark_orphaned(ctx, obj).await?;
         let note = format!("deletionPolicy Orphan: {kept} are kept");
         ctx.event(
             &obj.object_ref(&()),
@@ -112,4 +114,21 @@ pub async fn begin_cleanup<K: HasStatus>(
         return Ok(false);
     }
     Ok(true)
+}
+
+/// Marks the records of `obj`, deleted under deletionPolicy Orphan, as kept on purpose:
+/// the recovery pass ([`crate::runtime::orphans`]) retires only records of resources
+/// gone under Delete.
+async fn mark_orphaned<K: HasStatus>(ctx: &Context, obj: &K) -> Result<(), Error> {
+    use kube::ResourceExt;
+    let Some(table) = orphans::Table::of_kind(&K::kind(&())) else {
+        return Ok(());
+    };
+    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let mut tx = ctx.begin_write().await.at(Step::Database)?;
+    orphans::mark_orphaned(&mut tx, table, &ns, &name)
+        .await
+        .at(Step::Database)?;
+    tx.commit().await.at(Step::Database)?;
+    Ok(())
 }

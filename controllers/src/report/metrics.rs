@@ -59,6 +59,13 @@ pub struct Metrics {
     pub config_clock_converges: Counter,
     pub resync_due: Family<KindLabels, Counter>,
     pub object_resyncs: Family<KindLabels, Counter>,
+    pub fence_divergence: Counter,
+    /// Age of the newest usage in Postgres: now minus the start of the last rollup that
+    /// completed (README "Usage and quota").
+    pub usage_rollup_lag: Gauge<f64, AtomicU64>,
+    pub usage_rollups_failed: Counter,
+    pub usage_rows_written: Counter,
+    pub usage_threshold_events: Counter,
     pub rows_repaired: Family<KindLabels, Counter>,
 }
 
@@ -92,6 +99,7 @@ impl Metrics {
         let config_clock_converges = Counter::default();
         let resync_due = Family::<KindLabels, Counter>::default();
         let object_resyncs = Family::<KindLabels, Counter>::default();
+        let fence_divergence = Counter::default();
         let rows_repaired = Family::<KindLabels, Counter>::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         registry.register(
@@ -187,6 +195,36 @@ impl Metrics {
             object_resyncs.clone(),
         );
         registry.register(
+            "fence_divergence",
+            "Writer terms found to differ between Postgres and etcd (etcd restored, wiped or its fence key deleted; Postgres restored); each is healed by converging the etcd prefix from Postgres",
+            fence_divergence.clone(),
+        );
+        let usage_rollup_lag = Gauge::<f64, AtomicU64>::default();
+        let usage_rollups_failed = Counter::default();
+        let usage_rows_written = Counter::default();
+        let usage_threshold_events = Counter::default();
+        registry.register_with_unit(
+            "usage_rollup_lag",
+            "Time since the start of the last completed rollup of the gateways' usage counters into Postgres",
+            prometheus_client::registry::Unit::Seconds,
+            usage_rollup_lag.clone(),
+        );
+        registry.register(
+            "usage_rollups_failed",
+            "Usage rollups that failed (Redis or Postgres error)",
+            usage_rollups_failed.clone(),
+        );
+        registry.register(
+            "usage_rows_written",
+            "usage_daily rows inserted or changed by the rollup",
+            usage_rows_written.clone(),
+        );
+        registry.register(
+            "usage_threshold_events",
+            "QuotaThresholdReached events queued",
+            usage_threshold_events.clone(),
+        );
+        registry.register(
             "rows_repaired",
             "Objects whose records a bulk comparison found differing from their plan (edited by hand, or a plan changed while the operator was down) and sent to the reconcile that repairs them, by kind",
             rows_repaired.clone(),
@@ -218,6 +256,11 @@ impl Metrics {
             config_clock_converges,
             resync_due,
             object_resyncs,
+            fence_divergence,
+            usage_rollup_lag,
+            usage_rollups_failed,
+            usage_rows_written,
+            usage_threshold_events,
             rows_repaired,
         }
     }

@@ -52,6 +52,21 @@ impl Default for Settings {
     }
 }
 
+/// How long a dependent waits for a shared cache to list before it reads the API server.
+pub const CACHE_WAIT: Duration = Duration::from_secs(5);
+
+/// True once `store` has listed, waiting at most `wait`.
+async fn ready_within<K>(store: &Store<K>, wait: Duration) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(
+        tokio::time::timeout(wait, store.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Shared state of the controllers.
 pub struct Context {
     pub client: Client,
@@ -66,6 +81,8 @@ pub struct Context {
     pub watching: Arc<Watching>,
     /// This process's writer term: every write transaction checks it.
     pub term: Arc<Term>,
+    /// Usage the rollup learnt, shown in Subscription status ([`crate::usage`]).
+    pub usage: Arc<crate::usage::book::UsageBook>,
     /// The cache of the shared Customer watch of the current term ([`crate::runtime::feed`]).
     customers: std::sync::Mutex<Option<Store<Customer>>>,
     /// The Subscription controller's cache and its index by Customer.
@@ -106,7 +123,9 @@ impl Context {
         };
         let shard = settings.shard.as_ref().map(|s| s.canonical());
         let term = Arc::new(Term::of(fence::fence_name(shard)));
-        let platform = platform.fenced_by(term.name(), term.shared_epoch());
+        let divergence =
+            crate::platform::divergence::Divergence::counting(metrics.fence_divergence.clone());
+        let platform = platform.fenced_by(&term, db.clone(), divergence);
         Self {
             reporter,
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
@@ -118,6 +137,7 @@ impl Context {
             plans: Plans::default(),
             watching: Arc::default(),
             term,
+            usage: Arc::default(),
             customers: std::sync::Mutex::default(),
             subscriptions: std::sync::Mutex::default(),
         }
@@ -167,7 +187,9 @@ impl Context {
         customer: &str,
     ) -> Option<Vec<Subscription>> {
         let (store, index) = self.subscriptions.lock().ok()?.clone()?;
-        store.wait_until_ready().await.ok()?;
+        if !ready_within(&store, CACHE_WAIT).await {
+            return None;
+        }
         let found = index
             .referencing(namespace, customer)
             .into_iter()
@@ -180,22 +202,41 @@ impl Context {
     /// The Customer `namespace/name`: from the shared watch's cache once it has listed
     /// (a dependent is triggered by that watch, so the cache is never older than the
     /// change that woke it), else from the API server. A Customer the cache lacks is
-    /// looked up too: it may be outside this shard, which the caller reports.
+    /// looked up too: it may be outside this shard, which the caller reports. The wait
+    /// for the cache is bounded ([`CACHE_WAIT`]): a dependent never holds its lock
+    /// stripe on a watch that does not list (it reads the API server instead).
     pub async fn customer(
         &self,
         namespace: &str,
         name: &str,
     ) -> Result<Option<Customer>, kube::Error> {
         let cache = self.customers.lock().ok().and_then(|c| c.clone());
-        if let Some(cache) = cache
-            && cache.wait_until_ready().await.is_ok()
-            && let Some(customer) = cache.get(&ObjectRef::new(name).within(namespace))
-        {
-            return Ok(Some(Customer::clone(&customer)));
+        if let Some(cache) = cache {
+            if !ready_within(&cache, CACHE_WAIT).await {
+                tracing::warn!(
+                    wait = ?CACHE_WAIT,
+                    "the Customer watch has not listed yet; reading the Customer from the API server"
+                );
+            } else if let Some(customer) = cache.get(&ObjectRef::new(name).within(namespace)) {
+                return Ok(Some(Customer::clone(&customer)));
+            }
         }
         Api::<Customer>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
+    }
+
+    /// The record ids of the Customers in the shared watch's cache (this shard's), once
+    /// it has listed; `None` before.
+    pub async fn customer_ids(&self) -> Option<std::collections::HashSet<uuid::Uuid>> {
+        let cache = self.customers.lock().ok().and_then(|c| c.clone())?;
+        cache.wait_until_ready().await.ok()?;
+        let ids = cache
+            .state()
+            .iter()
+            .filter_map(|c| c.status.as_ref()?.customer_id.as_deref()?.parse().ok())
+            .collect();
+        Some(ids)
     }
 
     /// Begins a write transaction behind the writer fence (see [`crate::store::fence`]).
@@ -229,5 +270,27 @@ impl Context {
         if let Err(err) = recorder.publish(&event, object).await {
             tracing::warn!(%err, reason, "could not publish Kubernetes Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    #[tokio::test]
+    async fn the_wait_for_a_cache_is_bounded() {
+        let (store, mut writer) = reflector::store::<Customer>();
+        let started = std::time::Instant::now();
+        assert!(
+            !ready_within(&store, Duration::from_millis(50)).await,
+            "never listed"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(
+            ready_within(&store, Duration::from_millis(50)).await,
+            "listed"
+        );
     }
 }

@@ -28,7 +28,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         let pass = async {
             // Deadlines crossed after this are the clock's (the resync saw the rest).
             let compared_at = chrono::Utc::now();
+            // A divergence of the writer term found before this resync is healed by it.
+            let divergence = ctx.platform.divergence();
+            let healing = divergence.pending_number();
             let revision = resync(&ctx).await?;
+            if let Some(number) = healing {
+                divergence.healed(number);
+            }
             watch(&ctx, revision, compared_at).await
         };
         tokio::select! {
@@ -84,9 +90,12 @@ async fn watch(
     let resync = tokio::time::sleep(ctx.settings.resync_interval);
     tokio::pin!(resync);
     let mut clock = Clock::start(ctx, compared_at).await?;
+    let divergence = ctx.platform.divergence();
     loop {
         let message = tokio::select! {
             _ = &mut resync => return Ok(()),
+            // The term was re-established in etcd: converge the whole prefix now.
+            _ = divergence.heal_requested() => return Ok(()),
             _ = tokio::time::sleep_until(clock.wake) => {
                 clock.converge_crossed(ctx).await?;
                 continue;

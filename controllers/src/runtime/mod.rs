@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod feed;
 pub mod finalizer;
 pub mod lanes;
+pub mod orphans;
 pub mod referents;
 pub mod relist;
 pub mod resync;

@@ -268,7 +268,7 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, blocked_message = $8, plan_digest = $9, updated_at = now(), config_gone = false, \
+         generation = $7, blocked_message = $8, plan_digest = $9, updated_at = now(), config_gone = false, orphaned_at = NULL, \
          revoked_at = CASE WHEN $3 = '{REVOKED}' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -322,16 +322,20 @@ pub async fn customers_crossing<'e, E: sqlx::PgExecutor<'e>>(
         .await
 }
 
-/// Records the etcd revision of the last write to these keys' gateway entries (one
-/// etcd transaction wrote them all; for `GatewaySynced`).
+/// Raises the recorded etcd revision of these keys' gateway entries to `revision` (a
+/// write's, or a convergence's floor: see `platform::sync`; for `GatewaySynced`). Never
+/// lowers it; rows already at or above it are neither written nor locked.
 pub async fn record_config_revision(
     tx: &mut PgConnection,
     hashes: &[String],
     revision: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE api_keys SET config_revision = $2 WHERE id IN ({LOCK_IN_ORDER})"
-    ))
+    sqlx::query(
+        "UPDATE api_keys SET config_revision = $2 WHERE id IN (\
+         SELECT id FROM api_keys WHERE key_hash = ANY($1) \
+           AND (config_revision IS NULL OR config_revision < $2) \
+         ORDER BY created_at, id FOR UPDATE)",
+    )
     .bind(hashes)
     .bind(revision)
     .execute(tx)

@@ -234,7 +234,7 @@ pub async fn update(
 ) -> Result<CustomerRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE customers SET email = $2, name = $3, status = $4, meta = $5, k8s_namespace = $6, \
-         k8s_name = $7, k8s_uid = $8, generation = $9, plan_digest = $10, updated_at = now() \
+         k8s_name = $7, k8s_uid = $8, generation = $9, plan_digest = $10, updated_at = now(), orphaned_at = NULL \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)

@@ -269,6 +269,36 @@ pub async fn beat(conn: &mut PgConnection, name: &str, epoch: i64) -> Result<boo
     Ok(updated.rows_affected() == 1)
 }
 
+/// The current epoch of fence `name` (`None` before the fence exists): what an
+/// etcd-side refusal re-checks before re-establishing the term in etcd.
+pub async fn current_epoch(db: &PgPool, name: &str) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT epoch FROM writer_fence WHERE name = $1")
+        .bind(name)
+        .fetch_optional(db)
+        .await
+}
+
+/// Moves term `epoch` of fence `name`, just begun and not yet writing, to epoch `to`
+/// (above one that etcd records: Postgres restored from an older backup); false when
+/// the term is no longer `epoch`.
+pub async fn raise(
+    conn: &mut PgConnection,
+    name: &str,
+    epoch: i64,
+    to: i64,
+) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE writer_fence SET epoch = $3, beat_at = clock_timestamp() \
+         WHERE name = $1 AND epoch = $2 AND $3 > $2",
+    )
+    .bind(name)
+    .bind(epoch)
+    .bind(to)
+    .execute(conn)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
 /// Ends term `epoch` of fence `name` so a successor begins at once (after this process
 /// stopped writing).
 pub async fn release(conn: &mut PgConnection, name: &str, epoch: i64) -> Result<(), sqlx::Error> {

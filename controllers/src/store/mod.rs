@@ -10,6 +10,7 @@ pub mod api_keys;
 pub mod customers;
 pub mod fence;
 pub mod hot_queries;
+pub mod orphans;
 pub mod resync;
 pub mod subscriptions;
 
@@ -36,6 +37,8 @@ pub enum StoreSetupError {
     NotMigrated(String),
     #[error("migration failed: {0}")]
     Migrate(#[source] MigrateError),
+    #[error("{0}")]
+    Rollback(String),
 }
 
 /// A schema name is spliced into SQL as an identifier, so it is checked strictly.
@@ -138,9 +141,55 @@ async fn open_pool(
         .map_err(StoreSetupError::Connect)
 }
 
+/// Rollback policy (README, "Upgrade and roll back"): a release's migrations are
+/// backward compatible with the previous minor release's binary (additive only: new
+/// tables, nullable or defaulted columns, indexes; a drop or rename waits two releases).
+/// So a binary may run on a schema whose extra applied versions are all newer than the
+/// newest it knows (a rollback after an upgrade). An unknown version older than that is
+/// a schema from another branch: refused.
+/// `known`: this binary's versions; `applied`: the database's. Returns the newer ones.
+pub fn newer_applied(known: &[i64], applied: &[i64]) -> Result<Vec<i64>, String> {
+    let newest = known.iter().copied().max().unwrap_or(0);
+    let unknown: Vec<i64> = applied
+        .iter()
+        .copied()
+        .filter(|v| !known.contains(v))
+        .collect();
+    match unknown.iter().find(|v| **v < newest) {
+        Some(v) => Err(format!(
+            "the schema has migration {v}, which this binary does not know and is older than its newest ({newest}): it comes from another build; refusing to run on it"
+        )),
+        None => Ok(unknown),
+    }
+}
+
 /// Applies pending migrations; safe to run concurrently (sqlx takes an advisory lock).
+/// Per [`newer_applied`], runs on a schema a newer release has migrated further.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreSetupError> {
-    MIGRATOR.run(pool).await.map_err(StoreSetupError::Migrate)
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .map_err(StoreSetupError::Connect)?;
+    let applied: Vec<i64> = if has_table {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .map_err(StoreSetupError::Connect)?
+    } else {
+        Vec::new()
+    };
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let newer = newer_applied(&known, &applied).map_err(StoreSetupError::Rollback)?;
+    if newer.is_empty() {
+        return MIGRATOR.run(pool).await.map_err(StoreSetupError::Migrate);
+    }
+    tracing::warn!(
+        ?newer,
+        "the schema has migrations newer than this binary (a rollback): running on it, as the rollback policy allows"
+    );
+    let mut migrator = sqlx::migrate!("../migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await.map_err(StoreSetupError::Migrate)
 }
 
 /// True for a deadlock or serialization failure (40P01, 40001): two transactions met,
@@ -201,6 +250,17 @@ mod tests {
             let err = sqlx::PgConnection::connect(&url).await.unwrap_err();
             assert!(is_unavailable(&err), "{mode}: {err:?}");
         }
+    }
+
+    #[test]
+    fn a_schema_migrated_further_by_a_newer_release_is_accepted_and_a_foreign_one_is_not() {
+        let known = [1, 2, 3];
+        assert_eq!(newer_applied(&known, &[]), Ok(vec![]));
+        assert_eq!(newer_applied(&known, &[1, 2]), Ok(vec![]));
+        assert_eq!(newer_applied(&known, &[1, 2, 3, 4, 5]), Ok(vec![4, 5]));
+        assert_eq!(newer_applied(&known, &[1, 2, 4]), Ok(vec![4]));
+        let foreign = newer_applied(&[1, 2, 5], &[1, 2, 3, 5]).unwrap_err();
+        assert!(foreign.contains("migration 3"), "{foreign}");
     }
 
     #[test]

@@ -217,7 +217,7 @@ pub async fn update(
     sqlx::query_as(&format!(
         "UPDATE subscriptions SET customer_id = $2, plan = $3, monthly_requests = $4, \
          requests_per_second = $5, k8s_namespace = $6, k8s_name = $7, k8s_uid = $8, \
-         generation = $9, plan_digest = $10, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+         generation = $9, plan_digest = $10, updated_at = now(), orphaned_at = NULL WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(rec.customer_id)

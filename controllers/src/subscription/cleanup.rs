@@ -52,7 +52,11 @@ pub async fn cleanup(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Er
 
 /// Cancels the resource's row in force, with its event, in one transaction. Returns
 /// its customer (none when no row is in force).
-async fn cancel_own(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Uuid>, Error> {
+pub(crate) async fn cancel_own(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Uuid>, Error> {
     let mut tx = ctx.begin_write().await?;
     let cancelled = match subscriptions::lock_live_by_k8s_ref(&mut tx, namespace, name).await? {
         Some(row) => {

@@ -80,6 +80,9 @@ pub async fn run(
     let catalog_changes = ctx.plans.changes();
     let by_customer = ByCustomer::<Subscription>::default();
     let (siblings_tx, siblings) = mpsc::unbounded();
+    // The usage rollup asks for a status write through this (see `crate::usage::book`).
+    let (usage_tx, usage_changes) = mpsc::unbounded();
+    ctx.usage.set_trigger(usage_tx);
     let observe = {
         let by_customer = by_customer.clone();
         let mut changes = Changed::new(spec_fingerprint::<Subscription>);
@@ -107,6 +110,7 @@ pub async fn run(
                 by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
             })
             .reconcile_on(siblings)
+            .reconcile_on(usage_changes)
             .reconcile_all_on(catalog_changes)
     })
     .await;

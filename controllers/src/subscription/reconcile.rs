@@ -19,6 +19,7 @@ use crate::runtime::context::Context;
 use crate::store::customers::{self, CustomerRow};
 use crate::store::subscriptions::{self, SubscriptionRecord, SubscriptionRow};
 use crate::store::unique_violation;
+use crate::usage::plan::{self as usage_plan, UsageView};
 use m3o_platform_contract::quota_key;
 use plan::RecordHolder;
 
@@ -57,9 +58,46 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
     lifecycle::converge_customers(ctx, customers.into_iter().flatten()).await?;
 
     let key = ctx.platform.key(&quota_key(row.customer_id));
-    let status = build::provisioned_status(&sub, &row, &key);
+    let usage = match ctx.usage.shown(row.customer_id) {
+        Some(view) => Some(UsageView {
+            monthly: row.monthly_requests,
+            ..view
+        }),
+        None => usage_without_rollup(ctx, &sub, &row).await?,
+    };
+    let status = crate::usage::plan::with_usage(
+        build::provisioned_status(&sub, &row, &key),
+        usage.as_ref(),
+        sub.metadata.generation,
+    );
     let note = build::provisioned_note(&row, &key);
     lifecycle::report_provisioned(ctx, &api, &sub, &status, note).await
+}
+
+/// The usage status must show when the rollup has nothing for the customer
+/// ([`usage_plan::fallback`]): read from `usage_daily` when status shows another period
+/// or quota, else none (status keeps what it shows).
+async fn usage_without_rollup(
+    ctx: &Context,
+    sub: &Subscription,
+    row: &SubscriptionRow,
+) -> Result<Option<UsageView>, Error> {
+    let shown = sub.status.as_ref().and_then(|s| s.usage.as_ref());
+    let period = usage_plan::period_of(crate::usage::rollup::now().date_naive());
+    match usage_plan::fallback(shown, &period, row.monthly_requests) {
+        usage_plan::Fallback::Keep => Ok(None),
+        usage_plan::Fallback::Read { period, monthly } => {
+            let requests =
+                crate::usage::rollup::requests_in_period(&ctx.db, row.customer_id, &period)
+                    .await
+                    .at(Step::Database)?;
+            Ok(Some(UsageView {
+                period,
+                requests,
+                monthly,
+            }))
+        }
+    }
 }
 
 /// The Customer `namespace/name` and, when it exists, its live row.

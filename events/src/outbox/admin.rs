@@ -147,3 +147,34 @@ pub async fn redrive(
     }
     Ok(rows)
 }
+
+/// A published event still retained in the outbox, as `outbox replay` re-sends it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Retained {
+    #[sqlx(flatten)]
+    pub event: EventRef,
+    pub payload: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Events replayed per statement and per Redis round trip.
+pub const REPLAY_PAGE: i64 = 500;
+
+/// Up to [`REPLAY_PAGE`] published events created at or after `since`, after `seq`
+/// `after`, in `seq` order (published rows are kept until the relay's retention).
+pub async fn retained_page<'e, E: PgExecutor<'e>>(
+    executor: E,
+    since: DateTime<Utc>,
+    after: i64,
+) -> Result<Vec<Retained>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, seq, topic, event_type, aggregate_id, payload, created_at FROM outbox \
+         WHERE published_at IS NOT NULL AND created_at >= $1 AND seq > $2 \
+         ORDER BY seq LIMIT $3",
+    )
+    .bind(since)
+    .bind(after)
+    .bind(REPLAY_PAGE)
+    .fetch_all(executor)
+    .await
+}

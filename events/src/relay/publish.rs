@@ -257,26 +257,13 @@ impl Relay {
     }
 
     fn xadd(&self, row: &Pending) -> redis::Cmd {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(crate::stream_key(
+        xadd(
             &self.config.stream_prefix,
-            &row.event.topic,
-        ))
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(self.config.maxlen)
-        .arg("*")
-        .arg("id")
-        .arg(row.event.id.to_string())
-        .arg("type")
-        .arg(&row.event.event_type)
-        .arg("content-type")
-        .arg(crate::CONTENT_TYPE)
-        .arg("payload")
-        .arg(&row.payload[..])
-        .arg("created")
-        .arg(row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true));
-        cmd
+            self.config.maxlen,
+            &row.event,
+            &row.payload,
+            row.created_at,
+        )
     }
 
     /// Counts a refusal of `row`, parks it at `max_attempts`, and makes its aggregate
@@ -364,4 +351,32 @@ fn verdict_of_reply(reply: Value) -> Verdict {
         }
         _ => Verdict::Added,
     }
+}
+
+/// The `XADD` of one outbox event to its stream (the entry fields of DESIGN section 5):
+/// the relay's, and `outbox replay`'s, which re-sends an event with its original id.
+pub fn xadd(
+    stream_prefix: &str,
+    maxlen: usize,
+    event: &EventRef,
+    payload: &[u8],
+    created_at: DateTime<Utc>,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(crate::stream_key(stream_prefix, &event.topic))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen)
+        .arg("*")
+        .arg("id")
+        .arg(event.id.to_string())
+        .arg("type")
+        .arg(&event.event_type)
+        .arg("content-type")
+        .arg(crate::CONTENT_TYPE)
+        .arg("payload")
+        .arg(payload)
+        .arg("created")
+        .arg(created_at.to_rfc3339_opts(SecondsFormat::Micros, true));
+    cmd
 }

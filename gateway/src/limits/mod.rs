@@ -16,8 +16,9 @@ use redis::aio::ConnectionManager;
 use crate::decision::Allowed;
 use crate::entries::Quota;
 
-/// Usage counts are kept this long.
-const USAGE_TTL_SECS: i64 = 400 * 24 * 3600;
+/// A day's usage hash is kept this long unless the operator confirms it sooner
+/// (the contract's retention, see [`crate::usage`]).
+const USAGE_TTL_SECS: i64 = m3o_platform_contract::usage::UNCONFIRMED_RETENTION_SECS;
 /// Longest API name metered as such; a longer one counts under `-`.
 pub const MAX_USAGE_API_LEN: usize = 64;
 /// At most one "Redis unavailable" log line per this long (the rest are counted in it).
@@ -49,18 +50,19 @@ pub fn month_key(prefix: &str, customer: &str, now: DateTime<Utc>) -> String {
 }
 
 pub fn usage_key(prefix: &str, customer: &str, day: NaiveDate) -> String {
-    format!("{prefix}usage:{{{customer}}}:{}", day.format("%Y-%m-%d"))
+    let day = day.format("%Y-%m-%d").to_string();
+    m3o_platform_contract::usage::usage_key(prefix, customer, &day)
 }
 
 /// The pattern of every usage key of a customer (for `usage`).
 pub fn usage_pattern(prefix: &str, customer: &str) -> String {
-    format!("{prefix}usage:{{{customer}}}:*")
+    m3o_platform_contract::usage::usage_customer_pattern(prefix, customer)
 }
 
 /// The usage hash field of a key and API (`-` for a path outside `/v1/<api>` or an
 /// API not metered, see [`usage_api`]).
 pub fn usage_field(key_id: &str, api: &str) -> String {
-    format!("{key_id} {api}")
+    m3o_platform_contract::usage::usage_field(key_id, api)
 }
 
 /// Start of the next UTC calendar month.
@@ -176,6 +178,22 @@ pub enum Unavailable {
     Late,
     #[error("{0}")]
     Failed(String),
+    /// Redis refused the script to this user (an ACL): a configuration error, never
+    /// covered by the fail mode.
+    #[error(
+        "the Redis user may not run the limiter's script ({0}); grant it the gateway's ACL (README: Secure connections)"
+    )]
+    Forbidden(String),
+}
+
+/// Customer id of the permission probe's keys (never a real customer: ids are UUIDs).
+pub const PROBE_CUSTOMER: &str = "m3o-permission-probe";
+
+/// Whether Redis refused a command to this user: an ACL (`NOPERM`, or a script's call
+/// of a command the user may not run).
+pub fn is_permission_error(err: &redis::RedisError) -> bool {
+    let text = err.to_string();
+    err.code() == Some("NOPERM") || text.contains("NOPERM") || text.contains("no permissions")
 }
 
 /// A circuit breaker on Redis: after `threshold` failures in a row, checks skip Redis
@@ -254,6 +272,9 @@ pub struct Limiter {
     /// Redis's clock minus ours (µs), learnt from replies: the script's deadline is on
     /// Redis's clock. `i64::MIN` until the first reply.
     offset_us: Arc<AtomicI64>,
+    /// Why Redis refuses this user the script, from the last check or probe that met
+    /// an ACL; cleared when the script runs again.
+    forbidden: Arc<Mutex<Option<String>>>,
 }
 
 fn unix_micros() -> i64 {
@@ -282,6 +303,7 @@ impl Limiter {
             usage_apis: Arc::new(usage_apis.iter().cloned().collect()),
             breaker: Arc::new(breaker),
             offset_us: Arc::new(AtomicI64::new(i64::MIN)),
+            forbidden: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -299,6 +321,8 @@ impl Limiter {
         let result = self.invoke(allowed, now).await;
         match &result {
             Ok(_) => self.breaker.succeeded(),
+            // Not an outage: the breaker stays closed, the refusal is remembered.
+            Err(Unavailable::Forbidden(_)) => {}
             Err(err) => {
                 if self.breaker.failed() {
                     tracing::warn!(
@@ -352,7 +376,8 @@ impl Limiter {
             tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
                 .await
                 .map_err(|_| Unavailable::Timeout(self.timeout))?
-                .map_err(|e| Unavailable::Failed(e.to_string()))?;
+                .map_err(|e| self.refused(e))?;
+        self.set_forbidden(None);
         let received = unix_micros();
         let (allowed, exceeded, retry_us, remaining, used, reset_us, redis_now) = reply;
         let rtt = received - sent;
@@ -366,6 +391,65 @@ impl Limiter {
         Ok(Outcome::from_reply((
             allowed, exceeded, retry_us, remaining, used, reset_us,
         )))
+    }
+
+    /// Why Redis refuses this user the limiter's script, when the last check or probe
+    /// met an ACL.
+    pub fn forbidden(&self) -> Option<String> {
+        self.forbidden
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_forbidden(&self, reason: Option<String>) {
+        *self.forbidden.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// A Redis error as the limiter's answer, remembering an ACL refusal.
+    fn refused(&self, err: redis::RedisError) -> Unavailable {
+        if is_permission_error(&err) {
+            let reason = one_line(&err.to_string());
+            self.set_forbidden(Some(reason.clone()));
+            Unavailable::Forbidden(reason)
+        } else {
+            Unavailable::Failed(err.to_string())
+        }
+    }
+
+    /// Proves this Redis user may run the limiter's script on its keys, counting
+    /// nothing (the script's probe mode, run by EVALSHA and loaded by SCRIPT LOAD as a
+    /// check is). `Forbidden` is remembered until a probe or check succeeds; any other
+    /// error (Redis down, slow) says nothing about permissions.
+    pub async fn verify(&self) -> Result<(), Unavailable> {
+        let now = Utc::now();
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(rate_key(&self.prefix, PROBE_CUSTOMER))
+            .key(month_key(&self.prefix, PROBE_CUSTOMER, now))
+            .key(usage_key(&self.prefix, PROBE_CUSTOMER, now.date_naive()))
+            .arg(-1)
+            .arg(-1)
+            .arg(1)
+            .arg(usage_field("probe", "-"))
+            .arg(1)
+            .arg(-2);
+        let mut conn = self.conn.clone();
+        let reply: (i64, String, i64, i64, i64, i64, i64) = tokio::time::timeout(
+            self.timeout.max(Duration::from_secs(1)),
+            invocation.invoke_async(&mut conn),
+        )
+        .await
+        .map_err(|_| Unavailable::Timeout(self.timeout))?
+        .map_err(|e| self.refused(e))?;
+        if reply.0 != -2 {
+            return Err(Unavailable::Failed(format!(
+                "the limiter's script answered its permission probe with {}",
+                reply.0
+            )));
+        }
+        self.set_forbidden(None);
+        Ok(())
     }
 
     /// Closes the breaker once Redis answers a PING, trying every cooldown.
@@ -384,6 +468,16 @@ impl Limiter {
             }
         });
     }
+}
+
+/// The first line of a server's error, bounded (a readiness body, a log field).
+fn one_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect()
 }
 
 #[cfg(test)]
@@ -435,5 +529,18 @@ mod tests {
         assert!(h.contains(&("RateLimit-Remaining", "3".into())));
         assert!(!h.iter().any(|(n, _)| *n == "Retry-After"));
         assert!(headers(None, &ok, now).is_empty());
+    }
+
+    #[test]
+    fn acl_refusals_are_permission_errors_and_outages_are_not() {
+        let noperm = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "this user has no permissions to run the 'evalsha' command",
+        ));
+        assert!(is_permission_error(&noperm));
+        let io =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!is_permission_error(&io));
+        assert_eq!(one_line("a\nb"), "a");
     }
 }

@@ -8,6 +8,23 @@
 -- Returns {allowed (1, 0, or -1: too late, nothing counted), exceeded
 --          ("rate"|"monthly"|""), retry_after_us, rate_remaining, month_used,
 --          rate_reset_us, now_us}.
+-- A deadline of -2 is a permission probe: nothing is read or counted; it answers
+-- {-2, ...} when this Redis user may run every command below on these keys, else a
+-- NOPERM error naming the first it may not (redis.acl_check_cmd, Redis 7).
+if tonumber(ARGV[6]) == -2 then
+  local uses = {
+    {'TIME'},
+    {'GET', KEYS[1]}, {'SET', KEYS[1], '0', 'PX', '1'},
+    {'GET', KEYS[2]}, {'INCR', KEYS[2]}, {'EXPIRE', KEYS[2], '1'},
+    {'HINCRBY', KEYS[3], ARGV[4], '1'}, {'EXPIRE', KEYS[3], '1'},
+  }
+  for _, use in ipairs(uses) do
+    if not redis.acl_check_cmd(unpack(use)) then
+      return redis.error_reply('NOPERM this user may not run ' .. use[1] .. ' on ' .. (use[2] or 'the server'))
+    end
+  end
+  return {-2, '', 0, 0, 0, 0, 0}
+end
 local rps = tonumber(ARGV[1])
 local monthly = tonumber(ARGV[2])
 local deadline = tonumber(ARGV[6])
@@ -51,5 +68,10 @@ if monthly >= 0 then
 end
 if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then
   redis.call('EXPIRE', KEYS[3], ARGV[5])
+  -- A hash's epoch (platform-contract usage::EPOCH_FIELD): set by the first increment
+  -- of a new hash, so the operator tells a hash Redis lost and re-created from growth.
+  if redis.call('HINCRBY', KEYS[3], '~epoch', 0) == 0 then
+    redis.call('HINCRBY', KEYS[3], '~epoch', string.format('%.0f', now))
+  end
 end
 return {1, '', 0, remaining, used, reset, now}

@@ -6,6 +6,8 @@ pub mod audit;
 pub mod compare;
 mod events;
 pub mod inspect;
+pub mod uninstall;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -15,6 +15,7 @@ mod image;
 mod manifests;
 mod outbox;
 mod production;
+mod recovery;
 mod restart;
 mod scale;
 mod sharding;

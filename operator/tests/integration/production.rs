@@ -171,7 +171,17 @@ async fn metrics_exist_and_move() {
         ),
         1.0
     );
-    assert_eq!(get(&after, "m3o_operator_outbox_backlog"), 0.0);
+    // The outbox figures are read at most every 5 s (operator/src/http.rs).
+    let drained = eventually(
+        "an outbox backlog of 0",
+        Duration::from_secs(30),
+        || async {
+            let m = parse_metrics(&op.metrics().await);
+            (m.get("m3o_operator_outbox_backlog").copied() == Some(0.0)).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(get(&drained, "m3o_operator_outbox_backlog"), 0.0);
 
     op.settle().await; // a trailing reconcile would restore the key before the watcher
     env.etcd

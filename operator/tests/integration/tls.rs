@@ -31,9 +31,16 @@ async fn a_customer_and_a_key_reach_every_backend_over_tls_as_least_privileged_u
     env.db = tls.admin_db.clone();
     env.etcd = tls.admin_etcd.clone();
 
-    let _op = env
-        .start_operator_with(tls.servers.operator_backends(None))
-        .await;
+    // It also rolls up the gateway's usage counters (README: the usage grant).
+    let mut backends = tls.servers.operator_backends(None);
+    let gateway_config = tls.servers.gateway_config(&env);
+    backends.extra_args.extend([
+        "--usage-redis-prefix".to_owned(),
+        gateway_config.redis_prefix.clone(),
+        "--usage-interval".to_owned(),
+        "1s".to_owned(),
+    ]);
+    let _op = env.start_operator_with(backends).await;
     env.customer_ready("alice", "Active").await;
     let customer = env.row("alice").await.expect("row in the private database");
     let entry = env
@@ -75,10 +82,25 @@ async fn a_customer_and_a_key_reach_every_backend_over_tls_as_least_privileged_u
 
     // The gateway reads the same etcd over TLS as its own read-mostly user, and keeps
     // its counters in the same Redis over TLS.
-    let gateway = env.start_gateway(&tls.servers.gateway_config(&env)).await;
+    let gateway = env.start_gateway(&gateway_config).await;
     let reply = check(&gateway, &key, "/v1/helloworld/call").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.header("X-M3O-Key-Id"), Some(id.as_str()));
+    eventually(
+        "the request rolled up by the least-privileged operator user",
+        Duration::from_secs(30),
+        || async {
+            let n: Option<i64> = sqlx::query_scalar(
+                "SELECT sum(requests)::bigint FROM usage_daily WHERE customer_id = $1",
+            )
+            .bind(customer.id)
+            .fetch_one(&env.db)
+            .await
+            .ok()?;
+            (n == Some(1)).then_some(())
+        },
+    )
+    .await;
     gateway.stop().await;
 }
 

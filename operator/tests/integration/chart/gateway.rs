@@ -1,6 +1,8 @@
-//! The chart's optional gateway: off by default; when enabled, a Deployment and Service
-//! the API server accepts under the restricted Pod Security Standard, whose arguments
-//! m3o-gateway-auth accepts.
+//! The chart's optional gateway: off by default; when enabled, a Deployment, Service,
+//! PodDisruptionBudget (and HPA) the API server accepts under the restricted Pod
+//! Security Standard, whose arguments m3o-gateway-auth accepts, with its own identity
+//! (Secret, TLS files, etcd user: none of the operator's), a drain delay below its grace
+//! period, and scheduling values of its own.
 
 use clap::Parser;
 
@@ -19,11 +21,18 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
         "gateway.enabled=true",
         "gateway.replicas=3",
         "gateway.rateLimitFailOpen=false",
+        "gateway.maxStaleness=30s",
+        "gateway.staleMode=serve",
         "gateway.uriSource=envoy",
         "gateway.pathPrefix=/ext-authz",
-        "tls.redis.existingSecret=redis-tls",
-        "tls.etcd.existingSecret=etcd-tls",
+        // The operator's client certificate and Secret must not reach the gateway.
+        "tls.etcd.existingSecret=operator-etcd-tls",
         "tls.etcd.clientCertificate=true",
+        "gateway.existingSecret=gateway-backends",
+        "gateway.tls.redis.existingSecret=redis-tls",
+        "gateway.tls.etcd.existingSecret=etcd-tls",
+        "gateway.tls.etcd.clientCertificate=true",
+        "gateway.nodeSelector.pool=edge",
         "gateway.etcdAuth.username=m3o-gateway",
         "gateway.etcdAuth.passwordSecret=gateway-etcd-auth",
     ];
@@ -63,6 +72,8 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
     assert!(!cli.run.rate_limit_fail_open);
     assert_eq!(cli.run.uri_source, m3o_gateway::settings::UriSource::Envoy);
     assert_eq!(cli.run.path_prefix, "/ext-authz");
+    assert_eq!(cli.run.max_staleness, std::time::Duration::from_secs(30));
+    assert_eq!(cli.run.stale_mode, m3o_gateway::settings::StaleMode::Serve);
     assert_eq!(cli.run.listen.port(), 8081);
     // The same TLS flags as the operator's, its own etcd user, the files mounted read-only.
     let etcd = &cli.run.etcd;
@@ -79,4 +90,72 @@ async fn the_optional_gateway_renders_and_its_flags_parse() {
         .expect("volumeMounts");
     assert_eq!(mounts.len(), 3, "redis, etcd, etcd-auth: {mounts:?}");
     assert!(mounts.iter().all(|m| m["readOnly"].as_bool() == Some(true)));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let secrets: Vec<&str> = pod["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(secrets, ["redis-tls", "etcd-tls", "gateway-etcd-auth"]);
+    for var in container["env"].as_sequence().expect("env") {
+        if let Some(name) = var["valueFrom"]["secretKeyRef"]["name"].as_str() {
+            assert_eq!(name, "gateway-backends", "its own Secret: {var:?}");
+        }
+    }
+    assert_eq!(pod["nodeSelector"]["pool"], "edge", "its own scheduling");
+
+    // Drain: not ready from SIGTERM on, answering for the delay, within the grace.
+    assert_eq!(cli.run.shutdown_delay, std::time::Duration::from_secs(10));
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    let pdb = docs
+        .iter()
+        .filter(component)
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .expect("gateway PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    let too_short = crate::support::cli::run(
+        "helm",
+        &[
+            "template",
+            "t",
+            &chart(),
+            KUBE_VERSION[0],
+            KUBE_VERSION[1],
+            "--set",
+            "gateway.enabled=true",
+            "--set",
+            "gateway.shutdownDelaySeconds=30",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        !too_short.status.success(),
+        "a drain as long as the grace period renders"
+    );
+
+    let scaled = render(
+        "t",
+        &release_ns,
+        &["gateway.enabled=true", "gateway.autoscaling.enabled=true"],
+    )
+    .await;
+    assert_applies("gateway autoscaled", &scaled).await;
+    let docs = documents(&scaled);
+    let hpa = docs
+        .iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
+        .expect("HPA");
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+    assert_eq!(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu");
+    let deployment = docs
+        .iter()
+        .filter(component)
+        .find(|d| d["kind"] == "Deployment")
+        .expect("gateway Deployment");
+    assert!(
+        deployment["spec"]["replicas"].is_null(),
+        "the HPA owns replicas"
+    );
 }

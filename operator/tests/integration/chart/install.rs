@@ -63,6 +63,9 @@ async fn install_creates_every_object_and_uninstall_keeps_the_crds() {
         "--wait",
         "--timeout",
         "60s",
+        // No kubelet here to run the pre-delete hook Job (chart/uninstall.rs checks its
+        // command under the hook's ServiceAccount).
+        "--no-hooks",
     ])
     .await;
     for object in &objects {

@@ -170,14 +170,17 @@ async fn cluster_wide_rbac_allows_exactly_what_the_operator_does() {
     // Leases only in the release namespace.
     no.extend(lease_verbs(&other));
     check_access(ns, &sa, false, &no, &mut failures).await;
-    // The lease rule names the operator's Lease only, and only get/update it.
-    let lease = "leases.coordination.k8s.io/m3o-operator";
+    // The lease rule names the release's own Lease only (<fullname>-leader by default:
+    // two releases in one namespace never share one), and only get/update it.
+    let lease = format!("leases.coordination.k8s.io/{sa}-leader");
+    let lease = lease.as_str();
     for (verb, typed, want) in [
         ("get", lease, true),
         ("update", lease, true),
         ("patch", lease, false),
         ("delete", lease, false),
         ("update", "leases.coordination.k8s.io/other", false),
+        ("get", "leases.coordination.k8s.io/m3o-operator", false),
         ("get", "leases.coordination.k8s.io/other", false),
     ] {
         let got = can_i_named(ns, &sa, verb, typed, ns).await;
@@ -185,7 +188,7 @@ async fn cluster_wide_rbac_allows_exactly_what_the_operator_does() {
             failures.push(format!("{verb} {typed}: {got} (want {want})"));
         }
     }
-    helm(&["uninstall", &release, "-n", ns]).await;
+    helm(&["uninstall", &release, "-n", ns, "--no-hooks"]).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -372,5 +375,5 @@ async fn namespaced_rbac_runs_the_operator_under_its_service_account() {
         "the ServiceAccount was refused something:\n{}",
         denied.join("\n")
     );
-    helm(&["uninstall", &release, "-n", &release_ns]).await;
+    helm(&["uninstall", &release, "-n", &release_ns, "--no-hooks"]).await;
 }

@@ -31,7 +31,20 @@ async fn lint_is_clean_and_the_schema_catches_typos() {
         ("backends.existingSecret=", "/backends/existingSecret"),
         ("metrics.serviceMonitor.intervall=1m", "intervall"),
     ] {
-        let out = run("helm", &["template", "t", &chart, "--set", set], None).await;
+        let out = run(
+            "helm",
+            &[
+                "template",
+                "t",
+                &chart,
+                KUBE_VERSION[0],
+                KUBE_VERSION[1],
+                "--set",
+                set,
+            ],
+            None,
+        )
+        .await;
         assert!(!out.status.success(), "--set {set} was accepted");
         assert!(text(&out).contains(expect), "--set {set}: {}", text(&out));
     }
@@ -42,6 +55,8 @@ async fn lint_is_clean_and_the_schema_catches_typos() {
             "template",
             "t",
             &chart,
+            KUBE_VERSION[0],
+            KUBE_VERSION[1],
             "--set",
             "leaderElection.enabled=false",
         ],

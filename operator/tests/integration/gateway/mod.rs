@@ -9,7 +9,9 @@ mod bench;
 mod edges;
 mod limiter;
 mod outages;
+mod partition;
 mod relist;
+mod usage;
 
 use std::time::Duration;
 
@@ -34,7 +36,7 @@ async fn through(nginx: &Nginx, key: &str, path: &str) -> Reply {
 
 /// The key's `GatewaySynced` condition (status, reason, message) once the status
 /// describes the current generation and `accept` holds for it.
-async fn wait_gateway_synced(
+pub(crate) async fn wait_gateway_synced(
     env: &TestEnv,
     name: &str,
     accept: impl Fn(&ApiKey, &str, &str) -> bool,
@@ -58,7 +60,7 @@ async fn wait_gateway_synced(
 
 /// Issues a Ready key `name` for a new Ready customer `customer` whose Subscription has
 /// `quota`; returns the plaintext key and the ApiKey.
-async fn issue(
+pub(crate) async fn issue(
     env: &TestEnv,
     customer: &str,
     name: &str,

@@ -1,6 +1,7 @@
-//! The gateway while its backends are down: etcd stopped -> checks answered from the
-//! last snapshot (and `/readyz` says how stale); Redis stopped -> the fail mode chosen
-//! by `--rate-limit-fail-open`.
+//! The gateway while its backends are down: etcd stopped -> under `--stale-mode=serve`
+//! checks answered from the last snapshot (and `/readyz` says how stale), under the
+//! default `fail` refused with 503 once past `--max-staleness`; Redis stopped -> the fail
+//! mode chosen by `--rate-limit-fail-open`.
 
 use std::time::Duration;
 
@@ -45,10 +46,33 @@ async fn checks_are_answered_from_the_snapshot_while_etcd_is_down() {
     .await;
     let mut config = env.gateway_config();
     config.etcd_endpoints = etcd.endpoint();
+    let strict = env.start_gateway(&config).await;
+    config.extra_args = vec!["--stale-mode=serve".into()];
     let gateway = env.start_gateway(&config).await;
     assert_eq!(check(&gateway, &key, "/v1/x/y").await.status, 200);
+    assert_eq!(check(&strict, &key, "/v1/x/y").await.status, 200);
 
     etcd.pause().await;
+    // The default mode refuses once etcd has not vouched for it for 10 s.
+    let strict_ops = strict.metrics_addr.to_string();
+    let refused = eventually(
+        "the default replica to refuse with index_stale",
+        Duration::from_secs(30),
+        || async {
+            let r = check(&strict, &key, "/v1/x/y").await;
+            (r.status != 200).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("index_stale"), "{refused:?}");
+    assert!(refused.header("Retry-After").is_some(), "{refused:?}");
+    let (code, body) = http_get(&strict_ops, "/readyz").await.expect("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        sample(&metrics(&strict).await, "m3o_gateway_index_stale ", ""),
+        Some(1.0)
+    );
     let ops = gateway.metrics_addr.to_string();
     let readyz = eventually(
         "/readyz to report a stale snapshot",
@@ -75,16 +99,20 @@ async fn checks_are_answered_from_the_snapshot_while_etcd_is_down() {
     );
 
     etcd.resume().await;
-    eventually(
-        "/readyz to be current again",
-        Duration::from_secs(30),
-        || async {
-            let (_, body) = http_get(&ops, "/readyz").await?;
-            body.contains("confirmed").then_some(())
-        },
-    )
-    .await;
+    for ops in [&ops, &strict_ops] {
+        eventually(
+            "/readyz to be current again",
+            Duration::from_secs(30),
+            || async {
+                let (code, body) = http_get(ops, "/readyz").await?;
+                (code == 200 && body.contains("confirmed")).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(check(&strict, &key, "/v1/x/y").await.status, 200);
     gateway.stop().await;
+    strict.stop().await;
 }
 
 #[tokio::test]

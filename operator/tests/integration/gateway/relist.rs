@@ -98,7 +98,9 @@ async fn gateway_behind_proxy(env: &TestEnv) -> (CuttableProxy, Gateway) {
     let proxy = CuttableProxy::start(host_port(&etcd)).await;
     let mut config = env.gateway_config();
     config.etcd_endpoints = format!("http://127.0.0.1:{}", proxy.port);
-    config.extra_args = vec!["--no-limits".into()];
+    // These tests are about re-lists, not the staleness bound: a long re-list of a
+    // debug build must not turn checks into 503 index_stale.
+    config.extra_args = vec!["--no-limits".into(), "--max-staleness=300s".into()];
     let gateway = env.start_gateway(&config).await;
     (proxy, gateway)
 }

@@ -5,6 +5,7 @@
 //! operator with a token of the ServiceAccount the chart's RBAC binds.
 
 use std::collections::BTreeMap;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -75,6 +76,8 @@ impl Release {
             format!("leaderElection.leaseName={lease}"),
             format!("metrics.port={metrics_port}"),
             "gateway.enabled=true".to_owned(),
+            // The plain test servers have no ACLs: the gateway may share the URLs here.
+            "gateway.existingSecret=m3o-operator-backends".to_owned(),
             format!("gateway.port={gateway_port}"),
             format!("gateway.metricsPort={gateway_metrics_port}"),
             format!("gateway.redisPrefix={}gw:", env.stream_prefix),
@@ -109,8 +112,13 @@ impl Release {
 
     /// Runs the rendered Deployment of `component` from the image.
     async fn run(&self, env: &TestEnv, component: &str) -> Pod {
-        let image = image();
         let deployment = deployment(&self.docs, component);
+        self.run_template(env, component, deployment).await
+    }
+
+    /// Runs the Pod template of `owner` (a Deployment or a Job) from the image.
+    async fn run_template(&self, env: &TestEnv, component: &str, deployment: &Value) -> Pod {
+        let image = image();
         let pod_name = format!("{}-{component}-{}", self.name, suffix());
         let config = kube::Config::infer().await.expect("kubeconfig");
         let api_host = config
@@ -130,12 +138,14 @@ impl Release {
         };
         let (id, dir) = container_dir(component);
         let spec = runtime_spec(image, &self.docs, deployment, &node, &dir).await;
+        // A Pod without them gets the Kubernetes defaults (30 s, no ports).
         let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             .as_u64()
-            .expect("terminationGracePeriodSeconds");
+            .unwrap_or(30);
         let ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
             .as_array()
-            .expect("container ports")
+            .cloned()
+            .unwrap_or_default()
             .iter()
             .map(|p| {
                 let name = p["name"].as_str().expect("port name").to_owned();
@@ -166,8 +176,82 @@ impl Release {
         .await
     }
 
+    /// `helm uninstall` with its pre-delete hook, this test acting as the kubelet and
+    /// the Job controller: the hook Job Helm creates is run from the image under runc,
+    /// and its outcome written to the Job's status, which Helm waits for. Returns
+    /// Helm's output and the hook container's exit status.
+    async fn uninstall_through_hook(&self, env: &TestEnv) -> (std::process::Output, ExitStatus) {
+        let args = [
+            "uninstall",
+            &self.name,
+            "-n",
+            &self.namespace,
+            "--timeout",
+            "90s",
+        ]
+        .map(str::to_owned);
+        let helm = tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::support::cli::run("helm", &args, None).await
+        });
+        let job_name = format!("{}-m3o-operator-uninstall-check", self.name);
+        let job: Value = crate::support::eventually(
+            "Helm to create the pre-delete hook Job",
+            Duration::from_secs(30),
+            || async {
+                let out = crate::support::cli::run(
+                    "kubectl",
+                    &["get", "job", &job_name, "-n", &self.namespace, "-o", "json"],
+                    None,
+                )
+                .await;
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice(&out.stdout).expect("Job JSON"))
+            },
+        )
+        .await;
+        let mut pod = self.run_template(env, "uninstall-check", &job).await;
+        let exit = crate::support::eventually(
+            "the hook container to exit",
+            Duration::from_secs(60),
+            || {
+                let exit = pod.container.try_exit();
+                async move { exit }
+            },
+        )
+        .await;
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let condition = |kind: &str| {
+            json!({"type": kind, "status": "True", "reason": "ByTest", "message": "run under runc",
+                   "lastProbeTime": now, "lastTransitionTime": now})
+        };
+        let status = if exit.success() {
+            json!({"status": {"startTime": now, "completionTime": now, "succeeded": 1,
+                   "conditions": [condition("SuccessCriteriaMet"), condition("Complete")]}})
+        } else {
+            json!({"status": {"startTime": now, "failed": 1,
+                   "conditions": [condition("FailureTarget"), condition("Failed")]}})
+        };
+        kubectl(&[
+            "patch",
+            "job",
+            &job_name,
+            "-n",
+            &self.namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .await;
+        let out = helm.await.expect("helm uninstall");
+        println!("hook output: {}", pod.container.output());
+        (out, exit)
+    }
+
     async fn uninstall(&self) {
-        helm(&["uninstall", &self.name, "-n", &self.namespace]).await;
+        helm(&["uninstall", &self.name, "-n", &self.namespace, "--no-hooks"]).await;
     }
 }
 
@@ -274,6 +358,52 @@ fn backends(database_url: &str, redis_url: &str, etcd: &str) -> BTreeMap<String,
     ])
 }
 
+/// README "Uninstall": `helm uninstall` is refused by the chart's pre-delete hook (the
+/// image's `uninstall-check`, run under runc with the chart's ServiceAccount token)
+/// while an object carries the finalizer, leaving the release in place; once the
+/// objects are deleted (the operator running), the same uninstall goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_uninstall_is_refused_by_the_pre_delete_hook_while_objects_exist() {
+    let env = TestEnv::new("image-hook").await;
+    let image = image();
+    let secrets = [(
+        "m3o-operator-backends",
+        backends(&env.database_url, &env.redis_url, &env.etcd_endpoints),
+    )];
+    let release = Release::install(&env, image, &secrets, &[]).await;
+    let op = env.start_operator().await;
+    env.customer_ready("alice", "Active").await;
+
+    let (refused, exit) = release.uninstall_through_hook(&env).await;
+    let said = crate::support::cli::text(&refused);
+    assert!(!exit.success(), "the hook refuses while alice exists");
+    assert!(
+        !refused.status.success(),
+        "helm uninstall went through: {said}"
+    );
+    let deployment = format!("deployment/{}-m3o-operator", release.name);
+    kubectl(&["get", &deployment, "-n", &release.namespace]).await; // still installed
+
+    kubectl(&[
+        "delete",
+        "customers.m3o.com",
+        "--all",
+        "-n",
+        &env.ns,
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .await;
+    let (done, exit) = release.uninstall_through_hook(&env).await;
+    assert!(exit.success(), "the hook passes once the objects are gone");
+    assert!(
+        done.status.success(),
+        "{}",
+        crate::support::cli::text(&done)
+    );
+    op.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_the_charts_operator_and_gateway_under_runc() {
     let env = TestEnv::new("image").await;
@@ -326,15 +456,20 @@ async fn the_image_runs_the_charts_operator_and_gateway_over_tls_under_runc() {
         .replace(&cert, "/etc/m3o-operator/tls/postgres/tls.crt")
         .replace(&key, "/etc/m3o-operator/tls/postgres/tls.key");
     let gateway = tls.servers.gateway_config(&env);
-    let mut backend_values = backends(
+    let backend_values = backends(
         &database_url,
         operator.redis_url.as_deref().expect("redis URL"),
         operator.etcd_endpoints.as_deref().expect("etcd endpoints"),
     );
-    backend_values.insert("GATEWAY_REDIS_URL".into(), gateway.redis_url.clone());
+    // The gateway's own Secret: its Redis ACL user (README: Secure connections).
+    let gateway_values = BTreeMap::from([
+        ("REDIS_URL".to_owned(), gateway.redis_url.clone()),
+        ("ETCD_ENDPOINTS".to_owned(), gateway.etcd_endpoints.clone()),
+    ]);
     let password = BTreeMap::from([("password".to_owned(), tls.servers.password())]);
     let secrets = [
         ("m3o-operator-backends", backend_values),
+        ("gateway-backends", gateway_values),
         ("backend-tls", files),
         ("etcd-auth", password),
     ];
@@ -348,7 +483,11 @@ async fn the_image_runs_the_charts_operator_and_gateway_over_tls_under_runc() {
         "etcdAuth.passwordSecret=etcd-auth",
         "gateway.etcdAuth.username=m3o-gateway",
         "gateway.etcdAuth.passwordSecret=etcd-auth",
-        "gateway.redisUrlKey=GATEWAY_REDIS_URL",
+        "gateway.existingSecret=gateway-backends",
+        "gateway.tls.redis.existingSecret=backend-tls",
+        "gateway.tls.redis.clientCertificate=true",
+        "gateway.tls.etcd.existingSecret=backend-tls",
+        "gateway.tls.etcd.clientCertificate=true",
     ]
     .map(str::to_owned)
     .to_vec();

@@ -228,6 +228,11 @@ impl Operator {
             .unwrap_or(false)
     }
 
+    /// True until the process has exited (a restart would be a new process).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for the process to exit on its own.
     pub async fn wait(mut self) -> std::process::ExitStatus {
         self.child.wait().await.expect("wait operator")

@@ -21,8 +21,11 @@ use super::{TestEnv, free_port, suffix};
 
 /// The operator's user name in Redis and etcd (and its client certificate's CN).
 pub const OPERATOR_USER: &str = "m3o-operator";
-/// The gateway's etcd user.
+/// The gateway's etcd and Redis user.
 pub const GATEWAY_USER: &str = "m3o-gateway";
+/// The gateway's Redis commands, as the README grants them (its keys: its prefix).
+pub const GATEWAY_COMMANDS: &str =
+    "+ping +evalsha +script|load +time +get +set +incr +expire +hincrby";
 /// The operator's PostgreSQL role.
 pub const OPERATOR_ROLE: &str = "m3o_operator";
 const DATABASE: &str = "m3o";
@@ -145,18 +148,23 @@ impl Servers {
         }
     }
 
+    /// A `rediss://` URL of this Redis as `user` (same password for every user).
+    pub fn redis_url_as(&self, user: &str) -> String {
+        format!(
+            "rediss://{user}:{}@127.0.0.1:{}",
+            self.password, self.redis_port
+        )
+    }
+
     /// A gateway replica's config: etcd as its own user (it reads `<prefix>/` and
-    /// writes its report under `<prefix>/gateways/`), Redis as the admin, both over
-    /// TLS with the client certificate.
+    /// writes its report under `<prefix>/gateways/`), Redis as its own ACL user (its
+    /// keys and script only), both over TLS with the client certificate.
     pub fn gateway_config(&self, env: &TestEnv) -> GatewayConfig {
         let password_file = self.dir.join("gateway-etcd-password");
         std::fs::write(&password_file, &self.password).expect("password file");
         GatewayConfig {
             etcd_endpoints: format!("https://127.0.0.1:{}", self.etcd_port),
-            redis_url: format!(
-                "rediss://admin:{}@127.0.0.1:{}",
-                self.password, self.redis_port
-            ),
+            redis_url: self.redis_url_as(GATEWAY_USER),
             redis_prefix: format!("{}gw:", env.stream_prefix),
             extra_args: [
                 ("--etcd-ca-file", self.file("ca.crt")),

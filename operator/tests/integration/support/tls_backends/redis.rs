@@ -1,9 +1,9 @@
 //! Redis: TLS only, client certificates required, the default user off, the
-//! operator's ACL user.
+//! operator's and the gateway's ACL users (README: Secure connections).
 
 use tokio::process::{Child, Command};
 
-use super::{OPERATOR_USER, STARTUP, Servers, log_file};
+use super::{GATEWAY_COMMANDS, GATEWAY_USER, OPERATOR_USER, STARTUP, Servers, log_file};
 use crate::support::wait_redis_answers;
 
 impl Servers {
@@ -17,7 +17,10 @@ impl Servers {
              user default off\n\
              user admin on >{pw} ~* &* +@all\n\
              user {OPERATOR_USER} on >{pw} resetkeys ~{stream_prefix}* resetchannels -@all \
-             +ping +xadd +multi +exec +xinfo|groups\n",
+             +ping +xadd +multi +exec +xinfo|groups \
+             ~{stream_prefix}gw:usage:* +scan +hgetall +expire\n\
+             user {GATEWAY_USER} on >{pw} resetkeys ~{stream_prefix}gw:* resetchannels -@all \
+             {GATEWAY_COMMANDS}\n",
             port = self.redis_port,
             cert = self.file("server.crt"),
             key = self.file("server.key"),

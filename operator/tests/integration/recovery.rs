@@ -1,0 +1,759 @@
+//! Recovery (DESIGN section 4, recovery rule): writer terms that diverge between
+//! Postgres and etcd heal in one step and without a restart; a convergence whose
+//! recording rolled back after its etcd write still keeps `GatewaySynced` honest; and
+//! after a disaster (Postgres restored from an older backup, the etcd prefix wiped, the
+//! stream flushed, all at once) the resources win while the ids are kept.
+
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use crate::gateway::{issue, wait_gateway_synced};
+use crate::production::metric;
+use crate::support::gateway::check;
+use crate::support::{Backends, TestEnv, eventually, exit_log, http_get};
+
+/// `<prefix>.writer-epoch` of the test's (unsharded) operator.
+fn epoch_key(env: &TestEnv) -> String {
+    m3o_platform_contract::keys::writer_epoch_key(&env.etcd_prefix, "")
+}
+
+/// The writer term Postgres records.
+async fn postgres_epoch(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT epoch FROM writer_fence WHERE name = ''")
+        .fetch_one(&env.db)
+        .await
+        .expect("read writer_fence")
+}
+
+/// The writer term etcd records (`None`: no key).
+async fn etcd_epoch(env: &TestEnv) -> Option<i64> {
+    let resp = env
+        .etcd
+        .kv_client()
+        .get(epoch_key(env), None)
+        .await
+        .expect("etcd get");
+    let kv = resp.kvs().first()?;
+    Some(
+        kv.value_str()
+            .expect("utf-8")
+            .parse()
+            .expect("an epoch number"),
+    )
+}
+
+/// Keys under the prefix that the operator writes (gateway reports left out).
+async fn operator_keys(env: &TestEnv) -> Vec<String> {
+    let mut keys: Vec<String> = env
+        .etcd_keys()
+        .await
+        .into_iter()
+        .filter(|k| !k.contains("/gateways/"))
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_behind_etcd_starts_once_above_both() {
+    let env = TestEnv::new("pg-behind").await;
+    // As after a Postgres restore: etcd records a term Postgres never began.
+    env.etcd
+        .kv_client()
+        .put(epoch_key(&env), format!("{:020}", 40), None)
+        .await
+        .expect("put writer-epoch");
+    let mut op = env.start_operator().await;
+    assert_eq!(postgres_epoch(&env).await, 41, "one step above etcd's 40");
+    assert_eq!(etcd_epoch(&env).await, Some(41));
+
+    env.apply_customer("after-restore", json!({"email": "r@example.com"}))
+        .await;
+    let ready = env.wait_ready("after-restore").await;
+    let id = ready.status.and_then(|s| s.customer_id).expect("id");
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&id))
+            .await
+            .is_some(),
+        "provisioned into etcd"
+    );
+    assert!(op.is_running(), "started once: no exit, no crash loop");
+    assert_eq!(
+        metric(&op, "m3o_operator_fence_divergence_total").await,
+        1.0
+    );
+    let log = std::fs::read_to_string(&op.log_path).expect("log");
+    assert!(
+        log.contains("\"level\":\"WARN\"") && log.contains("writer term diverged"),
+        "a Warning says so:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_etcd_fence_key_heals_without_a_restart() {
+    let env = TestEnv::new("fence-heal").await;
+    let mut op = env.start_operator().await;
+    let quota = json!({"requestsPerSecond": 100});
+    let (key, _) = issue(&env, "dora", "dora-key", &["*"], quota.clone()).await;
+    let (other, _) = issue(&env, "eve", "eve-key", &["*"], quota).await;
+    let gateway = env.start_gateway(&env.gateway_config()).await;
+    assert_eq!(check(&gateway, &key, "/v1/x/y").await.status, 200);
+    op.settle().await;
+
+    // etcd's fence key gone (etcd restored from an old snapshot, or deleted by hand):
+    // every operator write is refused by etcd until the term is re-established.
+    env.etcd
+        .kv_client()
+        .delete(epoch_key(&env), None)
+        .await
+        .expect("delete writer-epoch");
+    env.apikeys()
+        .patch(
+            "dora-key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"blocked": true}})),
+        )
+        .await
+        .expect("block the key");
+    let blocked_at = Instant::now();
+    eventually(
+        "the blocked key to be refused by the gateway",
+        Duration::from_secs(5),
+        || async { (check(&gateway, &key, "/v1/x/y").await.status == 401).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "writer-epoch deleted, key blocked -> 401 at the gateway after {:?}",
+        blocked_at.elapsed()
+    );
+    assert!(op.is_running(), "healed without a restart");
+    assert_eq!(etcd_epoch(&env).await, Some(postgres_epoch(&env).await));
+    // At least one (tasks refused at once may each count the divergence they found).
+    let found = metric(&op, "m3o_operator_fence_divergence_total").await;
+    assert!(found >= 1.0, "counted: {found}");
+    let addr = format!("127.0.0.1:{}", op.port);
+    eventually("/readyz once healed", Duration::from_secs(30), || async {
+        http_get(&addr, "/readyz")
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+
+    // The whole prefix wiped, the fence key with it: everything comes back.
+    let before = operator_keys(&env).await;
+    env.etcd
+        .kv_client()
+        .delete(
+            env.etcd_prefix.clone(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("wipe the prefix");
+    let wiped_at = Instant::now();
+    eventually(
+        "every key of the prefix restored",
+        Duration::from_secs(30),
+        || async { (operator_keys(&env).await == before).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the live key to authenticate again",
+        Duration::from_secs(10),
+        || async { (check(&gateway, &other, "/v1/x/y").await.status == 200).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "prefix wiped -> {} keys restored and the live key 200 after {:?}",
+        before.len(),
+        wiped_at.elapsed()
+    );
+    assert_eq!(check(&gateway, &key, "/v1/x/y").await.status, 401);
+    assert!(op.is_running(), "healed without a restart");
+    assert!(metric(&op, "m3o_operator_fence_divergence_total").await > found);
+    eventually("/readyz once healed", Duration::from_secs(30), || async {
+        http_get(&addr, "/readyz")
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+}
+
+/// The key's row: its hash and the etcd revision recorded for its entry.
+async fn key_row(env: &TestEnv, id: &str) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT key_hash, coalesce(config_revision, 0) FROM api_keys WHERE id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(&env.db)
+    .await
+    .expect("read the key's row")
+}
+
+/// A replica's report, as a gateway writes it: it has applied etcd up to `revision`,
+/// and stops serving when etcd has not confirmed its index for 10 s (the default
+/// `--max-staleness`; a report without a bound voids GatewaySynced).
+async fn report_applied(env: &TestEnv, revision: i64) {
+    env.etcd
+        .kv_client()
+        .put(
+            format!("{}/gateways/stand-in", env.etcd_prefix),
+            json!({"appliedRevision": revision, "maxStalenessSeconds": 10}).to_string(),
+            None,
+        )
+        .await
+        .expect("put the replica report");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_convergence_is_still_awaited_by_gateway_synced() {
+    let env = TestEnv::new("rolled-back").await;
+    let first = env.start_operator().await;
+    let quota = json!({"requestsPerSecond": 100});
+    let (_, issued) = issue(&env, "fay", "fay-key", &["*"], quota).await;
+    let id = issued.status.and_then(|s| s.key_id).expect("keyId");
+    // A replica (a stand-in report) that has applied everything up to now.
+    let now = env
+        .etcd
+        .kv_client()
+        .get(epoch_key(&env), None)
+        .await
+        .expect("etcd get")
+        .header()
+        .map(|h| h.revision())
+        .expect("revision");
+    report_applied(&env, now).await;
+    wait_gateway_synced(&env, "fay-key", |_, s, _| s == "True").await;
+    first.stop().await;
+
+    // A writer that aborts right after its etcd write: the blocked entry lands in etcd,
+    // the transaction recording its revision rolls back.
+    let aborting = env.spawn_operator_with(Backends {
+        extra_env: vec![("M3O_FAILPOINTS".into(), "abort-after-etcd-write".into())],
+        ..Backends::default()
+    });
+    env.apikeys()
+        .patch(
+            "fay-key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"blocked": true}})),
+        )
+        .await
+        .expect("block the key");
+    let (status, log) = exit_log(aborting, "the writer aborts after its etcd write").await;
+    assert!(
+        !status.success() && log.contains("abort-after-etcd-write"),
+        "{log}"
+    );
+    let (hash, recorded) = key_row(&env, &id).await;
+    let entry = m3o_platform_contract::apikey_key(&hash);
+    assert_eq!(
+        env.etcd_json(&entry).await.expect("entry")["status"],
+        "blocked"
+    );
+    let entry_revision = env.etcd_mod_revision(&entry).await;
+    assert!(
+        recorded < entry_revision && now < entry_revision,
+        "set-up: the write landed at {entry_revision}, the record ({recorded}) rolled back"
+    );
+
+    // The next writer finds nothing to write; the revision of the entry it now has is
+    // still what every replica must have applied.
+    let _second = env.start_operator().await;
+    let (status, reason, message) = wait_gateway_synced(&env, "fay-key", |_, _, _| true).await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "Propagating"),
+        "a replica at {now} < {entry_revision} still accepts the key: {message}"
+    );
+    assert!(message.contains(&entry_revision.to_string()), "{message}");
+    assert_eq!(
+        key_row(&env, &id).await.1,
+        entry_revision,
+        "the floor recorded"
+    );
+
+    report_applied(&env, entry_revision).await;
+    let (_, _, message) = wait_gateway_synced(&env, "fay-key", |_, s, _| s == "True").await;
+    assert!(message.contains(&entry_revision.to_string()), "{message}");
+}
+
+/// Runs `program args`, asserting success.
+async fn must(program: &str, args: &[&str]) -> String {
+    crate::support::cli::ok(program, args, None).await
+}
+
+/// A key of `customer` (already Ready) named `name`, Ready; its plaintext.
+async fn key_for(env: &TestEnv, customer: &str, name: &str, extra: serde_json::Value) -> String {
+    let mut spec = crate::apikey::key_spec(extra);
+    spec["customerRef"]["name"] = json!(customer);
+    env.apply_apikey(name, spec).await;
+    env.wait_apikey(name, "True", "Provisioned").await;
+    env.secret_key(&format!("{name}-api-key"))
+        .await
+        .expect("the key's Secret")
+}
+
+async fn customer_id(env: &TestEnv, name: &str) -> String {
+    let c = env.customers().get(name).await.expect("customer");
+    c.status.and_then(|s| s.customer_id).expect("customerId")
+}
+
+async fn wait_deleted<K>(api: &kube::Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        &format!("{name} to be deleted"),
+        Duration::from_secs(60),
+        || async { api.get_opt(name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
+    let env = TestEnv::new("restore").await;
+    let started = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let op = env.start_operator().await;
+    let quota = json!({"requestsPerSecond": 100});
+    let (live, _) = issue(&env, "alpha", "a-live", &["*"], quota.clone()).await;
+    let rotated_out = key_for(&env, "alpha", "a-rot", json!({"rotationGracePeriod": "0s"})).await;
+    let blocked = key_for(&env, "alpha", "a-block", json!({})).await;
+    let deleted = key_for(&env, "alpha", "a-del", json!({})).await;
+    let (banned, _) = issue(&env, "beta", "b-key", &["*"], quota.clone()).await;
+    let (gone_key, _) = issue(&env, "gone", "g-key", &["*"], quota).await;
+    let (alpha_id, gone_id) = (
+        customer_id(&env, "alpha").await,
+        customer_id(&env, "gone").await,
+    );
+    op.settle().await;
+
+    // The backup: this test's schema, as an admin would take it.
+    let dump =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.dump", env.schema));
+    let dump = dump.to_str().expect("utf-8 path");
+    must(
+        "pg_dump",
+        &[
+            "--format=custom",
+            "--schema",
+            &env.schema,
+            "--file",
+            dump,
+            &env.database_url,
+        ],
+    )
+    .await;
+
+    // After the backup: a rotation without grace, a block, a key and a customer deleted.
+    env.apikeys()
+        .patch(
+            "a-rot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"rotationGeneration": 1}})),
+        )
+        .await
+        .expect("rotate");
+    env.apikeys()
+        .patch(
+            "a-block",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"blocked": true}})),
+        )
+        .await
+        .expect("block");
+    let rotated = eventually(
+        "the rotated key in its Secret",
+        Duration::from_secs(60),
+        || async {
+            env.secret_key("a-rot-api-key")
+                .await
+                .filter(|k| *k != rotated_out)
+        },
+    )
+    .await;
+    env.wait_apikey("a-rot", "True", "Provisioned").await;
+    env.wait_apikey("a-block", "True", "Blocked").await;
+    env.customers()
+        .patch(
+            "beta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"state": "Banned"}})),
+        )
+        .await
+        .expect("ban beta");
+    env.wait_apikey("b-key", "True", "Blocked").await;
+    let delete = kube::api::DeleteParams::default();
+    env.apikeys()
+        .delete("a-del", &delete)
+        .await
+        .expect("delete a-del");
+    env.apikeys()
+        .delete("g-key", &delete)
+        .await
+        .expect("delete g-key");
+    env.subscriptions()
+        .delete("gone", &delete)
+        .await
+        .expect("delete sub");
+    env.customers()
+        .delete("gone", &delete)
+        .await
+        .expect("delete gone");
+    for name in ["a-del", "g-key"] {
+        wait_deleted(&env.apikeys(), name).await;
+    }
+    wait_deleted(&env.customers(), "gone").await;
+    op.settle().await;
+    assert_eq!(op.stop().await.code(), Some(0));
+
+    // The disaster, all at once: Postgres restored from the backup, the etcd prefix
+    // wiped (the fence key with it), the stream flushed.
+    sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", env.schema))
+        .execute(&env.db)
+        .await
+        .expect("drop the schema");
+    must("pg_restore", &["--dbname", &env.database_url, dump]).await;
+    env.etcd
+        .kv_client()
+        .delete(
+            env.etcd_prefix.clone(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("wipe the prefix");
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let stream = m3o_events::stream_key(&env.stream_prefix, m3o_events::customers::TOPIC);
+    redis::cmd("DEL")
+        .arg(&stream)
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("flush the stream");
+
+    let restarted_at = Instant::now();
+    let op = env.start_operator().await;
+    let gateway = env.start_gateway(&env.gateway_config()).await;
+    let expected = [
+        (&live, 200, "a-live"),
+        (&rotated, 200, "a-rot (its Secret's key)"),
+        (&rotated_out, 401, "a-rot's key rotated out without grace"),
+        (&blocked, 401, "a-block, blocked after the backup"),
+        (&banned, 403, "b-key, its customer banned after the backup"),
+        (&deleted, 401, "a-del, deleted after the backup"),
+        (
+            &gone_key,
+            401,
+            "the key of the customer deleted after the backup",
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut wrong = Vec::new();
+        for (key, status, what) in &expected {
+            let got = check(&gateway, key, "/v1/x/y").await.status;
+            if got != *status {
+                wrong.push(format!("{what}: {got}, not {status}"));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after 60s: {}", wrong.join("; "));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "restore + wipe + flush -> every key right after {:?}",
+        restarted_at.elapsed()
+    );
+    op.settle().await;
+    for (key, status, what) in &expected {
+        assert_eq!(
+            check(&gateway, key, "/v1/x/y").await.status,
+            *status,
+            "{what}"
+        );
+    }
+    assert_eq!(customer_id(&env, "alpha").await, alpha_id, "the id is kept");
+    for (key, what) in [(&rotated_out, "rotated out"), (&deleted, "deleted")] {
+        let hash = hex::encode(m3o_gateway::decision::key_hash(key));
+        let status: String = sqlx::query_scalar("SELECT status FROM api_keys WHERE key_hash = $1")
+            .bind(&hash)
+            .fetch_one(&env.db)
+            .await
+            .expect("the key's row");
+        assert_eq!(
+            status, "revoked",
+            "the key {what} after the backup is revoked"
+        );
+    }
+    assert_eq!(env.row_by_id(&alpha_id).await.status, "active");
+    let gone: (Option<chrono::DateTime<chrono::Utc>>,) =
+        sqlx::query_as("SELECT deleted_at FROM customers WHERE id = $1::uuid")
+            .bind(&gone_id)
+            .fetch_one(&env.db)
+            .await
+            .expect("the deleted customer's row");
+    assert!(
+        gone.0.is_some(),
+        "the customer deleted after the backup is retired"
+    );
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&gone_id))
+            .await
+            .is_none(),
+        "and absent from etcd"
+    );
+
+    let audit = env
+        .admin(
+            &["audit", "--namespace", &env.ns],
+            &crate::admin::AdminBackends::default(),
+        )
+        .await;
+    assert_eq!(
+        audit.status.code(),
+        Some(0),
+        "{}",
+        crate::support::cli::text(&audit)
+    );
+
+    // Consumers whose stream was lost: the retained events again, with their ids.
+    let retained: Vec<(uuid::Uuid,)> =
+        sqlx::query_as("SELECT id FROM outbox WHERE published_at IS NOT NULL AND created_at >= $1")
+            .bind(started)
+            .fetch_all(&env.db)
+            .await
+            .expect("retained events");
+    assert!(!retained.is_empty());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+        .args(["outbox", "replay", "--since", &started.to_rfc3339()])
+        .args([
+            "--database-schema",
+            &env.schema,
+            "--stream-prefix",
+            &env.stream_prefix,
+        ])
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", &env.redis_url)
+        .output()
+        .await
+        .expect("run outbox replay");
+    assert!(out.status.success(), "{}", crate::support::cli::text(&out));
+    let ids: std::collections::HashSet<String> = env
+        .stream_events()
+        .await
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    for (id,) in &retained {
+        assert!(
+            ids.contains(&id.to_string()),
+            "event {id} re-sent with its id"
+        );
+    }
+    eprintln!(
+        "outbox replay re-sent {} retained events with their ids",
+        retained.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
+    let env = TestEnv::new("beat-reopen").await;
+    let mut op = env
+        .start_operator_with(Backends {
+            extra_args: crate::production::FAST_TIMINGS.map(String::from).to_vec(),
+            ..Backends::default()
+        })
+        .await;
+    // The heartbeat's session (of this schema's holder): its last statement is the beat.
+    let heartbeat_session = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE query LIKE 'UPDATE writer_fence SET beat_at%' \
+               AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
+        )
+        .fetch_optional(&env.db)
+        .await
+        .ok()
+        .flatten()
+    };
+    let pid = eventually(
+        "the heartbeat session",
+        Duration::from_secs(10),
+        heartbeat_session,
+    )
+    .await;
+    // As a proxy's idle timeout would: the session is gone under the holder.
+    let cut_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp() FROM pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&env.db)
+            .await
+            .expect("terminate the heartbeat session");
+    // Beats go on past the renew deadline (3s), which a lost term would not see.
+    let renewed = eventually(
+        "a beat later than the renew deadline after the cut",
+        Duration::from_secs(15),
+        || async {
+            let beat_at: chrono::DateTime<chrono::Utc> =
+                sqlx::query_scalar("SELECT beat_at FROM writer_fence WHERE name = ''")
+                    .fetch_one(&env.db)
+                    .await
+                    .ok()?;
+            (beat_at > cut_at + chrono::Duration::seconds(4)).then_some(beat_at)
+        },
+    )
+    .await;
+    eprintln!(
+        "heartbeat session terminated -> still beating {:?} later",
+        (renewed - cut_at).to_std().unwrap_or_default()
+    );
+    assert!(op.is_running(), "the term was kept");
+    assert_ne!(heartbeat_session().await, Some(pid), "on a new session");
+    assert_eq!(metric(&op, "m3o_operator_leader").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_kept_by_orphan_survive_and_records_of_vanished_resources_are_retired() {
+    let env = TestEnv::new("orphan-pass").await;
+    let op = env.start_operator().await;
+    let orphan = json!({"deletionPolicy": "Orphan"});
+    env.apply_customer(
+        "kept",
+        json!({"email": "kept@example.com", "deletionPolicy": "Orphan"}),
+    )
+    .await;
+    env.apply_customer("vanished", json!({"email": "v@example.com"}))
+        .await;
+    let kept_key = key_for(&env, "kept", "kept-key", orphan).await;
+    let kept_id = customer_id(&env, "kept").await;
+    let vanished_id = customer_id(&env, "vanished").await;
+    let delete = kube::api::DeleteParams::default();
+    env.apikeys()
+        .delete("kept-key", &delete)
+        .await
+        .expect("delete kept-key");
+    env.customers()
+        .delete("kept", &delete)
+        .await
+        .expect("delete kept");
+    wait_deleted(&env.apikeys(), "kept-key").await;
+    wait_deleted(&env.customers(), "kept").await;
+    op.settle().await;
+    assert_eq!(op.stop().await.code(), Some(0));
+    // Gone without its cleanup (its finalizer removed by hand while no operator ran).
+    env.customers()
+        .delete("vanished", &delete)
+        .await
+        .expect("delete vanished");
+    env.customers()
+        .patch(
+            "vanished",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("remove the finalizer");
+    wait_deleted(&env.customers(), "vanished").await;
+
+    let op = env.start_operator().await;
+    let log = op.log_path.clone();
+    eventually(
+        "the pass over the live records",
+        Duration::from_secs(30),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("compared the live records with the resources")
+                .then_some(())
+        },
+    )
+    .await;
+    op.settle().await;
+    let deleted_at = |id: String| {
+        let db = env.db.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+                "SELECT deleted_at FROM customers WHERE id = $1::uuid",
+            )
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .expect("customer row")
+        }
+    };
+    assert!(
+        deleted_at(kept_id.clone()).await.is_none(),
+        "Orphan kept it"
+    );
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&kept_id))
+            .await
+            .is_some()
+    );
+    let gateway = env.start_gateway(&env.gateway_config()).await;
+    assert_eq!(
+        check(&gateway, &kept_key, "/v1/x/y").await.status,
+        200,
+        "the orphaned key keeps working"
+    );
+    assert!(
+        deleted_at(vanished_id.clone()).await.is_some(),
+        "the vanished one is retired"
+    );
+    assert!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&vanished_id))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_term_in_etcd_stops_the_writer_and_its_restart_begins_above_both() {
+    let env = TestEnv::new("etcd-ahead").await;
+    let op = env.start_operator().await;
+    env.apply_customer("cleo", json!({"email": "cleo@example.com"}))
+        .await;
+    let id = env
+        .wait_ready("cleo")
+        .await
+        .status
+        .and_then(|s| s.customer_id)
+        .expect("id");
+    let mine = postgres_epoch(&env).await;
+    // Postgres restored under a running operator: etcd records a term Postgres does not.
+    env.etcd
+        .kv_client()
+        .put(epoch_key(&env), format!("{:020}", mine + 10), None)
+        .await
+        .expect("put writer-epoch");
+    env.apply_customer("cleo", json!({"email": "cleo@example.com", "name": "Cleo"}))
+        .await;
+    let (status, log) = exit_log(op, "the writer stops").await;
+    assert!(!status.success());
+    assert!(
+        log.contains("etcd records a newer writer term than Postgres"),
+        "{log}"
+    );
+    let key = m3o_platform_contract::customer_key(&id);
+    assert_ne!(
+        env.etcd_json(&key).await.map(|v| v["name"].clone()),
+        Some(json!("Cleo")),
+        "nothing written under the newer term"
+    );
+
+    let mut op = env.start_operator().await;
+    assert_eq!(postgres_epoch(&env).await, mine + 11, "one step above both");
+    eventually("the change in etcd", Duration::from_secs(30), || async {
+        let name = env.etcd_json(&key).await?["name"].clone();
+        (name == json!("Cleo")).then_some(())
+    })
+    .await;
+    assert!(op.is_running());
+}

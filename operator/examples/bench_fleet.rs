@@ -412,16 +412,20 @@ fn metric_sum(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// API-server writes (any verb but get, list and watch) between two samples.
+/// API-server writes (any verb but get, list and watch) between two samples, and what
+/// they were.
 fn api_writes(
     before: &std::collections::BTreeMap<String, f64>,
     after: &std::collections::BTreeMap<String, f64>,
-) -> f64 {
-    after
+) -> (f64, String) {
+    let writes: Vec<(String, f64)> = after
         .iter()
         .filter(|(k, _)| !["GET ", "LIST ", "WATCH "].iter().any(|v| k.starts_with(v)))
-        .map(|(k, v)| v - before.get(k).unwrap_or(&0.0))
-        .sum()
+        .map(|(k, v)| (k.clone(), v - before.get(k).unwrap_or(&0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    let what: Vec<String> = writes.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+    (writes.iter().map(|(_, v)| v).sum(), what.join(", "))
 }
 
 /// Waits until a restarted operator (metrics on `port`, spawned at `started`) is
@@ -752,7 +756,8 @@ async fn main() -> Result<()> {
     let (quiet, restart_reconciles) = restart_quiet(port, started).await?;
     let restart_requests =
         requests_per_object(&restart_requests0, &api_requests(&client).await?, objects);
-    let restart_writes = api_writes(&restart_requests0, &api_requests(&client).await?);
+    let (restart_writes, restart_write_kinds) =
+        api_writes(&restart_requests0, &api_requests(&client).await?);
     let (restart_rev1, restart_tx1) = (revision(etcd.clone()).await?, xacts().await?);
     let restart_rss = proc_field(restart_pid, "status", "VmHWM:");
     operator.kill().await?;
@@ -828,6 +833,7 @@ async fn main() -> Result<()> {
         restart_tx1 - restart_tx0,
         restart_rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
     );
+    println!("  API writes:                  {restart_write_kinds}");
     println!("  API requests per object:     {restart_requests}");
     println!(
         "block -> etcd, during bulk:    {}",

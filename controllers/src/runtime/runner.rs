@@ -90,8 +90,9 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Changes of Customers that matter to their dependents (Subscriptions, ApiKeys): the
 /// spec, the generation its record was last written for (a dependent reads the record,
 /// so it must look again once a change reached it), readiness, state, the record id,
-/// labels and finalizers, and the object itself (uid) - not every status write of the
-/// Customer controller. A deletion always passes: the deleted object carries the fields
+/// labels, and the object itself (uid) - not every status write of the Customer
+/// controller, nor its finalizer (added in the pass that provisions, just before the
+/// status that matters; a deletion moves the generation). A deletion always passes: the deleted object carries the fields
 /// of its last update, which a filter would take for no change.
 pub fn customer_changes(
     events: impl futures::Stream<Item = Result<watcher::Event<m3o_crds::Customer>, watcher::Error>>
@@ -107,7 +108,6 @@ pub fn customer_changes(
             &c.metadata.uid,
             c.metadata.generation,
             &c.metadata.labels,
-            &c.metadata.finalizers,
             ready,
             status.and_then(|s| s.observed_generation),
             status.and_then(|s| s.state.map(|st| st.as_str())),
@@ -176,13 +176,18 @@ pub async fn run_with<K, F, Fut>(
 }
 
 /// What a change must touch to be reconciled: the spec (generation; it also moves when
-/// a deletion starts), the finalizers, the labels (an object changes shard).
+/// a deletion starts), the deletion, the labels (an object changes shard). Not the
+/// finalizers: the operator adds its own in the pass that provisions
+/// ([`crate::runtime::finalizer`]), and that patch must not trigger another pass; one
+/// removed by hand is added back by the next bulk comparison, which finds it missing.
 fn reconcile_fingerprint<K: Resource>(obj: &K) -> u64 {
     use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (
-        crate::runtime::changes::spec_fingerprint(obj),
-        &obj.meta().labels,
+        meta.generation,
+        meta.deletion_timestamp.as_ref().map(|t| t.0),
+        &meta.labels,
     )
         .hash(&mut h);
     h.finish()

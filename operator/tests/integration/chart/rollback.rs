@@ -29,19 +29,7 @@ async fn an_older_binary_migrates_and_serves_on_a_schema_a_newer_release_migrate
     .await
     .expect("newer applied version");
 
-    let out = run(
-        env!("CARGO_BIN_EXE_m3o-operator"),
-        &[
-            "migrate",
-            "--database-url",
-            &env.database_url,
-            "--database-schema",
-            &env.schema,
-        ],
-        None,
-    )
-    .await;
-    let log = crate::support::cli::text(&out);
+    let (out, log) = migrate(&env).await;
     assert!(out.status.success(), "migrate on a newer schema: {log}");
 
     let op = env.start_operator().await;
@@ -55,6 +43,16 @@ async fn an_older_binary_migrates_and_serves_on_a_schema_a_newer_release_migrate
         .execute(&env.db)
         .await
         .expect("raise the floor");
+    let (out, log) = migrate(&env).await;
+    assert!(!out.status.success(), "migrate below the floor: {log}");
+    assert!(
+        log.contains(&format!("needs a binary that knows migration {newer}")),
+        "{log}"
+    );
+}
+
+/// `m3o-operator migrate` on the test's schema (the chart's hook Job): its exit and log.
+async fn migrate(env: &TestEnv) -> (std::process::Output, String) {
     let out = run(
         env!("CARGO_BIN_EXE_m3o-operator"),
         &[
@@ -68,9 +66,5 @@ async fn an_older_binary_migrates_and_serves_on_a_schema_a_newer_release_migrate
     )
     .await;
     let log = crate::support::cli::text(&out);
-    assert!(!out.status.success(), "migrate below the floor: {log}");
-    assert!(
-        log.contains(&format!("needs a binary that knows migration {newer}")),
-        "{log}"
-    );
+    (out, log)
 }

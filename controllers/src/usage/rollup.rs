@@ -160,7 +160,6 @@ impl Rollup {
                             took = ?begun.elapsed(),
                             "usage rolled up"
                         );
-                        self.announce(&summary.reached).await;
                     }
                     Err(err) => {
                         self.ctx.metrics.usage_rollups_failed.inc();
@@ -283,6 +282,9 @@ impl Rollup {
                 summary.counters += counters.len();
                 for page in counters.chunks(self.settings.page_rows.max(1)) {
                     let (written, mut reached, usage) = self.commit_page(page, day).await?;
+                    // At once: the threshold row now exists, so a rerun after a later
+                    // failure would find nothing to announce.
+                    self.announce(&reached).await;
                     summary.rows_written += written;
                     summary.reached.append(&mut reached);
                     summary.status_triggers += self.show(usage, day, now, budget);
@@ -380,9 +382,12 @@ impl Rollup {
 }
 
 /// Upserts counters; returns the rows inserted or changed. Re-reading a counter adds
-/// nothing (its delta to `counter` is 0); a counter of a hash with another epoch, or a
-/// smaller one, means Redis lost the old hash (a flush): it is added whole (see
-/// migration 0011).
+/// nothing (its delta to `counter` is 0). A hash with another epoch than the one
+/// accounted for is a new hash (Redis lost the old one: a flush): its counter is added
+/// whole. Under the same epoch a smaller counter is a failover to a lagging replica: it
+/// adds nothing and the accounted counter stays. A hash first accounted for without an
+/// epoch (written by a gateway older than the epoch) is compared as before: growth, or
+/// whole when smaller (see migration 0011).
 pub async fn upsert(tx: &mut PgConnection, page: &[Counter]) -> Result<u64, sqlx::Error> {
     let mut page = page.to_vec();
     page.sort();
@@ -409,9 +414,14 @@ pub async fn upsert(tx: &mut PgConnection, page: &[Counter]) -> Result<u64, sqlx
         "INSERT INTO usage_daily AS u (customer_id, key_id, api, day, requests, counter, counter_epoch) \
          SELECT c, k, a, d, n, n, e FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::date[], $5::bigint[], $6::bigint[]) AS t(c, k, a, d, n, e) \
          ON CONFLICT (customer_id, key_id, api, day) DO UPDATE SET \
-           requests = u.requests + CASE WHEN EXCLUDED.counter_epoch = u.counter_epoch AND EXCLUDED.counter >= u.counter \
-                                   THEN EXCLUDED.counter - u.counter ELSE EXCLUDED.counter END, \
-           counter = EXCLUDED.counter, counter_epoch = EXCLUDED.counter_epoch, updated_at = now() \
+           requests = u.requests + CASE \
+             WHEN u.counter_epoch <> 0 AND EXCLUDED.counter_epoch <> u.counter_epoch THEN EXCLUDED.counter \
+             WHEN EXCLUDED.counter >= u.counter THEN EXCLUDED.counter - u.counter \
+             WHEN u.counter_epoch <> 0 THEN 0 \
+             ELSE EXCLUDED.counter END, \
+           counter = CASE WHEN u.counter_epoch <> 0 AND EXCLUDED.counter_epoch = u.counter_epoch \
+             THEN GREATEST(u.counter, EXCLUDED.counter) ELSE EXCLUDED.counter END, \
+           counter_epoch = EXCLUDED.counter_epoch, updated_at = now() \
          WHERE u.counter <> EXCLUDED.counter OR u.counter_epoch <> EXCLUDED.counter_epoch",
     )
     .bind(customers)

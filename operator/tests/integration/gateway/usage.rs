@@ -5,8 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use clap::Parser;
-use m3o_gateway::settings::Cli;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -15,7 +13,7 @@ use crate::apikey::key_spec;
 use crate::support::gateway::{GatewayConfig, check, start_upstream};
 use crate::support::nginx::Nginx;
 use crate::support::operator::{Backends, Operator};
-use crate::support::{TestEnv, eventually, http_get};
+use crate::support::{TestEnv, eventually};
 
 /// The operator flags that make it roll up this test's gateway counters, every second.
 fn usage_flags(config: &GatewayConfig) -> Vec<String> {
@@ -25,47 +23,6 @@ fn usage_flags(config: &GatewayConfig) -> Vec<String> {
         "--usage-interval".into(),
         "1s".into(),
     ]
-}
-
-/// A gateway replica listening on `addr` (a restarted replica, behind the same nginx).
-async fn start_gateway_at(
-    env: &TestEnv,
-    config: &GatewayConfig,
-    addr: &str,
-) -> m3o_gateway::Gateway {
-    let mut args = vec![
-        "m3o-gateway-auth".to_owned(),
-        "--etcd-endpoints".into(),
-        config.etcd_endpoints.clone(),
-        "--etcd-prefix".into(),
-        env.etcd_prefix.clone(),
-        "--redis-url".into(),
-        config.redis_url.clone(),
-        "--redis-prefix".into(),
-        config.redis_prefix.clone(),
-        "--listen".into(),
-        addr.to_owned(),
-        "--metrics-addr".into(),
-        "127.0.0.1:0".into(),
-        "--replica-id".into(),
-        format!("restarted-{}", crate::support::suffix()),
-    ];
-    args.extend(config.extra_args.iter().cloned());
-    let cli = Cli::try_parse_from(args).expect("gateway flags");
-    let gateway = m3o_gateway::start(cli.run).await.expect("start gateway");
-    let ops = gateway.metrics_addr.to_string();
-    eventually(
-        "restarted gateway /readyz",
-        Duration::from_secs(30),
-        || async {
-            http_get(&ops, "/readyz")
-                .await
-                .filter(|(code, _)| *code == 200)
-                .map(|_| ())
-        },
-    )
-    .await;
-    gateway
 }
 
 /// `usage_daily` of a customer summed by (key, API).
@@ -171,7 +128,7 @@ async fn usage_totals_are_exact_through_nginx_and_a_restarted_replica_loses_no_c
     for (batch, chunk) in plan.chunks(50).enumerate() {
         if batch == 10 {
             a.take().expect("replica a").stop().await;
-            a = Some(start_gateway_at(&env, &config, &a_addr).await);
+            a = Some(env.start_gateway_at(&config, &a_addr).await);
         }
         let replies = futures::future::join_all(chunk.iter().map(|(k, api)| {
             let (nginx, key, path) = (&nginx, &keys[*k].0, format!("/v1/{api}/Call"));

@@ -33,7 +33,12 @@ impl TestEnv {
 
     /// Starts a gateway replica and waits until it has loaded the platform config.
     pub async fn start_gateway(&self, config: &GatewayConfig) -> Gateway {
-        let gateway = self.start_gateway_unready(config).await;
+        self.start_gateway_at(config, "127.0.0.1:0").await
+    }
+
+    /// [`Self::start_gateway`] listening on `addr` (a replica restarted on its port).
+    pub async fn start_gateway_at(&self, config: &GatewayConfig, addr: &str) -> Gateway {
+        let gateway = self.start_gateway_unready_at(config, addr).await;
         let ops = gateway.metrics_addr.to_string();
         eventually("gateway /readyz", Duration::from_secs(30), || async {
             http_get(&ops, "/readyz")
@@ -47,6 +52,10 @@ impl TestEnv {
 
     /// Starts a gateway replica without waiting for anything.
     pub async fn start_gateway_unready(&self, config: &GatewayConfig) -> Gateway {
+        self.start_gateway_unready_at(config, "127.0.0.1:0").await
+    }
+
+    async fn start_gateway_unready_at(&self, config: &GatewayConfig, addr: &str) -> Gateway {
         let mut args = vec![
             "m3o-gateway-auth".to_owned(),
             "--etcd-endpoints".into(),
@@ -58,7 +67,7 @@ impl TestEnv {
             "--redis-prefix".into(),
             config.redis_prefix.clone(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            addr.to_owned(),
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
             "--replica-id".into(),

@@ -664,15 +664,9 @@ async fn records_kept_by_orphan_survive_and_records_of_vanished_resources_are_re
     wait_deleted(&env.customers(), "vanished").await;
 
     let op = env.start_operator().await;
-    let log = op.log_path.clone();
-    eventually(
+    op.wait_log(
         "the pass over the live records",
-        Duration::from_secs(30),
-        || async {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.contains("compared the live records with the resources")
-                .then_some(())
-        },
+        "compared the live records with the resources",
     )
     .await;
     op.settle().await;

@@ -150,17 +150,12 @@ async fn watch_namespaces_scope_secrets_and_the_operator_works_in_each() {
     );
     assert!(env_c.secret_key("carol-key-api-key").await.is_none());
 
-    let log = operator.log_path.clone();
-    eventually(
-        "the pass over the live records",
-        Duration::from_secs(30),
-        || async {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.contains("compared the live records with the resources")
-                .then_some(())
-        },
-    )
-    .await;
+    operator
+        .wait_log(
+            "the pass over the live records",
+            "compared the live records with the resources",
+        )
+        .await;
     let deleted = |id: uuid::Uuid| {
         let db = env_a.db.clone();
         async move {

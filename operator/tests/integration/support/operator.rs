@@ -136,6 +136,16 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Waits (30 s at most) until the operator's log has a line containing `text`.
+    pub async fn wait_log(&self, what: &str, text: &str) {
+        let log = self.log_path.clone();
+        eventually(what, Duration::from_secs(30), || async {
+            let logged = std::fs::read_to_string(&log).ok()?;
+            logged.contains(text).then_some(())
+        })
+        .await;
+    }
+
     pub async fn wait_ready(&self) {
         let url = format!("127.0.0.1:{}", self.port);
         let log = self.log_path.clone();

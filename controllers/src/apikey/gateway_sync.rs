@@ -175,40 +175,57 @@ pub fn wake_at(cond: Option<&Cond>, wake_at: Option<DateTime<Utc>>) -> Option<Da
     }
 }
 
-/// True when the key's status says its gateways are synced.
-fn synced(key: &ApiKey) -> bool {
-    key.status
-        .as_ref()
-        .and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == types::GATEWAY_SYNCED)
-        })
-        .is_none_or(|c| c.status == "True")
+/// The key's `GatewaySynced` condition in its status, if any.
+fn gateway_synced(key: &ApiKey) -> Option<&m3o_crds::Condition> {
+    let status = key.status.as_ref()?;
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::GATEWAY_SYNCED)
 }
 
-/// ApiKeys to re-check whenever a replica registers, reports or leaves: those whose
-/// `GatewaySynced` is not True.
+/// ApiKeys to re-check whenever a replica registers, reports or leaves (and once the
+/// reports are first listed, for what changed while the operator was down): those
+/// whose `GatewaySynced` is not True and may change with the roster.
 pub fn report_changes(
     ctx: Arc<Context>,
     keys: Store<ApiKey>,
 ) -> impl Stream<Item = ObjectRef<ApiKey>> + Send + 'static {
     // Capacity 1: a burst of reports is one re-check.
     let (tx, rx) = mpsc::channel::<()>(1);
-    tokio::spawn(forward_report_changes(ctx, tx));
+    tokio::spawn(forward_report_changes(ctx.clone(), tx));
     futures::stream::unfold(
         rx,
         |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
     )
-    .flat_map(move |()| {
-        let refs: Vec<_> = keys
-            .state()
-            .iter()
-            .filter(|k| !synced(k))
-            .map(|k| ObjectRef::from_obj(k.as_ref()))
-            .collect();
-        futures::stream::iter(refs)
+    .then(move |()| {
+        let (ctx, keys) = (ctx.clone(), keys.clone());
+        async move {
+            // The first re-check can come before the keys have listed: it must not
+            // miss them (their requeues did not survive a restart).
+            crate::runtime::context::listed(&keys).await;
+            let roster = ctx.platform.gateway_roster();
+            let refs: Vec<_> = keys
+                .state()
+                .iter()
+                .filter(|k| may_change(k, &roster))
+                .map(|k| ObjectRef::from_obj(k.as_ref()))
+                .collect();
+            futures::stream::iter(refs)
+        }
     })
+    .flatten()
+}
+
+/// Whether `key`'s `GatewaySynced` may change with `roster`: it is there and not True,
+/// and it is not "no replica registered" while still none is.
+fn may_change(key: &ApiKey, roster: &RosterView) -> bool {
+    match gateway_synced(key) {
+        // No write to confirm yet.
+        None => false,
+        Some(c) if c.status == "True" => false,
+        Some(c) => !(c.reason == NO_GATEWAYS && roster.replicas.is_empty()),
+    }
 }
 
 /// Follows the reports into the roster (a list, then a watch from its revision; a
@@ -278,6 +295,37 @@ mod tests {
             replicas,
             followed_for: Some(Duration::from_secs(60)),
         }
+    }
+
+    fn key_with(cond: Option<(&str, &str)>) -> ApiKey {
+        let conditions: Vec<_> = cond
+            .map(|(status, reason)| {
+                serde_json::json!({"type": "GatewaySynced", "status": status, "reason": reason,
+                    "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "m3o.com/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": "k", "namespace": "ns"},
+            "spec": {"customerRef": {"name": "c"}, "description": "d", "scopes": ["*"]},
+            "status": {"conditions": conditions},
+        }))
+        .expect("a valid ApiKey")
+    }
+
+    #[test]
+    fn a_report_change_rechecks_only_keys_whose_condition_it_may_change() {
+        let none = roster(vec![]);
+        let one = roster(vec![replica("a", 10, None)]);
+        for r in [&none, &one] {
+            assert!(!may_change(&key_with(None), r), "nothing written yet");
+            assert!(!may_change(&key_with(Some(("True", SYNCED))), r));
+            assert!(may_change(&key_with(Some(("False", PROPAGATING))), r));
+        }
+        let unregistered = key_with(Some(("Unknown", NO_GATEWAYS)));
+        assert!(!may_change(&unregistered, &none), "still no replica");
+        assert!(may_change(&unregistered, &one), "a replica registered");
     }
 
     #[test]

@@ -117,25 +117,12 @@ fn secret_changes(
         .then(move |(mut passed, first_list)| {
             let keys = keys.clone();
             async move {
-                if let Some(listed) = first_list {
-                    // The ApiKeys' own first list may still be under way. Asked again
-                    // every 100 ms: kube's readiness signal wakes only its latest waiter
-                    // (a oneshot), and the controllers wait on it too.
-                    loop {
-                        let ready = tokio::time::timeout(
-                            std::time::Duration::from_millis(100),
-                            keys.wait_until_ready(),
-                        );
-                        match ready.await {
-                            Ok(Ok(())) => {
-                                let keys = keys.state();
-                                passed.extend(keys_without_secret(&keys, &listed).map(Ok));
-                                break;
-                            }
-                            Ok(Err(_)) => break,
-                            Err(_) => {}
-                        }
-                    }
+                // The ApiKeys' own first list may still be under way.
+                if let Some(listed) = first_list
+                    && crate::runtime::context::listed(&keys).await
+                {
+                    let keys = keys.state();
+                    passed.extend(keys_without_secret(&keys, &listed).map(Ok));
                 }
                 futures::stream::iter(passed)
             }

@@ -80,10 +80,25 @@ where
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    matches!(
-        tokio::time::timeout(wait, store.wait_until_ready()).await,
-        Ok(Ok(()))
-    )
+    matches!(tokio::time::timeout(wait, listed(store)).await, Ok(true))
+}
+
+/// Resolves once `store` has listed: true, or false if its writer is gone first.
+/// Asked again every 100 ms: kube's readiness signal is a oneshot that wakes only its
+/// latest waiter, and several tasks wait on one store.
+pub async fn listed<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        let ready = tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready());
+        match ready.await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => {}
+        }
+    }
 }
 
 /// Shared state of the controllers.

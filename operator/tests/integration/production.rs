@@ -140,20 +140,23 @@ async fn metrics_exist_and_move() {
     let c = env.wait_ready("counted").await;
     let id = c.status.and_then(|s| s.customer_id).expect("id");
     env.wait_events(1).await;
+    let get = |m: &HashMap<String, f64>, s: &str| m.get(s).copied().unwrap_or(0.0);
+    // A reconcile is counted when it starts and timed when it returns, which
+    // can be after its status write and the relay's publish: wait for both.
     let after = eventually(
-        "events_published to move",
+        "events_published and the reconcile's duration to move",
         Duration::from_secs(10),
         || async {
             let m = parse_metrics(&op.metrics().await);
-            (m.get("m3o_operator_events_published_total")
-                .copied()
-                .unwrap_or(0.0)
-                >= 1.0)
+            (get(&m, "m3o_operator_events_published_total") >= 1.0
+                && get(
+                    &m,
+                    "m3o_operator_reconcile_duration_seconds_count{kind=\"Customer\"}",
+                ) >= 1.0)
                 .then_some(m)
         },
     )
     .await;
-    let get = |m: &HashMap<String, f64>, s: &str| m.get(s).copied().unwrap_or(0.0);
     assert!(
         get(&after, "m3o_operator_reconciles_total{kind=\"Customer\"}")
             > get(&before, "m3o_operator_reconciles_total{kind=\"Customer\"}")

@@ -93,7 +93,7 @@ demo: deps tools
 BENCH_N ?= 1000
 bench: deps tools
 	$(CARGO) build --release -p m3o-operator --bins --examples
-	BENCH_N=$(BENCH_N) hack/env.sh run -- target/release/examples/bench_fleet
+	BENCH_N=$(BENCH_N) M3O_PG_STATEMENTS=1 hack/env.sh run -- target/release/examples/bench_fleet
 
 # Figures, not a pass/fail: m3o-gateway-auth checks/s and p50/p99 with 10,000 keys
 # (with and without the Redis limit), revocation latency through nginx, index memory.

@@ -353,11 +353,16 @@ if [[ "$tls" == 1 ]]; then
   pg_tls=(-c ssl=on -c "ssl_cert_file=$dir/pg/backend.crt" -c "ssl_key_file=$dir/pg/server.key"
     -c "ssl_ca_file=$dir/pg/ca.crt")
 fi
+# M3O_PG_STATEMENTS=1 (make bench): count statements, for the benchmark's Postgres figures.
+pg_statements=()
+if [[ "${M3O_PG_STATEMENTS:-}" == 1 ]]; then
+  pg_statements=(-c shared_preload_libraries=pg_stat_statements)
+fi
 (
   as_pg setsid "$pg_bin/postgres" -D "$dir/pg/data" -p "$pg_port" -k "$dir/pg-run" \
     -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
     -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB \
-    "${pg_tls[@]}"
+    "${pg_tls[@]}" "${pg_statements[@]}"
 ) </dev/null >"$dir/logs/postgres.log" 2>&1 &
 track postgres $! INT # SIGINT: fast shutdown (SIGTERM would wait for clients)
 

@@ -404,6 +404,72 @@ async fn metrics(port: u16) -> Result<String> {
     Ok(body)
 }
 
+/// Postgres statements by `pg_stat_statements`, when the server loads it (`hack/env.sh`
+/// with `M3O_PG_STATEMENTS=1`, as `make bench` runs it); every figure is "?" otherwise.
+struct Statements {
+    available: bool,
+}
+
+impl Statements {
+    /// Creates the extension and resets its counts: what follows is counted from now.
+    async fn start(db: &sqlx::PgPool) -> Self {
+        let created = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(db)
+            .await;
+        let reset = sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(db)
+            .await;
+        Self {
+            available: created.is_ok() && reset.is_ok(),
+        }
+    }
+
+    /// Every statement run in this database so far (BEGIN and COMMIT included).
+    async fn calls(db: &sqlx::PgPool) -> Option<i64> {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT sum(calls)::bigint FROM pg_stat_statements s \
+             JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()",
+        )
+        .fetch_one(db)
+        .await
+        .ok()
+    }
+
+    /// Statements per object since [`Statements::start`], and the most frequent ones
+    /// with their calls and execution time per object: where Postgres spends its time.
+    async fn top(&self, db: &sqlx::PgPool, objects: usize) -> String {
+        if !self.available {
+            return "? (pg_stat_statements not loaded: M3O_PG_STATEMENTS=1)".into();
+        }
+        let rows: Result<Vec<(String, i64, f64)>, _> = sqlx::query_as(
+            "SELECT regexp_replace(left(query, 70), '\\s+', ' ', 'g'), calls::bigint, total_exec_time \
+             FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+             WHERE d.datname = current_database() ORDER BY calls DESC",
+        )
+        .fetch_all(db)
+        .await;
+        let Ok(rows) = rows else {
+            return "?".into();
+        };
+        let per = |v: f64| v / objects as f64;
+        let calls: i64 = rows.iter().map(|r| r.1).sum();
+        let time: f64 = rows.iter().map(|r| r.2).sum();
+        let mut out = format!(
+            "{:.2} statements per object, {:.3} ms executing per object",
+            per(calls as f64),
+            per(time)
+        );
+        for (query, calls, time) in rows.iter().take(14) {
+            out.push_str(&format!(
+                "\n    {:>5.2} calls {:>6.3} ms  {query}",
+                per(*calls as f64),
+                per(*time)
+            ));
+        }
+        out
+    }
+}
+
 fn metric_sum(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
@@ -668,6 +734,9 @@ async fn main() -> Result<()> {
         })
     };
 
+    let db = sqlx::PgPool::connect(&var("DATABASE_URL")?).await?;
+    let statements_kept = Statements::start(&db).await;
+    let rss_before_bulk = proc_field(pid, "status", "VmRSS:");
     let bulk_cpu0 = cpu_seconds(pid);
     let bulk_all_cpu0 = cpu_by_process(Some(pid));
     let bulk_requests0 = api_requests(&client).await?;
@@ -702,6 +771,7 @@ async fn main() -> Result<()> {
     let bulk_all_cpu = cpu_per_object(&bulk_all_cpu0, &cpu_by_process(Some(pid)), objects);
     let bulk_requests =
         requests_per_object(&bulk_requests0, &api_requests(&client).await?, objects);
+    let bulk_statements = statements_kept.top(&db, objects).await;
     let _ = stop.send(true);
     let bulk_latencies = during_bulk.await?;
     let rate = objects as f64 / all_ready.as_secs_f64();
@@ -709,7 +779,6 @@ async fn main() -> Result<()> {
     // 3. At rest, over one resync interval.
     let at_rest_metrics = metrics(port).await?;
     let reconciles = metric_sum(&at_rest_metrics, "m3o_operator_reconciles_total");
-    let db = sqlx::PgPool::connect(&var("DATABASE_URL")?).await?;
     let xacts = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
@@ -750,6 +819,7 @@ async fn main() -> Result<()> {
     operator.kill().await.ok();
     let restart_requests0 = api_requests(&client).await?;
     let (restart_rev0, restart_tx0) = (revision(etcd.clone()).await?, xacts().await?);
+    let restart_statements0 = Statements::calls(&db).await;
     let started = Instant::now();
     let mut operator = spawn_operator()?;
     let restart_pid = operator.id().ok_or("operator exited")?;
@@ -759,6 +829,10 @@ async fn main() -> Result<()> {
     let (restart_writes, restart_write_kinds) =
         api_writes(&restart_requests0, &api_requests(&client).await?);
     let (restart_rev1, restart_tx1) = (revision(etcd.clone()).await?, xacts().await?);
+    let restart_statements = Statements::calls(&db)
+        .await
+        .zip(restart_statements0)
+        .map_or("?".into(), |(b, a)| (b - a).to_string());
     let restart_rss = proc_field(restart_pid, "status", "VmHWM:");
     operator.kill().await?;
 
@@ -801,13 +875,19 @@ async fn main() -> Result<()> {
     println!("CPU, contract floor:           {floor_cpu}");
     println!("CPU, apply -> all Ready:       {bulk_all_cpu}");
     println!(
-        "operator peak RSS:             {} ({} per object)",
+        "operator peak RSS:             {} ({} per object; {} per object above the RSS before the bulk apply)",
         rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
         rss.map_or("?".into(), |k| format!(
             "{:.1} KiB",
             k as f64 / objects as f64
-        ))
+        )),
+        rss.zip(rss_before_bulk)
+            .map_or("?".into(), |(k, b)| format!(
+                "{:.1} KiB",
+                k.saturating_sub(b) as f64 / objects as f64
+            ))
     );
+    println!("Postgres, apply -> all Ready:  {bulk_statements}");
     println!(
         "reconciles per object:         {:.2}",
         reconciles / (objects + 2) as f64
@@ -827,7 +907,7 @@ async fn main() -> Result<()> {
         tx1 - tx0
     );
     println!(
-        "restart over the fleet:        quiet after {:.2} s, {restart_reconciles:.0} reconciles, {restart_writes:.0} API writes, {} etcd revisions, {} Postgres transactions (all processes), peak RSS {}",
+        "restart over the fleet:        quiet after {:.2} s, {restart_reconciles:.0} reconciles, {restart_writes:.0} API writes, {} etcd revisions, {} Postgres transactions and {restart_statements} statements (all processes), peak RSS {}",
         quiet.as_secs_f64(),
         restart_rev1 - restart_rev0,
         restart_tx1 - restart_tx0,

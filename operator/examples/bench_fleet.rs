@@ -438,10 +438,15 @@ impl Statements {
     /// Statements per object since [`Statements::start`], and the most frequent ones
     /// with their calls and execution time per object: where Postgres spends its time.
     async fn top(&self, db: &sqlx::PgPool, objects: usize) -> String {
+        self.top_per(db, objects as f64, "per object").await
+    }
+
+    /// Like [`Statements::top`], per `divisor` (named `per`).
+    async fn top_per(&self, db: &sqlx::PgPool, divisor: f64, per_what: &str) -> String {
         if !self.available {
             return "? (pg_stat_statements not loaded: M3O_PG_STATEMENTS=1)".into();
         }
-        let rows: Result<Vec<(String, i64, f64)>, _> = sqlx::query_as(
+        let rows: std::result::Result<Vec<(String, i64, f64)>, _> = sqlx::query_as(
             "SELECT regexp_replace(left(query, 70), '\\s+', ' ', 'g'), calls::bigint, total_exec_time \
              FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
              WHERE d.datname = current_database() ORDER BY calls DESC",
@@ -451,11 +456,11 @@ impl Statements {
         let Ok(rows) = rows else {
             return "?".into();
         };
-        let per = |v: f64| v / objects as f64;
+        let per = |v: f64| v / divisor;
         let calls: i64 = rows.iter().map(|r| r.1).sum();
         let time: f64 = rows.iter().map(|r| r.2).sum();
         let mut out = format!(
-            "{:.2} statements per object, {:.3} ms executing per object",
+            "{:.2} statements {per_what}, {:.3} ms executing {per_what}",
             per(calls as f64),
             per(time)
         );
@@ -797,7 +802,9 @@ async fn main() -> Result<()> {
         revision(etcd.clone()).await?,
         xacts().await?,
     );
+    let rest_kept = Statements::start(&db).await;
     tokio::time::sleep(RESYNC).await;
+    let rest_statements = rest_kept.top_per(&db, 1.0, "in all").await;
     let (cpu1, rev1, tx1) = (
         cpu_seconds(pid),
         revision(etcd.clone()).await?,
@@ -906,6 +913,7 @@ async fn main() -> Result<()> {
         RESYNC.as_secs(),
         tx1 - tx0
     );
+    println!("  statements:                  {rest_statements}");
     println!(
         "restart over the fleet:        quiet after {:.2} s, {restart_reconciles:.0} reconciles, {restart_writes:.0} API writes, {} etcd revisions, {} Postgres transactions and {restart_statements} statements (all processes), peak RSS {}",
         quiet.as_secs_f64(),

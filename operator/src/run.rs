@@ -31,12 +31,43 @@ use crate::startup::{self, StartupError};
 /// once (three kinds, each with `--concurrency` in its bulk lane and
 /// [`CHANGES_CONCURRENCY`] in its lane of changes), plus the relay, the drift watcher,
 /// the resync, usage, gateway-sync re-checks and scrapes. Not capped: a pool smaller
-/// than the reconciles it serves reports false `DatabaseUnavailable` under load (the
-/// connections are opened only as needed; size Postgres's `max_connections` for it).
+/// than the reconciles it serves reports false `DatabaseUnavailable` under load. The
+/// connections are opened only as needed, but a server that cannot take them all is
+/// refused at start ([`fits_the_server`]).
 fn db_pool_size(concurrency: u16) -> u32 {
-    const KINDS: u32 = 3;
-    const OTHER_TASKS: u32 = 8;
     KINDS * (u32::from(concurrency) + u32::from(CHANGES_CONCURRENCY)) + OTHER_TASKS
+}
+const KINDS: u32 = 3;
+const OTHER_TASKS: u32 = 8;
+
+/// Refuses a `--concurrency` whose pool (`pool` connections) the server cannot take:
+/// `allowed` is what it leaves this role (`max_connections` less its reserved slots,
+/// and the role's own `CONNECTION LIMIT`). Found at start, not as false
+/// `DatabaseUnavailable` ("too many clients") under the first bulk apply.
+fn fits_the_server(concurrency: u16, pool: u32, allowed: i64) -> Result<(), StartupError> {
+    if i64::from(pool) <= allowed {
+        return Ok(());
+    }
+    Err(StartupError(format!(
+        "--concurrency {concurrency}: the operator may open up to {pool} database connections \
+         ({KINDS} kinds x (concurrency + {CHANGES_CONCURRENCY}) + {OTHER_TASKS}), but the server \
+         allows this role {allowed} (max_connections less reserved connections, and the role's \
+         connection limit); lower --concurrency or raise max_connections"
+    )))
+}
+
+/// The connections the server allows this role, by its settings.
+async fn connections_allowed(db: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT least( \
+           current_setting('max_connections')::bigint \
+             - current_setting('superuser_reserved_connections')::bigint \
+             - coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::bigint, \
+           coalesce((SELECT nullif(rolconnlimit, -1) FROM pg_roles WHERE rolname = current_user), \
+             2147483647)::bigint)",
+    )
+    .fetch_one(db)
+    .await
 }
 
 pub async fn migrate(args: DatabaseArgs) -> Result<(), StartupError> {
@@ -173,12 +204,19 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let namespace = watched_namespaces(&args.namespace)?;
     let schema = args.backends.database.database_schema.clone();
 
+    let pool = db_pool_size(args.concurrency);
     let db = startup::database(
         args.backends.database.database_url.as_deref(),
         &schema,
-        db_pool_size(args.concurrency),
+        pool,
     )
     .await?;
+    let allowed = connections_allowed(&db).await.map_err(|e| {
+        StartupError(format!(
+            "--database-url: reading max_connections failed: {e}"
+        ))
+    })?;
+    fits_the_server(args.concurrency, pool, allowed)?;
     store::migrate(&db)
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
@@ -624,6 +662,21 @@ mod tests {
         assert_eq!(db_pool_size(8), 3 * (8 + 2) + 8);
         // The largest --concurrency: no cap below its reconciles.
         assert!(db_pool_size(256) >= 3 * (256 + u32::from(CHANGES_CONCURRENCY)));
+    }
+
+    #[test]
+    fn a_pool_the_server_cannot_take_is_refused_naming_the_flag() {
+        assert!(fits_the_server(8, db_pool_size(8), 97).is_ok());
+        assert!(fits_the_server(8, 38, 38).is_ok());
+        let err = fits_the_server(256, db_pool_size(256), 97).expect_err("too many");
+        assert!(err.0.starts_with("--concurrency 256: "), "{}", err.0);
+        assert!(
+            err.0.contains("up to 782 database connections"),
+            "{}",
+            err.0
+        );
+        assert!(err.0.contains("allows this role 97"), "{}", err.0);
+        assert!(!err.0.contains('\n'), "one line");
     }
 }
 

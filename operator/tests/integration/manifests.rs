@@ -146,6 +146,30 @@ async fn unreachable_database_is_one_line_naming_the_flag() {
 }
 
 #[tokio::test]
+async fn a_concurrency_the_database_cannot_serve_is_one_line_naming_the_flag() {
+    // hack/env.sh runs PostgreSQL with max_connections 300: 256 needs up to 782.
+    let url = std::env::var("DATABASE_URL").expect("run inside hack/env.sh");
+    let refused = operator_error_line([
+        "run",
+        "--database-url",
+        &url,
+        "--database-schema",
+        "pool_budget",
+        "--concurrency",
+        "256",
+    ]);
+    // Without the check it would go on to start (and wait for backends not given here).
+    let line = tokio::time::timeout(Duration::from_secs(60), refused)
+        .await
+        .expect("refused at start, not started");
+    assert!(
+        line.starts_with("m3o-operator: error: --concurrency 256: the operator may open up to 782 database connections"),
+        "{line}"
+    );
+    assert!(line.contains("allows this role 297"), "{line}");
+}
+
+#[tokio::test]
 async fn bad_configuration_names_the_flag() {
     let cases: [(&[&str], &str); 4] = [
         (&["run"], "--database-url: required"),

@@ -54,6 +54,7 @@ where
     let out = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
         .args(args)
         .env_remove("DATABASE_URL")
+        .kill_on_drop(true)
         .output()
         .await
         .expect("run binary");

@@ -81,7 +81,9 @@ struct Replayed {
 }
 
 /// Re-sends every retained event created at or after `since` to its stream, a page at
-/// a time in `seq` order, with its original id and fields.
+/// a time in `seq` order, with its original id and fields, while the schema's relays
+/// are held back ([`m3o_events::relay::pause_relays`]): an event that is not yet
+/// published follows every replayed one.
 async fn replay(
     db: &sqlx::PgPool,
     since: DateTime<Utc>,
@@ -92,14 +94,25 @@ async fn replay(
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| StartupError(format!("--redis-url: {e}")))?;
+    let failed =
+        |what: &str, e: sqlx::Error| StartupError(format!("--database-url: {what} failed: {e}"));
+    let mut paused = db
+        .begin()
+        .await
+        .map_err(|e| failed("pausing the relays", e))?;
+    m3o_events::relay::pause_relays(&mut paused)
+        .await
+        .map_err(|e| failed("pausing the relays", e))?;
+    // Tests stop the process here: the relays held back, nothing re-sent yet.
+    m3o_controllers::runtime::failpoint::stop_once("replay-relays-paused");
     let mut done = Replayed::default();
     let mut after = 0;
     loop {
-        let page = admin::retained_page(db, since, after)
+        let page = admin::retained_page(&mut *paused, since, after)
             .await
-            .map_err(|e| StartupError(format!("--database-url: reading the outbox failed: {e}")))?;
+            .map_err(|e| failed("reading the outbox", e))?;
         let Some(last) = page.last() else {
-            return Ok(done);
+            break;
         };
         after = last.event.seq;
         let mut pipe = redis::pipe();
@@ -121,9 +134,15 @@ async fn replay(
         done.first_seq.get_or_insert(page[0].event.seq);
         done.last_seq = Some(after);
         if (page.len() as i64) < admin::REPLAY_PAGE {
-            return Ok(done);
+            break;
         }
     }
+    // Read only: ending the transaction lets the relays go on.
+    paused
+        .rollback()
+        .await
+        .map_err(|e| failed("resuming the relays", e))?;
+    Ok(done)
 }
 
 fn render_replay(done: &Replayed, since: DateTime<Utc>, format: OutputFormat) -> String {

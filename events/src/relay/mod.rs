@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use error::RelayError;
-pub use publish::{BatchOutcome, ParkedEvent, xadd};
+pub use publish::{BatchOutcome, ParkedEvent, pause_relays, xadd};
 pub use stats::{GroupLag, RelayStats};
 use wake::Backoff;
 pub use wake::NOTIFY_CHANNEL;

@@ -28,6 +28,18 @@ use crate::outbox::EventRef;
 /// second half is `hashtext(current_schema())`.
 const LOCK_CLASS: i32 = 0x6d33_6f00; // "m3o\0"
 
+/// Holds every relay of the connection's schema back until the transaction on `conn`
+/// ends: each batch tries the same lock first and publishes nothing while it is held.
+/// Waits for a batch in flight to finish. `outbox replay` runs under it, so no newer
+/// event is published between the ones it re-sends.
+pub async fn pause_relays(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))")
+        .bind(LOCK_CLASS)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// The relay's queue, in `seq` order with each payload's size: unpublished, not parked,
 /// not held behind a parked row of the same aggregate, and not of an aggregate
 /// waiting to retry ($2).

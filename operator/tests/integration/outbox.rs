@@ -218,3 +218,86 @@ async fn poison_event_is_parked_reported_listed_and_redriven() {
     .await;
     op.stop().await;
 }
+
+/// Whether process `pid` is stopped (SIGSTOP: state `T` in `/proc/<pid>/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// `outbox replay` holds the schema's relays back while it re-sends: an event committed
+/// meanwhile is published after every replayed one, not between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_holds_the_relay_back_so_a_newer_event_follows_the_replayed_ones() {
+    let env = TestEnv::new("replay-order").await;
+    let _op = env.start_operator().await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(5);
+    env.apply_customer("alice", json!({"email": "alice@example.com"}))
+        .await;
+    env.wait_ready("alice").await;
+    let alice = env.wait_events(1).await[0].id;
+
+    // The replay stops (SIGSTOP) right after pausing the relays, before it re-sends.
+    let mut replay = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+        .args(["outbox", "replay", "--since", &since.to_rfc3339()])
+        .args(["--database-schema", &env.schema])
+        .args(["--stream-prefix", &env.stream_prefix])
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", &env.redis_url)
+        .env("M3O_FAILPOINTS", "replay-relays-paused")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run outbox replay");
+    let pid = replay.id().expect("a running replay");
+    eventually(
+        "the replay to stop with the relays paused",
+        Duration::from_secs(30),
+        || async { stopped(pid).then_some(()) },
+    )
+    .await;
+    // Bob's event is committed while the relays are held back.
+    env.apply_customer("bob", json!({"email": "bob@example.com"}))
+        .await;
+    env.wait_ready("bob").await;
+    let status = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .await
+        .expect("kill -CONT");
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(60), replay.wait_with_output())
+        .await
+        .expect("the replay ends")
+        .expect("replay output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let events = env.wait_events(2).await;
+    let bob = events
+        .iter()
+        .find(|e| e.id != alice)
+        .map(|e| e.id)
+        .expect("bob's event");
+    let stream: Vec<_> = env.stream_events().await.iter().map(|e| e.id).collect();
+    let alice_at: Vec<usize> = (0..stream.len()).filter(|&i| stream[i] == alice).collect();
+    let bob_at = stream
+        .iter()
+        .position(|id| *id == bob)
+        .expect("bob's event on the stream");
+    assert_eq!(
+        alice_at.len(),
+        2,
+        "alice's event and its replay: {stream:?}"
+    );
+    assert!(
+        alice_at[1] < bob_at,
+        "the newer event follows the replayed one: {stream:?}"
+    );
+}

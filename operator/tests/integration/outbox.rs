@@ -240,7 +240,7 @@ async fn a_replay_holds_the_relay_back_so_a_newer_event_follows_the_replayed_one
     let alice = env.wait_events(1).await[0].id;
 
     // The replay stops (SIGSTOP) right after pausing the relays, before it re-sends.
-    let mut replay = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
+    let replay = Command::new(env!("CARGO_BIN_EXE_m3o-operator"))
         .args(["outbox", "replay", "--since", &since.to_rfc3339()])
         .args(["--database-schema", &env.schema])
         .args(["--stream-prefix", &env.stream_prefix])

@@ -751,3 +751,102 @@ async fn a_newer_term_in_etcd_stops_the_writer_and_its_restart_begins_above_both
     .await;
     assert!(op.is_running());
 }
+
+/// Every key of the prefix and beside it (`<prefix>.writer-epoch*`), with its value and
+/// revision: what "writes nothing to etcd" compares.
+async fn prefix_snapshot(env: &TestEnv) -> Vec<(String, Vec<u8>, i64)> {
+    let resp = env
+        .etcd
+        .kv_client()
+        .get(
+            env.etcd_prefix.clone(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("etcd list");
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            let key = kv.key_str().expect("utf-8 key").to_owned();
+            (key, kv.value().to_vec(), kv.mod_revision())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_database_on_one_prefix_is_refused_and_writes_nothing() {
+    let env = TestEnv::new("prefix-first").await;
+    let mut first = env.start_operator().await;
+    env.apply_customer("ann", json!({"email": "ann@example.com"}))
+        .await;
+    let id = env
+        .wait_ready("ann")
+        .await
+        .status
+        .and_then(|s| s.customer_id)
+        .expect("id");
+    let first_db: uuid::Uuid = sqlx::query_scalar("SELECT id FROM database_identity")
+        .fetch_one(&env.db)
+        .await
+        .expect("database id");
+    let database_key = m3o_platform_contract::keys::writer_database_key(&env.etcd_prefix);
+    let recorded = env
+        .etcd
+        .kv_client()
+        .get(database_key.clone(), None)
+        .await
+        .expect("etcd get");
+    assert_eq!(
+        recorded.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(first_db.to_string().into_bytes()),
+        "the first operator's database is recorded beside the prefix"
+    );
+    first.settle().await;
+
+    // A second database (its own schema: blue/green) misconfigured with the same
+    // --etcd-prefix, with a resource it would write.
+    let mut second = TestEnv::new("prefix-second").await;
+    second.etcd_prefix = env.etcd_prefix.clone();
+    second
+        .apply_customer("bob", json!({"email": "bob@example.com"}))
+        .await;
+    let before = prefix_snapshot(&env).await;
+    let op = second.spawn_operator_with(crate::support::Backends::default());
+    let (status, log) = exit_log(op, "the second operator refuses the prefix").await;
+    assert!(!status.success(), "{log}");
+    let line = format!(
+        "etcd prefix {} is written by another database (id {first_db};",
+        env.etcd_prefix
+    );
+    assert_eq!(log.matches(&line).count(), 1, "one line says so:\n{log}");
+    let said = log.lines().find(|l| l.contains(&line)).expect("the line");
+    assert!(
+        said.contains("each database needs its own --etcd-prefix"),
+        "{said}"
+    );
+    assert_eq!(
+        prefix_snapshot(&env).await,
+        before,
+        "nothing written to etcd"
+    );
+    let second_epoch: i64 = sqlx::query_scalar("SELECT epoch FROM writer_fence WHERE name = ''")
+        .fetch_one(&second.db)
+        .await
+        .expect("second writer_fence");
+    assert!(second_epoch > 0, "it did take its own database's fence");
+
+    // The first keeps working.
+    env.apply_customer("ann", json!({"email": "ann@example.com", "name": "Ann"}))
+        .await;
+    let key = m3o_platform_contract::customer_key(&id);
+    eventually(
+        "the first operator's change in etcd",
+        Duration::from_secs(30),
+        || async {
+            let name = env.etcd_json(&key).await?["name"].clone();
+            (name == json!("Ann")).then_some(())
+        },
+    )
+    .await;
+    assert!(first.is_running());
+}

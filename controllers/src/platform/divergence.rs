@@ -66,8 +66,8 @@ pub enum Owner {
 /// process does not check, every prefix is ours).
 pub fn owner(ours: Option<&str>, recorded: Option<&[u8]>) -> Owner {
     match (ours, recorded) {
-        (_, None) => Owner::Unclaimed,
-        (None, Some(_)) => Owner::Ours,
+        (None, _) => Owner::Ours,
+        (Some(_), None) => Owner::Unclaimed,
         (Some(ours), Some(recorded)) if recorded == ours.as_bytes() => Owner::Ours,
         (Some(_), Some(recorded)) => {
             Owner::Other(String::from_utf8_lossy(recorded).chars().take(64).collect())
@@ -338,6 +338,7 @@ mod tests {
         assert_eq!(owner(Some("a"), Some(b"a")), Owner::Ours);
         assert_eq!(owner(Some("a"), Some(b"b")), Owner::Other("b".into()));
         assert_eq!(owner(None, Some(b"b")), Owner::Ours, "unchecked");
+        assert_eq!(owner(None, None), Owner::Ours, "unchecked");
         let line = foreign_line("/m3o", "b", "a");
         assert!(line.contains("/m3o") && line.contains("--etcd-prefix") && !line.contains('\n'));
     }

@@ -178,6 +178,14 @@ impl PlatformConfig {
         })
     }
 
+    /// True when etcd records this process's term and names its database (or none is
+    /// checked): what a convergence must see before it calls a divergence healed.
+    pub async fn term_recorded(&self) -> Result<bool, Error> {
+        let state = self.fence_state().await?;
+        let mine = self.epoch.load(Ordering::SeqCst);
+        Ok(state.recorded == Recorded::Epoch(mine) && state.owner == Owner::Ours)
+    }
+
     /// This process's database id, for messages.
     pub fn database_id(&self) -> &str {
         self.database.as_deref().unwrap_or("unknown")
@@ -268,14 +276,18 @@ impl PlatformConfig {
                     tracing::error!("{line}");
                 }
                 check.superseded.cancel();
-                return Err(Error::Fenced(line));
+                return Err(Error::Fenced(
+                    "etcd refused a write: the prefix is another database's (said above)".into(),
+                ));
             }
             Refusal::Unreadable(value) => {
                 let line = self.unreadable_line(&value);
                 if self.divergence.refusing(line.clone()) {
                     tracing::warn!("{line}");
                 }
-                return Err(Error::Fenced(line));
+                return Err(Error::Fenced(
+                    "etcd refused a write: its writer-term key holds no term (said above)".into(),
+                ));
             }
             Refusal::Retry => {}
             Refusal::Reestablish => {

@@ -850,3 +850,75 @@ async fn a_second_database_on_one_prefix_is_refused_and_writes_nothing() {
     .await;
     assert!(first.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_key_holding_no_term_refuses_writes_says_so_once_and_heals_when_deleted() {
+    let env = TestEnv::new("fence-junk").await;
+    let mut op = env.start_operator().await;
+    env.apply_customer("fay", json!({"email": "fay@example.com"}))
+        .await;
+    let id = env
+        .wait_ready("fay")
+        .await
+        .status
+        .and_then(|s| s.customer_id)
+        .expect("id");
+    let key = m3o_platform_contract::customer_key(&id);
+    op.settle().await;
+
+    // A hand edit of the fence key: not a term, so not overwritten.
+    env.etcd
+        .kv_client()
+        .put(epoch_key(&env), "banana", None)
+        .await
+        .expect("put writer-epoch");
+    for name in ["Fay", "Fay A.", "Fay B."] {
+        env.apply_customer("fay", json!({"email": "fay@example.com", "name": name}))
+            .await;
+    }
+    // (JSON logs escape the quotes around the value.)
+    let line = format!("etcd key {} holds \\\"banana\\\"", epoch_key(&env));
+    op.wait_log("the refusal said", &line).await;
+    let addr = format!("127.0.0.1:{}", op.port);
+    eventually("/readyz failing on it", Duration::from_secs(10), || async {
+        http_get(&addr, "/readyz")
+            .await
+            .filter(|(code, body)| *code == 503 && body.contains("banana"))
+    })
+    .await;
+    assert!(op.is_running(), "refuses, does not stop");
+    assert_ne!(
+        env.etcd_json(&key).await.map(|v| v["name"].clone()),
+        Some(json!("Fay B.")),
+        "nothing written while the key holds no term"
+    );
+    let value = env
+        .etcd
+        .kv_client()
+        .get(epoch_key(&env), None)
+        .await
+        .expect("etcd get");
+    assert_eq!(
+        value.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(b"banana".to_vec()),
+        "left for a human"
+    );
+
+    // A human deletes it: the term is recorded again and the change lands.
+    env.etcd
+        .kv_client()
+        .delete(epoch_key(&env), None)
+        .await
+        .expect("delete writer-epoch");
+    eventually("the change in etcd", Duration::from_secs(60), || async {
+        let name = env.etcd_json(&key).await?["name"].clone();
+        (name == json!("Fay B.")).then_some(())
+    })
+    .await;
+    assert_eq!(etcd_epoch(&env).await, Some(postgres_epoch(&env).await));
+    let log = std::fs::read_to_string(&op.log_path).expect("log");
+    let said: Vec<&str> = log.lines().filter(|l| l.contains(&line)).collect();
+    assert_eq!(said.len(), 1, "said once:\n{}", said.join("\n"));
+    assert!(said[0].contains("\"level\":\"WARN\""), "{}", said[0]);
+    assert!(op.is_running());
+}

@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::gateway::{issue, wait_gateway_synced};
 use crate::production::metric;
 use crate::support::gateway::check;
+use crate::support::proxy::{CuttableProxy, host_port, via};
 use crate::support::{Backends, TestEnv, eventually, exit_log, http_get};
 
 /// `<prefix>.writer-epoch` of the test's (unsharded) operator.
@@ -623,6 +624,79 @@ async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
     assert!(op.is_running(), "the term was kept");
     assert_ne!(heartbeat_session().await, Some(pid), "on a new session");
     assert_eq!(metric(&op, "m3o_operator_leader").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_session_that_stops_answering_is_reopened_inside_the_lease() {
+    let env = TestEnv::new("beat-frozen").await;
+    let db_proxy = CuttableProxy::start(host_port(&env.database_url)).await;
+    let mut op = env
+        .start_operator_with(Backends {
+            database_url: Some(via(&env.database_url, &db_proxy)),
+            extra_args: crate::production::FAST_TIMINGS.map(String::from).to_vec(),
+            ..Backends::default()
+        })
+        .await;
+    let heartbeat_session = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE query LIKE 'UPDATE writer_fence SET beat_at%' \
+               AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
+        )
+        .fetch_optional(&env.db)
+        .await
+        .ok()
+        .flatten()
+    };
+    let pid = eventually(
+        "the heartbeat session",
+        Duration::from_secs(10),
+        heartbeat_session,
+    )
+    .await;
+    // Every open session of the operator stops answering, none is closed (no error
+    // comes back: a half-open path); new sessions get through.
+    let frozen_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&env.db)
+        .await
+        .expect("clock");
+    db_proxy.freeze();
+    // Beats go on past the renew deadline (3s), which a lost term would not see.
+    let renewed = eventually(
+        "a beat later than the renew deadline after the freeze",
+        Duration::from_secs(15),
+        || async {
+            let beat_at: chrono::DateTime<chrono::Utc> =
+                sqlx::query_scalar("SELECT beat_at FROM writer_fence WHERE name = ''")
+                    .fetch_one(&env.db)
+                    .await
+                    .ok()?;
+            (beat_at > frozen_at + chrono::Duration::seconds(4)).then_some(beat_at)
+        },
+    )
+    .await;
+    eprintln!(
+        "heartbeat session frozen -> still beating {:?} later",
+        (renewed - frozen_at).to_std().unwrap_or_default()
+    );
+    assert!(op.is_running(), "the term was kept");
+    // (The frozen session is still there at the server, its beat the last it ran.)
+    let fresh: Option<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE query LIKE 'UPDATE writer_fence SET beat_at%' AND pid <> $1 \
+           AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
+    )
+    .bind(pid)
+    .fetch_optional(&env.db)
+    .await
+    .expect("pg_stat_activity");
+    assert!(fresh.is_some(), "beating on a new session");
+    let log = std::fs::read_to_string(&op.log_path).expect("log");
+    assert!(
+        log.contains("writer fence heartbeat timed out; reopening its session"),
+        "{log}"
+    );
+    db_proxy.cut();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,43 +465,53 @@ async fn start_term(
         ))
     };
     let won = fence.epoch();
-    let state = platform
-        .fence_state()
-        .await
-        .map_err(|e| etcd(e.to_string()))?;
-    match divergence::on_start(won, &state.recorded, &state.owner) {
-        divergence::Start::Foreign(other) => {
-            return Err(StartupError(platform.foreign_line(&other)));
-        }
-        divergence::Start::Unreadable(value) => {
-            return Err(StartupError(platform.unreadable_line(&value)));
-        }
-        divergence::Start::Record => {}
-        divergence::Start::RaiseTo(to) => {
-            match fence.raise_to(to).await {
-                Ok(true) => term.begin(to),
-                Ok(false) => {
-                    return Err(etcd(
-                        "the writer term moved while being raised above etcd's".into(),
-                    ));
-                }
-                Err(err) => {
-                    return Err(etcd(format!("raising the writer term above etcd's: {err}")));
-                }
+    let mut raised = None;
+    // A concurrent record (another shard's operator claiming the database id at the
+    // same time) makes the compare-and-swap fail: read again and decide again.
+    for _ in 0..3 {
+        let state = platform
+            .fence_state()
+            .await
+            .map_err(|e| etcd(e.to_string()))?;
+        match divergence::on_start(fence.epoch(), &state.recorded, &state.owner) {
+            divergence::Start::Foreign(other) => {
+                return Err(StartupError(platform.foreign_line(&other)));
             }
-            platform.divergence().found(format!(
-                "etcd recorded writer term {} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both",
-                state.recorded.epoch().unwrap_or_default()
-            ));
+            divergence::Start::Unreadable(value) => {
+                return Err(StartupError(platform.unreadable_line(&value)));
+            }
+            divergence::Start::Record => {}
+            divergence::Start::RaiseTo(to) => {
+                match fence.raise_to(to).await {
+                    Ok(true) => term.begin(to),
+                    Ok(false) => {
+                        return Err(etcd(
+                            "the writer term moved while being raised above etcd's".into(),
+                        ));
+                    }
+                    Err(err) => {
+                        return Err(etcd(format!("raising the writer term above etcd's: {err}")));
+                    }
+                }
+                raised = Some((state.recorded.epoch().unwrap_or_default(), to));
+            }
+        }
+        if platform
+            .record_term(&state)
+            .await
+            .map_err(|e| etcd(e.to_string()))?
+        {
+            if let Some((recorded, to)) = raised {
+                platform.divergence().found(format!(
+                    "etcd recorded writer term {recorded} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both"
+                ));
+            }
+            return Ok(());
         }
     }
-    match platform.record_term(&state).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(etcd(
-            "the etcd fence changed while the term was being recorded (another writer?); exiting so that a restart looks again".into(),
-        )),
-        Err(err) => Err(etcd(err.to_string())),
-    }
+    Err(etcd(
+        "the etcd fence kept changing while the term was being recorded (another writer?); exiting so that a restart looks again".into(),
+    ))
 }
 
 /// Renews the lease until shutdown or loss; without leader election, waits for shutdown.

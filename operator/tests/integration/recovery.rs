@@ -1001,3 +1001,68 @@ async fn a_fence_key_holding_no_term_refuses_writes_says_so_once_and_heals_when_
     assert!(said[0].contains("\"level\":\"WARN\""), "{}", said[0]);
     assert!(op.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_writer_that_finds_its_prefix_claimed_by_another_database_stops() {
+    let env = TestEnv::new("prefix-claimed").await;
+    let op = env.start_operator().await;
+    env.apply_customer("gus", json!({"email": "gus@example.com"}))
+        .await;
+    let id = env
+        .wait_ready("gus")
+        .await
+        .status
+        .and_then(|s| s.customer_id)
+        .expect("id");
+    op.settle().await;
+    // As after an etcd wipe that another database's operator was first to claim.
+    let other = uuid::Uuid::new_v4();
+    env.etcd
+        .kv_client()
+        .put(
+            m3o_platform_contract::keys::writer_database_key(&env.etcd_prefix),
+            other.to_string(),
+            None,
+        )
+        .await
+        .expect("put the database key");
+    let before = prefix_snapshot(&env).await;
+    for name in ["Gus", "Gus A.", "Gus B."] {
+        env.apply_customer("gus", json!({"email": "gus@example.com", "name": name}))
+            .await;
+    }
+    let (status, log) = exit_log(op, "the writer stops").await;
+    assert!(!status.success());
+    let line = format!(
+        "etcd prefix {} is written by another database (id {other};",
+        env.etcd_prefix
+    );
+    assert_eq!(log.matches(&line).count(), 1, "said once:\n{log}");
+    assert_eq!(
+        prefix_snapshot(&env).await,
+        before,
+        "nothing written to etcd"
+    );
+    assert_ne!(
+        env.etcd_json(&m3o_platform_contract::customer_key(&id))
+            .await
+            .map(|v| v["name"].clone()),
+        Some(json!("Gus B."))
+    );
+
+    // Its restart refuses too, with the same line, until a human decides.
+    let op = env.spawn_operator_with(crate::support::Backends::default());
+    let (status, log) = exit_log(op, "the restart refuses").await;
+    assert!(!status.success());
+    assert!(
+        log.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("m3o-operator: error: ") && l.contains(&line)),
+        "{log}"
+    );
+    assert_eq!(
+        prefix_snapshot(&env).await,
+        before,
+        "nothing written to etcd"
+    );
+}

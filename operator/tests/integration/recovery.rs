@@ -1066,3 +1066,63 @@ async fn a_running_writer_that_finds_its_prefix_claimed_by_another_database_stop
         "nothing written to etcd"
     );
 }
+
+/// A guard of the count: on a small machine the refused writes land a few ms apart and
+/// the first heals the fence before the next is refused, so this passes even when every
+/// re-establishing task counts (the compare-and-swap in `record_term` is what keeps
+/// truly concurrent ones to one count; the refusals that stop or wait for a human are
+/// kept out of the count by the unit test `a_refusal_is_said_once_and_not_counted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_refused_at_once_count_one_divergence() {
+    let env = TestEnv::new("fence-count").await;
+    let op = env.start_operator().await;
+    let names: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    for name in &names {
+        env.apply_customer(name, json!({"email": format!("{name}@example.com")}))
+            .await;
+    }
+    for name in &names {
+        env.wait_ready(name).await;
+    }
+    op.settle().await;
+    assert_eq!(
+        metric(&op, "m3o_operator_fence_divergence_total").await,
+        0.0
+    );
+
+    env.etcd
+        .kv_client()
+        .delete(epoch_key(&env), None)
+        .await
+        .expect("delete writer-epoch");
+    // Every customer changed while the operator is stopped (well inside its lease): it
+    // wakes up to all the changes at once, and their reconciles are refused by etcd
+    // together.
+    op.signal("STOP").await;
+    for name in &names {
+        env.apply_customer(
+            name,
+            json!({"email": format!("{name}@example.com"), "name": "renamed"}),
+        )
+        .await;
+    }
+    op.signal("CONT").await;
+    for name in &names {
+        let id = env
+            .wait_ready(name)
+            .await
+            .status
+            .and_then(|s| s.customer_id)
+            .expect("id");
+        let key = m3o_platform_contract::customer_key(&id);
+        eventually("the change in etcd", Duration::from_secs(30), || async {
+            (env.etcd_json(&key).await?["name"] == json!("renamed")).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        metric(&op, "m3o_operator_fence_divergence_total").await,
+        1.0,
+        "one divergence, counted once"
+    );
+}

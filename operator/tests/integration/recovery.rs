@@ -1000,6 +1000,34 @@ async fn a_fence_key_holding_no_term_refuses_writes_says_so_once_and_heals_when_
     assert_eq!(said.len(), 1, "said once:\n{}", said.join("\n"));
     assert!(said[0].contains("\"level\":\"WARN\""), "{}", said[0]);
     assert!(op.is_running());
+
+    // At a start, such a key is a one-line error, and is left as it is.
+    op.stop().await;
+    env.etcd
+        .kv_client()
+        .put(epoch_key(&env), "banana", None)
+        .await
+        .expect("put writer-epoch");
+    let op = env.spawn_operator_with(crate::support::Backends::default());
+    let (status, log) = exit_log(op, "the start refuses").await;
+    assert!(!status.success());
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("m3o-operator: error: etcd key ")
+            && last.contains(&epoch_key(&env))
+            && last.contains("not a writer term"),
+        "{log}"
+    );
+    let value = env
+        .etcd
+        .kv_client()
+        .get(epoch_key(&env), None)
+        .await
+        .expect("etcd get");
+    assert_eq!(
+        value.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(b"banana".to_vec())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -365,7 +365,7 @@ impl Writer {
             self.role.elected();
             elector = Some(candidate);
         }
-        let (stop, tasks, fence) = {
+        let (stop, tasks, fence, divergence) = {
             let renewing = hold_lease(elector.as_mut(), shutdown);
             tokio::pin!(renewing);
             // Keep renewing the lease while waiting for the predecessor to let go.
@@ -384,6 +384,7 @@ impl Writer {
             self.metrics.leader.set(1);
             self.role.leading();
             let leading = shutdown.child_token();
+            let divergence = work.ctx.platform.divergence();
             let mut tasks = work.spawn(leading.clone());
             let stop = tokio::select! {
                 ended = &mut renewing => match ended {
@@ -407,7 +408,7 @@ impl Writer {
             };
             leading.cancel();
             self.metrics.leader.set(0);
-            (stop, tasks, fence)
+            (stop, tasks, fence, divergence)
         };
         match stop {
             Stop::Shutdown => {
@@ -426,9 +427,10 @@ impl Writer {
             Stop::FenceLost => {
                 join(tasks, Some(margin)).await;
                 fence.release().await;
-                Err(StartupError(
-                    "lost the writer fence (another process writes this schema, or the heartbeat failed); exiting so that a restart rejoins as a standby".into(),
-                ))
+                // Stopped by etcd on a prefix of another database: that one line.
+                Err(StartupError(divergence.stopped_by().unwrap_or_else(|| {
+                    "lost the writer fence (another process writes this schema, or the heartbeat failed); exiting so that a restart rejoins as a standby".into()
+                })))
             }
             Stop::Task(name, result) => {
                 let what = match result {

@@ -168,6 +168,8 @@ pub struct Divergence {
     pending: Mutex<Option<(u64, String)>>,
     /// The last refusal said ([`Self::refusing`]), so each is logged once.
     refused: Mutex<Option<String>>,
+    /// Why etcd stopped this process, to be its exit message ([`Self::stop_with`]).
+    stop: Mutex<Option<String>>,
     found: AtomicU64,
     /// Wakes the drift watcher for a full convergence of the prefix.
     heal: Notify,
@@ -216,6 +218,22 @@ impl Divergence {
             *pending = Some((number, what));
         }
         first
+    }
+
+    /// Records `line` as the reason this process stops (its exit message, said once
+    /// there rather than logged here), and shows it on `/readyz` meanwhile.
+    pub fn stop_with(&self, line: String) {
+        if let Ok(mut stop) = self.stop.lock()
+            && stop.is_none()
+        {
+            *stop = Some(line.clone());
+        }
+        self.refusing(line);
+    }
+
+    /// The reason recorded by [`Self::stop_with`], if any.
+    pub fn stopped_by(&self) -> Option<String> {
+        self.stop.lock().ok().and_then(|s| s.clone())
     }
 
     /// What is being healed, for `/readyz`; `None` when nothing is.

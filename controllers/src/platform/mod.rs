@@ -271,10 +271,8 @@ impl PlatformConfig {
                 return Err(refused());
             }
             Refusal::Foreign(other) => {
-                let line = self.foreign_line(&other);
-                if self.divergence.refusing(line.clone()) {
-                    tracing::error!("{line}");
-                }
+                // Said once, as the process's exit message.
+                self.divergence.stop_with(self.foreign_line(&other));
                 check.superseded.cancel();
                 return Err(Error::Fenced(
                     "etcd refused a write: the prefix is another database's (said above)".into(),

@@ -1066,6 +1066,12 @@ async fn a_running_writer_that_finds_its_prefix_claimed_by_another_database_stop
         env.etcd_prefix
     );
     assert_eq!(log.matches(&line).count(), 1, "said once:\n{log}");
+    assert!(
+        log.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("m3o-operator: error: ") && l.contains(&line)),
+        "as its exit message:\n{log}"
+    );
     assert_eq!(
         prefix_snapshot(&env).await,
         before,

@@ -275,7 +275,7 @@ impl PlatformConfig {
                 self.divergence.stop_with(self.foreign_line(&other));
                 check.superseded.cancel();
                 return Err(Error::Fenced(
-                    "etcd refused a write: the prefix is another database's (said above)".into(),
+                    "etcd refused a write: the prefix is another database's (the process stops, saying so)".into(),
                 ));
             }
             Refusal::Unreadable(value) => {

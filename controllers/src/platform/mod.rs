@@ -229,6 +229,24 @@ impl PlatformConfig {
         Ok(resp.succeeded())
     }
 
+    /// Records the term again after a refusal found etcd behind it (`seen`, what was
+    /// read), and starts healing the divergence: of the writes refused at once, the one
+    /// whose record lands ([`Self::record_term`]) counts it and asks for the prefix to
+    /// be converged (true); the others find the term recorded and just retry (false).
+    pub async fn reestablish(&self, seen: &FenceState) -> Result<bool, Error> {
+        if !self.record_term(seen).await? {
+            return Ok(false);
+        }
+        self.divergence.found(format!(
+            "etcd recorded writer term {} while Postgres records {} (etcd restored, wiped or its fence key deleted); re-established it",
+            seen.recorded
+                .epoch()
+                .map_or_else(|| "none".to_owned(), |e| e.to_string()),
+            self.epoch.load(Ordering::SeqCst)
+        ));
+        Ok(true)
+    }
+
     /// Runs `op` if this process's term is the one etcd records (and its database the
     /// one etcd names); the response of `op`. A refusal re-checks the term in Postgres
     /// ([`divergence::on_refusal`]): when it is ours and etcd is behind, the term is
@@ -289,17 +307,7 @@ impl PlatformConfig {
             }
             Refusal::Retry => {}
             Refusal::Reestablish => {
-                // Of the tasks refused at once, the one whose record lands heals (and
-                // counts) the divergence; the others find the term recorded and retry.
-                if self.record_term(&state).await? {
-                    self.divergence.found(format!(
-                        "etcd recorded writer term {} while Postgres records {mine} (etcd restored, wiped or its fence key deleted); re-established it",
-                        state
-                            .recorded
-                            .epoch()
-                            .map_or_else(|| "none".to_owned(), |e| e.to_string())
-                    ));
-                }
+                self.reestablish(&state).await?;
             }
         }
         self.try_fenced(op).await?.ok_or_else(refused)

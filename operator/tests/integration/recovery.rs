@@ -1160,3 +1160,51 @@ async fn writes_refused_at_once_count_one_divergence() {
         "one divergence, counted once"
     );
 }
+
+/// The mechanism behind counting a divergence once, on the real etcd and Postgres:
+/// writes of one term refused together all find etcd behind and re-establish the term
+/// at once; one record lands, and only it counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_writes_refused_together_one_records_the_term_and_counts_the_divergence() {
+    use m3o_controllers::platform::{PlatformConfig, divergence::Divergence};
+    use m3o_controllers::report::metrics::Metrics;
+    use m3o_controllers::store::fence::{Term, database_id};
+
+    let env = TestEnv::new("fence-cas").await;
+    let epoch: i64 = sqlx::query_scalar(
+        "UPDATE writer_fence SET epoch = epoch + 1 WHERE name = '' RETURNING epoch",
+    )
+    .fetch_one(&env.db)
+    .await
+    .expect("begin a term");
+    let term = Term::of(String::new());
+    term.begin(epoch);
+    let metrics = Metrics::new();
+    let endpoints: Vec<String> = env.etcd_endpoints.split(',').map(str::to_owned).collect();
+    let id = database_id(&env.db).await.expect("database id");
+    let platform = PlatformConfig::connect(
+        &endpoints,
+        &env.etcd_prefix,
+        PlatformConfig::connect_timeouts(),
+    )
+    .await
+    .expect("connect to etcd")
+    .fenced_by(
+        &term,
+        env.db.clone(),
+        Divergence::counting(metrics.fence_divergence.clone()),
+    )
+    .of_database(id);
+    // What each refused write read: no term, no database (a wiped etcd).
+    let seen = platform.fence_state().await.expect("fence state");
+    let recorded = futures::future::join_all((0..8).map(|_| platform.reestablish(&seen))).await;
+    let landed = recorded
+        .into_iter()
+        .map(|r| r.expect("reestablish"))
+        .filter(|&landed| landed)
+        .count();
+    assert_eq!(landed, 1, "one record lands");
+    assert_eq!(metrics.fence_divergence.get(), 1, "counted once");
+    assert_eq!(etcd_epoch(&env).await, Some(epoch));
+    assert!(platform.term_recorded().await.expect("fence state"));
+}

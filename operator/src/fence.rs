@@ -58,24 +58,27 @@ impl Renew for WriterFence {
     const WHAT: &'static str = "the writer fence heartbeat";
 
     async fn renew(&mut self) -> Result<bool, String> {
-        match fence::beat(&mut self.conn, &self.name, self.epoch).await {
+        // The previous beat never finished: its round timed out (a half-open
+        // connection, a frozen proxy) and the beat was dropped mid-statement, so its
+        // session is of no further use. Beat on a new one, inside the lease.
+        if std::mem::replace(&mut self.beating, true) {
+            tracing::warn!("writer fence heartbeat timed out; reopening its session");
+            self.reopen().await?;
+        }
+        let beat = match fence::beat(&mut self.conn, &self.name, self.epoch).await {
             Ok(held) => Ok(held),
             // The session may be gone (a proxy's idle timeout, a restarted pooler): open
             // another inside the lease and beat on it, rather than lose the term.
             Err(err) => {
                 tracing::warn!(%err, "writer fence heartbeat failed; reopening its session");
-                let fresh = self
-                    .db
-                    .acquire()
-                    .await
-                    .map_err(|e| format!("{err}; reopening the session: {e}"))?
-                    .detach();
-                self.conn = fresh;
+                self.reopen().await.map_err(|e| format!("{err}; {e}"))?;
                 fence::beat(&mut self.conn, &self.name, self.epoch)
                     .await
                     .map_err(|e| e.to_string())
             }
-        }
+        };
+        self.beating = false;
+        beat
     }
 }
 
@@ -89,6 +92,8 @@ pub struct WriterFence {
     name: String,
     epoch: i64,
     timing: Timing,
+    /// A beat is under way on `conn` (still true at the next round: it was cut off).
+    beating: bool,
 }
 
 impl WriterFence {
@@ -133,6 +138,7 @@ impl WriterFence {
                             name: fence.to_owned(),
                             epoch,
                             timing,
+                            beating: false,
                         });
                     }
                     Ok(Attempt::Again) => {}
@@ -163,6 +169,18 @@ impl WriterFence {
         self.epoch
     }
 
+    /// Replaces the heartbeat's session with a new connection (not one of the pool's,
+    /// which may be idle on the same dead path), with the pool's settings and
+    /// application_name.
+    async fn reopen(&mut self) -> Result<(), String> {
+        let fresh = sqlx::Connection::connect_with(&*self.db.connect_options())
+            .await
+            .map_err(|e| format!("reopening the heartbeat's session: {e}"))?;
+        // The old session is dropped, not closed: a close would wait on the dead path.
+        drop(std::mem::replace(&mut self.conn, fresh));
+        Ok(())
+    }
+
     /// Moves this term, before it writes anything, to epoch `to`; false when the term
     /// moved meanwhile.
     pub async fn raise_to(&mut self, to: i64) -> Result<bool, sqlx::Error> {
@@ -188,9 +206,22 @@ impl WriterFence {
     /// Ends the term so a successor begins at once. Call it only after this process
     /// has stopped writing.
     pub async fn release(mut self) {
-        if let Err(err) = fence::release(&mut self.conn, &self.name, self.epoch).await {
-            tracing::warn!(%err, "could not release the writer fence; a successor takes over when its heartbeat is stale");
+        let stale = "a successor takes over when its heartbeat is stale";
+        // A session whose last beat never finished is on a dead path: the release
+        // would hang there.
+        if self.beating {
+            tracing::warn!("the writer fence's session is not answering; {stale}");
+            return;
         }
-        let _ = sqlx::Connection::close(self.conn).await;
+        let wait = self.timing.renew_deadline;
+        match tokio::time::timeout(wait, fence::release(&mut self.conn, &self.name, self.epoch))
+            .await
+        {
+            Ok(Ok(())) => {
+                let _ = sqlx::Connection::close(self.conn).await;
+            }
+            Ok(Err(err)) => tracing::warn!(%err, "could not release the writer fence; {stale}"),
+            Err(_) => tracing::warn!("releasing the writer fence timed out; {stale}"),
+        }
     }
 }

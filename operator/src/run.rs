@@ -222,7 +222,12 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
     let redis = startup::redis(&args.backends.redis).await?;
     let usage_redis = startup::usage_redis(&args.backends.redis, &args.usage).await?;
-    let platform = startup::etcd(&args.backends.etcd).await?;
+    let database_id = store::fence::database_id(&db)
+        .await
+        .map_err(|e| StartupError(format!("--database-url: reading the database id: {e}")))?;
+    let platform = startup::etcd(&args.backends.etcd)
+        .await?
+        .of_database(database_id);
     let client = startup::kube(args.backends.kubeconfig.as_deref()).await?;
     startup::check_crds(&client, namespace.as_deref()).await?;
     let listener = TcpListener::bind(args.metrics_addr).await.map_err(|e| {
@@ -398,7 +403,7 @@ impl Writer {
             self.role.elected();
             elector = Some(candidate);
         }
-        let (stop, tasks, fence) = {
+        let (stop, tasks, fence, divergence) = {
             let renewing = hold_lease(elector.as_mut(), shutdown);
             tokio::pin!(renewing);
             // Keep renewing the lease while waiting for the predecessor to let go.
@@ -412,13 +417,12 @@ impl Writer {
             self.term.begin(fence.epoch());
             if let Err(err) = start_term(&mut fence, &self.term, &work.ctx.platform).await {
                 fence.release().await;
-                return Err(StartupError(format!(
-                    "--etcd-endpoints: cannot record the writer term in etcd: {err}"
-                )));
+                return Err(err);
             }
             self.metrics.leader.set(1);
             self.role.leading();
             let leading = shutdown.child_token();
+            let divergence = work.ctx.platform.divergence();
             let mut tasks = work.spawn(leading.clone());
             let stop = tokio::select! {
                 ended = &mut renewing => match ended {
@@ -442,7 +446,7 @@ impl Writer {
             };
             leading.cancel();
             self.metrics.leader.set(0);
-            (stop, tasks, fence)
+            (stop, tasks, fence, divergence)
         };
         match stop {
             Stop::Shutdown => {
@@ -461,9 +465,10 @@ impl Writer {
             Stop::FenceLost => {
                 join(tasks, Some(margin)).await;
                 fence.release().await;
-                Err(StartupError(
-                    "lost the writer fence (another process writes this schema, or the heartbeat failed); exiting so that a restart rejoins as a standby".into(),
-                ))
+                // Stopped by etcd on a prefix of another database: that one line.
+                Err(StartupError(divergence.stopped_by().unwrap_or_else(|| {
+                    "lost the writer fence (another process writes this schema, or the heartbeat failed); exiting so that a restart rejoins as a standby".into()
+                })))
             }
             Stop::Task(name, result) => {
                 let what = match result {
@@ -486,26 +491,67 @@ impl Writer {
 
 /// Records the term just won in etcd, first moving it above a newer epoch that etcd
 /// records (Postgres restored from an older backup): one start heals that divergence,
-/// where each restart would otherwise gain one epoch and exit again.
+/// where each restart would otherwise gain one epoch and exit again. Refuses, writing
+/// nothing to etcd, a prefix that another database writes and a fence key that holds
+/// no term: the error is then one line naming what to fix.
 async fn start_term(
     fence: &mut WriterFence,
     term: &Term,
     platform: &PlatformConfig,
-) -> Result<(), String> {
+) -> Result<(), StartupError> {
+    let etcd = |e: String| {
+        StartupError(format!(
+            "--etcd-endpoints: cannot record the writer term in etcd: {e}"
+        ))
+    };
     let won = fence.epoch();
-    let recorded = platform.recorded_term().await.map_err(|e| e.to_string())?;
-    if let Some(to) = divergence::start_epoch(won, recorded) {
-        platform.divergence().found(format!(
-            "etcd recorded writer term {} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both",
-            recorded.unwrap_or_default()
-        ));
-        match fence.raise_to(to).await {
-            Ok(true) => term.begin(to),
-            Ok(false) => return Err("the writer term moved while being raised above etcd's".into()),
-            Err(err) => return Err(format!("raising the writer term above etcd's: {err}")),
+    let mut raised = None;
+    // A concurrent record (another shard's operator claiming the database id at the
+    // same time) makes the compare-and-swap fail: read again and decide again.
+    for _ in 0..3 {
+        let state = platform
+            .fence_state()
+            .await
+            .map_err(|e| etcd(e.to_string()))?;
+        match divergence::on_start(fence.epoch(), &state.recorded, &state.owner) {
+            divergence::Start::Foreign(other) => {
+                return Err(StartupError(platform.foreign_line(&other)));
+            }
+            divergence::Start::Unreadable(value) => {
+                return Err(StartupError(platform.unreadable_line(&value)));
+            }
+            divergence::Start::Record => {}
+            divergence::Start::RaiseTo(to) => {
+                match fence.raise_to(to).await {
+                    Ok(true) => term.begin(to),
+                    Ok(false) => {
+                        return Err(etcd(
+                            "the writer term moved while being raised above etcd's".into(),
+                        ));
+                    }
+                    Err(err) => {
+                        return Err(etcd(format!("raising the writer term above etcd's: {err}")));
+                    }
+                }
+                raised = Some((state.recorded.epoch().unwrap_or_default(), to));
+            }
+        }
+        if platform
+            .record_term(&state)
+            .await
+            .map_err(|e| etcd(e.to_string()))?
+        {
+            if let Some((recorded, to)) = raised {
+                platform.divergence().found(format!(
+                    "etcd recorded writer term {recorded} while Postgres began {won} (Postgres restored from an older backup?); began term {to} above both"
+                ));
+            }
+            return Ok(());
         }
     }
-    platform.begin_term().await.map_err(|e| e.to_string())
+    Err(etcd(
+        "the etcd fence kept changing while the term was being recorded (another writer?); exiting so that a restart looks again".into(),
+    ))
 }
 
 /// Renews the lease until shutdown or loss; without leader election, waits for shutdown.

@@ -13,6 +13,7 @@ const QUOTAS: &str = "quotas/";
 const APIKEYS: &str = "apikeys/";
 const GATEWAYS: &str = "gateways/";
 const WRITER_EPOCH: &str = ".writer-epoch";
+const WRITER_DATABASE: &str = ".writer-epoch.database";
 
 /// `customers/<customerId>`: a customer's [`crate::CustomerValue`].
 pub fn customer_key(id: impl Display) -> String {
@@ -44,6 +45,15 @@ pub fn writer_epoch_key(prefix: &str, name: &str) -> String {
         "" => format!("{prefix}{WRITER_EPOCH}"),
         name => format!("{prefix}{WRITER_EPOCH}.{name}"),
     }
+}
+
+/// The key naming the database whose operators write `prefix` (its id, a UUID in
+/// canonical text): beside the fence keys, under the `<prefix>.writer-epoch` range an
+/// operator's etcd user already reads and writes ("database" is never a shard fence's
+/// name, which is hex). An operator writes the prefix only while this key holds its
+/// database's id, or is absent (then it records it with its term).
+pub fn writer_database_key(prefix: &str) -> String {
+    format!("{prefix}{WRITER_DATABASE}")
 }
 
 /// What a key under the prefix is.
@@ -161,5 +171,7 @@ mod tests {
     fn the_fence_key_is_beside_the_prefix() {
         assert_eq!(writer_epoch_key("/m3o", ""), "/m3o.writer-epoch");
         assert_eq!(writer_epoch_key("/m3o", "s1"), "/m3o.writer-epoch.s1");
+        assert_eq!(writer_database_key("/m3o"), "/m3o.writer-epoch.database");
+        assert!(writer_database_key("/m3o").starts_with(&writer_epoch_key("/m3o", "")));
     }
 }

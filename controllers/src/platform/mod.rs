@@ -28,7 +28,7 @@ use etcd_client::{
 use crate::report::error::Error;
 use crate::store::fence::{self, Term};
 use diff::{Change, Current, Write};
-use divergence::{Divergence, Refusal};
+use divergence::{Divergence, Owner, Recorded, Refusal};
 
 /// How many of our own write revisions are remembered to tell them from hand edits.
 const OWN_REVISIONS: usize = 16_384;
@@ -37,8 +37,9 @@ const OWN_REVISIONS: usize = 16_384;
 ///
 /// Every write is fenced in etcd itself: it is a transaction that compares the key
 /// `<prefix>.writer-epoch` (beside the prefix, so neither gateways nor the drift
-/// watcher see it) with this process's writer term, which [`PlatformConfig::begin_term`]
-/// writes at the start of the term. A replaced writer that wakes up with an etcd write
+/// watcher see it) with this process's writer term, which [`PlatformConfig::record_term`]
+/// writes at the start of the term, and `<prefix>.writer-epoch.database` with this
+/// database's id (one database per prefix). A replaced writer that wakes up with an etcd write
 /// already on its way (after its Postgres transaction was terminated) is refused by
 /// etcd. Writes also run inside a fenced Postgres transaction (`sync`), so a new term
 /// cannot begin while one is in flight unless its writer is terminated.
@@ -55,6 +56,9 @@ pub struct PlatformConfig {
     term: Option<TermCheck>,
     /// A divergence of the etcd fence from Postgres's, until healed.
     divergence: Arc<Divergence>,
+    /// This database's id ([`crate::store::fence::database_id`]), compared with
+    /// `<prefix>.writer-epoch.database` by every write (`None`: not compared).
+    database: Option<String>,
     /// Gateway replicas seen reporting, and departed ones still within their bound.
     roster: Arc<Mutex<gateway_roster::Roster>>,
 }
@@ -113,6 +117,7 @@ impl PlatformConfig {
             fence: String::new(),
             term: None,
             divergence: Arc::default(),
+            database: None,
             roster: Arc::default(),
         })
     }
@@ -130,15 +135,17 @@ impl PlatformConfig {
         self
     }
 
+    /// Writes only while etcd names database `id` as the prefix's writer (or names none:
+    /// then the term is recorded with it), so two databases never take turns on one
+    /// prefix.
+    pub fn of_database(mut self, id: uuid::Uuid) -> Self {
+        self.database = Some(id.to_string());
+        self
+    }
+
     /// The divergence of the etcd fence from Postgres's being healed, if any.
     pub fn divergence(&self) -> Arc<Divergence> {
         self.divergence.clone()
-    }
-
-    /// The writer term etcd records (`None`: no fence key, or not a number).
-    pub async fn recorded_term(&self) -> Result<Option<i64>, Error> {
-        let value = self.get(&self.fence_key()).await?;
-        Ok(value.and_then(|v| String::from_utf8(v).ok()?.trim().parse().ok()))
     }
 
     /// The key holding the current writer term (one per fence, beside the prefix).
@@ -146,29 +153,107 @@ impl PlatformConfig {
         m3o_platform_contract::keys::writer_epoch_key(&self.prefix, &self.fence)
     }
 
-    /// Records the term just begun in Postgres as etcd's fence; fails if a newer one
-    /// is already recorded there.
-    pub async fn begin_term(&self) -> Result<(), Error> {
-        let mine = epoch_value(self.epoch.load(Ordering::SeqCst));
-        let key = self.fence_key();
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.as_str(),
-                CompareOp::Greater,
-                mine.clone(),
-            )])
-            .or_else([TxnOp::put(key, mine, None)]);
-        let resp = self.client.kv_client().txn(txn).await?;
-        if resp.succeeded() {
-            return Err(Error::Fenced("etcd records a newer writer term".to_owned()));
-        }
-        Ok(())
+    /// The key naming the database that writes the prefix (beside it).
+    fn database_key(&self) -> String {
+        m3o_platform_contract::keys::writer_database_key(&self.prefix)
     }
 
-    /// Runs `op` if this process's term is the one etcd records; the response of `op`.
-    /// A refusal re-checks the term in Postgres ([`divergence::on_refusal`]): when it is
-    /// ours and etcd is behind, the term is written into etcd again, the whole prefix
-    /// is to be converged ([`Divergence`]), and `op` is tried once more.
+    /// What etcd records about the writer of the prefix, read at one revision.
+    pub async fn fence_state(&self) -> Result<FenceState, Error> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.fence_key(), None),
+            TxnOp::get(self.database_key(), None),
+        ]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        let mut values = resp.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let (epoch, database) = (values.next().flatten(), values.next().flatten());
+        Ok(FenceState {
+            recorded: Recorded::parse(epoch.as_deref()),
+            owner: divergence::owner(self.database.as_deref(), database.as_deref()),
+            epoch_value: epoch,
+            database_value: database,
+        })
+    }
+
+    /// True when etcd records this process's term and names its database (or none is
+    /// checked): what a convergence must see before it calls a divergence healed.
+    pub async fn term_recorded(&self) -> Result<bool, Error> {
+        let state = self.fence_state().await?;
+        let mine = self.epoch.load(Ordering::SeqCst);
+        Ok(state.recorded == Recorded::Epoch(mine) && state.owner == Owner::Ours)
+    }
+
+    /// This process's database id, for messages.
+    pub fn database_id(&self) -> &str {
+        self.database.as_deref().unwrap_or("unknown")
+    }
+
+    /// The line refusing a prefix that database `other` writes.
+    pub fn foreign_line(&self, other: &str) -> String {
+        divergence::foreign_line(&self.prefix, other, self.database_id())
+    }
+
+    /// The line refusing writes while the fence key holds `value`, which is no term.
+    pub fn unreadable_line(&self, value: &str) -> String {
+        divergence::unreadable_line(&self.fence_key(), value)
+    }
+
+    /// Records this process's term in etcd, and this database as the prefix's writer,
+    /// if etcd still records what `seen` says (a compare-and-swap over both keys: of
+    /// tasks that saw one divergence, one records the term; nothing read as another
+    /// database's or as no term is ever written over). False when etcd moved since.
+    /// The decision whether to record at all is the caller's ([`divergence::on_start`],
+    /// [`divergence::on_refusal`]).
+    pub async fn record_term(&self, seen: &FenceState) -> Result<bool, Error> {
+        let as_seen = |key: String, value: &Option<Vec<u8>>| match value {
+            Some(value) => Compare::value(key, CompareOp::Equal, value.clone()),
+            None => Compare::version(key, CompareOp::Equal, 0),
+        };
+        let mine = epoch_value(self.epoch.load(Ordering::SeqCst));
+        let mut when = vec![as_seen(self.fence_key(), &seen.epoch_value)];
+        let mut then = vec![TxnOp::put(self.fence_key(), mine, None)];
+        if let Some(database) = &self.database {
+            when.push(as_seen(self.database_key(), &seen.database_value));
+            if seen.database_value.is_none() {
+                then.push(TxnOp::put(self.database_key(), database.clone(), None));
+            }
+        }
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().when(when).and_then(then))
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Records the term again after a refusal found etcd behind it (`seen`, what was
+    /// read), and starts healing the divergence: of the writes refused at once, the one
+    /// whose record lands ([`Self::record_term`]) counts it and asks for the prefix to
+    /// be converged (true); the others find the term recorded and just retry (false).
+    pub async fn reestablish(&self, seen: &FenceState) -> Result<bool, Error> {
+        if !self.record_term(seen).await? {
+            return Ok(false);
+        }
+        self.divergence.found(format!(
+            "etcd recorded writer term {} while Postgres records {} (etcd restored, wiped or its fence key deleted); re-established it",
+            seen.recorded
+                .epoch()
+                .map_or_else(|| "none".to_owned(), |e| e.to_string()),
+            self.epoch.load(Ordering::SeqCst)
+        ));
+        Ok(true)
+    }
+
+    /// Runs `op` if this process's term is the one etcd records (and its database the
+    /// one etcd names); the response of `op`. A refusal re-checks the term in Postgres
+    /// ([`divergence::on_refusal`]): when it is ours and etcd is behind, the term is
+    /// written into etcd again, the whole prefix is to be converged ([`Divergence`]),
+    /// and `op` is tried once more. A prefix of another database stops the process, and
+    /// a fence key holding no term refuses every write until a human fixes it; each is
+    /// said once.
     async fn fenced(&self, op: TxnOp) -> Result<(TxnOpResponse, Option<i64>), Error> {
         if let Some(done) = self.try_fenced(op.clone()).await? {
             return Ok(done);
@@ -180,33 +265,49 @@ impl PlatformConfig {
             return Err(refused());
         };
         let postgres = fence::current_epoch(&check.db, &self.fence).await?;
-        let etcd = self.recorded_term().await?;
-        match divergence::on_refusal(mine, postgres, etcd) {
+        let state = self.fence_state().await?;
+        match divergence::on_refusal(mine, postgres, &state.recorded, &state.owner) {
             Refusal::Stop => {
                 // As the Postgres check does: only a process that began a term stops.
                 if mine > 0 {
                     check.superseded.cancel();
                 }
-                if mine > 0 && postgres == Some(mine) {
-                    tracing::error!(
-                        mine,
-                        etcd,
-                        "etcd records a newer writer term than Postgres (Postgres restored from an older backup?); stopping so that a restart begins a term above both"
+                if let (true, Some(etcd)) =
+                    (mine > 0 && postgres == Some(mine), state.recorded.epoch())
+                {
+                    let what = format!(
+                        "etcd records writer term {etcd}, newer than this process's {mine} which Postgres records"
                     );
-                    self.divergence.found(format!(
-                        "etcd records writer term {}, newer than this process's {mine} which Postgres records",
-                        etcd.unwrap_or_default()
-                    ));
+                    if self.divergence.refusing(what) {
+                        tracing::error!(
+                            mine,
+                            etcd,
+                            "etcd records a newer writer term than Postgres (Postgres restored from an older backup?); stopping so that a restart begins a term above both"
+                        );
+                    }
                 }
                 return Err(refused());
             }
+            Refusal::Foreign(other) => {
+                // Said once, as the process's exit message.
+                self.divergence.stop_with(self.foreign_line(&other));
+                check.superseded.cancel();
+                return Err(Error::Fenced(
+                    "etcd refused a write: the prefix is another database's (the process stops, saying so)".into(),
+                ));
+            }
+            Refusal::Unreadable(value) => {
+                let line = self.unreadable_line(&value);
+                if self.divergence.refusing(line.clone()) {
+                    tracing::warn!("{line}");
+                }
+                return Err(Error::Fenced(
+                    "etcd refused a write: its writer-term key holds no term (said above)".into(),
+                ));
+            }
             Refusal::Retry => {}
             Refusal::Reestablish => {
-                self.begin_term().await?;
-                self.divergence.found(format!(
-                    "etcd recorded writer term {} while Postgres records {mine} (etcd restored, wiped or its fence key deleted); re-established it",
-                    etcd.map_or_else(|| "none".to_owned(), |e| e.to_string())
-                ));
+                self.reestablish(&state).await?;
             }
         }
         self.try_fenced(op).await?.ok_or_else(refused)
@@ -215,9 +316,15 @@ impl PlatformConfig {
     /// One attempt of [`Self::fenced`]: `None` when etcd refused it.
     async fn try_fenced(&self, op: TxnOp) -> Result<Option<(TxnOpResponse, Option<i64>)>, Error> {
         let mine = epoch_value(self.epoch.load(Ordering::SeqCst));
-        let txn = Txn::new()
-            .when([Compare::value(self.fence_key(), CompareOp::Equal, mine)])
-            .and_then([op]);
+        let mut when = vec![Compare::value(self.fence_key(), CompareOp::Equal, mine)];
+        if let Some(database) = &self.database {
+            when.push(Compare::value(
+                self.database_key(),
+                CompareOp::Equal,
+                database.clone(),
+            ));
+        }
+        let txn = Txn::new().when(when).and_then([op]);
         let resp = self.client.kv_client().txn(txn).await?;
         let revision = resp.header().map(|h| h.revision());
         Ok(match resp.op_responses().into_iter().next() {
@@ -370,6 +477,19 @@ impl PlatformConfig {
             own.insert(rev);
         }
     }
+}
+
+/// What etcd records about the writer of a prefix: see [`PlatformConfig::fence_state`].
+#[derive(Clone, Debug)]
+pub struct FenceState {
+    /// The term recorded.
+    pub recorded: Recorded,
+    /// Which database writes the prefix.
+    pub owner: Owner,
+    /// The raw values read (`None`: no key), which [`PlatformConfig::record_term`]
+    /// compares.
+    epoch_value: Option<Vec<u8>>,
+    database_value: Option<Vec<u8>>,
 }
 
 /// What [`PlatformConfig::write`] wrote.

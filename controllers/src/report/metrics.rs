@@ -196,7 +196,7 @@ impl Metrics {
         );
         registry.register(
             "fence_divergence",
-            "Writer terms found to differ between Postgres and etcd (etcd restored, wiped or its fence key deleted; Postgres restored); each is healed by converging the etcd prefix from Postgres",
+            "Writer terms found to differ between Postgres and etcd (etcd restored, wiped or its fence key deleted; Postgres restored), counted once each when its healing starts (the term recorded in etcd again, or a start above both); each is healed by converging the etcd prefix from Postgres",
             fence_divergence.clone(),
         );
         let usage_rollup_lag = Gauge::<f64, AtomicU64>::default();

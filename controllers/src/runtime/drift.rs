@@ -32,7 +32,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             let divergence = ctx.platform.divergence();
             let healing = divergence.pending_number();
             let revision = resync(&ctx).await?;
-            if let Some(number) = healing {
+            // Healed once etcd records the term again (a refusal waiting for a human,
+            // such as a fence key holding no term, is not healed by a resync that had
+            // nothing to write).
+            if let Some(number) = healing
+                && ctx.platform.term_recorded().await?
+            {
                 divergence.healed(number);
             }
             watch(&ctx, revision, compared_at).await
@@ -41,7 +46,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             result = pass => {
                 if let Err(err) = result {
-                    tracing::warn!(%err, "etcd drift watcher interrupted; resyncing");
+                    // A fenced write was said once where it was refused (the writer
+                    // fence, or etcd's: another database, a fence key holding no term).
+                    if err.is_fenced() {
+                        tracing::debug!(%err, "etcd drift watcher refused by the writer fence; resyncing");
+                    } else {
+                        tracing::warn!(%err, "etcd drift watcher interrupted; resyncing");
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(RETRY) => {}

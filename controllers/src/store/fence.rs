@@ -278,6 +278,14 @@ pub async fn current_epoch(db: &PgPool, name: &str) -> Result<Option<i64>, sqlx:
         .await
 }
 
+/// This database's identity (migration `0014_database_identity.sql`): what etcd records
+/// beside the prefix, so that two databases never write one prefix.
+pub async fn database_id(db: &PgPool) -> Result<uuid::Uuid, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM database_identity")
+        .fetch_one(db)
+        .await
+}
+
 /// Moves term `epoch` of fence `name`, just begun and not yet writing, to epoch `to`
 /// (above one that etcd records: Postgres restored from an older backup); false when
 /// the term is no longer `epoch`.

@@ -11,6 +11,7 @@ pub struct CuttableProxy {
     pub port: u16,
     up: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    frozen: watch::Sender<u64>,
 }
 
 impl CuttableProxy {
@@ -20,7 +21,8 @@ impl CuttableProxy {
         let port = listener.local_addr().expect("proxy addr").port();
         let up = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
-        let (flag, gen_tx) = (up.clone(), generation.clone());
+        let (frozen, _) = watch::channel(0u64);
+        let (flag, gen_tx, frozen_tx) = (up.clone(), generation.clone(), frozen.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !flag.load(Ordering::SeqCst) {
@@ -29,15 +31,21 @@ impl CuttableProxy {
                 }
                 let upstream = upstream.clone();
                 let mut cut = gen_tx.subscribe();
+                let mut freeze = frozen_tx.subscribe();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
                     };
                     let (mut client, mut server) = (client, server);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {} // dropping both ends resets the connection
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = cut.changed() => return, // dropping both ends resets the connection
+                        _ = freeze.changed() => {}
                     }
+                    // Frozen: both ends stay open and nothing is forwarded (a half-open
+                    // path, a stopped middlebox), until cut.
+                    let _ = cut.changed().await;
+                    drop((client, server));
                 });
             }
         });
@@ -45,6 +53,7 @@ impl CuttableProxy {
             port,
             up,
             generation,
+            frozen,
         }
     }
 
@@ -52,6 +61,13 @@ impl CuttableProxy {
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Stops forwarding on every open connection, keeping them open (as a hung
+    /// middlebox or a half-open path would: writes are accepted, nothing answers);
+    /// new connections are forwarded as before.
+    pub fn freeze(&self) {
+        self.frozen.send_modify(|g| *g += 1);
     }
 
     pub fn restore(&self) {

@@ -4,7 +4,8 @@
 //! API, holding the day's absolute count of allowed requests.
 //!
 //! Retention ("until confirmed, and a little longer"): a gateway gives a new day's hash
-//! [`UNCONFIRMED_RETENTION_SECS`]; once the day is over ([`CLOSE_GRACE_SECS`] past its
+//! [`UNCONFIRMED_RETENTION_SECS`] (`EXPIRE .. NX`: a new field of a hash keeps its TTL);
+//! once the day is over ([`CLOSE_GRACE_SECS`] past its
 //! end) and the operator has committed it to Postgres, the operator lowers the hash's
 //! TTL to [`CONFIRMED_RETENTION_SECS`] (`EXPIRE .. LT`, so it never lengthens one). A
 //! day the operator never confirmed outlives an operator outage of a month.

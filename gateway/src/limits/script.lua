@@ -16,7 +16,7 @@ if tonumber(ARGV[6]) == -2 then
     {'TIME'},
     {'GET', KEYS[1]}, {'SET', KEYS[1], '0', 'PX', '1'},
     {'GET', KEYS[2]}, {'INCR', KEYS[2]}, {'EXPIRE', KEYS[2], '1'},
-    {'HINCRBY', KEYS[3], ARGV[4], '1'}, {'EXPIRE', KEYS[3], '1'},
+    {'HINCRBY', KEYS[3], ARGV[4], '1'}, {'EXPIRE', KEYS[3], '1', 'NX'},
   }
   for _, use in ipairs(uses) do
     if not redis.acl_check_cmd(unpack(use)) then
@@ -67,7 +67,9 @@ if monthly >= 0 then
   if used == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 end
 if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  -- NX: a new field of a day the operator has confirmed (its TTL lowered) keeps that
+  -- TTL; only a new hash gets the unconfirmed retention.
+  redis.call('EXPIRE', KEYS[3], ARGV[5], 'NX')
   -- A hash's epoch (platform-contract usage::EPOCH_FIELD): set by the first increment
   -- of a new hash, so the operator tells a hash Redis lost and re-created from growth.
   if redis.call('HINCRBY', KEYS[3], '~epoch', 0) == 0 then

@@ -423,6 +423,78 @@ async fn usage_is_metered_under_known_apis_only() {
     gateway.stop().await;
 }
 
+/// A confirmed day's hash (the operator lowered its TTL after committing it) keeps
+/// that TTL when a request adds a new field to it (a gateway whose clock lags writes
+/// to the day just closed): only a new hash gets the unconfirmed retention.
+#[tokio::test]
+async fn a_new_field_never_lengthens_a_confirmed_days_retention() {
+    use m3o_platform_contract::usage::{CONFIRMED_RETENTION_SECS, UNCONFIRMED_RETENTION_SECS};
+    let env = TestEnv::new("gw-usage-ttl").await;
+    let key = env.put_gateway_key(&["*"], None).await;
+    let mut config = env.gateway_config();
+    config.extra_args = vec!["--usage-apis=news,weather".into()];
+    let gateway = env.start_gateway(&config).await;
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let ttl = |mut conn: redis::aio::MultiplexedConnection, hash: String| async move {
+        redis::cmd("TTL")
+            .arg(&hash)
+            .query_async::<i64>(&mut conn)
+            .await
+            .expect("TTL")
+    };
+    let pattern = m3o_platform_contract::usage::usage_customer_pattern(
+        &config.redis_prefix,
+        &key.customer_id,
+    );
+
+    assert_eq!(check(&gateway, &key.key, "/v1/news/Top").await.status, 200);
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let [hash] = hashes.as_slice() else {
+        panic!("one usage hash: {hashes:?}");
+    };
+    assert!(ttl(conn.clone(), hash.clone()).await > CONFIRMED_RETENTION_SECS);
+    // What the rollup does once the day is committed.
+    let lowered: i64 = redis::cmd("EXPIRE")
+        .arg(hash)
+        .arg(CONFIRMED_RETENTION_SECS)
+        .arg("LT")
+        .query_async(&mut conn)
+        .await
+        .expect("EXPIRE LT");
+    assert_eq!(lowered, 1);
+
+    // A new field of that hash.
+    assert_eq!(
+        check(&gateway, &key.key, "/v1/weather/Now").await.status,
+        200
+    );
+    let fields: i64 = redis::cmd("HGET")
+        .arg(hash)
+        .arg(m3o_platform_contract::usage::usage_field(
+            &key.key_id,
+            "weather",
+        ))
+        .query_async::<Option<i64>>(&mut conn)
+        .await
+        .expect("HGET")
+        .unwrap_or_default();
+    assert!(fields >= 1, "the request was counted in the same hash");
+    let left = ttl(conn.clone(), hash.clone()).await;
+    assert!(
+        (1..=CONFIRMED_RETENTION_SECS).contains(&left),
+        "the confirmed TTL is kept: {left} s (unconfirmed would be {UNCONFIRMED_RETENTION_SECS} s)"
+    );
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_gateway_with_an_etcd_user_starts_while_etcd_is_down() {
     let env = TestEnv::new("gw-etcd-user").await;

@@ -42,6 +42,14 @@ crate::report::status::has_status!(ApiKey, ApiKeyStatus);
 /// their digests.
 impl crate::runtime::resync::ResyncedKind for ApiKey {
     const RECORDS: crate::store::resync::RecordTable = crate::store::resync::API_KEYS;
+
+    fn waits_for_customer(&self, ctx: &Context) -> bool {
+        self.metadata.deletion_timestamp.is_none()
+            && ctx.dependent_waits(
+                &self.namespace().unwrap_or_default(),
+                &self.spec.customer_ref.name,
+            )
+    }
 }
 
 async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {

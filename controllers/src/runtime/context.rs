@@ -135,6 +135,11 @@ impl Watching {
         }
     }
 
+    /// True once `kind` is watching.
+    pub fn has(&self, kind: &str) -> bool {
+        self.0.lock().is_ok_and(|kinds| kinds.contains(kind))
+    }
+
     /// True once every kind in `KINDS` is watching.
     pub fn all(&self) -> bool {
         self.0
@@ -258,6 +263,23 @@ impl Context {
         Api::<Customer>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
+    }
+
+    /// True when a pass of a dependent (`customer` in `namespace`) would only wait,
+    /// quietly, for its Customer to be provisioned ([`dependent::before_records`]), as
+    /// the shared watch's cache tells without waiting or I/O; false when it cannot tell
+    /// (the cache has not listed, or has no such Customer).
+    pub fn dependent_waits(&self, namespace: &str, customer: &str) -> bool {
+        use crate::pipeline::dependent::{Gate, before_records};
+        if !self.watching.has(m3o_crds::kinds::CUSTOMER) {
+            return false;
+        }
+        let Some(cache) = self.customers.lock().ok().and_then(|c| c.clone()) else {
+            return false;
+        };
+        let found = cache.get(&ObjectRef::new(customer).within(namespace));
+        let gate = before_records(self.settings.shard.as_ref(), found.as_deref());
+        matches!(gate, Some(Gate::Wait))
     }
 
     /// The record ids of the Customers in the shared watch's cache (this shard's), once

@@ -33,6 +33,15 @@ pub trait ResyncedKind: HasStatus {
     fn planned_digest(&self, _catalog: &Catalog, _records: &LiveRecords) -> Option<String> {
         None
     }
+
+    /// True when a pass of the object would only wait, quietly, for its Customer to be
+    /// provisioned (a dependent of a Customer applied with it): the bulk lane does not
+    /// schedule it for its own event, since its Customer's change reaches it through
+    /// the shared feed (and the periodic resync finds it not Ready). A deletion is
+    /// always scheduled.
+    fn waits_for_customer(&self, _ctx: &crate::runtime::context::Context) -> bool {
+        false
+    }
 }
 
 /// Why an object is reconciled after a bulk comparison.

@@ -239,8 +239,11 @@ pub async fn run_on<K, F, Fut>(
     // Changes of provisioned objects go to the lane of changes ([`crate::runtime::lanes`]); the
     // rest (new objects, triggers from other kinds, retries) to the bulk lane.
     let (mut to_changes, lane_of_changes) = futures::channel::mpsc::channel(LANE_BUFFER);
+    let waits_ctx = ctx.clone();
     let bulk = changes.filter_map(move |obj| {
         let obj = match obj {
+            // Woken by its Customer instead (see `ResyncedKind::waits_for_customer`).
+            Ok(o) if o.waits_for_customer(&waits_ctx) => None,
             Ok(o) if crate::runtime::lanes::is_change_of_provisioned(&o) => {
                 match to_changes.try_send(o) {
                     Ok(()) => None,

@@ -58,6 +58,14 @@ impl crate::runtime::resync::ResyncedKind for Subscription {
         let quota = plan::effective_quota(catalog, &self.spec).ok()?;
         Some(plan::desired_record(self, records.customer_id?, quota).digest())
     }
+
+    fn waits_for_customer(&self, ctx: &Context) -> bool {
+        self.metadata.deletion_timestamp.is_none()
+            && ctx.dependent_waits(
+                &self.namespace().unwrap_or_default(),
+                &self.spec.customer_ref.name,
+            )
+    }
 }
 
 async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -11,6 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
+/// The width of a term as etcd records it ([`epoch_value`]).
+const EPOCH_DIGITS: usize = 20;
+
+/// A term as etcd records it: zero-padded, so values compare in the order of terms.
+pub fn epoch_value(epoch: i64) -> String {
+    format!("{epoch:0EPOCH_DIGITS$}")
+}
+
 /// What etcd records in a fence key (`<prefix>.writer-epoch[.<shard>]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -31,10 +39,12 @@ impl Recorded {
             return Self::Missing;
         };
         let text = String::from_utf8_lossy(value);
-        let trimmed = text.trim();
-        let digits = !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit());
-        match trimmed.parse::<i64>() {
-            Ok(epoch) if digits => Self::Epoch(epoch),
+        // Only the form the operator writes (20 digits, zero-padded): etcd writes compare
+        // the bytes, so a term in any other form ("42" put back by hand) would refuse
+        // every write while reading as ours.
+        let canonical = value.len() == EPOCH_DIGITS && value.iter().all(u8::is_ascii_digit);
+        match text.parse::<i64>() {
+            Ok(epoch) if canonical => Self::Epoch(epoch),
             _ => Self::Unreadable(text.chars().take(64).collect()),
         }
     }
@@ -85,7 +95,8 @@ pub fn foreign_line(prefix: &str, other: &str, ours: &str) -> String {
 /// The line that refuses etcd writes while a fence key holds something else than a term.
 pub fn unreadable_line(key: &str, value: &str) -> String {
     format!(
-        "etcd key {key} holds {value:?}, which is not a writer term: every etcd write is refused until it is fixed; delete it (the operator then records its term again) or put back the term Postgres records (writer_fence.epoch)"
+        "etcd key {key} holds {value:?}, which is not a writer term: every etcd write is refused until it is fixed; delete it (the operator then records its term again) or put back the term Postgres records (writer_fence.epoch) as 20 digits, zero-padded (e.g. {})",
+        epoch_value(42)
     )
 }
 
@@ -366,9 +377,11 @@ mod tests {
         use Recorded::*;
         assert_eq!(Recorded::parse(None), Missing);
         assert_eq!(Recorded::parse(Some(b"00000000000000000042")), Epoch(42));
-        assert_eq!(Recorded::parse(Some(b" 7\n")), Epoch(7));
         for junk in [
             &b"banana"[..],
+            b"42",
+            b" 7\n",
+            b"0042",
             b"",
             b"-3",
             b"+3",

@@ -79,9 +79,7 @@ fn fence_key_of(prefix: &str) -> String {
 }
 
 /// The epoch as etcd stores it: fixed width, so byte order is numeric order.
-fn epoch_value(epoch: i64) -> String {
-    format!("{epoch:020}")
-}
+use divergence::epoch_value;
 
 impl PlatformConfig {
     /// The operator's etcd timeouts and keepalives (TLS and the user come on top).

@@ -33,27 +33,35 @@ use crate::startup::{self, StartupError};
 /// the resync, usage, gateway-sync re-checks and scrapes. Not capped: a pool smaller
 /// than the reconciles it serves reports false `DatabaseUnavailable` under load. The
 /// connections are opened only as needed, but a server that cannot take them all is
-/// refused at start ([`fits_the_server`]).
+/// said at start ([`pool_warning`]).
 fn db_pool_size(concurrency: u16) -> u32 {
     KINDS * (u32::from(concurrency) + u32::from(CHANGES_CONCURRENCY)) + OTHER_TASKS
 }
 const KINDS: u32 = 3;
 const OTHER_TASKS: u32 = 8;
 
-/// Refuses a `--concurrency` whose pool (`pool` connections) the server cannot take:
-/// `allowed` is what it leaves this role (`max_connections` less its reserved slots,
-/// and the role's own `CONNECTION LIMIT`). Found at start, not as false
-/// `DatabaseUnavailable` ("too many clients") under the first bulk apply.
-fn fits_the_server(concurrency: u16, pool: u32, allowed: i64) -> Result<(), StartupError> {
-    if i64::from(pool) <= allowed {
-        return Ok(());
-    }
-    Err(StartupError(format!(
-        "--concurrency {concurrency}: the operator may open up to {pool} database connections \
-         ({KINDS} kinds x (concurrency + {CHANGES_CONCURRENCY}) + {OTHER_TASKS}), but the server \
-         allows this role {allowed} (max_connections less reserved connections, and the role's \
-         connection limit); lower --concurrency or raise max_connections"
-    )))
+/// Sessions outside the pool: the relay's LISTEN, the writer fence's heartbeat, and
+/// the heartbeat's replacement while it reopens.
+const OUTSIDE_THE_POOL: u32 = 3;
+
+/// The warning for a `--concurrency` whose connections (`pool`, and the sessions
+/// outside it) the server cannot take: `allowed` is what it leaves this role
+/// (`max_connections` less its reserved slots, and the role's own `CONNECTION LIMIT`).
+/// Said at start rather than found as false `DatabaseUnavailable` ("too many clients")
+/// under the first bulk apply. Not a refusal: behind a connection pooler (PgBouncer)
+/// the server's settings are not the limit.
+fn pool_warning(concurrency: u16, pool: u32, allowed: i64) -> Option<String> {
+    let needed = pool + OUTSIDE_THE_POOL;
+    (i64::from(needed) > allowed).then(|| {
+        format!(
+            "--concurrency {concurrency}: the operator may open up to {needed} database connections \
+             ({KINDS} kinds x (concurrency + {CHANGES_CONCURRENCY}) + {OTHER_TASKS} + {OUTSIDE_THE_POOL} \
+             outside the pool), but the server allows this role {allowed} (max_connections less \
+             reserved connections, and the role's connection limit): under load, reconciles will \
+             fail with DatabaseUnavailable; lower --concurrency or raise max_connections (unless a \
+             connection pooler is in between)"
+        )
+    })
 }
 
 /// The connections the server allows this role, by its settings.
@@ -211,12 +219,14 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         pool,
     )
     .await?;
-    let allowed = connections_allowed(&db).await.map_err(|e| {
-        StartupError(format!(
-            "--database-url: reading max_connections failed: {e}"
-        ))
-    })?;
-    fits_the_server(args.concurrency, pool, allowed)?;
+    match connections_allowed(&db).await {
+        Ok(allowed) => {
+            if let Some(line) = pool_warning(args.concurrency, pool, allowed) {
+                tracing::warn!("{line}");
+            }
+        }
+        Err(err) => tracing::warn!(%err, "could not read max_connections"),
+    }
     store::migrate(&db)
         .await
         .map_err(|e| StartupError(format!("--database-url: {e}")))?;
@@ -711,18 +721,18 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_the_server_cannot_take_is_refused_naming_the_flag() {
-        assert!(fits_the_server(8, db_pool_size(8), 97).is_ok());
-        assert!(fits_the_server(8, 38, 38).is_ok());
-        let err = fits_the_server(256, db_pool_size(256), 97).expect_err("too many");
-        assert!(err.0.starts_with("--concurrency 256: "), "{}", err.0);
+    fn a_pool_the_server_cannot_take_is_said_naming_the_flag() {
+        assert_eq!(pool_warning(8, db_pool_size(8), 97), None);
+        assert_eq!(pool_warning(8, 38, 41), None);
         assert!(
-            err.0.contains("up to 782 database connections"),
-            "{}",
-            err.0
+            pool_warning(8, 38, 40).is_some(),
+            "the sessions outside the pool count"
         );
-        assert!(err.0.contains("allows this role 97"), "{}", err.0);
-        assert!(!err.0.contains('\n'), "one line");
+        let line = pool_warning(256, db_pool_size(256), 97).expect("too many");
+        assert!(line.starts_with("--concurrency 256: "), "{line}");
+        assert!(line.contains("up to 785 database connections"), "{line}");
+        assert!(line.contains("allows this role 97"), "{line}");
+        assert!(!line.contains('\n'), "one line");
     }
 }
 

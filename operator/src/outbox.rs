@@ -137,9 +137,16 @@ async fn replay(
             break;
         }
     }
-    // Read only: ending the transaction lets the relays go on.
+    // Ending the transaction lets the relays go on; its notification (sent at commit)
+    // wakes them at once for what was committed meanwhile, rather than at their
+    // fallback poll.
+    sqlx::query("SELECT pg_notify($1, current_schema())")
+        .bind(m3o_events::relay::NOTIFY_CHANNEL)
+        .execute(&mut *paused)
+        .await
+        .map_err(|e| failed("resuming the relays", e))?;
     paused
-        .rollback()
+        .commit()
         .await
         .map_err(|e| failed("resuming the relays", e))?;
     Ok(done)

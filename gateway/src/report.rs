@@ -44,6 +44,7 @@ impl Bound {
                 StaleMode::Fail => None,
                 StaleMode::Serve => Some(m3o_platform_contract::StaleMode::Serve),
             },
+            stopped: false,
         }
     }
 
@@ -119,7 +120,20 @@ async fn session(
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
-                // Gone at once rather than after the lease's time to live.
+                // The servers stop with the same token: say so, so the operator forgets
+                // this replica as soon as its report is gone (whatever its bound), then
+                // go at once rather than after the lease's time to live.
+                let last = GatewayReport {
+                    stopped: true,
+                    ..bound.report(published)
+                };
+                let value = serde_json::to_vec(&last).unwrap_or_default();
+                if let Err(err) = client
+                    .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+                {
+                    tracing::warn!(%err, "cannot report that this replica stopped");
+                }
                 let _ = client.lease_revoke(lease).await;
                 return Ok(());
             }

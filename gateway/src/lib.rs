@@ -74,13 +74,21 @@ pub struct Gateway {
     pub index: Arc<IndexState>,
     pub readiness: Arc<readiness::Gate>,
     shutdown: CancellationToken,
+    /// Cancelled once the servers have stopped: the report then says so.
+    withdraw: CancellationToken,
+    /// The forward-auth and ops servers.
+    servers: JoinSet<()>,
+    /// Following etcd and reporting.
     tasks: JoinSet<()>,
 }
 
 impl Gateway {
-    /// Stops serving and withdraws this replica's report.
+    /// Stops serving, then withdraws this replica's report, saying it has stopped (in
+    /// that order: the operator stops counting it only once no check is answered).
     pub async fn stop(mut self) {
         self.shutdown.cancel();
+        while self.servers.join_next().await.is_some() {}
+        self.withdraw.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
 
@@ -99,7 +107,10 @@ impl Gateway {
 
     /// Resolves when any task ends (a server failed) or `stop` was called elsewhere.
     pub async fn wait(&mut self) {
-        self.tasks.join_next().await;
+        tokio::select! {
+            _ = self.servers.join_next() => {}
+            _ = self.tasks.join_next() => {}
+        }
     }
 }
 
@@ -194,13 +205,16 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
     };
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
+    let withdraw = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let mut servers = JoinSet::new();
     {
-        let (prefix, index, metrics, stop) = (
+        let (prefix, index, metrics, stop, withdraw) = (
             prefix.clone(),
             index.clone(),
             metrics.clone(),
             shutdown.clone(),
+            withdraw.clone(),
         );
         let report_key = report::report_key(&prefix, &replica);
         tasks.spawn(async move {
@@ -213,7 +227,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
             };
             tokio::join!(
                 follow::run(etcd.clone(), prefix, index.clone(), metrics, stop.clone()),
-                report::run(etcd, report_key, index, bound, stop),
+                report::run(etcd, report_key, index, bound, withdraw),
             );
         });
     }
@@ -241,7 +255,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         bound,
     });
     let stop = shutdown.clone();
-    tasks.spawn(async move {
+    servers.spawn(async move {
         let served = axum::serve(listener, http::check_router(checker))
             .with_graceful_shutdown(stop.cancelled_owned())
             .await;
@@ -253,7 +267,7 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
     let ops_app = http::ops_router(index.clone(), metrics, bound).layer(
         axum::middleware::from_fn_with_state(readiness.clone(), readiness::gate),
     );
-    tasks.spawn(async move {
+    servers.spawn(async move {
         let served = axum::serve(ops, ops_app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await;
@@ -273,6 +287,8 @@ pub async fn start(args: RunArgs) -> Result<Gateway, StartError> {
         index,
         readiness,
         shutdown,
+        withdraw,
+        servers,
         tasks,
     })
 }

@@ -44,6 +44,7 @@ impl Bound {
                 StaleMode::Fail => None,
                 StaleMode::Serve => Some(m3o_platform_contract::StaleMode::Serve),
             },
+            stopped: false,
         }
     }
 
@@ -61,7 +62,8 @@ pub fn report_key(prefix: &str, replica: &str) -> String {
     format!("{prefix}/{}", m3o_platform_contract::gateway_key(replica))
 }
 
-/// Publishes the applied revision until `shutdown`, then revokes the lease.
+/// Publishes the applied revision until `shutdown` (cancelled once the replica answers
+/// no more checks, see `Gateway::stop`), then says it has stopped and revokes the lease.
 pub async fn run(
     client: Client,
     key: String,
@@ -119,7 +121,20 @@ async fn session(
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
-                // Gone at once rather than after the lease's time to live.
+                // The servers stop with the same token: say so, so the operator forgets
+                // this replica as soon as its report is gone (whatever its bound), then
+                // go at once rather than after the lease's time to live.
+                let last = GatewayReport {
+                    stopped: true,
+                    ..bound.report(published)
+                };
+                let value = serde_json::to_vec(&last).unwrap_or_default();
+                if let Err(err) = client
+                    .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+                {
+                    tracing::warn!(%err, "cannot report that this replica stopped");
+                }
                 let _ = client.lease_revoke(lease).await;
                 return Ok(());
             }

@@ -155,6 +155,12 @@ pub struct GatewayReport {
     /// `GatewaySynced`); absent under the default `fail`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_mode: Option<StaleMode>,
+    /// `true` in the last report of a replica shutting down gracefully: it has stopped
+    /// answering checks, so once its report vanishes the operator forgets it at once,
+    /// whatever its bound. Absent otherwise (and from older gateways; older readers
+    /// ignore it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// What a replica does once etcd has not confirmed its index for `--max-staleness`.
@@ -216,6 +222,7 @@ mod tests {
             applied_revision: 7,
             max_staleness_seconds: Some(10),
             stale_mode: None,
+            stopped: false,
         };
         assert_eq!(
             serde_json::to_value(report).expect("json"),
@@ -233,6 +240,17 @@ mod tests {
         )
         .expect("an unknown mode still parses");
         assert_eq!(odd.staleness_bound(), None);
+        let stopped = GatewayReport {
+            stopped: true,
+            ..serve
+        };
+        assert_eq!(
+            serde_json::to_value(stopped).expect("json"),
+            serde_json::json!({"appliedRevision": 7, "maxStalenessSeconds": 10, "staleMode": "serve", "stopped": true})
+        );
+        let read: GatewayReport =
+            serde_json::from_str(r#"{"appliedRevision":7,"stopped":true}"#).expect("json");
+        assert!(read.stopped);
     }
 
     #[test]

@@ -285,6 +285,7 @@ mod tests {
                 applied_revision: applied,
                 max_staleness_seconds: Some(10),
                 stale_mode: None,
+                stopped: false,
             },
             gone_for: gone_for.map(Duration::from_secs),
         }

@@ -313,6 +313,9 @@ pub fn plan(o: &Observed) -> KeyPlan {
     let expires_at = expiry(o.key);
     let status = effective_state(spec.blocked, &o.customer.status, expires_at, o.now).as_str();
     let fields = ApiKeyFields {
+        customer_id: o.customer.id,
+        key_hash: o.issued.hash.clone(),
+        rotation_generation: o.issued.rotation_generation,
         scopes: spec.scopes.clone(),
         status: status.to_owned(),
         description: spec.description.clone(),
@@ -326,10 +329,7 @@ pub fn plan(o: &Observed) -> KeyPlan {
         None => {
             plan.insert = Some(NewApiKey {
                 id: o.issued.key_id,
-                customer_id: o.customer.id,
-                key_hash: o.issued.hash.clone(),
                 key_prefix: o.issued.prefix.clone(),
-                rotation_generation: o.issued.rotation_generation,
                 fields: fields.clone(),
                 k8s: K8sRef::of(&o.key.metadata),
             });
@@ -370,6 +370,9 @@ pub fn plan(o: &Observed) -> KeyPlan {
 /// the customer like the current key), then revoked.
 fn plan_previous(o: &Observed, row: &ApiKeyRow, plan: &mut KeyPlan) {
     let mut fields = row.fields();
+    // Its owner is the resource's customer; its hash and rotation generation have no
+    // other record (the digest still shows a hand edit of them, which is kept).
+    fields.customer_id = o.customer.id;
     let grace_until = match row.grace_until {
         Some(until) if until <= o.now => {
             fields.status = ApiKeyState::Revoked.as_str().into();

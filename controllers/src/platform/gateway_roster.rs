@@ -2,11 +2,19 @@
 //! by `gateways`): each replica's last report, and when a departed one left. A report
 //! vanishes when its replica stops or is cut off from etcd; a cut-off replica may go on
 //! serving for its bound, so a departed replica is remembered until that has passed.
+//! A replica whose last report said it stopped (a graceful shutdown) is forgotten as
+//! soon as it departs; departed replicas without a bound are kept up to
+//! [`MAX_UNBOUNDED_DEPARTED`], the oldest forgotten beyond it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use m3o_platform_contract::GatewayReport;
+
+/// How many departed replicas without a bound (serve mode, an older gateway) are kept:
+/// each may still serve, but pod churn must not grow the roster for ever. Beyond this the
+/// oldest departures are forgotten (with a warning).
+pub const MAX_UNBOUNDED_DEPARTED: usize = 64;
 
 /// A report as read; an unreadable one has nothing applied and no bound (it confirms
 /// nothing and is never assumed to have stopped serving).
@@ -83,16 +91,37 @@ impl Roster {
         }
     }
 
-    /// The roster at `now`. Departed replicas past their bound are dropped: they have
-    /// stopped serving and never count again.
+    /// The roster at `now`. Departed replicas past their bound, or whose last report
+    /// said they stopped, are dropped: they have stopped serving and never count again.
+    /// Departed replicas without a bound beyond [`MAX_UNBOUNDED_DEPARTED`] are dropped
+    /// oldest first.
     pub fn view(&mut self, now: Instant) -> RosterView {
-        self.replicas
-            .retain(|_, k| match (k.gone_since, k.report.staleness_bound()) {
-                (Some(since), Some(bound)) => {
-                    now.saturating_duration_since(since) <= Duration::from_secs(bound)
-                }
-                _ => true,
-            });
+        self.replicas.retain(|_, k| match k.gone_since {
+            Some(_) if k.report.stopped => false,
+            Some(since) => match k.report.staleness_bound() {
+                Some(bound) => now.saturating_duration_since(since) <= Duration::from_secs(bound),
+                None => true,
+            },
+            None => true,
+        });
+        let mut unbounded: Vec<(Instant, String)> = self
+            .replicas
+            .iter()
+            .filter(|(_, k)| k.report.staleness_bound().is_none())
+            .filter_map(|(id, k)| k.gone_since.map(|since| (since, id.clone())))
+            .collect();
+        if unbounded.len() > MAX_UNBOUNDED_DEPARTED {
+            unbounded.sort();
+            let excess = unbounded.len() - MAX_UNBOUNDED_DEPARTED;
+            for (_, id) in unbounded.into_iter().take(excess) {
+                self.replicas.remove(&id);
+            }
+            tracing::warn!(
+                forgotten = excess,
+                kept = MAX_UNBOUNDED_DEPARTED,
+                "more departed gateway replicas without a staleness bound than are kept: forgot the oldest (one may still serve a stale snapshot; GatewaySynced no longer waits for it)"
+            );
+        }
         RosterView {
             replicas: self
                 .replicas
@@ -119,6 +148,7 @@ mod tests {
             applied_revision: applied,
             max_staleness_seconds: bound,
             stale_mode: None,
+            stopped: false,
         }
     }
 
@@ -171,12 +201,77 @@ mod tests {
     }
 
     #[test]
-    fn a_departed_replica_without_a_bound_is_never_forgotten() {
+    fn a_departed_replica_without_a_bound_is_kept_past_any_time() {
         let t0 = Instant::now();
         let mut roster = Roster::default();
         roster.listed(vec![("s".into(), report(5, None))], t0);
         roster.gone("s", t0);
         let view = roster.view(t0 + Duration::from_secs(3600));
         assert_eq!(view.replicas.len(), 1);
+    }
+
+    #[test]
+    fn a_replica_that_said_it_stopped_is_forgotten_as_soon_as_it_departs() {
+        let t0 = Instant::now();
+        let mut roster = Roster::default();
+        let serve = |applied| GatewayReport {
+            stale_mode: Some(m3o_platform_contract::StaleMode::Serve),
+            ..report(applied, Some(10))
+        };
+        roster.listed(
+            vec![("s".into(), serve(5)), ("f".into(), report(5, Some(10)))],
+            t0,
+        );
+        // Its last report says it stopped; while the report is there it still shows.
+        roster.put(
+            "s".into(),
+            GatewayReport {
+                stopped: true,
+                ..serve(5)
+            },
+        );
+        assert_eq!(roster.view(t0).replicas.len(), 2);
+        roster.gone("s", t0 + Duration::from_secs(1));
+        let view = roster.view(t0 + Duration::from_secs(1));
+        let ids: Vec<_> = view.replicas.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["f"]);
+        // A bounded one that stopped goes at once too, and so does one missing from a
+        // re-list whose last report said it stopped.
+        roster.put(
+            "f".into(),
+            GatewayReport {
+                stopped: true,
+                ..report(6, Some(10))
+            },
+        );
+        roster.listed(vec![], t0 + Duration::from_secs(2));
+        assert!(roster.view(t0 + Duration::from_secs(2)).replicas.is_empty());
+    }
+
+    #[test]
+    fn departed_replicas_without_a_bound_are_capped_oldest_first() {
+        let t0 = Instant::now();
+        let mut roster = Roster::default();
+        let extra = 3;
+        for i in 0..MAX_UNBOUNDED_DEPARTED + extra {
+            let id = format!("s{i:03}");
+            roster.put(id.clone(), report(5, None));
+            roster.gone(&id, t0 + Duration::from_secs(i as u64));
+        }
+        // A reporting one and a bounded departed one are not counted against the cap.
+        roster.put("live".into(), report(5, None));
+        roster.put("bounded".into(), report(5, Some(3600)));
+        roster.gone("bounded", t0);
+        let at = t0 + Duration::from_secs(1000);
+        let view = roster.view(at);
+        assert_eq!(view.replicas.len(), MAX_UNBOUNDED_DEPARTED + 2);
+        let ids: Vec<_> = view.replicas.iter().map(|r| r.id.as_str()).collect();
+        for i in 0..extra {
+            assert!(!ids.contains(&format!("s{i:03}").as_str()), "{ids:?}");
+        }
+        for id in ["live", "bounded", "s003", "s066"] {
+            assert!(ids.contains(&id), "{id}: {ids:?}");
+        }
+        assert_eq!(roster.view(at).replicas.len(), MAX_UNBOUNDED_DEPARTED + 2);
     }
 }

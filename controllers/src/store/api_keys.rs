@@ -40,17 +40,18 @@ pub struct ApiKeyRow {
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewApiKey {
     pub id: Uuid,
-    pub customer_id: Uuid,
-    pub key_hash: String,
     pub key_prefix: String,
-    pub rotation_generation: i64,
     pub fields: ApiKeyFields,
     pub k8s: K8sRef,
 }
 
-/// The mutable fields of a key row.
+/// The fields of a key row a reconcile writes: what its plan decides, and its identity
+/// (owner, hash, rotation generation), so a hand edit of either is repaired.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiKeyFields {
+    pub customer_id: Uuid,
+    pub key_hash: String,
+    pub rotation_generation: i64,
     pub scopes: Vec<String>,
     pub status: String,
     pub description: String,
@@ -61,11 +62,15 @@ pub struct ApiKeyFields {
     pub generation: i64,
 }
 
-/// The digest covers the fields a key's plan decides ([`ApiKeyFields`]): what a
-/// reconcile repairs. The hash, prefix and owner are its identity, never rewritten.
+/// The digest covers the fields a reconcile writes ([`ApiKeyFields`]): what it
+/// repairs. (The identity was added later: rows digested before it differ once after
+/// the upgrade, one reconcile per key; see the README's upgrade notes.)
 impl Digested for ApiKeyFields {
     fn digest(&self) -> String {
         RowDigest::default()
+            .text(&self.customer_id.to_string())
+            .text(&self.key_hash)
+            .int(self.rotation_generation)
             .texts(self.scopes.iter())
             .text(&self.status)
             .text(&self.description)
@@ -86,6 +91,9 @@ impl ApiKeyRow {
 
     pub fn fields(&self) -> ApiKeyFields {
         ApiKeyFields {
+            customer_id: self.customer_id,
+            key_hash: self.key_hash.clone(),
+            rotation_generation: self.rotation_generation,
             scopes: self.scopes.clone(),
             status: self.status.clone(),
             description: self.description.clone(),
@@ -241,8 +249,8 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
          RETURNING {COLUMNS}"
     ))
     .bind(key.id)
-    .bind(key.customer_id)
-    .bind(&key.key_hash)
+    .bind(f.customer_id)
+    .bind(&f.key_hash)
     .bind(&key.key_prefix)
     .bind(&f.scopes)
     .bind(&f.status)
@@ -252,7 +260,7 @@ pub async fn insert(tx: &mut PgConnection, key: &NewApiKey) -> Result<ApiKeyRow,
     .bind(&key.k8s.name)
     .bind(&key.k8s.uid)
     .bind(f.generation)
-    .bind(key.rotation_generation)
+    .bind(f.rotation_generation)
     .bind(f.grace_until)
     .bind(&f.blocked_message)
     .bind(f.digest())
@@ -268,7 +276,8 @@ pub async fn update(
 ) -> Result<ApiKeyRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE api_keys SET scopes = $2, status = $3, description = $4, expires_at = $5, grace_until = $6, \
-         generation = $7, blocked_message = $8, plan_digest = $9, updated_at = now(), config_gone = false, orphaned_at = NULL, \
+         generation = $7, blocked_message = $8, plan_digest = $9, customer_id = $10, key_hash = $11, \
+         rotation_generation = $12, updated_at = now(), config_gone = false, orphaned_at = NULL, \
          revoked_at = CASE WHEN $3 = '{REVOKED}' THEN coalesce(revoked_at, now()) ELSE NULL END \
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -281,6 +290,9 @@ pub async fn update(
     .bind(f.generation)
     .bind(&f.blocked_message)
     .bind(f.digest())
+    .bind(f.customer_id)
+    .bind(&f.key_hash)
+    .bind(f.rotation_generation)
     .fetch_one(tx)
     .await
 }

@@ -15,7 +15,7 @@ if tonumber(ARGV[6]) == -2 then
   local uses = {
     {'TIME'},
     {'GET', KEYS[1]}, {'SET', KEYS[1], '0', 'PX', '1'},
-    {'GET', KEYS[2]}, {'INCR', KEYS[2]}, {'EXPIRE', KEYS[2], '1'},
+    {'GET', KEYS[2]}, {'INCR', KEYS[2]}, {'EXPIRE', KEYS[2], '1', 'NX'},
     {'HINCRBY', KEYS[3], ARGV[4], '1'}, {'EXPIRE', KEYS[3], '1', 'NX'},
   }
   for _, use in ipairs(uses) do
@@ -64,11 +64,11 @@ end
 
 if monthly >= 0 then
   used = redis.call('INCR', KEYS[2])
-  if used == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+  if used == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3], 'NX') end
 end
 if redis.call('HINCRBY', KEYS[3], ARGV[4], 1) == 1 then
-  -- NX: a new field of a day the operator has confirmed (its TTL lowered) keeps that
-  -- TTL; only a new hash gets the unconfirmed retention.
+  -- NX: only a new hash gets the TTL. A new field of a hash the operator has confirmed
+  -- (TTL lowered, say a request from a replica whose clock is slow) keeps the lower TTL.
   redis.call('EXPIRE', KEYS[3], ARGV[5], 'NX')
   -- A hash's epoch (platform-contract usage::EPOCH_FIELD): set by the first increment
   -- of a new hash, so the operator tells a hash Redis lost and re-created from growth.

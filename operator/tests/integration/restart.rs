@@ -236,6 +236,47 @@ async fn a_row_edited_by_hand_is_repaired_by_the_next_resync() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rows_identity_edited_by_hand_is_repaired_by_the_next_resync() {
+    let env = TestEnv::new("restart-repair-identity").await;
+    let op = env
+        .start_operator_with(Backends {
+            extra_args: vec!["--resync-interval".into(), "2s".into()],
+            ..Default::default()
+        })
+        .await;
+    env.customer_ready("alice", "Active").await;
+    env.apply_apikey("ci", key_spec(json!({}))).await;
+    let id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
+    let identity = || async {
+        let row: (String, i64) = sqlx::query_as(
+            "SELECT customer_id::text, rotation_generation FROM api_keys WHERE id = $1::uuid",
+        )
+        .bind(&id)
+        .fetch_one(&env.db)
+        .await
+        .expect("key row");
+        row
+    };
+    let before = identity().await;
+    // The rotation generation moved by hand, under the fence's current term (the
+    // plan's fields, status and all, are untouched).
+    hand_edit(
+        &env,
+        "UPDATE api_keys SET rotation_generation = rotation_generation + 7 WHERE id = $1::uuid",
+        &id,
+    )
+    .await;
+    assert_ne!(identity().await, before);
+    eventually(
+        "the key's rotation generation repaired",
+        Duration::from_secs(30),
+        || async { (identity().await == before).then_some(()) },
+    )
+    .await;
+    assert!(counter(&op, "rows_repaired", "ApiKey").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_edited_and_a_catalog_changed_while_the_operator_was_down_are_repaired_after_the_restart()
  {
     let env = TestEnv::new("restart-down").await;

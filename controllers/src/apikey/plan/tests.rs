@@ -70,8 +70,8 @@ fn issued(id: u128, generation: i64) -> IssuedKey {
 fn row_of(new: &NewApiKey) -> ApiKeyRow {
     ApiKeyRow {
         id: new.id,
-        customer_id: new.customer_id,
-        key_hash: new.key_hash.clone(),
+        customer_id: new.fields.customer_id,
+        key_hash: new.fields.key_hash.clone(),
         key_prefix: new.key_prefix.clone(),
         scopes: new.fields.scopes.clone(),
         status: new.fields.status.clone(),
@@ -81,7 +81,7 @@ fn row_of(new: &NewApiKey) -> ApiKeyRow {
         k8s_name: new.k8s.name.clone(),
         k8s_uid: new.k8s.uid.clone(),
         generation: new.fields.generation,
-        rotation_generation: new.rotation_generation,
+        rotation_generation: new.fields.rotation_generation,
         grace_until: new.fields.grace_until,
         blocked_message: new.fields.blocked_message.clone(),
         created_at: now(),
@@ -124,7 +124,11 @@ fn a_new_key_is_recorded_by_hash_with_generate_key() {
     );
     let new = p.insert.clone().expect("insert");
     assert_eq!(
-        (new.id, new.key_hash.as_str(), new.fields.status.as_str()),
+        (
+            new.id,
+            new.fields.key_hash.as_str(),
+            new.fields.status.as_str()
+        ),
         (Uuid::from_u128(1), format!("{:064x}", 1).as_str(), "active")
     );
     assert_eq!(kinds(&p), vec![EventType::GenerateKey]);

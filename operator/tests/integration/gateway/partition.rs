@@ -392,3 +392,46 @@ async fn after_a_restart_the_operator_waits_a_bound_for_replicas_it_never_saw_le
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_serve_mode_replica_that_shut_down_gracefully_no_longer_voids_gateway_synced() {
+    let env = TestEnv::new("gw-stopped-serve").await;
+    let _operator = env.start_operator().await;
+    let (key, _) = issue(
+        &env,
+        "sue",
+        "sue-key",
+        &["helloworld"],
+        json!({"requestsPerSecond": 1000, "monthlyRequests": 1_000_000}),
+    )
+    .await;
+    let mut config = env.gateway_config();
+    config.extra_args = vec!["--no-limits".into()];
+    let a = env.start_gateway(&config).await;
+    config.extra_args.push("--stale-mode=serve".into());
+    let b = env.start_gateway(&config).await;
+    eventually(
+        "b to report staleMode serve",
+        Duration::from_secs(30),
+        || async {
+            let value = reports(&env).await;
+            (value.len() == 2 && value.iter().any(|r| r["staleMode"] == "serve")).then_some(())
+        },
+    )
+    .await;
+    wait_gateway_synced(&env, "sue-key", |_, s, r| {
+        s == "False" && r == "StaleModeServe"
+    })
+    .await;
+    // The SIGTERM path (main.rs: drain, then stop), with no delay: b says it stopped,
+    // then revokes its report. Without the "stopped" report the operator would count
+    // b (no bound) for ever and the key would stay StaleModeServe.
+    b.drain(Duration::ZERO).await;
+    assert_eq!(reports(&env).await.len(), 1, "b's report is revoked");
+    let (status, reason, message) =
+        wait_gateway_synced(&env, "sue-key", |_, s, _| s == "True").await;
+    assert_eq!(reason, "Synced", "{message}");
+    assert!(message.starts_with("1/1"), "{status} {message}");
+    assert_eq!(check(&a, &key, PATH).await.status, 200);
+    a.stop().await;
+}

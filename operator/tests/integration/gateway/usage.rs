@@ -828,3 +828,58 @@ async fn bench_usage_rollup_of_10000_customers() {
         .expect("sum");
     assert_eq!(total, (CUSTOMERS * 10) as i64);
 }
+
+#[tokio::test]
+async fn a_new_field_in_a_confirmed_days_hash_keeps_its_lowered_ttl() {
+    let env = TestEnv::new("usage-ttl-nx").await;
+    let config = env.gateway_config();
+    let quota = json!({"plan": "pro", "monthlyRequests": 1_000_000, "requestsPerSecond": 100_000});
+    let key = env.put_gateway_key(&["alpha", "beta"], Some(quota)).await;
+    let gw = env.start_gateway(&config).await;
+    let r = check(&gw, &key.key, "/v1/alpha/x").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let hash =
+        m3o_platform_contract::usage::usage_key(&config.redis_prefix, &key.customer_id, &day);
+    let ttl = |mut conn: redis::aio::MultiplexedConnection| {
+        let hash = hash.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(&hash)
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("TTL")
+        }
+    };
+    assert!(
+        ttl(conn.clone()).await > m3o_platform_contract::usage::CONFIRMED_RETENTION_SECS,
+        "a new day's hash gets the unconfirmed retention"
+    );
+    // As the operator confirms a day (`EXPIRE .. LT`), then a request adds a new field
+    // (another API): its script must not lengthen the TTL again.
+    let confirmed = m3o_platform_contract::usage::CONFIRMED_RETENTION_SECS;
+    let _: i64 = redis::cmd("EXPIRE")
+        .arg(&hash)
+        .arg(confirmed)
+        .arg("LT")
+        .query_async(&mut conn)
+        .await
+        .expect("EXPIRE LT");
+    let r = check(&gw, &key.key, "/v1/beta/x").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let fields: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(&hash)
+        .query_async(&mut conn)
+        .await
+        .expect("HGETALL");
+    let beta = m3o_platform_contract::usage::usage_field(&key.key_id, "beta");
+    assert_eq!(fields.get(&beta), Some(&1), "{fields:?}");
+    let left = ttl(conn.clone()).await;
+    assert!(0 < left && left <= confirmed, "TTL lengthened to {left}");
+    gw.stop().await;
+}

@@ -895,9 +895,21 @@ async fn main() -> Result<()> {
             ))
     );
     println!("Postgres, apply -> all Ready:  {bulk_statements}");
+    let by_kind = |name: &str| {
+        KINDS
+            .iter()
+            .map(|k| {
+                let n = metric_sum(&at_rest_metrics, &format!("{name}{{kind=\"{k}\""));
+                format!("{k} {:.2}", n / (objects / KINDS.len() + 1) as f64)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "reconciles per object:         {:.2}",
-        reconciles / (objects + 2) as f64
+        "reconciles per object:         {:.2} ({}; errors: {})",
+        reconciles / (objects + 2) as f64,
+        by_kind("m3o_operator_reconciles_total"),
+        by_kind("m3o_operator_reconcile_errors_total"),
     );
     println!(
         "idle CPU over {} s at rest:    {idle_cpu}",

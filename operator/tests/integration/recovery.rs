@@ -569,6 +569,43 @@ async fn after_a_restore_a_wipe_and_a_flush_the_resources_win() {
     );
 }
 
+/// The heartbeat's session (of this schema's holder; other than `besides`): its last
+/// statement is the beat.
+async fn heartbeat_session(env: &TestEnv, besides: Option<i32>) -> Option<i32> {
+    sqlx::query_scalar::<_, i32>(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE query LIKE 'UPDATE writer_fence SET beat_at%' AND pid <> coalesce($1, -1) \
+           AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
+    )
+    .bind(besides)
+    .fetch_optional(&env.db)
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Waits for a beat past the renew deadline (3 s) after `since` (which a lost term
+/// would not see); returns its time.
+async fn beat_past_the_deadline(
+    env: &TestEnv,
+    since: chrono::DateTime<chrono::Utc>,
+    what: &str,
+) -> chrono::DateTime<chrono::Utc> {
+    eventually(
+        &format!("a beat later than the renew deadline after {what}"),
+        Duration::from_secs(15),
+        || async {
+            let beat_at: chrono::DateTime<chrono::Utc> =
+                sqlx::query_scalar("SELECT beat_at FROM writer_fence WHERE name = ''")
+                    .fetch_one(&env.db)
+                    .await
+                    .ok()?;
+            (beat_at > since + chrono::Duration::seconds(4)).then_some(beat_at)
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
     let env = TestEnv::new("beat-reopen").await;
@@ -578,24 +615,8 @@ async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
             ..Backends::default()
         })
         .await;
-    // The heartbeat's session (of this schema's holder): its last statement is the beat.
-    let heartbeat_session = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity \
-             WHERE query LIKE 'UPDATE writer_fence SET beat_at%' \
-               AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
-        )
-        .fetch_optional(&env.db)
-        .await
-        .ok()
-        .flatten()
-    };
-    let pid = eventually(
-        "the heartbeat session",
-        Duration::from_secs(10),
-        heartbeat_session,
-    )
-    .await;
+    let session = || heartbeat_session(&env, None);
+    let pid = eventually("the heartbeat session", Duration::from_secs(10), session).await;
     // As a proxy's idle timeout would: the session is gone under the holder.
     let cut_at: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT clock_timestamp() FROM pg_terminate_backend($1)")
@@ -603,26 +624,13 @@ async fn a_heartbeat_session_that_is_cut_is_reopened_inside_the_lease() {
             .fetch_one(&env.db)
             .await
             .expect("terminate the heartbeat session");
-    // Beats go on past the renew deadline (3s), which a lost term would not see.
-    let renewed = eventually(
-        "a beat later than the renew deadline after the cut",
-        Duration::from_secs(15),
-        || async {
-            let beat_at: chrono::DateTime<chrono::Utc> =
-                sqlx::query_scalar("SELECT beat_at FROM writer_fence WHERE name = ''")
-                    .fetch_one(&env.db)
-                    .await
-                    .ok()?;
-            (beat_at > cut_at + chrono::Duration::seconds(4)).then_some(beat_at)
-        },
-    )
-    .await;
+    let renewed = beat_past_the_deadline(&env, cut_at, "the cut").await;
     eprintln!(
         "heartbeat session terminated -> still beating {:?} later",
         (renewed - cut_at).to_std().unwrap_or_default()
     );
     assert!(op.is_running(), "the term was kept");
-    assert_ne!(heartbeat_session().await, Some(pid), "on a new session");
+    assert_ne!(session().await, Some(pid), "on a new session");
     assert_eq!(metric(&op, "m3o_operator_leader").await, 1.0);
 }
 
@@ -637,23 +645,8 @@ async fn a_heartbeat_session_that_stops_answering_is_reopened_inside_the_lease()
             ..Backends::default()
         })
         .await;
-    let heartbeat_session = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity \
-             WHERE query LIKE 'UPDATE writer_fence SET beat_at%' \
-               AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
-        )
-        .fetch_optional(&env.db)
-        .await
-        .ok()
-        .flatten()
-    };
-    let pid = eventually(
-        "the heartbeat session",
-        Duration::from_secs(10),
-        heartbeat_session,
-    )
-    .await;
+    let session = || heartbeat_session(&env, None);
+    let pid = eventually("the heartbeat session", Duration::from_secs(10), session).await;
     // Every open session of the operator stops answering, none is closed (no error
     // comes back: a half-open path); new sessions get through.
     let frozen_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
@@ -661,35 +654,14 @@ async fn a_heartbeat_session_that_stops_answering_is_reopened_inside_the_lease()
         .await
         .expect("clock");
     db_proxy.freeze();
-    // Beats go on past the renew deadline (3s), which a lost term would not see.
-    let renewed = eventually(
-        "a beat later than the renew deadline after the freeze",
-        Duration::from_secs(15),
-        || async {
-            let beat_at: chrono::DateTime<chrono::Utc> =
-                sqlx::query_scalar("SELECT beat_at FROM writer_fence WHERE name = ''")
-                    .fetch_one(&env.db)
-                    .await
-                    .ok()?;
-            (beat_at > frozen_at + chrono::Duration::seconds(4)).then_some(beat_at)
-        },
-    )
-    .await;
+    let renewed = beat_past_the_deadline(&env, frozen_at, "the freeze").await;
     eprintln!(
         "heartbeat session frozen -> still beating {:?} later",
         (renewed - frozen_at).to_std().unwrap_or_default()
     );
     assert!(op.is_running(), "the term was kept");
     // (The frozen session is still there at the server, its beat the last it ran.)
-    let fresh: Option<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity \
-         WHERE query LIKE 'UPDATE writer_fence SET beat_at%' AND pid <> $1 \
-           AND application_name = (SELECT holder_app FROM writer_fence WHERE name = '')",
-    )
-    .bind(pid)
-    .fetch_optional(&env.db)
-    .await
-    .expect("pg_stat_activity");
+    let fresh = heartbeat_session(&env, Some(pid)).await;
     assert!(fresh.is_some(), "beating on a new session");
     let log = std::fs::read_to_string(&op.log_path).expect("log");
     assert!(

@@ -92,8 +92,10 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// so it must look again once a change reached it), readiness, state, the record id,
 /// labels, and the object itself (uid) - not every status write of the Customer
 /// controller, nor its finalizer (added in the pass that provisions, just before the
-/// status that matters; a deletion moves the generation). A deletion always passes: the deleted object carries the fields
-/// of its last update, which a filter would take for no change.
+/// status that matters; a deletion moves the generation), nor a Customer still being
+/// provisioned (its dependents would only wait). A deletion always passes: the deleted
+/// object carries the fields of its last update, which a filter would take for no
+/// change.
 pub fn customer_changes(
     events: impl futures::Stream<Item = Result<watcher::Event<m3o_crds::Customer>, watcher::Error>>
     + Send
@@ -119,7 +121,18 @@ pub fn customer_changes(
     let mut changes = crate::runtime::changes::Changed::new(meaningful);
     events.filter_map(move |event| {
         let passed = match event {
-            Ok(event) => changes.changed(&event).cloned().map(Ok),
+            Ok(event) => {
+                // Recorded either way, so its next change (Ready) passes.
+                let changed = changes.changed(&event).cloned();
+                // A Customer being provisioned (created, no Ready condition yet) would
+                // only make its dependents wait: they look when it is Ready.
+                let provisioning = matches!(
+                    &event,
+                    watcher::Event::Apply(c) | watcher::Event::InitApply(c)
+                        if crate::pipeline::dependent::being_provisioned(c)
+                );
+                changed.filter(|_| !provisioning).map(Ok)
+            }
             Err(err) => Some(Err(err)),
         };
         std::future::ready(passed)
@@ -443,6 +456,47 @@ mod tests {
         assert_eq!(customer.metadata.managed_fields, None);
         let annotations = customer.metadata.annotations.expect("annotations");
         assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+    }
+
+    #[test]
+    fn dependents_hear_of_a_customer_once_it_is_provisioned_and_of_every_deletion() {
+        use futures::StreamExt;
+        let customer = |ready: bool, deleting: bool| -> m3o_crds::Customer {
+            let conditions = if ready {
+                serde_json::json!([{"type": "Ready", "status": "True", "reason": "Provisioned",
+                    "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}])
+            } else {
+                serde_json::json!([])
+            };
+            let mut c: m3o_crds::Customer = serde_json::from_value(serde_json::json!({
+                "apiVersion": "m3o.com/v1alpha1", "kind": "Customer",
+                "metadata": {"name": "c", "namespace": "ns", "uid": "u1", "generation": 1},
+                "spec": {"email": "c@example.com"},
+                "status": {"conditions": conditions},
+            }))
+            .expect("a valid Customer");
+            if deleting {
+                c.metadata.deletion_timestamp =
+                    serde_json::from_value(serde_json::json!("2026-01-02T00:00:00Z")).ok();
+            }
+            c
+        };
+        let events = vec![
+            watcher::Event::Init,
+            watcher::Event::InitDone,
+            // Created: its dependents would only wait.
+            watcher::Event::Apply(customer(false, false)),
+            // Provisioned.
+            watcher::Event::Apply(customer(true, false)),
+            // Deleted before it was ever provisioned: always passed.
+            watcher::Event::Delete(customer(false, false)),
+        ];
+        let passed: Vec<bool> = futures::executor::block_on(
+            customer_changes(futures::stream::iter(events.into_iter().map(Ok)))
+                .map(|c| c.expect("no error").is_ready())
+                .collect(),
+        );
+        assert_eq!(passed, [true, false]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use m3o_crds::{ApiKey, ApiKeyStatus, Customer};
 
+use crate::pipeline::dependent;
 use crate::report::error::Error;
 use crate::runtime::changes::uid_key;
 use crate::runtime::context::Context;
@@ -44,11 +45,12 @@ impl crate::runtime::resync::ResyncedKind for ApiKey {
     const RECORDS: crate::store::resync::RecordTable = crate::store::resync::API_KEYS;
 
     fn waits_for_customer(&self, ctx: &Context) -> bool {
+        let customer = ctx.cached_customer(
+            &self.namespace().unwrap_or_default(),
+            &self.spec.customer_ref.name,
+        );
         self.metadata.deletion_timestamp.is_none()
-            && ctx.dependent_waits(
-                &self.namespace().unwrap_or_default(),
-                &self.spec.customer_ref.name,
-            )
+            && dependent::only_waits(ctx.settings.shard.as_ref(), customer.as_deref())
     }
 }
 
@@ -90,9 +92,12 @@ pub async fn run(
         controller
             .reconcile_on(report_changes)
             .owns_stream(secrets)
-            .watches_stream(feed::dependent_changes(customers), move |c: Customer| {
-                by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
-            })
+            .watches_stream(
+                feed::dependent_changes(customers, dependent::being_provisioned),
+                move |c: Customer| {
+                    by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
+                },
+            )
     })
     .await;
 }

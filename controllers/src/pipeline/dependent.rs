@@ -76,6 +76,13 @@ pub fn before_records(shard: Option<&Shard>, customer: Option<&Customer>) -> Opt
     being_provisioned(customer).then_some(Gate::Wait)
 }
 
+/// True when a pass of a dependent of `customer` would only wait, quietly, for it to be
+/// provisioned ([`before_records`] answers [`Gate::Wait`]): not when the Customer is
+/// unknown (`None`: the pass reports it).
+pub fn only_waits(shard: Option<&Shard>, customer: Option<&Customer>) -> bool {
+    matches!(before_records(shard, customer), Some(Gate::Wait))
+}
+
 /// May a dependent use its Customer: `customer` is the object its `customerRef` names
 /// (if any), `row` that Customer's live row (if any).
 pub fn gate<'a>(

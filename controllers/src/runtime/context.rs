@@ -265,21 +265,14 @@ impl Context {
             .await
     }
 
-    /// True when a pass of a dependent (`customer` in `namespace`) would only wait,
-    /// quietly, for its Customer to be provisioned ([`dependent::before_records`]), as
-    /// the shared watch's cache tells without waiting or I/O; false when it cannot tell
-    /// (the cache has not listed, or has no such Customer).
-    pub fn dependent_waits(&self, namespace: &str, customer: &str) -> bool {
-        use crate::pipeline::dependent::{Gate, before_records};
+    /// The Customer `namespace/name` from the shared watch's cache, without waiting or
+    /// I/O; `None` when the cache has not listed or has no such Customer.
+    pub fn cached_customer(&self, namespace: &str, name: &str) -> Option<Arc<Customer>> {
         if !self.watching.has(m3o_crds::kinds::CUSTOMER) {
-            return false;
+            return None;
         }
-        let Some(cache) = self.customers.lock().ok().and_then(|c| c.clone()) else {
-            return false;
-        };
-        let found = cache.get(&ObjectRef::new(customer).within(namespace));
-        let gate = before_records(self.settings.shard.as_ref(), found.as_deref());
-        matches!(gate, Some(Gate::Wait))
+        let cache = self.customers.lock().ok().and_then(|c| c.clone())?;
+        cache.get(&ObjectRef::new(name).within(namespace))
     }
 
     /// The record ids of the Customers in the shared watch's cache (this shard's), once

@@ -130,9 +130,12 @@ impl Pump {
     }
 }
 
-/// The Customer changes that matter to dependents, from the shared feed.
+/// The Customer changes that matter to dependents, from the shared feed; not those of
+/// a Customer for which `provisioning` holds (the dependents' gate says they would
+/// only wait: the pipeline's `dependent::being_provisioned`).
 pub fn dependent_changes(
     events: mpsc::Receiver<watcher::Event<Customer>>,
+    provisioning: fn(&Customer) -> bool,
 ) -> impl Stream<Item = Result<Customer, watcher::Error>> + Send + 'static {
-    runner::customer_changes(events.map(Ok))
+    runner::customer_changes(events.map(Ok), provisioning)
 }

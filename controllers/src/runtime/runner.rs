@@ -93,13 +93,14 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// labels, and the object itself (uid) - not every status write of the Customer
 /// controller, nor its finalizer (added in the pass that provisions, just before the
 /// status that matters; a deletion moves the generation), nor a Customer still being
-/// provisioned (its dependents would only wait). A deletion always passes: the deleted
+/// provisioned (`provisioning`: its dependents would only wait). A deletion always passes: the deleted
 /// object carries the fields of its last update, which a filter would take for no
 /// change.
 pub fn customer_changes(
     events: impl futures::Stream<Item = Result<watcher::Event<m3o_crds::Customer>, watcher::Error>>
     + Send
     + 'static,
+    provisioning: fn(&m3o_crds::Customer) -> bool,
 ) -> impl futures::Stream<Item = Result<m3o_crds::Customer, watcher::Error>> + Send + 'static {
     fn meaningful(c: &m3o_crds::Customer) -> u64 {
         use std::hash::{Hash, Hasher};
@@ -126,12 +127,11 @@ pub fn customer_changes(
                 let changed = changes.changed(&event).cloned();
                 // A Customer being provisioned (created, no Ready condition yet) would
                 // only make its dependents wait: they look when it is Ready.
-                let provisioning = matches!(
+                let waits = matches!(
                     &event,
-                    watcher::Event::Apply(c) | watcher::Event::InitApply(c)
-                        if crate::pipeline::dependent::being_provisioned(c)
+                    watcher::Event::Apply(c) | watcher::Event::InitApply(c) if provisioning(c)
                 );
-                changed.filter(|_| !provisioning).map(Ok)
+                changed.filter(|_| !waits).map(Ok)
             }
             Err(err) => Some(Err(err)),
         };
@@ -492,9 +492,11 @@ mod tests {
             watcher::Event::Delete(customer(false, false)),
         ];
         let passed: Vec<bool> = futures::executor::block_on(
-            customer_changes(futures::stream::iter(events.into_iter().map(Ok)))
-                .map(|c| c.expect("no error").is_ready())
-                .collect(),
+            customer_changes(futures::stream::iter(events.into_iter().map(Ok)), |c| {
+                c.ready_condition().is_none()
+            })
+            .map(|c| c.expect("no error").is_ready())
+            .collect(),
         );
         assert_eq!(passed, [true, false]);
     }

@@ -33,6 +33,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use m3o_crds::{Customer, Subscription, SubscriptionStatus};
 
+use crate::pipeline::dependent;
 use crate::report::error::Error;
 use crate::runtime::changes::{Changed, spec_fingerprint};
 use crate::runtime::context::Context;
@@ -60,11 +61,12 @@ impl crate::runtime::resync::ResyncedKind for Subscription {
     }
 
     fn waits_for_customer(&self, ctx: &Context) -> bool {
+        let customer = ctx.cached_customer(
+            &self.namespace().unwrap_or_default(),
+            &self.spec.customer_ref.name,
+        );
         self.metadata.deletion_timestamp.is_none()
-            && ctx.dependent_waits(
-                &self.namespace().unwrap_or_default(),
-                &self.spec.customer_ref.name,
-            )
+            && dependent::only_waits(ctx.settings.shard.as_ref(), customer.as_deref())
     }
 }
 
@@ -114,9 +116,12 @@ pub async fn run(
         // Siblings for the slot decision come from this cache (no namespace list).
         cache_ctx.use_subscription_cache(controller.store(), by_customer.clone());
         controller
-            .watches_stream(feed::dependent_changes(customers), move |c: Customer| {
-                by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
-            })
+            .watches_stream(
+                feed::dependent_changes(customers, dependent::being_provisioned),
+                move |c: Customer| {
+                    by_customer.referencing(&c.namespace().unwrap_or_default(), &c.name_any())
+                },
+            )
             .reconcile_on(siblings)
             .reconcile_on(usage_changes)
             .reconcile_all_on(catalog_changes)

@@ -104,6 +104,20 @@ async fn replicas(
     (a, proxy, b)
 }
 
+/// Waits until both replicas report, b in serve mode (it registers just after its first
+/// list, which is all a serve-mode /readyz waits for).
+async fn serve_mode_reported(env: &TestEnv) {
+    eventually(
+        "b to report staleMode serve",
+        Duration::from_secs(30),
+        || async {
+            let value = reports(env).await;
+            (value.len() == 2 && value.iter().any(|r| r["staleMode"] == "serve")).then_some(())
+        },
+    )
+    .await;
+}
+
 async fn block(env: &TestEnv, name: &str) {
     env.apikeys()
         .patch(
@@ -258,17 +272,8 @@ async fn a_frozen_replica_in_serve_mode_keeps_serving_and_voids_gateway_synced()
     )
     .await;
     let (a, proxy, b) = replicas(&env, &[], &["--stale-mode=serve"]).await;
-    // b's report says so (it registers just after its first list, which is all a
-    // serve-mode /readyz waits for), and that alone keeps the condition from True.
-    eventually(
-        "b to report staleMode serve",
-        Duration::from_secs(30),
-        || async {
-            let value = reports(&env).await;
-            (value.len() == 2 && value.iter().any(|r| r["staleMode"] == "serve")).then_some(())
-        },
-    )
-    .await;
+    // b's report says so, and that alone keeps the condition from True.
+    serve_mode_reported(&env).await;
     let (_, _, message) = wait_gateway_synced(&env, "sam-key", |_, s, r| {
         s == "False" && r == "StaleModeServe"
     })
@@ -405,20 +410,8 @@ async fn a_serve_mode_replica_that_shut_down_gracefully_no_longer_voids_gateway_
         json!({"requestsPerSecond": 1000, "monthlyRequests": 1_000_000}),
     )
     .await;
-    let mut config = env.gateway_config();
-    config.extra_args = vec!["--no-limits".into()];
-    let a = env.start_gateway(&config).await;
-    config.extra_args.push("--stale-mode=serve".into());
-    let b = env.start_gateway(&config).await;
-    eventually(
-        "b to report staleMode serve",
-        Duration::from_secs(30),
-        || async {
-            let value = reports(&env).await;
-            (value.len() == 2 && value.iter().any(|r| r["staleMode"] == "serve")).then_some(())
-        },
-    )
-    .await;
+    let (a, _proxy, b) = replicas(&env, &[], &["--stale-mode=serve"]).await;
+    serve_mode_reported(&env).await;
     wait_gateway_synced(&env, "sue-key", |_, s, r| {
         s == "False" && r == "StaleModeServe"
     })

@@ -45,12 +45,7 @@ impl crate::runtime::resync::ResyncedKind for ApiKey {
     const RECORDS: crate::store::resync::RecordTable = crate::store::resync::API_KEYS;
 
     fn waits_for_customer(&self, ctx: &Context) -> bool {
-        let customer = ctx.cached_customer(
-            &self.namespace().unwrap_or_default(),
-            &self.spec.customer_ref.name,
-        );
-        self.metadata.deletion_timestamp.is_none()
-            && dependent::only_waits(ctx.settings.shard.as_ref(), customer.as_deref())
+        dependent::waits_in_cache(ctx, self)
     }
 }
 

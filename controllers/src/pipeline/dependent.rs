@@ -12,6 +12,8 @@ use m3o_crds::Customer;
 
 use crate::report::blocker::Blocker;
 use crate::report::status::HasStatus;
+use crate::runtime::context::Context;
+use crate::runtime::referents::CustomerReferent;
 use crate::runtime::shard::{self, Shard};
 use crate::store::customers::CustomerRow;
 
@@ -81,6 +83,19 @@ pub fn before_records(shard: Option<&Shard>, customer: Option<&Customer>) -> Opt
 /// unknown (`None`: the pass reports it).
 pub fn only_waits(shard: Option<&Shard>, customer: Option<&Customer>) -> bool {
     matches!(before_records(shard, customer), Some(Gate::Wait))
+}
+
+/// True when a pass of `dependent` would only wait for its Customer, as the shared
+/// watch's cache tells without I/O (see `ResyncedKind::waits_for_customer`); never for
+/// a deletion.
+pub fn waits_in_cache<K: CustomerReferent>(ctx: &Context, dependent: &K) -> bool {
+    let meta = dependent.meta();
+    let customer = ctx.cached_customer(
+        meta.namespace.as_deref().unwrap_or_default(),
+        dependent.customer_name(),
+    );
+    meta.deletion_timestamp.is_none()
+        && only_waits(ctx.settings.shard.as_ref(), customer.as_deref())
 }
 
 /// May a dependent use its Customer: `customer` is the object its `customerRef` names

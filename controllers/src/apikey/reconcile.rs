@@ -45,7 +45,8 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let (customer, grace) = match plan::admit(&key, shard, customer_obj, customer_row, &loaded.rows)
     {
         Admission::Go { customer, grace } => (customer, grace),
-        Admission::Wait => return Ok(Action::requeue(ctx.settings.blocked_retry)),
+        // Its Customer's Ready (or failure) reaches it through the shared feed.
+        Admission::Wait => return Ok(dependent::WAIT),
         Admission::Orphaned => return revoke_orphaned(&api, &key, ctx).await,
         Admission::Blocked(blocker) => {
             return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;

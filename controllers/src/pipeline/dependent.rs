@@ -66,6 +66,14 @@ pub fn being_provisioned(customer: &Customer) -> bool {
     customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
 }
 
+/// What a pass that answered [`Gate::Wait`] returns: no requeue. The Customer it waits
+/// for changes before it is Ready or fails, and that change reaches the dependent
+/// through the shared Customer feed (whose cache the pass read, or an older state of
+/// it); a timed retry would only wait again, every retry interval, for as long as a
+/// bulk apply keeps the Customer in its queue.
+pub const WAIT: kube::runtime::controller::Action =
+    kube::runtime::controller::Action::await_change();
+
 /// The part of [`gate`] decided by the Customer object alone: another shard blocks, a
 /// Customer being provisioned is waited for. A pass it answers needs no record, so the
 /// caller reads none (a bulk apply's quiet waits cost no Postgres statement).

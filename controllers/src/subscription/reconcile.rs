@@ -37,7 +37,8 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
     let shard = ctx.settings.shard.as_ref();
     let customer_row = match plan::customer_use(shard, customer.as_ref(), row.as_ref()) {
         Gate::Use(row) => row.clone(),
-        Gate::Wait => return Ok(Action::requeue(ctx.settings.blocked_retry)),
+        // Its Customer's Ready (or failure) reaches it through the shared feed.
+        Gate::Wait => return Ok(dependent::WAIT),
         Gate::Blocked(blocker) => return blocked(&api, &sub, ctx, blocker).await,
         Gate::Refused(refusal) => {
             let blocker = plan::customer_refusal(name, refusal);

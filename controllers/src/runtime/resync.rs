@@ -4,20 +4,23 @@
 //! [`due`]). A provisioned object is otherwise left alone: etcd is kept by the drift
 //! watcher, the Secrets are watched, and a record edited by hand is found by its
 //! digest. So a start, a relist or a resync over an unchanged fleet costs a statement
-//! per 500 objects, not a reconcile per object.
+//! per 500 objects, not a reconcile per object. Between relists, a periodic comparison
+//! reads only the versions of records it found in order before ([`Verified`]), so an
+//! unchanged fleet at rest is not read whole, nor digested, every interval.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 
 use crate::plans::Catalog;
 use crate::report::status::HasStatus;
 use crate::runtime::context::Context;
 use crate::runtime::finalizer::FINALIZER;
-use crate::store::resync::{self as records, LiveRecords, RecordTable};
+use crate::store::resync::{self as records, LiveRecords, RecordTable, ResourceKey};
 
 /// Objects compared per statement.
 const PAGE: usize = 500;
@@ -36,8 +39,8 @@ pub trait ResyncedKind: HasStatus {
 
     /// True when a pass of the object would only wait, quietly, for its Customer to be
     /// provisioned (a dependent of a Customer applied with it): the bulk lane does not
-    /// schedule it for its own event, since its Customer's change reaches it through
-    /// the shared feed (and the periodic resync finds it not Ready). A deletion is
+    /// schedule it for its own event, nor the bulk comparison for being not Ready,
+    /// since its Customer's change reaches it through the shared feed. A deletion is
     /// always scheduled.
     fn waits_for_customer(&self, _ctx: &crate::runtime::context::Context) -> bool {
         false
@@ -95,52 +98,122 @@ where
     K: ResyncedKind + Send + Sync + 'static,
 {
     futures::stream::unfold(
-        (ctx, cache, Some(relisted)),
-        move |(ctx, cache, mut relisted)| async move {
+        (ctx, cache, Some(relisted), Verified::default()),
+        move |(ctx, cache, mut relisted, mut verified)| async move {
             let interval = tokio::time::sleep(ctx.settings.resync_interval);
             match relisted.as_mut() {
                 Some(rx) => tokio::select! {
                     () = interval => {}
-                    changed = rx.changed() => if changed.is_err() {
-                        // The watch is gone: the interval alone from now on.
-                        relisted = None;
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            // The watch is gone: the interval alone from now on.
+                            relisted = None;
+                        }
+                        // A start or a relist reads every record again.
+                        verified = Verified::default();
                     },
                 },
                 None => interval.await,
             }
-            let due = match compare(&ctx, kind, &cache).await {
+            let due = match compare(&ctx, kind, &cache, &mut verified).await {
                 Ok(due) => due,
                 Err(err) => {
                     tracing::warn!(%err, kind, "bulk comparison could not read the records; next interval");
+                    verified = Verified::default();
                     Vec::new()
                 }
             };
             ctx.metrics.resync_due(kind, due.len());
-            Some((futures::stream::iter(due), (ctx, cache, relisted)))
+            Some((futures::stream::iter(due), (ctx, cache, relisted, verified)))
         },
     )
     .flatten()
+}
+
+/// What the last comparison found in order: a fingerprint of each object that was not
+/// due, of its `resourceVersion` and of the versions of its records
+/// ([`records::RowVersions`]), under one plan catalog. An object whose fingerprint is
+/// unchanged was neither changed nor were its records written since: the next
+/// comparison reads only the records' versions, not their content, and digests
+/// nothing. 8 bytes an object; emptied at each start and relist.
+#[derive(Default)]
+struct Verified {
+    catalog: Option<Arc<Catalog>>,
+    objects: HashSet<u64>,
+}
+
+impl Verified {
+    fn fingerprint<K: Resource>(obj: &K, versions: &records::RowVersions) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let meta = obj.meta();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&meta.uid, &meta.resource_version, versions).hash(&mut h);
+        h.finish()
+    }
 }
 
 async fn compare<K: ResyncedKind>(
     ctx: &Context,
     kind: &'static str,
     cache: &Store<K>,
+    verified: &mut Verified,
 ) -> Result<Vec<ObjectRef<K>>, sqlx::Error> {
     let catalog = ctx.plans.current();
+    // A new catalog may change what a record should hold: everything is read again.
+    if !verified
+        .catalog
+        .as_ref()
+        .is_some_and(|c| Arc::ptr_eq(c, &catalog))
+    {
+        *verified = Verified {
+            catalog: Some(catalog.clone()),
+            objects: HashSet::new(),
+        };
+    }
+    let mut still_verified = HashSet::new();
     let mut due = Vec::new();
     let mut differing = 0;
     for page in cache.state().chunks(PAGE) {
-        let (namespaces, names): (Vec<String>, Vec<String>) = page
+        let keys: Vec<ResourceKey> = page
             .iter()
             .map(|o| (o.namespace().unwrap_or_default(), o.name_any()))
-            .unzip();
+            .collect();
+        // Objects and records unchanged since found in order: not read again.
+        let mut to_read: Vec<usize> = (0..page.len()).collect();
+        if !verified.objects.is_empty() {
+            let (namespaces, names) = columns(&keys, &to_read);
+            let versions = records::row_versions(&ctx.db, K::RECORDS, &namespaces, &names).await?;
+            to_read.retain(|&i| {
+                let Some(versions) = versions.get(&keys[i]) else {
+                    return true;
+                };
+                let print = Verified::fingerprint(page[i].as_ref(), versions);
+                let unchanged = verified.objects.contains(&print);
+                if unchanged {
+                    still_verified.insert(print);
+                }
+                !unchanged
+            });
+        }
+        if to_read.is_empty() {
+            continue;
+        }
+        let (namespaces, names) = columns(&keys, &to_read);
         let live = records::live_records(&ctx.db, K::RECORDS, &namespaces, &names).await?;
-        for (obj, key) in page.iter().zip(namespaces.into_iter().zip(names)) {
-            let records = live.get(&key);
+        for i in to_read {
+            let (obj, key) = (&page[i], &keys[i]);
+            let records = live.get(key);
             let planned = records.and_then(|r| obj.planned_digest(&catalog, r));
             match due_for(obj.as_ref(), records, planned) {
-                None => {}
+                None => {
+                    if let Some(records) = records {
+                        still_verified
+                            .insert(Verified::fingerprint(obj.as_ref(), &records.versions));
+                    }
+                }
+                // Not Ready because its Customer is still being provisioned: the feed
+                // wakes it when that changes (a pass now would only wait).
+                Some(Due::NotReady) if obj.waits_for_customer(ctx) => {}
                 Some(why) => {
                     if why == Due::RecordDiffers {
                         differing += 1;
@@ -152,8 +225,14 @@ async fn compare<K: ResyncedKind>(
             }
         }
     }
+    verified.objects = still_verified;
     ctx.metrics.rows_repaired(kind, differing);
     Ok(due)
+}
+
+/// The namespaces and names of `keys[i]` for each `i` of `picked`, as two arrays.
+fn columns(keys: &[ResourceKey], picked: &[usize]) -> (Vec<String>, Vec<String>) {
+    picked.iter().map(|&i| keys[i].clone()).unzip()
 }
 
 #[cfg(test)]
@@ -181,6 +260,7 @@ mod tests {
             edited: false,
             plan_digest: Some(digest.into()),
             customer_id: None,
+            versions: Vec::new(),
         }
     }
 

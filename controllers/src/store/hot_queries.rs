@@ -95,6 +95,21 @@ pub fn all() -> Vec<HotQuery> {
             sql: super::resync::live_records_sql(super::resync::API_KEYS),
             args: &[Namespaces, Names],
         },
+        HotQuery {
+            name: "resync::row_versions(customers)",
+            sql: super::resync::row_versions_sql(super::resync::CUSTOMERS),
+            args: &[Namespaces, Names],
+        },
+        HotQuery {
+            name: "resync::row_versions(subscriptions)",
+            sql: super::resync::row_versions_sql(super::resync::SUBSCRIPTIONS),
+            args: &[Namespaces, Names],
+        },
+        HotQuery {
+            name: "resync::row_versions(api_keys)",
+            sql: super::resync::row_versions_sql(super::resync::API_KEYS),
+            args: &[Namespaces, Names],
+        },
         query(
             "customers::live_by_k8s_ref",
             "customers",

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{api_keys, customers, subscriptions};
@@ -40,13 +41,22 @@ pub struct LiveRecords {
     pub plan_digest: Option<String>,
     /// The customer the live record belongs to (Subscription).
     pub customer_id: Option<Uuid>,
+    /// The version of each live record ([`RowVersions`]), in id order.
+    pub versions: RowVersions,
 }
 
 /// The resource a row belongs to.
 pub type ResourceKey = (String, String);
 
+/// Each live record of a resource by id, with its version: Postgres's `xmin`, which
+/// every write of a row changes (and a restore from a dump too; a physical restore
+/// brings back the very row versions it had). A record read again at the same version
+/// holds the same content. In id order.
+pub type RowVersions = Vec<(Uuid, i64)>;
+
 /// The SQL of [`live_records`] (also EXPLAINed by the hot-query test): whole rows, since
-/// the current content is digested in Rust, the way its plan was.
+/// the current content is digested in Rust, the way its plan was; and each row's
+/// version.
 pub fn live_records_sql(records: RecordTable) -> String {
     let columns = match records.table {
         "customers" => customers::COLUMNS,
@@ -54,8 +64,18 @@ pub fn live_records_sql(records: RecordTable) -> String {
         _ => api_keys::COLUMNS,
     };
     format!(
-        "SELECT {columns} FROM {} WHERE {} AND \
+        "SELECT {columns}, xmin::text::int8 AS row_version FROM {} WHERE {} AND \
          (k8s_namespace, k8s_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        records.table, records.live
+    )
+}
+
+/// The SQL of [`row_versions`] (EXPLAINed by the hot-query test): the same rows as
+/// [`live_records_sql`], only their keys and versions.
+pub fn row_versions_sql(records: RecordTable) -> String {
+    format!(
+        "SELECT k8s_namespace, k8s_name, id, xmin::text::int8 AS row_version FROM {} \
+         WHERE {} AND (k8s_namespace, k8s_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
         records.table, records.live
     )
 }
@@ -71,47 +91,84 @@ pub async fn live_records(
     let sql = live_records_sql(records);
     let mut found: HashMap<ResourceKey, LiveRecords> = HashMap::new();
     if records == CUSTOMERS {
-        let rows: Vec<customers::CustomerRow> = sqlx::query_as(&sql)
-            .bind(namespaces)
-            .bind(names)
-            .fetch_all(db)
-            .await?;
-        for row in rows {
+        for (row, version) in fetch::<customers::CustomerRow>(db, &sql, namespaces, names).await? {
             let key = (row.k8s_namespace.clone(), row.k8s_name.clone());
-            found.insert(key, one_row(&row, None));
+            found.insert(key, one_row(&row, None, version));
         }
     } else if records == SUBSCRIPTIONS {
-        let rows: Vec<subscriptions::SubscriptionRow> = sqlx::query_as(&sql)
-            .bind(namespaces)
-            .bind(names)
-            .fetch_all(db)
-            .await?;
-        for row in rows {
+        let rows = fetch::<subscriptions::SubscriptionRow>(db, &sql, namespaces, names).await?;
+        for (row, version) in rows {
             let key = (row.k8s_namespace.clone(), row.k8s_name.clone());
-            found.insert(key, one_row(&row, Some(row.customer_id)));
+            found.insert(key, one_row(&row, Some(row.customer_id), version));
         }
     } else {
-        let rows: Vec<api_keys::ApiKeyRow> = sqlx::query_as(&sql)
-            .bind(namespaces)
-            .bind(names)
-            .fetch_all(db)
-            .await?;
-        for row in rows {
+        for (row, version) in fetch::<api_keys::ApiKeyRow>(db, &sql, namespaces, names).await? {
             let key = (row.k8s_namespace.clone(), row.k8s_name.clone());
             let entry = found.entry(key).or_default();
             entry.edited |= row.differs_from_plan();
             entry.customer_id = Some(row.customer_id);
+            entry.versions.push((row.id, version));
+        }
+        for entry in found.values_mut() {
+            entry.versions.sort_unstable();
         }
     }
     Ok(found)
 }
 
+/// The versions of the live records of the resources `namespaces[i]/names[i]`, by
+/// resource: what tells, without reading them, that records are as last compared.
+pub async fn row_versions(
+    db: &PgPool,
+    records: RecordTable,
+    namespaces: &[String],
+    names: &[String],
+) -> Result<HashMap<ResourceKey, RowVersions>, sqlx::Error> {
+    let rows: Vec<(String, String, Uuid, i64)> = sqlx::query_as(&row_versions_sql(records))
+        .bind(namespaces)
+        .bind(names)
+        .fetch_all(db)
+        .await?;
+    let mut found: HashMap<ResourceKey, RowVersions> = HashMap::new();
+    for (namespace, name, id, version) in rows {
+        found
+            .entry((namespace, name))
+            .or_default()
+            .push((id, version));
+    }
+    for versions in found.values_mut() {
+        versions.sort_unstable();
+    }
+    Ok(found)
+}
+
+/// The rows of `sql` (a [`live_records_sql`]) with their versions.
+async fn fetch<R>(
+    db: &PgPool,
+    sql: &str,
+    namespaces: &[String],
+    names: &[String],
+) -> Result<Vec<(R, i64)>, sqlx::Error>
+where
+    R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+{
+    let rows = sqlx::query(sql)
+        .bind(namespaces)
+        .bind(names)
+        .fetch_all(db)
+        .await?;
+    rows.iter()
+        .map(|row| Ok((R::from_row(row)?, row.try_get("row_version")?)))
+        .collect()
+}
+
 /// The comparison's view of the one live row of a one-row kind.
-fn one_row<R: Recorded>(row: &R, customer_id: Option<Uuid>) -> LiveRecords {
+fn one_row<R: Recorded>(row: &R, customer_id: Option<Uuid>, version: i64) -> LiveRecords {
     let stored = row.plan_digest();
     LiveRecords {
         edited: stored.as_deref() != Some(row.record().digest().as_str()),
         plan_digest: stored,
         customer_id,
+        versions: vec![(row.id(), version)],
     }
 }

@@ -71,6 +71,10 @@ pub struct RelayConfig {
     pub lag_interval: Duration,
     /// Drain at least this often even without notifications. Default 5 s.
     pub fallback_interval: Duration,
+    /// A drain woken by `NOTIFY` starts at least this long after the previous drain
+    /// ended. An event after a quiet spell is published at once; a stream of commits
+    /// (a bulk apply) is published in batches, not one transaction per row. Default 25 ms.
+    pub drain_spacing: Duration,
     /// First retry delay after a failure. Default 100 ms.
     pub backoff_min: Duration,
     /// Cap of the doubling retry delay. Default 10 s.
@@ -95,6 +99,7 @@ impl RelayConfig {
             retention_batch: 1000,
             lag_interval: Duration::from_secs(15),
             fallback_interval: Duration::from_secs(5),
+            drain_spacing: Duration::from_millis(25),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             probe_interval: Duration::from_millis(250),
@@ -264,9 +269,17 @@ impl Relay {
             if let Some(due) = self.cooling.values().min() {
                 wake_at = wake_at.min(*due);
             }
+            let drained_at = Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => tracing::trace!(schema, "outbox relay woken by NOTIFY"),
+                _ = wake.notified() => {
+                    tracing::trace!(schema, "outbox relay woken by NOTIFY");
+                    // More commits may follow this one: they join its batch.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep_until(drained_at + self.config.drain_spacing) => {}
+                    }
+                }
                 _ = tokio::time::sleep_until(wake_at) => {
                     tracing::trace!(schema, "outbox relay woken by a timer");
                 }

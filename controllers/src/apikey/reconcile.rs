@@ -36,6 +36,7 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let waiting = |b: &Blocker| build::waiting_status(&key, b, None);
 
     // Load.
+    let customers_listed = ctx.watching.has(m3o_crds::kinds::CUSTOMER);
     let loaded = load(ctx, &key).await?;
 
     // Plan.
@@ -45,8 +46,12 @@ pub async fn apply(key: Arc<ApiKey>, ctx: &Context) -> Result<Action, Error> {
     let (customer, grace) = match plan::admit(&key, shard, customer_obj, customer_row, &loaded.rows)
     {
         Admission::Go { customer, grace } => (customer, grace),
-        // Its Customer's Ready (or failure) reaches it through the shared feed.
-        Admission::Wait => return Ok(dependent::WAIT),
+        Admission::Wait => {
+            return Ok(dependent::wait(
+                customers_listed,
+                ctx.settings.blocked_retry,
+            ));
+        }
         Admission::Orphaned => return revoke_orphaned(&api, &key, ctx).await,
         Admission::Blocked(blocker) => {
             return lifecycle::report_blocked(ctx, &api, &key, blocker, waiting).await;

@@ -66,13 +66,20 @@ pub fn being_provisioned(customer: &Customer) -> bool {
     customer.metadata.deletion_timestamp.is_none() && customer.ready_condition().is_none()
 }
 
-/// What a pass that answered [`Gate::Wait`] returns: no requeue. The Customer it waits
-/// for changes before it is Ready or fails, and that change reaches the dependent
-/// through the shared Customer feed (whose cache the pass read, or an older state of
-/// it); a timed retry would only wait again, every retry interval, for as long as a
-/// bulk apply keeps the Customer in its queue.
-pub const WAIT: kube::runtime::controller::Action =
-    kube::runtime::controller::Action::await_change();
+/// What a pass that answered [`Gate::Wait`] returns. When the shared Customer watch had
+/// listed before the pass read the Customer (`listed`), nothing: the Customer changes
+/// before it is Ready or fails, and every change after that list reaches the dependent
+/// through the feed (a timed retry would only wait again, every retry interval, for as
+/// long as a bulk apply keeps the Customer in its queue). Before that list (a start),
+/// the list may take in that change without passing it on: retry after `retry`.
+pub fn wait(listed: bool, retry: std::time::Duration) -> kube::runtime::controller::Action {
+    use kube::runtime::controller::Action;
+    if listed {
+        Action::await_change()
+    } else {
+        Action::requeue(retry)
+    }
+}
 
 /// The part of [`gate`] decided by the Customer object alone: another shard blocks, a
 /// Customer being provisioned is waited for. A pass it answers needs no record, so the

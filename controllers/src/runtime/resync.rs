@@ -135,10 +135,12 @@ where
 /// ([`records::RowVersions`]), under one plan catalog. An object whose fingerprint is
 /// unchanged was neither changed nor were its records written since: the next
 /// comparison reads only the records' versions, not their content, and digests
-/// nothing. 8 bytes an object; emptied at each start and relist.
+/// nothing. 8 bytes an object; emptied at each start and relist, and when the catalog
+/// or the Postgres server run ([`records::server_run`]) changes.
 #[derive(Default)]
 struct Verified {
     catalog: Option<Arc<Catalog>>,
+    server_run: Option<String>,
     objects: HashSet<u64>,
 }
 
@@ -159,14 +161,17 @@ async fn compare<K: ResyncedKind>(
     verified: &mut Verified,
 ) -> Result<Vec<ObjectRef<K>>, sqlx::Error> {
     let catalog = ctx.plans.current();
-    // A new catalog may change what a record should hold: everything is read again.
-    if !verified
+    let server_run = records::server_run(&ctx.db).await?;
+    // A new catalog may change what a record should hold, another server run may reuse
+    // row versions: everything is read again.
+    let same_catalog = verified
         .catalog
         .as_ref()
-        .is_some_and(|c| Arc::ptr_eq(c, &catalog))
-    {
+        .is_some_and(|c| Arc::ptr_eq(c, &catalog));
+    if !same_catalog || verified.server_run.as_ref() != Some(&server_run) {
         *verified = Verified {
             catalog: Some(catalog.clone()),
+            server_run: Some(server_run),
             objects: HashSet::new(),
         };
     }

@@ -120,8 +120,12 @@ pub fn customer_changes(
         h.finish()
     }
     let mut changes = crate::runtime::changes::Changed::new(meaningful);
-    events.filter_map(move |event| {
-        let passed = match event {
+    // What a relist passes is held until its end: the cache the dependents read takes
+    // the relisted objects in at once, at `InitDone`, and a dependent woken before
+    // would read the Customer as it was before the relist.
+    let mut relisting: Option<Vec<m3o_crds::Customer>> = None;
+    events.flat_map(move |event| {
+        let passed: Vec<_> = match event {
             Ok(event) => {
                 // Recorded either way, so its next change (Ready) passes.
                 let changed = changes.changed(&event).cloned();
@@ -131,11 +135,29 @@ pub fn customer_changes(
                     &event,
                     watcher::Event::Apply(c) | watcher::Event::InitApply(c) if provisioning(c)
                 );
-                changed.filter(|_| !waits).map(Ok)
+                let changed = changed.filter(|_| !waits);
+                match (&event, relisting.as_mut()) {
+                    // A relist that restarts keeps what the interrupted one held.
+                    (watcher::Event::Init, None) => {
+                        relisting = Some(Vec::new());
+                        Vec::new()
+                    }
+                    (watcher::Event::InitApply(_), Some(held)) => {
+                        held.extend(changed);
+                        Vec::new()
+                    }
+                    (watcher::Event::InitDone, _) => relisting
+                        .take()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(Ok)
+                        .collect(),
+                    _ => changed.into_iter().map(Ok).collect(),
+                }
             }
-            Err(err) => Some(Err(err)),
+            Err(err) => vec![Err(err)],
         };
-        std::future::ready(passed)
+        futures::stream::iter(passed)
     })
 }
 
@@ -499,6 +521,38 @@ mod tests {
             .collect(),
         );
         assert_eq!(passed, [true, false]);
+    }
+
+    #[test]
+    fn a_change_seen_in_a_relist_is_passed_at_its_end() {
+        use futures::{FutureExt, StreamExt};
+        let customer = |ready: bool| -> m3o_crds::Customer {
+            let status = if ready { "True" } else { "False" };
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "m3o.com/v1alpha1", "kind": "Customer",
+                "metadata": {"name": "c", "namespace": "ns", "uid": "u1", "generation": 1},
+                "spec": {"email": "c@example.com"},
+                "status": {"conditions": [{"type": "Ready", "status": status, "reason": "R",
+                    "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]},
+            }))
+            .expect("a valid Customer")
+        };
+        let (events, rx) = futures::channel::mpsc::unbounded();
+        let mut passed = Box::pin(customer_changes(rx.map(Ok), |_| false));
+        let send = |e| events.unbounded_send(e).expect("open");
+        send(watcher::Event::Init);
+        send(watcher::Event::InitApply(customer(false)));
+        send(watcher::Event::InitDone);
+        // A relist: the cache takes the Ready Customer in at its end.
+        send(watcher::Event::Init);
+        send(watcher::Event::InitApply(customer(true)));
+        assert!(
+            passed.next().now_or_never().is_none(),
+            "passed before the relist ended"
+        );
+        send(watcher::Event::InitDone);
+        let after = passed.next().now_or_never().flatten().expect("passed");
+        assert!(after.expect("no error").is_ready());
     }
 
     #[test]

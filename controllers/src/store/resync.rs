@@ -48,10 +48,12 @@ pub struct LiveRecords {
 /// The resource a row belongs to.
 pub type ResourceKey = (String, String);
 
-/// Each live record of a resource by id, with its version: Postgres's `xmin`, which
-/// every write of a row changes (and a restore from a dump too; a physical restore
-/// brings back the very row versions it had). A record read again at the same version
-/// holds the same content. In id order.
+/// Each live record of a resource by id, with its version: Postgres's `xmin`, the
+/// transaction that wrote this version of the row, which every write changes (a restore
+/// from a dump too). Transaction ids grow on one server; a physical restore or a
+/// failover may hand out ids again, so versions are compared only within one server
+/// run ([`server_run`]). A record read again at the same version holds the same
+/// content. In id order.
 pub type RowVersions = Vec<(Uuid, i64)>;
 
 /// The SQL of [`live_records`] (also EXPLAINed by the hot-query test): whole rows, since
@@ -140,6 +142,14 @@ pub async fn row_versions(
         versions.sort_unstable();
     }
     Ok(found)
+}
+
+/// When the Postgres server answering started: a restore or a failover (which may reuse
+/// transaction ids, and so row versions) starts another run.
+pub async fn server_run(db: &PgPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+        .fetch_one(db)
+        .await
 }
 
 /// The rows of `sql` (a [`live_records_sql`]) with their versions.

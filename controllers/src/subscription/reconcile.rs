@@ -33,12 +33,17 @@ pub async fn apply(sub: Arc<Subscription>, ctx: &Context) -> Result<Action, Erro
         Err(blocker) => return blocked(&api, &sub, ctx, blocker).await,
     };
     let name = &sub.spec.customer_ref.name;
+    let customers_listed = ctx.watching.has(m3o_crds::kinds::CUSTOMER);
     let (customer, row) = load_customer(ctx, &namespace, name).await?;
     let shard = ctx.settings.shard.as_ref();
     let customer_row = match plan::customer_use(shard, customer.as_ref(), row.as_ref()) {
         Gate::Use(row) => row.clone(),
-        // Its Customer's Ready (or failure) reaches it through the shared feed.
-        Gate::Wait => return Ok(dependent::WAIT),
+        Gate::Wait => {
+            return Ok(dependent::wait(
+                customers_listed,
+                ctx.settings.blocked_retry,
+            ));
+        }
         Gate::Blocked(blocker) => return blocked(&api, &sub, ctx, blocker).await,
         Gate::Refused(refusal) => {
             let blocker = plan::customer_refusal(name, refusal);

@@ -261,6 +261,7 @@ impl Relay {
                     }
                 }
             }
+            let drained_at = Instant::now();
             if Instant::now() >= next_retention {
                 housekeeping::delete_expired(&self.pool, &self.config, &shutdown).await;
                 next_retention = Instant::now() + self.config.retention_interval;
@@ -269,7 +270,6 @@ impl Relay {
             if let Some(due) = self.cooling.values().min() {
                 wake_at = wake_at.min(*due);
             }
-            let drained_at = Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified() => {

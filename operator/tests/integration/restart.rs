@@ -197,9 +197,13 @@ async fn a_row_edited_by_hand_is_repaired_by_the_next_resync() {
     // Compared and found in order since: the periodic comparison no longer reads the
     // row, and must find the edit by the row's version.
     let compared = counter(&op, "object_resyncs", "ApiKey").await;
-    eventually("two resyncs after provisioning", Duration::from_secs(30), || async {
-        (counter(&op, "object_resyncs", "ApiKey").await >= compared + 2.0).then_some(())
-    })
+    eventually(
+        "two resyncs after provisioning",
+        Duration::from_secs(30),
+        || async {
+            (counter(&op, "object_resyncs", "ApiKey").await >= compared + 2.0).then_some(())
+        },
+    )
     .await;
 
     // Set back to active by hand, under the fence's current term.

@@ -189,7 +189,7 @@ async fn compare<K: ResyncedKind>(
             let (namespaces, names) = columns(&keys, &to_read);
             let versions = records::row_versions(&ctx.db, K::RECORDS, &namespaces, &names).await?;
             to_read.retain(|&i| {
-                let Some(versions) = versions.get(&keys[i]) else {
+                let Some(Some(versions)) = versions.get(i) else {
                     return true;
                 };
                 let print = Verified::fingerprint(page[i].as_ref(), versions);

@@ -29,6 +29,17 @@ async fn postgres_epoch(env: &TestEnv) -> i64 {
 }
 
 /// The writer term etcd records (`None`: no key).
+/// The fence key's value as stored, whatever it holds.
+async fn epoch_bytes(env: &TestEnv) -> Option<Vec<u8>> {
+    let value = env
+        .etcd
+        .kv_client()
+        .get(epoch_key(env), None)
+        .await
+        .expect("etcd get");
+    value.kvs().first().map(|kv| kv.value().to_vec())
+}
+
 async fn etcd_epoch(env: &TestEnv) -> Option<i64> {
     let resp = env
         .etcd
@@ -943,14 +954,8 @@ async fn a_fence_key_holding_no_term_refuses_writes_says_so_once_and_heals_when_
         Some(json!("Fay B.")),
         "nothing written while the key holds no term"
     );
-    let value = env
-        .etcd
-        .kv_client()
-        .get(epoch_key(&env), None)
-        .await
-        .expect("etcd get");
     assert_eq!(
-        value.kvs().first().map(|kv| kv.value().to_vec()),
+        epoch_bytes(&env).await,
         Some(b"banana".to_vec()),
         "left for a human"
     );
@@ -990,16 +995,7 @@ async fn a_fence_key_holding_no_term_refuses_writes_says_so_once_and_heals_when_
             && last.contains("not a writer term"),
         "{log}"
     );
-    let value = env
-        .etcd
-        .kv_client()
-        .get(epoch_key(&env), None)
-        .await
-        .expect("etcd get");
-    assert_eq!(
-        value.kvs().first().map(|kv| kv.value().to_vec()),
-        Some(b"banana".to_vec())
-    );
+    assert_eq!(epoch_bytes(&env).await, Some(b"banana".to_vec()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

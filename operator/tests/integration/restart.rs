@@ -174,9 +174,9 @@ async fn a_restart_over_an_unchanged_fleet_reconciles_nothing_and_what_changed_m
     assert_eq!(counter(&op, "reconciles", "ApiKey").await, 0.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_edited_by_hand_is_repaired_by_the_next_resync() {
-    let env = TestEnv::new("restart-repair").await;
+/// An operator resyncing every 2 s, and customer alice Ready.
+async fn resyncing_every_2s(name: &str) -> (TestEnv, Operator) {
+    let env = TestEnv::new(name).await;
     let op = env
         .start_operator_with(Backends {
             extra_args: vec!["--resync-interval".into(), "2s".into()],
@@ -184,6 +184,12 @@ async fn a_row_edited_by_hand_is_repaired_by_the_next_resync() {
         })
         .await;
     env.customer_ready("alice", "Active").await;
+    (env, op)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_edited_by_hand_is_repaired_by_the_next_resync() {
+    let (env, op) = resyncing_every_2s("restart-repair").await;
     env.apply_apikey(
         "ci",
         key_spec(json!({"blocked": true, "blockedMessage": "unpaid"})),
@@ -248,14 +254,7 @@ async fn a_row_edited_by_hand_is_repaired_by_the_next_resync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rows_identity_edited_by_hand_is_repaired_by_the_next_resync() {
-    let env = TestEnv::new("restart-repair-identity").await;
-    let op = env
-        .start_operator_with(Backends {
-            extra_args: vec!["--resync-interval".into(), "2s".into()],
-            ..Default::default()
-        })
-        .await;
-    env.customer_ready("alice", "Active").await;
+    let (env, op) = resyncing_every_2s("restart-repair-identity").await;
     env.apply_apikey("ci", key_spec(json!({}))).await;
     let id = key_id(&env.wait_apikey("ci", "True", "Provisioned").await);
     let identity = || async {

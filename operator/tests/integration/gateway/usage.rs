@@ -51,6 +51,21 @@ async fn wait_totals(env: &TestEnv, customer: Uuid, expected: &BTreeMap<(String,
 }
 
 /// How many rollups the operator has completed (its debug log line per rollup).
+/// A connection to the gateways' Redis, and the key of `customer`'s usage hash of today.
+async fn todays_usage_hash(
+    config: &GatewayConfig,
+    customer: &str,
+) -> (redis::aio::MultiplexedConnection, String) {
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let hash = m3o_platform_contract::usage::usage_key(&config.redis_prefix, customer, &day);
+    (conn, hash)
+}
+
 fn rollups(op: &Operator) -> usize {
     std::fs::read_to_string(&op.log_path)
         .unwrap_or_default()
@@ -330,17 +345,7 @@ async fn a_rollup_killed_midway_and_rerun_leaves_the_same_totals() {
 
     // A counter that grows adds only its growth. (The operator removed the keys this
     // test wrote into its etcd prefix, so the gateway's own script is mimicked.)
-    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let hash = m3o_platform_contract::usage::usage_key(
-        &config.redis_prefix,
-        &customers[0].customer_id,
-        &day,
-    );
+    let (mut conn, hash) = todays_usage_hash(&config, &customers[0].customer_id).await;
     let field = m3o_platform_contract::usage::usage_field(&customers[0].key_id, "alpha");
     let _: i64 = redis::cmd("HINCRBY")
         .arg(&hash)
@@ -838,14 +843,7 @@ async fn a_new_field_in_a_confirmed_days_hash_keeps_its_lowered_ttl() {
     let gw = env.start_gateway(&config).await;
     let r = check(&gw, &key.key, "/v1/alpha/x").await;
     assert_eq!(r.status, 200, "{r:?}");
-    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let hash =
-        m3o_platform_contract::usage::usage_key(&config.redis_prefix, &key.customer_id, &day);
+    let (mut conn, hash) = todays_usage_hash(&config, &key.customer_id).await;
     let ttl = |mut conn: redis::aio::MultiplexedConnection| {
         let hash = hash.clone();
         async move {

@@ -421,7 +421,8 @@ fn requests_per_object(
         .filter(|(_, v)| *v >= 0.01)
         .collect();
     per.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = per.iter().map(|(_, v)| v).sum();
+    // From +0.0: an empty sum of floats is -0.0, printed "-0.00".
+    let total: f64 = per.iter().map(|(_, v)| v).fold(0.0, |a, b| a + b);
     let parts: Vec<String> = per.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
     format!("{total:.2} ({})", parts.join(", "))
 }
@@ -538,7 +539,10 @@ fn api_writes(
             .filter(|(k, _)| own(k) == own_writes)
             .map(|(k, v)| format!("{k} {v:.0}"))
             .collect::<Vec<_>>()
-            .join(", ")
+    };
+    let listed = |writes: Vec<String>| match writes.is_empty() {
+        true => "none".to_owned(),
+        false => writes.join(", "),
     };
     let counted = writes
         .iter()
@@ -549,8 +553,8 @@ fn api_writes(
         counted,
         format!(
             "{} (the API server's own, not counted: {})",
-            list(false),
-            list(true)
+            listed(list(false)),
+            listed(list(true))
         ),
     )
 }

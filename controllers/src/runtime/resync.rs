@@ -186,7 +186,8 @@ async fn compare<K: ResyncedKind>(
         // Objects and records unchanged since found in order: not read again.
         let mut to_read: Vec<usize> = (0..page.len()).collect();
         if !verified.objects.is_empty() {
-            let (namespaces, names) = columns(&keys, &to_read);
+            // The whole page: `versions[i]` is `page[i]`'s.
+            let (namespaces, names): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
             let versions = records::row_versions(&ctx.db, K::RECORDS, &namespaces, &names).await?;
             to_read.retain(|&i| {
                 let Some(Some(versions)) = versions.get(i) else {

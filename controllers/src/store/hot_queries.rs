@@ -35,11 +35,49 @@ fn query(name: &'static str, table: &str, filter: &str, args: &'static [Arg]) ->
     }
 }
 
+/// The bulk comparison's two reads of a page, of each kind's records.
+fn resync_queries() -> impl Iterator<Item = HotQuery> {
+    use super::resync::{self, API_KEYS, CUSTOMERS, SUBSCRIPTIONS};
+    const PAGE: &[Arg] = &[Arg::Namespaces, Arg::Names];
+    [
+        (
+            CUSTOMERS,
+            "resync::live_records(customers)",
+            "resync::row_versions(customers)",
+        ),
+        (
+            SUBSCRIPTIONS,
+            "resync::live_records(subscriptions)",
+            "resync::row_versions(subscriptions)",
+        ),
+        (
+            API_KEYS,
+            "resync::live_records(api_keys)",
+            "resync::row_versions(api_keys)",
+        ),
+    ]
+    .into_iter()
+    .flat_map(|(table, live, versions)| {
+        [
+            HotQuery {
+                name: live,
+                sql: resync::live_records_sql(table),
+                args: PAGE,
+            },
+            HotQuery {
+                name: versions,
+                sql: resync::row_versions_sql(table),
+                args: PAGE,
+            },
+        ]
+    })
+}
+
 /// Every per-object query of the store.
 pub fn all() -> Vec<HotQuery> {
     use Arg::*;
     const REF: &[Arg] = &[Namespace, Name];
-    vec![
+    let mut all = vec![
         query(
             "api_keys::lock_live_for_resource",
             "api_keys",
@@ -80,36 +118,6 @@ pub fn all() -> Vec<HotQuery> {
             sql: api_keys::CUSTOMERS_CROSSING.to_owned(),
             args: &[Time, Time],
         },
-        HotQuery {
-            name: "resync::live_records(customers)",
-            sql: super::resync::live_records_sql(super::resync::CUSTOMERS),
-            args: &[Namespaces, Names],
-        },
-        HotQuery {
-            name: "resync::live_records(subscriptions)",
-            sql: super::resync::live_records_sql(super::resync::SUBSCRIPTIONS),
-            args: &[Namespaces, Names],
-        },
-        HotQuery {
-            name: "resync::live_records(api_keys)",
-            sql: super::resync::live_records_sql(super::resync::API_KEYS),
-            args: &[Namespaces, Names],
-        },
-        HotQuery {
-            name: "resync::row_versions(customers)",
-            sql: super::resync::row_versions_sql(super::resync::CUSTOMERS),
-            args: &[Namespaces, Names],
-        },
-        HotQuery {
-            name: "resync::row_versions(subscriptions)",
-            sql: super::resync::row_versions_sql(super::resync::SUBSCRIPTIONS),
-            args: &[Namespaces, Names],
-        },
-        HotQuery {
-            name: "resync::row_versions(api_keys)",
-            sql: super::resync::row_versions_sql(super::resync::API_KEYS),
-            args: &[Namespaces, Names],
-        },
         query(
             "customers::live_by_k8s_ref",
             "customers",
@@ -147,5 +155,7 @@ pub fn all() -> Vec<HotQuery> {
             subscriptions::LIVE_BY_CUSTOMER,
             &[Id],
         ),
-    ]
+    ];
+    all.extend(resync_queries());
+    all
 }

@@ -28,7 +28,6 @@ async fn postgres_epoch(env: &TestEnv) -> i64 {
         .expect("read writer_fence")
 }
 
-/// The writer term etcd records (`None`: no key).
 /// The fence key's value as stored, whatever it holds.
 async fn epoch_bytes(env: &TestEnv) -> Option<Vec<u8>> {
     let value = env
@@ -40,16 +39,11 @@ async fn epoch_bytes(env: &TestEnv) -> Option<Vec<u8>> {
     value.kvs().first().map(|kv| kv.value().to_vec())
 }
 
+/// The writer term etcd records (`None`: no key).
 async fn etcd_epoch(env: &TestEnv) -> Option<i64> {
-    let resp = env
-        .etcd
-        .kv_client()
-        .get(epoch_key(env), None)
-        .await
-        .expect("etcd get");
-    let kv = resp.kvs().first()?;
+    let value = epoch_bytes(env).await?;
     Some(
-        kv.value_str()
+        std::str::from_utf8(&value)
             .expect("utf-8")
             .parse()
             .expect("an epoch number"),
